@@ -1,0 +1,1 @@
+"""BPF C sources; the *.bpf.o objects next to them are build outputs (`make bpf`)."""

@@ -1,0 +1,55 @@
+"""What every flowsteer command shares: the --netns/--json/--bpffs options, output and error reporting."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from flowsteer.errors import FlowsteerError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+netns_option = click.option(
+    "--netns", metavar="PATH", default=None,
+    help="Network namespace to act in: a path such as /proc/PID/ns/net or an `ip netns` name "
+         "(default: the current one).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+bpffs_option = click.option(
+    "--bpffs", metavar="DIR", default=None, envvar="FLOWSTEER_BPFFS",
+    help="BPF filesystem holding flowsteer's pinned state (default: /sys/fs/bpf).")
+
+
+def reports_errors(fn: F) -> F:
+    """Turns a FlowsteerError raised by ``fn`` into ``flowsteer: error: …`` on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FlowsteerError as exc:
+            click.echo(f"flowsteer: error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    """Prints ``data`` as JSON when ``as_json``, else as ``render(data)``."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=False))
+    else:
+        text = render(data)
+        if text:
+            click.echo(text)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Returns rows as left-aligned columns under ``header``."""
+    cells = [header, *rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)

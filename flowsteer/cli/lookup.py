@@ -1,0 +1,1 @@
+"""Commands of the lookup hook (sk_lookup dispatcher)."""

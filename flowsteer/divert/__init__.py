@@ -1,0 +1,1 @@
+"""The divert hook."""

@@ -1,0 +1,1 @@
+"""Thin typed wrappers over the Linux facilities flowsteer uses: libbpf, namespaces, bpffs, sockets."""

@@ -1,0 +1,134 @@
+"""Pinned state in a BPF filesystem: where it lives, how it is created atomically, and the writers' lock.
+
+Layout: ``<root>/flowsteer/<netns-id>/<hook>/`` holds one hook's pinned maps, programs and links for one
+network namespace. ``<root>`` is ``$FLOWSTEER_BPFFS`` or ``/sys/fs/bpf``. A state directory either exists
+complete or not at all: it is populated under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+
+from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
+from flowsteer.kernel.netns import NetnsId
+
+BPFFS_MAGIC = 0xCAFE4A11
+DEFAULT_ROOT = "/sys/fs/bpf"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 120)]
+
+
+def default_root() -> str:
+    """Returns the bpffs mount flowsteer uses: ``$FLOWSTEER_BPFFS`` or ``/sys/fs/bpf``."""
+    return os.environ.get("FLOWSTEER_BPFFS", DEFAULT_ROOT)
+
+
+def is_bpffs(path: str) -> bool:
+    """Returns whether ``path`` is on a BPF filesystem."""
+    buf = _Statfs()
+    if _libc.statfs(path.encode(), ctypes.byref(buf)) != 0:
+        return False
+    return (buf.f_type & 0xFFFFFFFF) == BPFFS_MAGIC
+
+
+def require_bpffs(root: str) -> None:
+    """Raises InvalidInput unless ``root`` is a mounted BPF filesystem (and says how to mount one)."""
+    if not is_bpffs(root):
+        raise InvalidInput(f"{root} is not a BPF filesystem; mount one with `mount -t bpf bpf {root}` "
+                           "or point FLOWSTEER_BPFFS / --bpffs at one")
+
+
+def mount(path: str) -> None:
+    """Mounts a new bpffs instance at ``path`` (created if missing); raises FlowsteerError on failure."""
+    os.makedirs(path, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "bpf", "bpf", path], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise FlowsteerError(f"mount -t bpf {path} failed: {proc.stderr.strip()}")
+
+
+def umount(path: str) -> None:
+    """Unmounts the bpffs at ``path`` (lazily, so open pins do not block it) and removes the directory."""
+    subprocess.run(["umount", "-l", path], capture_output=True, check=False)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def netns_dir(root: str, netns: NetnsId) -> str:
+    """Returns ``<root>/flowsteer/<netns-id>``: every hook's state for one namespace lives below it."""
+    return os.path.join(root, "flowsteer", str(netns))
+
+
+@contextlib.contextmanager
+def locked(directory: str) -> Iterator[None]:
+    """Holds an exclusive flock on ``directory`` (created if missing) for the ``with`` block.
+
+    Writers of a namespace's state take this lock so that changes never interleave; the lock dies with its
+    holder, so a killed writer never leaves it held.
+    """
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise kernel_error(f"open state directory {directory}", exc.errno or errno.EIO) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def create_atomically(final: str, populate: Callable[[str], None], *, mode: int = 0o750,
+                      gid: int | None = None) -> None:
+    """Creates directory ``final`` complete or not at all.
+
+    ``populate(tmp)`` pins everything into a temporary sibling directory; then file modes are set (owner
+    read-write, group ``gid`` read-only) and the directory is renamed to ``final``. On any failure the
+    temporary directory is removed and the exception propagates; ``final`` is untouched.
+    Raises FlowsteerError (EEXIST) when ``final`` already exists.
+    """
+    if os.path.exists(final):
+        raise FlowsteerError(f"{final} already exists", errno=errno.EEXIST)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    remove_tree(tmp)
+    os.mkdir(tmp, 0o700)
+    try:
+        populate(tmp)
+        for name in os.listdir(tmp):
+            path = os.path.join(tmp, name)
+            os.chmod(path, 0o640 if gid is not None else 0o600)
+            if gid is not None:
+                os.chown(path, -1, gid)
+        os.chmod(tmp, mode if gid is not None else 0o700)
+        if gid is not None:
+            os.chown(tmp, -1, gid)
+        os.rename(tmp, final)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
+def remove_tree(path: str) -> None:
+    """Removes a state directory and its pins; a missing directory is not an error."""
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
+
+
+def sweep_stale(parent: str) -> None:
+    """Removes temporary directories left by writers that died before renaming them into place."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(parent):
+            if ".tmp-" in name:
+                pid = name.rsplit("-", 1)[-1]
+                if not pid.isdigit() or not os.path.exists(f"/proc/{pid}"):
+                    remove_tree(os.path.join(parent, name))

@@ -1,0 +1,486 @@
+"""A typed ctypes layer over libbpf: objects, programs, maps, pins and links.
+
+Everything here works on raw bytes for keys and values; the hooks encode their own structs. Every failure
+raises :class:`~flowsteer.errors.KernelError` (or PermissionDenied) naming the operation and carrying the
+errno libbpf returned, with libbpf's own log lines (for example the verifier's complaint) in the detail.
+
+Ownership: each :class:`Map`, :class:`Program` and :class:`Link` owns one file descriptor and closes it on
+:meth:`close` or when used as a context manager. Objects obtained from a :class:`BpfObject` are
+duplicates, so they outlive the object.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno as errno_mod
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Self
+
+from flowsteer.errors import FlowsteerError, kernel_error
+
+
+class MapType(enum.IntEnum):
+    HASH = 1
+    ARRAY = 2
+    PERCPU_ARRAY = 6
+    LRU_HASH = 9
+    LPM_TRIE = 11
+    ARRAY_OF_MAPS = 12
+    HASH_OF_MAPS = 13
+    SOCKMAP = 15
+    SOCKHASH = 18
+    REUSEPORT_SOCKARRAY = 20
+
+
+class ProgType(enum.IntEnum):
+    SK_REUSEPORT = 21
+    SK_LOOKUP = 30
+
+
+class AttachType(enum.IntEnum):
+    SK_LOOKUP = 36
+    SK_REUSEPORT_SELECT = 39
+    SK_REUSEPORT_SELECT_OR_MIGRATE = 40
+
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+BPF_F_NO_PREALLOC = 1 << 0
+BPF_F_RDONLY = 1 << 3
+BPF_F_REPLACE = 1 << 2
+
+_LIB_NAME = "libbpf.so.1"
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16), ("ifindex", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32), ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64), ("btf_id", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+    ]
+
+
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32), ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16),
+        ("_rest", ctypes.c_uint8 * 256),
+    ]
+
+
+class _LinkInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("prog_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32), ("netns_ino", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+        ("_rest", ctypes.c_uint8 * 64),
+    ]
+
+
+class _ObjGetOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("file_flags", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+class _MapCreateOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+        ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32),
+    ]
+
+
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_log = threading.local()
+
+
+def _load_library() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(_LIB_NAME, use_errno=True)
+    except OSError as exc:
+        raise FlowsteerError(f"cannot load {_LIB_NAME} ({exc}); install libbpf1") from None
+    vp, cp, i, u32, sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_size_t
+    signatures: dict[str, tuple[object, list[object]]] = {
+        "bpf_object__open_file": (vp, [cp, vp]),
+        "bpf_object__load": (i, [vp]),
+        "bpf_object__close": (None, [vp]),
+        "bpf_object__find_map_by_name": (vp, [vp, cp]),
+        "bpf_object__find_program_by_name": (vp, [vp, cp]),
+        "bpf_object__next_map": (vp, [vp, vp]),
+        "bpf_map__name": (cp, [vp]),
+        "bpf_map__fd": (i, [vp]),
+        "bpf_map__reuse_fd": (i, [vp, i]),
+        "bpf_map__set_max_entries": (i, [vp, u32]),
+        "bpf_map__type": (i, [vp]),
+        "bpf_map__key_size": (u32, [vp]),
+        "bpf_map__value_size": (u32, [vp]),
+        "bpf_map__max_entries": (u32, [vp]),
+        "bpf_map__map_flags": (u32, [vp]),
+        "bpf_map__set_inner_map_fd": (i, [vp, i]),
+        "bpf_program__fd": (i, [vp]),
+        "bpf_program__set_expected_attach_type": (i, [vp, i]),
+        "bpf_map_create": (i, [i, cp, u32, u32, u32, vp]),
+        "bpf_map_update_elem": (i, [i, vp, vp, ctypes.c_uint64]),
+        "bpf_map_lookup_elem": (i, [i, vp, vp]),
+        "bpf_map_delete_elem": (i, [i, vp]),
+        "bpf_map_get_next_key": (i, [i, vp, vp]),
+        "bpf_map_get_fd_by_id": (i, [u32]),
+        "bpf_prog_get_fd_by_id": (i, [u32]),
+        "bpf_obj_pin": (i, [i, cp]),
+        "bpf_obj_get_opts": (i, [cp, vp]),
+        "bpf_obj_get_info_by_fd": (i, [i, vp, ctypes.POINTER(u32)]),
+        "bpf_link_create": (i, [i, i, i, vp]),
+        "bpf_link_update": (i, [i, i, vp]),
+        "libbpf_num_possible_cpus": (i, []),
+        "libbpf_set_print": (vp, [_PRINT_FN]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    return lib
+
+
+_lib = _load_library()
+_libc = ctypes.CDLL(None)
+_libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+
+
+@_PRINT_FN
+def _capture_print(level: int, fmt: bytes, args: int) -> int:
+    # libbpf hands us a printf format and a va_list; vsnprintf formats it so errors can quote libbpf.
+    buf = ctypes.create_string_buffer(1024)
+    _libc.vsnprintf(buf, len(buf), fmt, args)
+    lines: list[str] | None = getattr(_log, "lines", None)
+    if lines is not None:
+        lines.append(buf.value.decode(errors="replace").rstrip())
+    return 0
+
+
+_lib.libbpf_set_print(_capture_print)
+
+
+def _check(ret: int, operation: str) -> int:
+    """Returns ``ret`` when non-negative; raises the KernelError for ``-ret`` otherwise."""
+    if ret < 0:
+        raise kernel_error(operation, -ret, _log_tail())
+    return ret
+
+
+def _log_tail() -> str:
+    lines: list[str] = getattr(_log, "lines", None) or []
+    useful = [line for line in lines if line]
+    return " | ".join(useful[-6:])
+
+
+def possible_cpus() -> int:
+    """Returns the number of possible CPUs (the length of a per-CPU value)."""
+    return _check(_lib.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+
+
+class _Fd:
+    """Owns one file descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+
+    def pin(self, path: str) -> None:
+        """Pins the object at ``path`` in a bpffs; raises KernelError (EEXIST when taken)."""
+        _check(_lib.bpf_obj_pin(self.fd, path.encode()), f"pin {path}")
+
+    @classmethod
+    def _get_pinned(cls, path: str, readonly: bool) -> int:
+        opts = _ObjGetOpts(sz=ctypes.sizeof(_ObjGetOpts), file_flags=BPF_F_RDONLY if readonly else 0)
+        return _check(_lib.bpf_obj_get_opts(path.encode(), ctypes.byref(opts)), f"open pinned {path}")
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """What the kernel says about a map."""
+
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+
+
+class Map(_Fd):
+    """A BPF map reached through a file descriptor; keys and values are bytes of the map's sizes."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        info = self.info()
+        self.key_size = info.key_size
+        self.value_size = info.value_size
+        self._percpu = info.type == MapType.PERCPU_ARRAY
+
+    @classmethod
+    def open_pinned(cls, path: str, readonly: bool = False) -> "Map":
+        """Opens the map pinned at ``path``; raises KernelError (ENOENT when missing)."""
+        return cls(cls._get_pinned(path, readonly))
+
+    @classmethod
+    def from_id(cls, map_id: int) -> "Map":
+        """Opens the map with kernel id ``map_id``; raises KernelError (ENOENT when gone)."""
+        return cls(_check(_lib.bpf_map_get_fd_by_id(map_id), f"open map id {map_id}"))
+
+    @classmethod
+    def create(cls, map_type: MapType, name: str, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0, inner_map: "Map | None" = None) -> "Map":
+        """Creates a new map; raises KernelError when the kernel refuses it."""
+        opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags,
+                              inner_map_fd=inner_map.fd if inner_map else 0)
+        fd = _lib.bpf_map_create(int(map_type), name.encode()[:15], key_size, value_size, max_entries,
+                                 ctypes.byref(opts))
+        return cls(_check(fd, f"create map {name}"))
+
+    def info(self) -> MapInfo:
+        """Returns the kernel's description of this map."""
+        raw = _MapInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(raw))
+        _check(_lib.bpf_obj_get_info_by_fd(self.fd, ctypes.byref(raw), ctypes.byref(size)), "map info")
+        return MapInfo(raw.type, raw.id, raw.key_size, raw.value_size, raw.max_entries, raw.map_flags,
+                       raw.name.decode())
+
+    def _value_buffer(self) -> ctypes.Array[ctypes.c_char]:
+        size = self.value_size * (possible_cpus() if self._percpu else 1)
+        return ctypes.create_string_buffer(size)
+
+    def _key(self, key: bytes) -> bytes:
+        if len(key) != self.key_size:
+            raise ValueError(f"key of {len(key)} bytes for a map with {self.key_size}-byte keys")
+        return key
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """Returns the value at ``key`` (per-CPU maps: all CPUs' values concatenated), or None."""
+        buf = self._value_buffer()
+        ret = _lib.bpf_map_lookup_elem(self.fd, self._key(key), buf)
+        if ret == -errno_mod.ENOENT:
+            return None
+        _check(ret, "map lookup")
+        return buf.raw
+
+    def lookup_percpu(self, key: bytes) -> list[bytes]:
+        """Returns the per-CPU values at ``key`` of a per-CPU map (empty values when absent)."""
+        raw = self.lookup(key)
+        if raw is None:
+            return []
+        return [raw[i:i + self.value_size] for i in range(0, len(raw), self.value_size)]
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        """Stores ``value`` at ``key``; raises KernelError with the kernel's errno on refusal."""
+        if not self._percpu and len(value) != self.value_size:
+            raise ValueError(f"value of {len(value)} bytes for a map with {self.value_size}-byte values")
+        _check(_lib.bpf_map_update_elem(self.fd, self._key(key), value, flags), "map update")
+
+    def delete(self, key: bytes) -> bool:
+        """Deletes ``key``; returns False when it was not there."""
+        ret = _lib.bpf_map_delete_elem(self.fd, self._key(key))
+        if ret == -errno_mod.ENOENT:
+            return False
+        _check(ret, "map delete")
+        return True
+
+    def keys(self) -> Iterator[bytes]:
+        """Iterates over the keys present (kernel order; a concurrent change may skip or repeat)."""
+        nxt = ctypes.create_string_buffer(self.key_size)
+        prev: bytes | None = None
+        while True:
+            ret = _lib.bpf_map_get_next_key(self.fd, prev, nxt)
+            if ret == -errno_mod.ENOENT:
+                return
+            _check(ret, "map iterate")
+            prev = nxt.raw
+            yield prev
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Iterates over ``(key, value)`` pairs, skipping keys deleted while iterating."""
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+
+@dataclass(frozen=True)
+class ProgramInfo:
+    """What the kernel says about a loaded program."""
+
+    type: int
+    id: int
+    tag: str
+    name: str
+
+
+class Program(_Fd):
+    """A loaded BPF program."""
+
+    @classmethod
+    def open_pinned(cls, path: str) -> "Program":
+        """Opens the program pinned at ``path``; raises KernelError (ENOENT when missing)."""
+        return cls(cls._get_pinned(path, False))
+
+    @classmethod
+    def from_id(cls, prog_id: int) -> "Program":
+        """Opens the program with kernel id ``prog_id``; raises KernelError when gone."""
+        return cls(_check(_lib.bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}"))
+
+    def info(self) -> ProgramInfo:
+        """Returns the kernel's description of this program."""
+        raw = _ProgInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(raw))
+        _check(_lib.bpf_obj_get_info_by_fd(self.fd, ctypes.byref(raw), ctypes.byref(size)), "program info")
+        return ProgramInfo(raw.type, raw.id, bytes(raw.tag).hex(), raw.name.decode())
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """What the kernel says about a link: its id and the id of the program it runs."""
+
+    id: int
+    prog_id: int
+
+
+class Link(_Fd):
+    """A BPF link: an attachment of a program that lives as long as its fd or pin."""
+
+    @classmethod
+    def create(cls, prog: Program, target_fd: int, attach_type: AttachType) -> "Link":
+        """Attaches ``prog`` to the object behind ``target_fd``; raises KernelError on refusal."""
+        fd = _lib.bpf_link_create(prog.fd, target_fd, int(attach_type), None)
+        return cls(_check(fd, f"attach program ({attach_type.name})"))
+
+    @classmethod
+    def open_pinned(cls, path: str) -> "Link":
+        """Opens the link pinned at ``path``; raises KernelError (ENOENT when missing)."""
+        return cls(cls._get_pinned(path, False))
+
+    def update(self, prog: Program) -> None:
+        """Atomically replaces the program this link runs."""
+        _check(_lib.bpf_link_update(self.fd, prog.fd, None), "replace linked program")
+
+    def info(self) -> LinkInfo:
+        """Returns the kernel's description of this link."""
+        raw = _LinkInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(raw))
+        _check(_lib.bpf_obj_get_info_by_fd(self.fd, ctypes.byref(raw), ctypes.byref(size)), "link info")
+        return LinkInfo(raw.id, raw.prog_id)
+
+
+class BpfObject:
+    """An ELF object file opened with libbpf, whose maps may reuse pinned maps before :meth:`load`.
+
+    Use as a context manager: the object (and every fd libbpf holds for it) closes on exit; maps and
+    programs taken with :meth:`map` / :meth:`program` after loading are independent duplicates.
+    """
+
+    def __init__(self, path: str) -> None:
+        if not os.path.exists(path):
+            raise FlowsteerError(f"BPF object {path} is missing; build it with `make bpf`")
+        _log.lines = []
+        ptr = _lib.bpf_object__open_file(path.encode(), None)
+        if not ptr:
+            raise kernel_error(f"open BPF object {path}", ctypes.get_errno() or errno_mod.EINVAL, _log_tail())
+        self._ptr: int | None = ptr
+        self.path = path
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._ptr:
+            _lib.bpf_object__close(self._ptr)
+            self._ptr = None
+
+    def _map_ptr(self, name: str) -> int:
+        ptr = _lib.bpf_object__find_map_by_name(self._ptr, name.encode())
+        if not ptr:
+            raise FlowsteerError(f"BPF object {self.path} has no map {name!r}")
+        return int(ptr)
+
+    def _prog_ptr(self, name: str) -> int:
+        ptr = _lib.bpf_object__find_program_by_name(self._ptr, name.encode())
+        if not ptr:
+            raise FlowsteerError(f"BPF object {self.path} has no program {name!r}")
+        return int(ptr)
+
+    def map_names(self) -> list[str]:
+        """Returns the names of the object's maps (internal .bss/.data maps included)."""
+        names, ptr = [], _lib.bpf_object__next_map(self._ptr, None)
+        while ptr:
+            names.append(_lib.bpf_map__name(ptr).decode())
+            ptr = _lib.bpf_object__next_map(self._ptr, ptr)
+        return names
+
+    def map_spec(self, name: str) -> MapInfo:
+        """Returns the definition of map ``name`` as compiled (id 0)."""
+        ptr = self._map_ptr(name)
+        return MapInfo(_lib.bpf_map__type(ptr), 0, _lib.bpf_map__key_size(ptr), _lib.bpf_map__value_size(ptr),
+                       _lib.bpf_map__max_entries(ptr), _lib.bpf_map__map_flags(ptr), name)
+
+    def reuse_map(self, name: str, existing: Map) -> None:
+        """Makes map ``name`` use ``existing`` instead of creating a new one at load time."""
+        _check(_lib.bpf_map__reuse_fd(self._map_ptr(name), existing.fd), f"reuse map {name}")
+
+    def set_max_entries(self, name: str, count: int) -> None:
+        """Sets the size map ``name`` will be created with."""
+        _check(_lib.bpf_map__set_max_entries(self._map_ptr(name), count), f"size map {name}")
+
+    def set_inner_map(self, name: str, inner: Map) -> None:
+        """Sets the template inner map of map-in-map ``name``."""
+        _check(_lib.bpf_map__set_inner_map_fd(self._map_ptr(name), inner.fd), f"inner map of {name}")
+
+    def set_attach_type(self, program: str, attach_type: AttachType) -> None:
+        """Sets the expected attach type program ``program`` is loaded with."""
+        _check(_lib.bpf_program__set_expected_attach_type(self._prog_ptr(program), int(attach_type)),
+               f"attach type of {program}")
+
+    def load(self) -> None:
+        """Creates the maps and loads the programs; raises KernelError with the verifier's words."""
+        _log.lines = []
+        try:
+            _check(_lib.bpf_object__load(self._ptr), f"load BPF object {os.path.basename(self.path)}")
+        finally:
+            _log.lines = None
+
+    def map(self, name: str) -> Map:
+        """Returns an independent handle on loaded map ``name``."""
+        fd = _check(_lib.bpf_map__fd(self._map_ptr(name)), f"map {name} fd")
+        return Map(os.dup(fd))
+
+    def program(self, name: str) -> Program:
+        """Returns an independent handle on loaded program ``name``."""
+        fd = _check(_lib.bpf_program__fd(self._prog_ptr(name)), f"program {name} fd")
+        return Program(os.dup(fd))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian-based machine lacks for flowsteer: system packages (apt, only the missing
+# ones) and the Python virtual environment. Idempotent; `make` calls it through a stamp file.
+set -euo pipefail
+
+packages=(
+    clang llvm libbpf-dev linux-libc-dev   # building the BPF objects
+    libbpf1                                # the loader flowsteer.kernel.libbpf binds with ctypes
+    iproute2 iptables nftables iputils-ping conntrack  # namespaces, divert rules, test traffic
+    libnetfilter-queue-dev                 # the C baseline of bench/divert.py and python NetfilterQueue
+    python3-venv python3-dev gcc
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "bootstrap: missing system packages: ${missing[*]} (run as root, or install them)" >&2
+        exit 1
+    fi
+    echo "bootstrap: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+venv=${VENV:-.venv}
+if [[ ! -x $venv/bin/python ]]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q -e '.[test,bench]'

@@ -98,7 +98,7 @@ def create_atomically(final: str, populate: Callable[[str], None], *, mode: int 
     """
     if os.path.exists(final):
         raise FlowsteerError(f"{final} already exists", errno=errno.EEXIST)
-    tmp = f"{final}.tmp-{os.getpid()}"
+    tmp = f"{final}-tmp-{os.getpid()}"
     remove_tree(tmp)
     os.mkdir(tmp, 0o700)
     try:
@@ -119,16 +119,16 @@ def create_atomically(final: str, populate: Callable[[str], None], *, mode: int 
 
 def remove_tree(path: str) -> None:
     """Removes a state directory and its pins; a missing directory is not an error."""
-    shutil.rmtree(path, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(path)
+    if os.path.lexists(path):
+        shutil.rmtree(path)
 
 
 def sweep_stale(parent: str) -> None:
-    """Removes temporary directories left by writers that died before renaming them into place."""
+    """Removes temporary directories (``*-tmp-PID``; bpffs allows no dots in names) left by writers that
+    died before renaming them into place."""
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(parent):
-            if ".tmp-" in name:
+            if "-tmp-" in name:
                 pid = name.rsplit("-", 1)[-1]
                 if not pid.isdigit() or not os.path.exists(f"/proc/{pid}"):
                     remove_tree(os.path.join(parent, name))

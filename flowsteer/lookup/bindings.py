@@ -1,0 +1,161 @@
+"""Bindings: ``(protocol, prefix, port) → label``, their validation, precedence and kernel encoding.
+
+Addresses are kept in one space: IPv4 prefixes become v4-mapped IPv6 prefixes (``192.0.2.0/24`` is
+``::ffff:192.0.2.0/120``), exactly as the BPF program sees them. One consequence is documented in
+docs/lookup.md: an IPv6 prefix that covers ``::ffff:0:0/96`` (for example ``::/0``) also matches IPv4.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from flowsteer.errors import InvalidInput
+
+PROTOCOLS = {"tcp": 6, "udp": 17}
+PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+LABEL_LEN = 64
+MAX_LABELS = 1024
+MAX_BINDINGS = 1 << 20
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+# struct binding_key / binding_value of lookup.bpf.c
+_KEY = struct.Struct("=IBBH16s")
+_VALUE = struct.Struct("=II")
+_KEY_BITS_BEFORE_ADDR = 32  # protocol, pad and port are always matched in full
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_label(text: str) -> str:
+    """Returns ``text`` as a label; raises InvalidInput unless it is 1–63 characters of
+    letters, digits and ``_ . : -`` starting with a letter or digit."""
+    if not isinstance(text, str) or not _LABEL_RE.match(text):
+        raise InvalidInput(f"invalid label {text!r}: use 1-63 letters, digits, '_', '.', ':' or '-', "
+                           "starting with a letter or digit")
+    return text
+
+
+def parse_protocol(text: str) -> str:
+    """Returns ``tcp`` or ``udp``; raises InvalidInput for anything else."""
+    proto = str(text).lower()
+    if proto not in PROTOCOLS:
+        raise InvalidInput(f"invalid protocol {text!r}: use tcp or udp")
+    return proto
+
+
+def parse_port(value: str | int) -> int:
+    """Returns a port 0–65535 (0 meaning every port); raises InvalidInput otherwise."""
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"invalid port {value!r}: use a number from 0 (every port) to 65535") from None
+    if not 0 <= port <= 65535 or isinstance(value, bool):
+        raise InvalidInput(f"invalid port {value!r}: use a number from 0 (every port) to 65535")
+    return port
+
+
+def parse_prefix(text: str) -> Network:
+    """Returns the network for ``text`` (an address or CIDR prefix; a bare address is a /32 or /128).
+
+    Raises InvalidInput when it is not an address or prefix, or has host bits set.
+    """
+    try:
+        return ipaddress.ip_network(str(text), strict=True)
+    except ValueError as exc:
+        raise InvalidInput(f"invalid prefix {text!r}: {exc}") from None
+
+
+def to_mapped(network: Network) -> ipaddress.IPv6Network:
+    """Returns ``network`` in the v4-mapped IPv6 space the BPF program matches in."""
+    if isinstance(network, ipaddress.IPv4Network):
+        mapped = ipaddress.IPv6Address("::ffff:" + str(network.network_address))
+        return ipaddress.IPv6Network((mapped, 96 + network.prefixlen))
+    return network
+
+
+def from_mapped(network: ipaddress.IPv6Network) -> Network:
+    """Inverse of :func:`to_mapped` for prefixes inside ``::ffff:0:0/96`` of length ≥ 96."""
+    if network.prefixlen >= 96 and network.subnet_of(_V4_MAPPED):
+        v4 = network.network_address.ipv4_mapped
+        assert v4 is not None
+        return ipaddress.IPv4Network((v4, network.prefixlen - 96))
+    return network
+
+
+@dataclass(frozen=True, order=False)
+class Binding:
+    """``protocol prefix port → label``; port 0 means every port."""
+
+    label: str
+    protocol: str
+    prefix: Network
+    port: int
+
+    @classmethod
+    def parse(cls, label: str, protocol: str, prefix: str, port: str | int) -> "Binding":
+        """Returns a validated binding; raises InvalidInput naming the bad field."""
+        return cls(parse_label(label), parse_protocol(protocol), parse_prefix(prefix), parse_port(port))
+
+    @property
+    def mapped(self) -> ipaddress.IPv6Network:
+        return to_mapped(self.prefix)
+
+    @property
+    def selector(self) -> tuple[str, ipaddress.IPv6Network, int]:
+        """What identifies a binding in the trie: two bindings with the same selector cannot coexist."""
+        return (self.protocol, self.mapped, self.port)
+
+    def precedence(self) -> tuple[int, int]:
+        """Sort key, most specific first: longer prefix first, then a specific port before port 0."""
+        return (-self.mapped.prefixlen, 0 if self.port else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "protocol": self.protocol, "prefix": str(self.prefix), "port": self.port}
+
+    def __str__(self) -> str:
+        return f"{self.protocol} {self.prefix} port {self.port or 'any'} -> {self.label}"
+
+
+def sort_by_precedence(bindings: list[Binding]) -> list[Binding]:
+    """Returns bindings in the order the dispatcher prefers them (ties ordered stably by text)."""
+    return sorted(bindings, key=lambda b: (*b.precedence(), b.protocol, int(b.mapped.network_address),
+                                           b.port, b.label))
+
+
+def encode_key(protocol: str, mapped: ipaddress.IPv6Network, port: int) -> bytes:
+    """Returns the kernel LPM key of a binding selector."""
+    return _KEY.pack(_KEY_BITS_BEFORE_ADDR + mapped.prefixlen, PROTOCOLS[protocol], 0, port,
+                     mapped.network_address.packed)
+
+
+def decode_key(raw: bytes) -> tuple[str, ipaddress.IPv6Network, int]:
+    """Inverse of :func:`encode_key`; raises InvalidInput for a key flowsteer did not write."""
+    bits, proto, _pad, port, addr = _KEY.unpack(raw)
+    if proto not in PROTOCOL_NAMES or not _KEY_BITS_BEFORE_ADDR <= bits <= _KEY_BITS_BEFORE_ADDR + 128:
+        raise InvalidInput(f"binding key {raw.hex()} is not flowsteer's")
+    return (PROTOCOL_NAMES[proto], ipaddress.IPv6Network((addr, bits - _KEY_BITS_BEFORE_ADDR)), port)
+
+
+def encode_value(label_id: int, mapped: ipaddress.IPv6Network) -> bytes:
+    """Returns the kernel value of a binding: its label id and prefix length."""
+    return _VALUE.pack(label_id, mapped.prefixlen)
+
+
+def decode_value(raw: bytes) -> tuple[int, int]:
+    """Returns ``(label id, prefix length)`` of an encoded binding value."""
+    label_id, prefixlen = _VALUE.unpack(raw)
+    return label_id, prefixlen
+
+
+def encode_label(label: str) -> bytes:
+    """Returns the fixed-size kernel key of a label name."""
+    return label.encode().ljust(LABEL_LEN, b"\0")
+
+
+def decode_label(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode()

@@ -1,0 +1,389 @@
+"""The lookup hook's operations: load, bind, apply, register, explain… on one namespace's dispatcher.
+
+Every write runs in the target namespace, holds the namespace's writer lock, and first checks that the
+pinned state has the layout this flowsteer writes. Every single change is one kernel map operation, and
+``apply`` swaps a whole new binding trie in with one update, so the data path never sees a partial change
+and a writer killed at any point leaves the previous, consistent state in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from flowsteer.errors import FlowsteerError, InvalidInput
+from flowsteer.kernel import bpffs
+from flowsteer.kernel import sockets as socks
+from flowsteer.kernel.libbpf import BPF_NOEXIST, Program
+from flowsteer.kernel.netns import NetnsId, entered, identity
+from flowsteer.lookup import bindings as b
+from flowsteer.lookup.bindings import Binding
+from flowsteer.lookup.model import Decision, decide, mapped_address
+from flowsteer.lookup.state import ACTIVE, LookupState, create, new_trie, open_object, repin, state_dir
+
+FAMILIES = ("ipv4", "ipv6")
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+_COUNTERS = struct.Struct("=QQQ")
+_ZERO = _U32.pack(0)
+
+
+def destination_index(label_id: int, family: str, protocol: str) -> int:
+    """Returns the SOCKMAP/counter index of a label's destination (as ``destination()`` in the C code)."""
+    return label_id * 4 + (2 if family == "ipv6" else 0) + (1 if protocol == "udp" else 0)
+
+
+@dataclass(frozen=True)
+class DestinationStatus:
+    """A label's destination for one family and protocol, with its socket and counters."""
+
+    label: str
+    family: str
+    protocol: str
+    cookie: int | None
+    lookups: int
+    misses: int
+    errors: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What ``apply`` changed: bindings added and removed relative to the previous set."""
+
+    added: list[Binding]
+    removed: list[Binding]
+    total: int
+
+
+class Dispatcher:
+    """The sk_lookup dispatcher of one network namespace.
+
+    ``netns`` is a namespace path or ``ip netns`` name (None: the caller's); ``bpffs_root`` the BPF
+    filesystem holding state (None: ``$FLOWSTEER_BPFFS`` or ``/sys/fs/bpf``). Methods raise
+    FlowsteerError subclasses: NotLoaded when no dispatcher is loaded, IncompatibleState when the pinned
+    state has another layout, InvalidInput / WrongSocket for bad arguments, KernelError for refusals.
+    """
+
+    def __init__(self, netns: str | None = None, bpffs_root: str | None = None) -> None:
+        self.netns = netns
+        self.root = bpffs_root or bpffs.default_root()
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _inside(self) -> Iterator[NetnsId]:
+        with entered(self.netns):
+            bpffs.require_bpffs(self.root)
+            yield identity()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[LookupState]:
+        with self._inside() as ns, LookupState.open(self.root, ns, readonly=True) as st:
+            yield st
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[LookupState]:
+        with self._inside() as ns, bpffs.locked(bpffs.netns_dir(self.root, ns)), \
+                LookupState.open(self.root, ns) as st, open_object() as obj:
+            st.check_compatible(obj)
+            st.writer_view()
+            yield st
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def load(self, group: int | None = None) -> str:
+        """Loads and attaches the dispatcher; returns the state directory.
+
+        ``group`` (a gid) may read the pinned state; only the owner may change it. Raises FlowsteerError
+        (EEXIST) when already loaded, PermissionDenied without CAP_BPF/CAP_NET_ADMIN.
+        """
+        with self._inside() as ns, bpffs.locked(bpffs.netns_dir(self.root, ns)):
+            create(self.root, ns, group)
+            return state_dir(self.root, ns)
+
+    def unload(self) -> None:
+        """Detaches the dispatcher and removes its state (bindings, sockets, counters).
+
+        Raises NotLoaded when it is not loaded.
+        """
+        with self._inside() as ns, bpffs.locked(bpffs.netns_dir(self.root, ns)):
+            LookupState.open(self.root, ns).close()
+            bpffs.remove_tree(state_dir(self.root, ns))
+
+    def upgrade(self) -> dict[str, Any]:
+        """Replaces the running program with the installed one, keeping bindings, sockets and counters.
+
+        The new program is loaded against the pinned maps and swapped into the link atomically.
+        Returns the old and new program ids. Raises IncompatibleState when the layouts differ.
+        """
+        with self._writing() as st, open_object() as obj, st.link() as link:
+            old = link.info().prog_id
+            for name in st.maps:
+                obj.reuse_map(name, st.maps[name])
+            obj.load()
+            with obj.program("flowsteer_lookup") as prog:
+                link.update(prog)
+                new = prog.info().id
+            return {"old_program_id": old, "new_program_id": new}
+
+    # -- bindings ---------------------------------------------------------------------------------------
+
+    def bindings(self, label: str | None = None, protocol: str | None = None,
+                 address: str | None = None, port: int | None = None) -> list[Binding]:
+        """Returns the bindings in precedence order, optionally only those of ``label``/``protocol``/
+        ``port`` or whose prefix contains ``address``."""
+        with self._reading() as st:
+            found = _read_bindings(st)
+        if address is not None:
+            try:
+                addr = mapped_address(address)
+            except ValueError:
+                raise InvalidInput(f"invalid address {address!r}") from None
+            found = [x for x in found if addr in x.mapped]
+        found = [x for x in found if (label is None or x.label == label)
+                 and (protocol is None or x.protocol == protocol) and (port is None or x.port == port)]
+        return b.sort_by_precedence(found)
+
+    def bind(self, binding: Binding) -> None:
+        """Adds ``binding``. Raises FlowsteerError (EEXIST) when its protocol, prefix and port are bound
+        to another label; binding the same thing twice is not an error."""
+        with self._writing() as st:
+            label_id = _ensure_label(st, binding.label)
+            key = b.encode_key(*binding.selector)
+            current = st.active.lookup(key)
+            if current is not None:
+                if b.decode_value(current)[0] == label_id:
+                    return
+                other = _label_names(st).get(b.decode_value(current)[0], "?")
+                raise FlowsteerError(f"{binding.protocol} {binding.prefix} port {binding.port} is already "
+                                     f"bound to label {other!r}; unbind it first", errno=errno.EEXIST)
+            st.active.update(key, b.encode_value(label_id, binding.mapped))
+
+    def unbind(self, binding: Binding) -> None:
+        """Removes ``binding``; raises FlowsteerError (ENOENT) when it is not bound to that label."""
+        with self._writing() as st:
+            key = b.encode_key(*binding.selector)
+            current = st.active.lookup(key)
+            ids = _label_ids(st)
+            if current is None or b.decode_value(current)[0] != ids.get(binding.label):
+                raise FlowsteerError(f"no binding {binding}", errno=errno.ENOENT)
+            st.active.delete(key)
+            _collect_labels(st)
+
+    def apply(self, wanted: Iterable[Binding]) -> ApplyResult:
+        """Replaces the whole binding set with ``wanted``, atomically for the data path.
+
+        The new set is built in a new trie and swapped in with one map update: every packet sees either
+        the old set or the new one. Raises InvalidInput when ``wanted`` binds one protocol, prefix and
+        port to two labels or uses more labels than the dispatcher holds; nothing changes then.
+        """
+        new = _validated_set(wanted)
+        with self._writing() as st:
+            old = set(_read_bindings(st))
+            try:
+                ids = {label: _ensure_label(st, label) for label in sorted({x.label for x in new})}
+                with new_trie() as trie:
+                    for x in new:
+                        trie.update(b.encode_key(*x.selector), b.encode_value(ids[x.label], x.mapped))
+                    # The one step the data path sees: the array's slot now points at the new trie.
+                    st.maps["bindings"].update(_ZERO, _U32.pack(trie.fd))
+                    repin(trie, os.path.join(st.directory, ACTIVE))
+                st.writer_view()
+            finally:
+                _collect_labels(st)
+        return ApplyResult(sorted(new - old, key=str), sorted(old - new, key=str), len(new))
+
+    # -- sockets ----------------------------------------------------------------------------------------
+
+    def register(self, label: str, sock: socket.socket) -> list[DestinationStatus]:
+        """Makes ``sock`` the socket of ``label`` for its family and protocol; returns the destinations set.
+
+        A dual-stack IPv6 socket (IPV6_V6ONLY off) serves the label's IPv4 traffic too. The socket must
+        be a TCP listener or an unconnected bound UDP socket of the dispatcher's namespace; anything else
+        raises WrongSocket saying why. Register the first socket of a reuseport group: the group's own
+        reuseport program (or the kernel) then picks the member.
+        """
+        b.parse_label(label)
+        with self._writing() as st:
+            kind = socks.require_steerable(sock, identity())
+            label_id = _ensure_label(st, label)
+            families = ["ipv6", "ipv4"] if kind.family == socket.AF_INET6 and not kind.v6only else \
+                ["ipv6" if kind.family == socket.AF_INET6 else "ipv4"]
+            for family in families:
+                index = destination_index(label_id, family, kind.proto_name)
+                st.maps["sockets"].update(_U32.pack(index), _U64.pack(sock.fileno()))
+            return [d for d in _destinations(st) if d.label == label and d.family in families
+                    and d.protocol == kind.proto_name]
+
+    def register_pid(self, pid: int, label: str, protocol: str, ip: str, port: int) -> list[DestinationStatus]:
+        """Takes the socket bound to ``protocol ip:port`` from process ``pid`` (pidfd_getfd) and registers
+        it. Raises FlowsteerError when the process has no such socket, PermissionDenied when the kernel
+        does not allow taking it."""
+        protocol = b.parse_protocol(protocol)
+        port = b.parse_port(port)
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise InvalidInput(f"invalid address {ip!r}") from None
+        with entered(self.netns):
+            sock = socks.take_from_process(pid, protocol, ip, port)
+        with sock:
+            return self.register(label, sock)
+
+    def unregister(self, label: str, family: str | None = None, protocol: str | None = None) -> int:
+        """Removes ``label``'s sockets (of one family/protocol when given); returns how many were removed.
+
+        Raises FlowsteerError (ENOENT) when the label is unknown.
+        """
+        with self._writing() as st:
+            label_id = _label_ids(st).get(label)
+            if label_id is None:
+                raise FlowsteerError(f"unknown label {label!r}", errno=errno.ENOENT)
+            removed = 0
+            for fam in FAMILIES if family is None else (family,):
+                for proto in b.PROTOCOLS if protocol is None else (protocol,):
+                    removed += st.maps["sockets"].delete(_U32.pack(destination_index(label_id, fam, proto)))
+            _collect_labels(st)
+            return removed
+
+    # -- introspection ----------------------------------------------------------------------------------
+
+    def destinations(self) -> list[DestinationStatus]:
+        """Returns every label's destinations with their socket cookie and counters."""
+        with self._reading() as st:
+            return _destinations(st)
+
+    def status(self) -> dict[str, Any]:
+        """Returns what is loaded: program, link, counts of bindings, labels and sockets."""
+        with self._reading() as st, st.link() as link:
+            info = link.info()
+            with Program.from_id(info.prog_id) as prog:
+                pinfo = prog.info()
+            dests = _destinations(st)
+            return {
+                "state": st.directory, "link_id": info.id, "program_id": pinfo.id, "program_tag": pinfo.tag,
+                "bindings": sum(1 for _ in st.active.keys()), "labels": len(_label_ids(st)),
+                "sockets": sum(1 for d in dests if d.cookie is not None),
+                "destinations": [d.to_dict() for d in dests],
+            }
+
+    def explain(self, protocol: str, address: str, port: int | str) -> Decision:
+        """Returns the dispatcher's decision for a new connection/datagram to ``address:port``, computed
+        by the pure-Python model from the bindings that match (read from the kernel's trie)."""
+        protocol = b.parse_protocol(protocol)
+        port = b.parse_port(port)
+        try:
+            addr = mapped_address(address)
+        except ValueError:
+            raise InvalidInput(f"invalid address {address!r}") from None
+        with self._reading() as st:
+            names = _label_names(st)
+            found = [x for p in {port, 0} for x in _matches_in_kernel(st, names, protocol, addr, p)]
+            sockets = {(d.label, d.family, d.protocol): d.cookie for d in _destinations(st)
+                       if d.cookie is not None}
+        return decide(found, sockets, protocol, str(ipaddress.ip_address(address)), port)
+
+
+# -- helpers over an open state ----------------------------------------------------------------------------
+
+def _label_ids(st: LookupState) -> dict[str, int]:
+    return {b.decode_label(k): _U32.unpack(v)[0] for k, v in st.maps["labels"].items()}
+
+
+def _label_names(st: LookupState) -> dict[int, str]:
+    return {i: name for name, i in _label_ids(st).items()}
+
+
+def _ensure_label(st: LookupState, label: str) -> int:
+    """Returns the id of ``label``, allocating the lowest free one (with zeroed counters) if new."""
+    ids = _label_ids(st)
+    if label in ids:
+        return ids[label]
+    used = set(ids.values())
+    free = next((i for i in range(1, b.MAX_LABELS) if i not in used), None)
+    if free is None:
+        raise InvalidInput(f"cannot add label {label!r}: all {b.MAX_LABELS - 1} labels are in use")
+    zero = _COUNTERS.pack(0, 0, 0) * _ncpus(st)
+    for fam in FAMILIES:
+        for proto in b.PROTOCOLS:
+            st.maps["counters"].update(_U32.pack(destination_index(free, fam, proto)), zero)
+    st.maps["labels"].update(b.encode_label(label), _U32.pack(free), BPF_NOEXIST)
+    return free
+
+
+def _ncpus(st: LookupState) -> int:
+    return len(st.maps["counters"].lookup_percpu(_ZERO))
+
+
+def _collect_labels(st: LookupState) -> None:
+    """Forgets labels that no binding and no socket refer to any more."""
+    in_use = {b.decode_value(v)[0] for _, v in st.active.items()}
+    in_use |= {int(_U32.unpack(k)[0]) // 4 for k in st.maps["sockets"].keys()}
+    for name, label_id in _label_ids(st).items():
+        if label_id not in in_use:
+            st.maps["labels"].delete(b.encode_label(name))
+
+
+def _read_bindings(st: LookupState) -> list[Binding]:
+    names = _label_names(st)
+    found = []
+    for key, value in st.active.items():
+        protocol, mapped, port = b.decode_key(key)
+        found.append(Binding(names.get(b.decode_value(value)[0], "?"), protocol, b.from_mapped(mapped), port))
+    return found
+
+
+def _matches_in_kernel(st: LookupState, names: dict[int, str], protocol: str,
+                       addr: ipaddress.IPv6Address, port: int) -> Iterator[Binding]:
+    """Yields every binding of ``protocol``/``port`` whose prefix contains ``addr``, longest first, using
+    the trie's own longest-prefix lookups (a few lookups, whatever the number of bindings)."""
+    length = 128
+    while length >= 0:
+        net = ipaddress.IPv6Network((addr, length), strict=False)
+        raw = st.active.lookup(b.encode_key(protocol, net, port))
+        if raw is None:
+            return
+        label_id, found_len = b.decode_value(raw)
+        match = ipaddress.IPv6Network((addr, found_len), strict=False)
+        yield Binding(names.get(label_id, "?"), protocol, b.from_mapped(match), port)
+        length = found_len - 1
+
+
+def _destinations(st: LookupState) -> list[DestinationStatus]:
+    found = []
+    for label, label_id in sorted(_label_ids(st).items()):
+        for fam in FAMILIES:
+            for proto in b.PROTOCOLS:
+                key = _U32.pack(destination_index(label_id, fam, proto))
+                raw = st.maps["sockets"].lookup(key)
+                totals = [0, 0, 0]
+                for per_cpu in st.maps["counters"].lookup_percpu(key):
+                    for i, v in enumerate(_COUNTERS.unpack(per_cpu)):
+                        totals[i] += v
+                found.append(DestinationStatus(label, fam, proto, _U64.unpack(raw)[0] if raw else None, *totals))
+    return found
+
+
+def _validated_set(wanted: Iterable[Binding]) -> set[Binding]:
+    new = set(wanted)
+    by_selector: dict[tuple[str, ipaddress.IPv6Network, int], Binding] = {}
+    for x in sorted(new, key=str):
+        other = by_selector.setdefault(x.selector, x)
+        if other.label != x.label:
+            raise InvalidInput(f"{x.protocol} {x.prefix} port {x.port} is bound to both {other.label!r} and "
+                               f"{x.label!r}")
+    if len(new) > b.MAX_BINDINGS:
+        raise InvalidInput(f"{len(new)} bindings, the dispatcher holds at most {b.MAX_BINDINGS}")
+    if len({x.label for x in new}) >= b.MAX_LABELS:
+        raise InvalidInput(f"more than {b.MAX_LABELS - 1} labels")
+    return new

@@ -1,0 +1,192 @@
+"""The dispatcher's pinned state in bpffs: creating it atomically, opening it, checking compatibility.
+
+``<bpffs>/flowsteer/<netns-id>/lookup/`` holds:
+
+==================  ==========================================================================
+``link``            the sk_lookup link attaching the program to the namespace
+``bindings``        one-slot array of maps whose slot is the active binding trie
+``bindings-active`` the active binding trie itself (readers open it without CAP_SYS_ADMIN)
+``labels``          label name → label id
+``sockets``         SOCKMAP: destination (label id × family × protocol) → socket
+``counters``        per-CPU counters per destination
+``meta``            the ABI version of the layout
+==================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.resources
+import os
+import struct
+from collections.abc import Iterator
+
+from flowsteer.errors import FlowsteerError, IncompatibleState, NotLoaded
+from flowsteer.kernel import bpffs
+from flowsteer.kernel.libbpf import (
+    BPF_F_NO_PREALLOC, AttachType, BpfObject, Link, Map, MapInfo, MapType, Program,
+)
+from flowsteer.kernel.netns import NetnsId
+
+ABI_VERSION = 1
+PROGRAM = "flowsteer_lookup"
+MAPS = ("bindings", "labels", "sockets", "counters", "meta")
+ACTIVE = "bindings-active"
+LINK = "link"
+_ZERO = struct.pack("=I", 0)
+_META = struct.Struct("=II")
+# struct trie of lookup.bpf.c: type, key size, value size, max entries, flags (BPF_F_NO_PREALLOC)
+TRIE_LAYOUT = (MapType.LPM_TRIE, 24, 8, 1 << 20, BPF_F_NO_PREALLOC)
+
+
+def object_path() -> str:
+    """Returns the path of the compiled dispatcher object (built by ``make bpf``)."""
+    return str(importlib.resources.files("flowsteer.bpf") / "lookup.bpf.o")
+
+
+def state_dir(root: str, netns: NetnsId) -> str:
+    """Returns the directory of the dispatcher's state for namespace ``netns`` under bpffs ``root``."""
+    return os.path.join(bpffs.netns_dir(root, netns), "lookup")
+
+
+def _spec_matches(pinned: MapInfo, spec: MapInfo) -> bool:
+    return (pinned.type, pinned.key_size, pinned.value_size, pinned.max_entries, pinned.flags) == \
+        (spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
+
+
+class LookupState:
+    """Open handles on one namespace's pinned dispatcher state. Close it (or use ``with``) when done."""
+
+    def __init__(self, directory: str, maps: dict[str, Map], active: Map) -> None:
+        self.directory = directory
+        self.maps = maps
+        self.active = active
+
+    @classmethod
+    def open(cls, root: str, netns: NetnsId, readonly: bool = False) -> "LookupState":
+        """Opens the pinned state; raises NotLoaded when there is none, IncompatibleState when its ABI
+        version is not this flowsteer's."""
+        directory = state_dir(root, netns)
+        if not os.path.isdir(directory):
+            raise NotLoaded(f"the lookup dispatcher is not loaded in network namespace {netns} "
+                            f"(no {directory}); run `flowsteer load`")
+        maps: dict[str, Map] = {}
+        try:
+            for name in (*MAPS, ACTIVE):
+                maps[name] = Map.open_pinned(os.path.join(directory, name), readonly=readonly)
+            state = cls(directory, maps, maps.pop(ACTIVE))
+            state._check_version()
+            return state
+        except BaseException:
+            for m in maps.values():
+                m.close()
+            raise
+
+    def close(self) -> None:
+        for m in (*self.maps.values(), self.active):
+            m.close()
+
+    def __enter__(self) -> "LookupState":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_version(self) -> None:
+        raw = self.maps["meta"].lookup(_ZERO)
+        version = _META.unpack(raw)[0] if raw else 0
+        if version != ABI_VERSION:
+            raise IncompatibleState(f"pinned dispatcher state in {self.directory} has layout version "
+                                    f"{version}, this flowsteer writes version {ABI_VERSION}; nothing was "
+                                    "changed (unload and load again, or use a matching flowsteer)")
+
+    def check_compatible(self, obj: BpfObject) -> None:
+        """Raises IncompatibleState unless every pinned map has the layout ``obj`` compiles to."""
+        self._check_version()
+        for name in MAPS:
+            pinned, spec = self.maps[name].info(), obj.map_spec(name)
+            if not _spec_matches(pinned, spec):
+                raise IncompatibleState(f"pinned map {name} in {self.directory} does not match "
+                                        f"{os.path.basename(obj.path)} ({pinned} vs {spec}); nothing was changed")
+        trie = self.active.info()
+        if (trie.type, trie.key_size, trie.value_size, trie.max_entries, trie.flags) != TRIE_LAYOUT:
+            raise IncompatibleState(f"the active binding trie in {self.directory} does not have the layout "
+                                    f"this flowsteer writes ({trie}); nothing was changed")
+
+    def writer_view(self) -> None:
+        """Makes ``active`` the trie the kernel really uses, re-pinning it if a writer died mid-apply."""
+        active_id = struct.unpack("=I", self.maps["bindings"].lookup(_ZERO) or _ZERO)[0]
+        if active_id == self.active.info().id:
+            return
+        real = Map.from_id(active_id)
+        repin(real, os.path.join(self.directory, ACTIVE))
+        self.active.close()
+        self.active = real
+
+    def link(self) -> Link:
+        """Returns the pinned link (the caller closes it)."""
+        return Link.open_pinned(os.path.join(self.directory, LINK))
+
+
+
+
+def new_trie() -> Map:
+    """Creates an empty binding trie of the layout the program's array of maps accepts."""
+    map_type, key_size, value_size, max_entries, flags = TRIE_LAYOUT
+    return Map.create(map_type, "fs_bindings", key_size, value_size, max_entries, flags=flags)
+
+
+def repin(obj: Map | Program | Link, path: str) -> None:
+    """Pins ``obj`` at ``path``, atomically replacing what was pinned there."""
+    tmp = f"{path}-tmp-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    obj.pin(tmp)
+    os.rename(tmp, path)
+
+
+def open_object() -> BpfObject:
+    """Opens the compiled dispatcher with its program set up for the sk_lookup attach point."""
+    obj = BpfObject(object_path())
+    obj.set_attach_type(PROGRAM, AttachType.SK_LOOKUP)
+    return obj
+
+
+def create(root: str, netns: NetnsId, gid: int | None) -> None:
+    """Loads the dispatcher into the calling thread's namespace and pins its state atomically.
+
+    Raises FlowsteerError (EEXIST) when it is already loaded, KernelError when the kernel refuses.
+    The caller holds the namespace's writer lock.
+    """
+    final = state_dir(root, netns)
+    if os.path.exists(final):
+        raise FlowsteerError(f"the lookup dispatcher is already loaded in network namespace {netns}",
+                             errno=errno.EEXIST)
+    bpffs.sweep_stale(os.path.dirname(final))
+
+    def populate(tmp: str) -> None:
+        with open_object() as obj:
+            obj.load()
+            for name in MAPS:
+                with obj.map(name) as m:
+                    m.pin(os.path.join(tmp, name))
+            with obj.map("meta") as meta:
+                meta.update(_ZERO, _META.pack(ABI_VERSION, 0))
+            with new_trie() as trie, obj.map("bindings") as outer:
+                outer.update(_ZERO, struct.pack("=I", trie.fd))
+                trie.pin(os.path.join(tmp, ACTIVE))
+            with obj.program(PROGRAM) as prog, _netns_fd() as nsfd, \
+                    Link.create(prog, nsfd, AttachType.SK_LOOKUP) as link:
+                link.pin(os.path.join(tmp, LINK))
+
+    bpffs.create_atomically(final, populate, gid=gid)
+
+
+@contextlib.contextmanager
+def _netns_fd() -> Iterator[int]:
+    fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)

@@ -1,1 +1,262 @@
-"""Commands of the lookup hook (sk_lookup dispatcher)."""
+"""Commands of the lookup hook (the sk_lookup dispatcher): nouns read, verbs change."""
+
+from __future__ import annotations
+
+import grp
+import ipaddress
+import signal
+import sys
+from typing import Any
+
+import click
+
+from flowsteer.cli import main
+from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, reports_errors, table
+from flowsteer.errors import InvalidInput
+from flowsteer.lookup import config
+from flowsteer.lookup.activation import listen_fds
+from flowsteer.lookup.bindings import Binding, parse_port, parse_protocol
+from flowsteer.lookup.dispatcher import DestinationStatus, Dispatcher
+
+
+def _dispatcher(netns: str | None, bpffs: str | None) -> Dispatcher:
+    return Dispatcher(netns=netns, bpffs_root=bpffs)
+
+
+def _binding_args(fn: Any) -> Any:
+    for decorator in reversed((click.argument("label"), click.argument("protocol"),
+                               click.argument("prefix"), click.argument("port"))):
+        fn = decorator(fn)
+    return fn
+
+
+def _render_destinations(dests: list[dict[str, Any]]) -> str:
+    rows = [[d["label"], d["family"], d["protocol"], "-" if d["cookie"] is None else str(d["cookie"]),
+             str(d["lookups"]), str(d["misses"]), str(d["errors"])] for d in dests]
+    return table(rows, ["LABEL", "FAMILY", "PROTO", "SOCKET", "LOOKUPS", "MISSES", "ERRORS"])
+
+
+def _render_bindings(rows: list[dict[str, Any]]) -> str:
+    return table([[r["protocol"], r["prefix"], str(r["port"] or "any"), r["label"]] for r in rows],
+                 ["PROTO", "PREFIX", "PORT", "LABEL"])
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@click.option("--group", "group_name", metavar="GROUP", help="Group allowed to read the pinned state.")
+@reports_errors
+def load(netns: str | None, bpffs: str | None, group_name: str | None) -> None:
+    """Load and attach the dispatcher in a network namespace."""
+    gid = None
+    if group_name is not None:
+        try:
+            gid = grp.getgrnam(group_name).gr_gid
+        except KeyError:
+            raise InvalidInput(f"unknown group {group_name!r}") from None
+    path = _dispatcher(netns, bpffs).load(group=gid)
+    click.echo(f"loaded the dispatcher; state pinned in {path}")
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@reports_errors
+def unload(netns: str | None, bpffs: str | None) -> None:
+    """Detach the dispatcher and remove its bindings, sockets and counters."""
+    _dispatcher(netns, bpffs).unload()
+    click.echo("unloaded the dispatcher")
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@reports_errors
+def upgrade(netns: str | None, bpffs: str | None) -> None:
+    """Replace the running program with this version's, keeping all state."""
+    ids = _dispatcher(netns, bpffs).upgrade()
+    click.echo(f"upgraded: program {ids['old_program_id']} -> {ids['new_program_id']}")
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@json_option
+@reports_errors
+def status(netns: str | None, bpffs: str | None, as_json: bool) -> None:
+    """Show the loaded dispatcher, its destinations and their counters."""
+    data = _dispatcher(netns, bpffs).status()
+
+    def render(s: dict[str, Any]) -> str:
+        head = (f"dispatcher: program {s['program_id']} (tag {s['program_tag']}) via link {s['link_id']}\n"
+                f"state: {s['state']}\n"
+                f"{s['bindings']} bindings, {s['labels']} labels, {s['sockets']} sockets\n")
+        active = [d for d in s["destinations"]
+                  if d["cookie"] is not None or d["lookups"] or d["misses"] or d["errors"]]
+        return head + (_render_destinations(active) if active else "no sockets registered, no traffic yet")
+
+    emit(data, as_json, render)
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@json_option
+@click.option("--label", default=None, help="Only this label's bindings.")
+@click.option("--protocol", default=None, help="Only tcp or udp bindings.")
+@click.option("--address", default=None, help="Only bindings whose prefix contains this address.")
+@click.option("--port", default=None, help="Only bindings of this port (0: every-port bindings).")
+@reports_errors
+def bindings(netns: str | None, bpffs: str | None, as_json: bool, label: str | None, protocol: str | None,
+             address: str | None, port: str | None) -> None:
+    """List bindings in precedence order (the first match wins)."""
+    found = _dispatcher(netns, bpffs).bindings(
+        label=label, protocol=parse_protocol(protocol) if protocol else None, address=address,
+        port=parse_port(port) if port is not None else None)
+    emit([x.to_dict() for x in found], as_json, _render_bindings)
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@_binding_args
+@reports_errors
+def bind(netns: str | None, bpffs: str | None, label: str, protocol: str, prefix: str, port: str) -> None:
+    """Steer PROTOCOL traffic to PREFIX port PORT (0: every port) to LABEL."""
+    binding = Binding.parse(label, protocol, prefix, port)
+    _dispatcher(netns, bpffs).bind(binding)
+    click.echo(f"bound {binding}")
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@_binding_args
+@reports_errors
+def unbind(netns: str | None, bpffs: str | None, label: str, protocol: str, prefix: str, port: str) -> None:
+    """Remove a binding."""
+    binding = Binding.parse(label, protocol, prefix, port)
+    _dispatcher(netns, bpffs).unbind(binding)
+    click.echo(f"unbound {binding}")
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@json_option
+@click.argument("file", type=click.Path(dir_okay=False))
+@reports_errors
+def apply(netns: str | None, bpffs: str | None, as_json: bool, file: str) -> None:
+    """Replace the whole binding set with FILE's (TOML, or JSON if it ends in .json), atomically."""
+    result = _dispatcher(netns, bpffs).apply(config.load_file(file))
+    data = {"total": result.total, "added": [x.to_dict() for x in result.added],
+            "removed": [x.to_dict() for x in result.removed]}
+    emit(data, as_json, lambda d: f"applied {d['total']} bindings: {len(d['added'])} added, "
+                                  f"{len(d['removed'])} removed")
+
+
+def _render_registered(dests: list[DestinationStatus]) -> str:
+    return "\n".join(f"registered socket {d.cookie} for {d.label} {d.family} {d.protocol}" for d in dests)
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@click.argument("label")
+@reports_errors
+def register(netns: str | None, bpffs: str | None, label: str) -> None:
+    """Register the sockets passed by systemd socket activation (LISTEN_FDS) for LABEL."""
+    dispatcher = _dispatcher(netns, bpffs)
+    for _name, sock in listen_fds():
+        with sock:
+            click.echo(_render_registered(dispatcher.register(label, sock)))
+
+
+@main.command("register-pid")
+@netns_option
+@bpffs_option
+@click.argument("pid", type=int)
+@click.argument("label")
+@click.argument("protocol")
+@click.argument("ip")
+@click.argument("port")
+@reports_errors
+def register_pid(netns: str | None, bpffs: str | None, pid: int, label: str, protocol: str, ip: str,
+                 port: str) -> None:
+    """Register the PROTOCOL socket that process PID has bound to IP PORT for LABEL."""
+    click.echo(_render_registered(_dispatcher(netns, bpffs).register_pid(pid, label, protocol, ip,
+                                                                        parse_port(port))))
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@click.argument("label")
+@click.option("--family", type=click.Choice(["ipv4", "ipv6"]), default=None)
+@click.option("--protocol", type=click.Choice(["tcp", "udp"]), default=None)
+@reports_errors
+def unregister(netns: str | None, bpffs: str | None, label: str, family: str | None,
+               protocol: str | None) -> None:
+    """Remove LABEL's sockets (its bindings then drop until a socket is registered again)."""
+    count = _dispatcher(netns, bpffs).unregister(label, family, protocol)
+    click.echo(f"removed {count} socket(s) of {label}")
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """Returns ``(address, port)`` from ``ADDR:PORT`` or ``[V6ADDR]:PORT``; raises InvalidInput."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise InvalidInput(f"invalid destination {text!r}: use ADDRESS:PORT or [IPV6]:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise InvalidInput(f"invalid destination address {host!r}") from None
+    return host, parse_port(port)
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@json_option
+@click.argument("protocol")
+@click.argument("source")
+@click.argument("destination", metavar="DST:PORT")
+@reports_errors
+def explain(netns: str | None, bpffs: str | None, as_json: bool, protocol: str, source: str,
+            destination: str) -> None:
+    """Explain which binding, label and socket a new PROTOCOL flow from SOURCE to DST:PORT gets."""
+    address, port = parse_endpoint(destination)
+    try:
+        src = ipaddress.ip_address(source)
+    except ValueError:
+        raise InvalidInput(f"invalid source address {source!r}") from None
+    if src.version != ipaddress.ip_address(address).version:
+        raise InvalidInput("source and destination must be of the same address family")
+    decision = _dispatcher(netns, bpffs).explain(protocol, address, port)
+    emit(decision.to_dict(), as_json, lambda d: f"{d['outcome'].upper()}: {d['reason']}")
+
+
+@main.command()
+@netns_option
+@bpffs_option
+@click.option("--listen", default="127.0.0.1:9464", show_default=True, metavar="ADDR:PORT",
+              help="Where to serve /metrics.")
+@reports_errors
+def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
+    """Serve the dispatcher's counters for Prometheus until interrupted."""
+    from prometheus_client import start_http_server
+    from prometheus_client.registry import CollectorRegistry
+
+    from flowsteer.lookup.metrics import LookupCollector
+
+    address, port = parse_endpoint(listen)
+    registry = CollectorRegistry()
+    registry.register(LookupCollector(_dispatcher(netns, bpffs)))
+    start_http_server(port, addr=address, registry=registry)
+    click.echo(f"serving metrics on http://{listen}/metrics", err=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass

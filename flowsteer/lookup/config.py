@@ -1,0 +1,92 @@
+"""Declarative binding files for ``flowsteer apply``: TOML or JSON.
+
+Both spell the same structure, a list of entries under ``bindings``; an entry names one label and one
+protocol and either one ``prefix`` or a list of ``prefixes``, and either one ``port`` or a list of
+``ports`` (every combination is bound)::
+
+    [[bindings]]
+    label = "nginx"
+    protocol = "tcp"
+    prefix = "192.0.2.0/24"
+    port = 80
+
+    [[bindings]]
+    label = "dns"
+    protocol = "udp"
+    prefixes = ["198.51.100.1", "198.51.100.2"]
+    ports = [53]
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from typing import Any
+
+from flowsteer.errors import InvalidInput
+from flowsteer.lookup.bindings import Binding, parse_label, parse_port, parse_prefix, parse_protocol
+
+_KEYS = {"label", "protocol", "prefix", "prefixes", "port", "ports"}
+
+
+def load_file(path: str) -> list[Binding]:
+    """Returns the bindings in the TOML (``*.toml``) or JSON file at ``path``.
+
+    Raises InvalidInput naming the file, and the entry and field where it is wrong.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}", errno=exc.errno) from None
+    return parse(raw.decode(errors="replace"), "json" if path.endswith(".json") else "toml", path)
+
+
+def parse(text: str, fmt: str, source: str = "<input>") -> list[Binding]:
+    """Returns the bindings described by ``text`` in format ``toml`` or ``json``; raises InvalidInput."""
+    try:
+        doc = json.loads(text) if fmt == "json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidInput(f"{source}: not valid {fmt.upper()}: {exc}") from None
+    if not isinstance(doc, dict) or set(doc) - {"bindings"}:
+        raise InvalidInput(f"{source}: expected a single top-level 'bindings' list")
+    entries = doc.get("bindings", [])
+    if not isinstance(entries, list):
+        raise InvalidInput(f"{source}: 'bindings' must be a list of tables")
+    out: list[Binding] = []
+    for index, entry in enumerate(entries, 1):
+        try:
+            out.extend(_entry(entry))
+        except InvalidInput as exc:
+            raise InvalidInput(f"{source}: binding entry {index}: {exc.message}") from None
+    return out
+
+
+def _entry(entry: Any) -> list[Binding]:
+    if not isinstance(entry, dict):
+        raise InvalidInput("must be a table with label, protocol, prefix(es) and port(s)")
+    unknown = set(entry) - _KEYS
+    if unknown:
+        raise InvalidInput(f"unknown field(s) {', '.join(sorted(unknown))}")
+    label = parse_label(_required(entry, "label"))
+    protocol = parse_protocol(_required(entry, "protocol"))
+    prefixes = [parse_prefix(p) for p in _one_or_many(entry, "prefix", "prefixes")]
+    ports = [parse_port(p) for p in _one_or_many(entry, "port", "ports")]
+    return [Binding(label, protocol, prefix, port) for prefix in prefixes for port in ports]
+
+
+def _required(entry: dict[str, Any], key: str) -> Any:
+    if key not in entry:
+        raise InvalidInput(f"missing field {key!r}")
+    return entry[key]
+
+
+def _one_or_many(entry: dict[str, Any], one: str, many: str) -> list[Any]:
+    if (one in entry) == (many in entry):
+        raise InvalidInput(f"give exactly one of {one!r} or {many!r}")
+    if one in entry:
+        return [entry[one]]
+    values = entry[many]
+    if not isinstance(values, list) or not values:
+        raise InvalidInput(f"{many!r} must be a non-empty list")
+    return values

@@ -134,6 +134,8 @@ def _load_library() -> ctypes.CDLL:
         "bpf_map_lookup_elem": (i, [i, vp, vp]),
         "bpf_map_delete_elem": (i, [i, vp]),
         "bpf_map_get_next_key": (i, [i, vp, vp]),
+        "bpf_map_update_batch": (i, [i, vp, vp, ctypes.POINTER(u32), vp]),
+        "bpf_map_lookup_batch": (i, [i, vp, vp, vp, vp, ctypes.POINTER(u32), vp]),
         "bpf_map_get_fd_by_id": (i, [u32]),
         "bpf_prog_get_fd_by_id": (i, [u32]),
         "bpf_obj_pin": (i, [i, cp]),
@@ -303,6 +305,33 @@ class Map(_Fd):
             raise ValueError(f"value of {len(value)} bytes for a map with {self.value_size}-byte values")
         _check(_lib.bpf_map_update_elem(self.fd, self._key(key), value, flags), "map update")
 
+    def update_batch(self, keys: bytes, values: bytes) -> None:
+        """Stores many entries in one system call: ``keys`` and ``values`` are the keys and values laid
+        end to end. Raises ValueError when their lengths disagree with the map's sizes, KernelError with
+        the kernel's errno on refusal (entries before the failing one may have been written)."""
+        count, rest = divmod(len(keys), self.key_size)
+        if rest or len(values) != count * self.value_size:
+            raise ValueError(f"{len(keys)} key bytes and {len(values)} value bytes do not make whole entries "
+                             f"of {self.key_size}-byte keys and {self.value_size}-byte values")
+        done = ctypes.c_uint32(count)
+        _check(_lib.bpf_map_update_batch(self.fd, keys, values, ctypes.byref(done), None), "map batch update")
+
+    def values_batch(self, count: int) -> bytes:
+        """Returns the values of keys 0..count-1 of an array map laid end to end, read in one system call.
+
+        Raises KernelError with the kernel's errno on refusal (EINVAL: the map is not an array).
+        """
+        keys = ctypes.create_string_buffer(count * self.key_size)
+        values = ctypes.create_string_buffer(count * self.value_size)
+        out = ctypes.create_string_buffer(self.key_size)
+        done = ctypes.c_uint32(count)
+        ret = _lib.bpf_map_lookup_batch(self.fd, None, out, keys, values, ctypes.byref(done), None)
+        if ret < 0 and ret != -errno_mod.ENOENT:  # ENOENT: the batch reached the end of the map
+            _check(ret, "map batch lookup")
+        if done.value != count:
+            raise kernel_error("map batch lookup", errno_mod.EIO, f"{done.value} of {count} entries read")
+        return values.raw
+
     def delete(self, key: bytes) -> bool:
         """Deletes ``key``; returns False when it was not there."""
         ret = _lib.bpf_map_delete_elem(self.fd, self._key(key))
@@ -407,9 +436,13 @@ class BpfObject:
         if not os.path.exists(path):
             raise FlowsteerError(f"BPF object {path} is missing; build it with `make bpf`")
         _log.lines = []
-        ptr = _lib.bpf_object__open_file(path.encode(), None)
-        if not ptr:
-            raise kernel_error(f"open BPF object {path}", ctypes.get_errno() or errno_mod.EINVAL, _log_tail())
+        try:
+            ptr = _lib.bpf_object__open_file(path.encode(), None)
+            if not ptr:
+                raise kernel_error(f"open BPF object {path}", ctypes.get_errno() or errno_mod.EINVAL,
+                                   _log_tail())
+        finally:
+            _log.lines = None
         self._ptr: int | None = ptr
         self.path = path
 

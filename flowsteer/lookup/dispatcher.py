@@ -252,7 +252,10 @@ class Dispatcher:
             removed = 0
             for fam in FAMILIES if family is None else (family,):
                 for proto in b.PROTOCOLS if protocol is None else (protocol,):
-                    removed += st.maps["sockets"].delete(_U32.pack(destination_index(label_id, fam, proto)))
+                    key = _U32.pack(destination_index(label_id, fam, proto))
+                    # SOCKMAP deletes of empty slots fail with EINVAL rather than ENOENT: look first.
+                    if st.maps["sockets"].lookup(key) is not None:
+                        removed += st.maps["sockets"].delete(key)
             _collect_labels(st)
             return removed
 

@@ -1,0 +1,359 @@
+"""The supervisor's view of a reuseport group: members, policy, weights, drain and undrain, explain.
+
+Every change runs under the namespace's reuseport lock and ends by publishing a new table generation
+(see :mod:`flowsteer.reuseport.state`), so the data path always sees a complete table. Members are slots
+0..255; a member is *live* (takes new flows) when it is configured, has a socket in its slot, is not
+drained, has not left, and has a positive weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flowsteer.errors import FlowsteerError, InvalidInput, WrongSocket
+from flowsteer.kernel import bpffs
+from flowsteer.kernel import sockets as socks
+from flowsteer.kernel.netns import entered, identity
+from flowsteer.reuseport import model, state
+from flowsteer.reuseport.maglev import DEFAULT_SIZE, check_size
+from flowsteer.reuseport.policy import Policy, pad_key, table_for
+from flowsteer.reuseport.spec import GroupId, parse_address, parse_slot
+from flowsteer.reuseport.state import ABSENT, CONFIGURED, DRAINED, GroupState, Member
+
+SO_ATTACH_REUSEPORT_EBPF = 52
+MAX_WEIGHT = 1000
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """One member as ``group show`` prints it: its state is live, drained, absent (left or never
+    joined) or gone (its socket closed without leaving); ``share`` is its fraction of the table."""
+
+    slot: int
+    weight: int
+    state: str
+    pid: int
+    cookie: int | None
+    share: float
+    selected: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"member": self.slot, "weight": self.weight, "state": self.state, "pid": self.pid,
+                "socket_cookie": self.cookie, "share": round(self.share, 6), "selected": self.selected}
+
+
+def _status(member: Member, cookie: int | None) -> str:
+    if member.absent:
+        return "absent"
+    if cookie is None:
+        return "gone"
+    return "drained" if member.drained else "live"
+
+
+class _View:
+    """The model's view of a group: the pinned maps, read entry by entry (see model.View)."""
+
+    def __init__(self, st: GroupState) -> None:
+        self._st = st
+        self._gen = st.active_generation()
+        self.policy = st.policy(self._gen)
+        self.seed = st.meta.seed
+        self.table_size = st.meta.table_size
+
+    def table_entry(self, index: int) -> int:
+        return self._st.table_entry(index, self._gen)
+
+    def key_slot(self, key: bytes) -> int | None:
+        return self._st.key_slot(key)
+
+    def remembered_slot(self, flow: bytes) -> int | None:
+        return self._st.remembered_slot(flow)
+
+    def has_socket(self, slot: int) -> bool:
+        return self._st.socket_cookie(slot) is not None
+
+
+class Group:
+    """One reuseport group's pinned state in a network namespace.
+
+    ``netns`` is a namespace path or ``ip netns`` name (None: the caller's); ``bpffs_root`` the BPF
+    filesystem holding state (None: ``$FLOWSTEER_BPFFS`` or ``/sys/fs/bpf``). Methods raise
+    FlowsteerError subclasses: NotLoaded when the group does not exist, IncompatibleState when its
+    pinned state has another layout, InvalidInput for bad arguments, KernelError for refusals.
+    """
+
+    def __init__(self, group: GroupId | str, netns: str | None = None, bpffs_root: str | None = None) -> None:
+        self.id = group if isinstance(group, GroupId) else GroupId.parse(group)
+        self.netns = netns
+        self.root = bpffs_root or bpffs.default_root()
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _inside(self) -> Iterator[str]:
+        """Runs the block in the group's namespace; yields the directory of its namespace's groups."""
+        with entered(self.netns):
+            bpffs.require_bpffs(self.root)
+            yield state.groups_dir(self.root, identity())
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[GroupState]:
+        with self._inside() as parent, state.open_state(os.path.join(parent, self.id.dirname), self.id) as st:
+            yield st
+
+    @contextlib.contextmanager
+    def _writing(self, publish: bool = True) -> Iterator[GroupState]:
+        """Runs the block under the lock; then, with ``publish``, publishes the table the members make."""
+        with self._inside() as parent, bpffs.locked(parent):
+            with state.open_state(os.path.join(parent, self.id.dirname), self.id) as st:
+                yield st
+                if publish:
+                    _publish(st, st.policy())
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def create(self, policy: Policy | None = None, *, table_size: int = DEFAULT_SIZE, seed: int | None = None,
+               exist_ok: bool = False) -> bool:
+        """Creates the group with ``policy`` (default consistent) and no member; returns whether it did.
+
+        With ``exist_ok`` an existing group is left as it is (policy included) and False is returned;
+        without it an existing group raises FlowsteerError (EEXIST). Raises InvalidInput when
+        ``table_size`` is not a prime from 3 to 65537.
+        """
+        check_size(table_size)
+        with self._inside() as parent, bpffs.locked(parent):
+            bpffs.sweep_stale(parent)
+            directory = os.path.join(parent, self.id.dirname)
+            if os.path.isdir(directory):
+                if exist_ok:
+                    state.open_state(directory, self.id).close()
+                    return False
+                raise FlowsteerError(f"group {self.id} already exists", errno=errno.EEXIST)
+            state.create(directory, self.id, policy or Policy(), table_size, seed)
+            return True
+
+    def destroy(self) -> None:
+        """Removes the group's state; member sockets keep working, picked by the kernel's hash from now
+        on (the program stays attached until the last member closes). Raises NotLoaded when absent."""
+        with self._inside() as parent, bpffs.locked(parent):
+            directory = os.path.join(parent, self.id.dirname)
+            state.open_state(directory, self.id).close()
+            bpffs.remove_tree(directory)
+
+    @staticmethod
+    def list(netns: str | None = None, bpffs_root: str | None = None) -> list[GroupId]:
+        """Returns the groups with state in the namespace, in order."""
+        root = bpffs_root or bpffs.default_root()
+        with entered(netns):
+            bpffs.require_bpffs(root)
+            parent = state.groups_dir(root, identity())
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(parent):
+                if "-tmp-" not in name:
+                    with state.open_state(os.path.join(parent, name)) as st:
+                        found.append(st.meta.group)
+        return sorted(found)
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def policy(self) -> Policy:
+        """Returns the active policy."""
+        with self._reading() as st:
+            return st.policy()
+
+    def members(self) -> list[MemberStatus]:
+        """Returns the configured members in slot order, with their share of the table and counts."""
+        with self._reading() as st:
+            return _member_status(st)
+
+    def status(self) -> dict[str, Any]:
+        """Returns everything ``group show`` prints: identity, policy, members, counters, keys, flows."""
+        with self._reading() as st:
+            _, counters = st.counters()
+            return {
+                "group": str(self.id), "policy": st.policy().describe(), "table_size": st.meta.table_size,
+                "generation": st.active_generation(),
+                "members": [m.to_dict() for m in _member_status(st)],
+                "counters": counters, "keys": len(st.keys()), "remembered_flows": st.remembered_flows(),
+            }
+
+    def explain(self, flow: model.Flow) -> model.Decision:
+        """Returns the member the group's program picks for new ``flow``, and why (see model.decide).
+
+        Raises InvalidInput when the flow's protocol or server port are not the group's.
+        """
+        if flow.protocol != self.id.protocol or flow.server_port != self.id.port:
+            raise InvalidInput(f"flow {flow.protocol} to port {flow.server_port} does not reach group {self.id}")
+        with self._reading() as st:
+            return model.decide(flow, _View(st))
+
+    # -- changing ---------------------------------------------------------------------------------------
+
+    def set_policy(self, policy: Policy) -> None:
+        """Makes ``policy`` the group's policy (one atomic switch of policy and table)."""
+        with self._writing(publish=False) as st:
+            _publish(st, policy)
+
+    def set_weights(self, weights: Mapping[int, int]) -> None:
+        """Sets members' weights (0..1000; 0 takes no new flows), configuring members not yet joined.
+
+        Raises InvalidInput for a bad slot or weight; nothing changes then.
+        """
+        checked = {parse_slot(s): _weight(w) for s, w in weights.items()}
+        with self._writing() as st:
+            for slot, weight in checked.items():
+                old = st.member(slot)
+                flags = old.flags if old.configured else CONFIGURED | ABSENT
+                st.set_member(slot, Member(weight, flags, old.pid))
+
+    def drain(self, slot: int) -> None:
+        """Stops new flows to member ``slot``; its TCP connections stay, its UDP flows keep reaching it.
+
+        Raises InvalidInput when the slot is not a configured member.
+        """
+        self._flag(slot, add=DRAINED)
+
+    def undrain(self, slot: int) -> None:
+        """Lets member ``slot`` take new flows again (its former share comes back exactly)."""
+        self._flag(slot, remove=DRAINED)
+
+    def _flag(self, slot: int, add: int = 0, remove: int = 0) -> None:
+        slot = parse_slot(slot)
+        with self._writing() as st:
+            member = st.member(slot)
+            if not member.configured:
+                raise InvalidInput(f"group {self.id} has no member {slot}")
+            st.set_member(slot, member.with_flags(add, remove))
+
+    def assign_key(self, key: bytes, slot: int) -> None:
+        """Sends flows whose payload key is ``key`` to member ``slot`` (policy key); raises InvalidInput
+        for a key of the wrong length or a bad slot."""
+        slot = parse_slot(slot)
+        with self._writing(publish=False) as st:
+            st.set_key(_policy_key(st, key), slot)
+
+    def unassign_key(self, key: bytes) -> bool:
+        """Forgets ``key``; returns whether it was assigned."""
+        with self._writing(publish=False) as st:
+            return st.delete_key(_policy_key(st, key))
+
+    # -- members joining and leaving (used by flowsteer.reuseport.worker) ----------------------------------
+
+    def attach(self, slot: int, sock: socket.socket, weight: int | None = None) -> None:
+        """Puts ``sock`` into member slot ``slot``, attaches the group's program through it and makes the
+        member live (unless drained). On any failure nothing is changed.
+
+        Raises WrongSocket (with the kernel's errno where it refused) when ``sock`` is not a socket of
+        this group or already a member, FlowsteerError (EBUSY) when another live socket holds the slot.
+        """
+        slot = parse_slot(slot)
+        _require_member_socket(self.id, sock)
+        cookie = socks.cookie(sock)
+        with self._writing() as st:
+            held = st.socket_cookie(slot)
+            old = st.member(slot)
+            if held is not None and held != cookie:
+                raise FlowsteerError(f"member {slot} of group {self.id} is held by another socket (cookie {held}, "
+                                     f"pid {old.pid}); it must leave first", errno=errno.EBUSY)
+            try:
+                st.set_socket(slot, sock.fileno())
+            except FlowsteerError as exc:
+                raise WrongSocket(_refusal(exc.errno), errno=exc.errno) from None
+            try:
+                with st.program() as prog:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog.fd)
+                new_weight = old.weight if old.configured else 1
+                st.set_member(slot, Member(new_weight if weight is None else _weight(weight),
+                                           (old.flags | CONFIGURED) & ~ABSENT, os.getpid()))
+            except BaseException:
+                st.set_member(slot, old)
+                if held is None:
+                    st.clear_socket(slot)
+                raise
+
+    def detach(self, slot: int) -> None:
+        """Marks member ``slot`` absent so that it takes no new flow (call before closing its socket)."""
+        self._flag(slot, add=ABSENT)
+
+
+def _weight(value: object) -> int:
+    try:
+        weight = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise InvalidInput(f"weight {value!r} is not a number") from None
+    if not 0 <= weight <= MAX_WEIGHT:
+        raise InvalidInput(f"weight {weight} is out of range (0..{MAX_WEIGHT})")
+    return weight
+
+
+def _policy_key(st: GroupState, key: bytes) -> bytes:
+    policy = st.policy()
+    if policy.name != "key":
+        raise InvalidInput(f"the group's policy is {policy.name}; keys need policy key")
+    if len(key) != policy.key_len:
+        raise InvalidInput(f"key of {len(key)} bytes; the policy reads {policy.key_len}-byte keys")
+    return pad_key(key)
+
+
+def _live(st: GroupState) -> tuple[dict[int, int], set[int]]:
+    members = st.members()
+    weights = {slot: m.weight for slot, m in members.items()}
+    live = {slot for slot, m in members.items()
+            if not m.drained and not m.absent and st.socket_cookie(slot) is not None}
+    return weights, live
+
+
+def _publish(st: GroupState, policy: Policy) -> None:
+    weights, live = _live(st)
+    st.publish(policy, table_for(policy, weights, live, st.meta.table_size, st.meta.seed))
+
+
+def _member_status(st: GroupState) -> list[MemberStatus]:
+    selected, _ = st.counters()
+    shares = Counter(st.table())
+    size = st.meta.table_size
+    result = []
+    for slot, member in sorted(st.members().items()):
+        cookie = st.socket_cookie(slot)
+        result.append(MemberStatus(slot, member.weight, _status(member, cookie), member.pid, cookie,
+                                   shares.get(slot, 0) / size, selected[slot]))
+    return result
+
+
+_REFUSALS = {
+    errno.EBUSY: "the socket is already a member of a group",
+    errno.EINVAL: "the socket must have SO_REUSEPORT and be listening (TCP) or bound (UDP)",
+    524: "only TCP and UDP sockets of IPv4 or IPv6 can be members",  # ENOTSUPP
+    errno.ENOTSOCK: "not a socket",
+}
+
+
+def _refusal(err: int | None) -> str:
+    return "the kernel refused the socket as a group member: " + _REFUSALS.get(err or 0, "see the errno")
+
+
+def _require_member_socket(group: GroupId, sock: socket.socket) -> None:
+    """Raises WrongSocket unless ``sock`` is a socket of ``group``: same protocol, family, address and
+    port, SO_REUSEPORT set, listening (TCP) or bound and unconnected (UDP)."""
+    kind = socks.require_steerable(sock, socks.netns_of(sock))
+    if kind.proto_name != group.protocol or kind.family != group.family:
+        raise WrongSocket(f"{kind.describe()} cannot join group {group}: another protocol or family")
+    bound = socks.inspect(sock).local
+    if bound is None or bound[1] != group.port or _unmapped_str(bound[0]) != _unmapped_str(str(group.address)):
+        raise WrongSocket(f"{kind.describe()} cannot join group {group}: it is bound to another address or port")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        raise WrongSocket(f"{kind.describe()} cannot join group {group}: SO_REUSEPORT is not set")
+
+
+def _unmapped_str(host: str) -> str:
+    addr = parse_address(host)
+    return str(getattr(addr, "ipv4_mapped", None) or addr)
+

@@ -1,0 +1,85 @@
+"""Policies of a group and the lookup table each one makes from the group's members.
+
+``consistent`` spreads new flows evenly over the live members with a Maglev table; ``weighted`` does the
+same in proportion to the members' weights; ``key`` first maps bytes of the L4 payload (for example a QUIC
+connection ID) to a member through the group's key map and falls back to ``consistent``; ``hash`` leaves
+the choice to the kernel's own hash (no table, no draining).
+
+The table is two-layered so that draining moves only the drained member's flows: ``base`` is the Maglev
+table over every configured member, ``live`` the one over the members that may take new flows, and an
+entry keeps its ``base`` member while that member is live, else takes the ``live`` one.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
+
+from flowsteer.errors import InvalidInput
+from flowsteer.reuseport import maglev
+
+KEY_MAX = 20
+MAX_KEY_OFFSET = 0xFFFF
+
+
+class Kind(enum.IntEnum):
+    """The policy kinds as the BPF program numbers them (``policy.kind``)."""
+
+    HASH = 0
+    TABLE = 1
+    KEY = 2
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A group's policy: ``name`` is consistent, weighted, key or hash; key policies say where the key is."""
+
+    name: str = "consistent"
+    key_offset: int = 0
+    key_len: int = 0
+
+    NAMES = ("consistent", "weighted", "key", "hash")
+
+    def __post_init__(self) -> None:
+        if self.name not in self.NAMES:
+            raise InvalidInput(f"policy {self.name!r} is not one of {', '.join(self.NAMES)}")
+        if self.name == "key":
+            if not 1 <= self.key_len <= KEY_MAX:
+                raise InvalidInput(f"key length {self.key_len} is out of range (1..{KEY_MAX} bytes)")
+            if not 0 <= self.key_offset <= MAX_KEY_OFFSET:
+                raise InvalidInput(f"key offset {self.key_offset} is out of range (0..{MAX_KEY_OFFSET})")
+        elif self.key_offset or self.key_len:
+            raise InvalidInput(f"policy {self.name} takes no key offset or length")
+
+    @property
+    def kind(self) -> Kind:
+        return {"hash": Kind.HASH, "key": Kind.KEY}.get(self.name, Kind.TABLE)
+
+    @property
+    def weighted(self) -> bool:
+        return self.name == "weighted"
+
+    def describe(self) -> str:
+        if self.name == "key":
+            return f"key ({self.key_len} bytes at payload offset {self.key_offset}, else consistent)"
+        return self.name
+
+
+def pad_key(key: bytes) -> bytes:
+    """Returns ``key`` padded with zeros to the key map's key size; raises InvalidInput when too long/empty."""
+    if not 1 <= len(key) <= KEY_MAX:
+        raise InvalidInput(f"a key is 1 to {KEY_MAX} bytes, not {len(key)}")
+    return key.ljust(KEY_MAX, b"\0")
+
+
+def table_for(policy: Policy, weights: Mapping[int, int], live: Set[int], size: int, seed: int) -> list[int]:
+    """Returns the lookup table of ``policy`` for configured members ``weights`` (slot → weight) of which
+    ``live`` may take new flows. Without weighting every configured member counts as weight 1."""
+    counted = {s: (w if policy.weighted else 1) for s, w in weights.items() if w > 0}
+    base = maglev.build(counted, size, seed)
+    alive = {s: w for s, w in counted.items() if s in live}
+    if alive == counted:
+        return base
+    fallback = maglev.build(alive, size, seed)
+    return [b if b in alive else f for b, f in zip(base, fallback)]

@@ -1,0 +1,279 @@
+"""A group's pinned state: the program and maps under ``<netns dir>/reuseport/<group>``, and their encoding.
+
+The directory is created complete or not at all (:func:`create`); :func:`open_state` refuses state whose
+layout differs from the compiled program's (IncompatibleState) before anything is written. A change of
+policy or table is published as a new generation: the inactive policy and table are written first, then
+one 32-bit write of ``active`` switches the program to them, so no packet sees half of a change.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from importlib import resources
+
+from flowsteer.errors import FlowsteerError, IncompatibleState, NotLoaded
+from flowsteer.kernel import bpffs
+from flowsteer.kernel.libbpf import BpfObject, Map, Program, possible_cpus
+from flowsteer.kernel.netns import NetnsId
+from flowsteer.reuseport.maglev import NO_MEMBER
+from flowsteer.reuseport.policy import Kind, Policy
+from flowsteer.reuseport.spec import MAX_MEMBERS, PROTOCOLS, GroupId
+
+VERSION = 1
+PROGRAM = "flowsteer_select"
+MAPS = ("meta", "members", "socks", "active", "policies", "table", "keys", "flows", "stats")
+GLOBAL_COUNTERS = ("kernel", "dropped", "errors", "migrated", "key_hits", "flow_hits")
+
+CONFIGURED, DRAINED, ABSENT = 1, 2, 4
+
+_META = struct.Struct("=IIIIII16s")
+_MEMBER = struct.Struct("=IIII")
+_POLICY = struct.Struct("=IIIIII")
+_U32 = struct.Struct("=I")
+
+
+def object_path() -> str:
+    """Returns the path of the compiled program (built by `make bpf`)."""
+    return str(resources.files("flowsteer.bpf") / "reuseport.bpf.o")
+
+
+def groups_dir(root: str, netns: NetnsId) -> str:
+    """Returns the directory holding every group's state for namespace ``netns``."""
+    return os.path.join(bpffs.netns_dir(root, netns), "reuseport")
+
+
+@dataclass(frozen=True)
+class Member:
+    """A member slot's settings: its weight, state flags and the pid of the process that joined last."""
+
+    weight: int = 1
+    flags: int = 0
+    pid: int = 0
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.flags & CONFIGURED)
+
+    @property
+    def drained(self) -> bool:
+        return bool(self.flags & DRAINED)
+
+    @property
+    def absent(self) -> bool:
+        return bool(self.flags & ABSENT)
+
+    def with_flags(self, add: int = 0, remove: int = 0) -> "Member":
+        return Member(self.weight, (self.flags | add) & ~remove, self.pid)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """Who the group is and how its table is made."""
+
+    group: GroupId
+    table_size: int
+    seed: int
+
+
+class GroupState:
+    """Open handles on one group's pinned maps; close it (or use it as a context manager) when done."""
+
+    def __init__(self, directory: str, maps: dict[str, Map]) -> None:
+        self.directory = directory
+        self.maps = maps
+        self.meta = _decode_meta(maps["meta"].lookup(_U32.pack(0)) or b"")
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+
+    def __enter__(self) -> "GroupState":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def program(self) -> Program:
+        """Returns the group's loaded program."""
+        return Program.open_pinned(os.path.join(self.directory, "program"))
+
+    # members and sockets
+
+    def member(self, slot: int) -> Member:
+        raw = self.maps["members"].lookup(_U32.pack(slot)) or bytes(_MEMBER.size)
+        weight, flags, pid, _ = _MEMBER.unpack(raw)
+        return Member(weight, flags, pid)
+
+    def set_member(self, slot: int, member: Member) -> None:
+        self.maps["members"].update(_U32.pack(slot), _MEMBER.pack(member.weight, member.flags, member.pid, 0))
+
+    def members(self) -> dict[int, Member]:
+        """Returns the configured members by slot."""
+        raw = self.maps["members"].values_batch(MAX_MEMBERS)
+        found = {}
+        for slot, (weight, flags, pid, _) in enumerate(_MEMBER.iter_unpack(raw)):
+            if flags & CONFIGURED:
+                found[slot] = Member(weight, flags, pid)
+        return found
+
+    def socket_cookie(self, slot: int) -> int | None:
+        """Returns the cookie of the socket in ``slot``, or None when the slot is empty."""
+        raw = self.maps["socks"].lookup(_U32.pack(slot))
+        return None if raw is None else struct.unpack("=Q", raw)[0]
+
+    def set_socket(self, slot: int, fd: int) -> None:
+        """Puts the socket ``fd`` into ``slot``; raises KernelError with the kernel's errno on refusal."""
+        self.maps["socks"].update(_U32.pack(slot), struct.pack("=Q", fd))
+
+    def clear_socket(self, slot: int) -> None:
+        self.maps["socks"].delete(_U32.pack(slot))
+
+    # policy and table generations
+
+    def active_generation(self) -> int:
+        return _U32.unpack(self.maps["active"].lookup(_U32.pack(0)) or bytes(4))[0] & 1
+
+    def policy(self, generation: int | None = None) -> Policy:
+        gen = self.active_generation() if generation is None else generation
+        kind, _, _, offset, length, weighted = _POLICY.unpack(
+            self.maps["policies"].lookup(_U32.pack(gen)) or bytes(_POLICY.size))
+        if kind == Kind.KEY:
+            return Policy("key", offset, length)
+        if kind == Kind.HASH:
+            return Policy("hash")
+        return Policy("weighted" if weighted else "consistent")
+
+    def table_entry(self, index: int, generation: int | None = None) -> int:
+        gen = self.active_generation() if generation is None else generation
+        raw = self.maps["table"].lookup(_U32.pack(gen * self.meta.table_size + index))
+        return NO_MEMBER if raw is None else _U32.unpack(raw)[0]
+
+    def table(self) -> list[int]:
+        """Returns the active generation's table."""
+        size = self.meta.table_size
+        raw = self.maps["table"].values_batch(2 * size)
+        start = self.active_generation() * size * 4
+        return [v for (v,) in _U32.iter_unpack(raw[start:start + size * 4])]
+
+    def publish(self, policy: Policy, table: list[int]) -> None:
+        """Writes ``policy`` and ``table`` into the inactive generation, then makes it the active one."""
+        size = self.meta.table_size
+        if len(table) != size:
+            raise FlowsteerError(f"a table of {len(table)} entries for a group with {size}-entry tables")
+        gen = 1 - self.active_generation()
+        self.maps["table"].update_batch(
+            b"".join(_U32.pack(gen * size + i) for i in range(size)), struct.pack(f"={size}I", *table))
+        self.maps["policies"].update(_U32.pack(gen), _POLICY.pack(
+            int(policy.kind), self.meta.seed, size, policy.key_offset, policy.key_len, int(policy.weighted)))
+        self.maps["active"].update(_U32.pack(0), _U32.pack(gen))
+
+    # keys, flows, counters
+
+    def key_slot(self, padded: bytes) -> int | None:
+        raw = self.maps["keys"].lookup(padded)
+        return None if raw is None else _U32.unpack(raw)[0]
+
+    def set_key(self, padded: bytes, slot: int) -> None:
+        self.maps["keys"].update(padded, _U32.pack(slot))
+
+    def delete_key(self, padded: bytes) -> bool:
+        return self.maps["keys"].delete(padded)
+
+    def keys(self) -> dict[bytes, int]:
+        return {k: _U32.unpack(v)[0] for k, v in self.maps["keys"].items()}
+
+    def remembered_slot(self, flow: bytes) -> int | None:
+        raw = self.maps["flows"].lookup(flow)
+        return None if raw is None else _U32.unpack(raw)[0]
+
+    def remembered_flows(self) -> int:
+        return sum(1 for _ in self.maps["flows"].keys())
+
+    def counters(self) -> tuple[list[int], dict[str, int]]:
+        """Returns the per-member selection counts (by slot) and the global counters, summed over CPUs."""
+        stats = self.maps["stats"]
+        ncpu = possible_cpus()
+        totals = []
+        for key in range(MAX_MEMBERS + len(GLOBAL_COUNTERS)):
+            raw = stats.lookup(_U32.pack(key)) or bytes(8 * ncpu)
+            totals.append(sum(v for (v,) in struct.iter_unpack("=Q", raw)))
+        return totals[:MAX_MEMBERS], dict(zip(GLOBAL_COUNTERS, totals[MAX_MEMBERS:]))
+
+
+def _decode_meta(raw: bytes) -> Meta:
+    if len(raw) != _META.size:
+        raise IncompatibleState("the group's meta map has an unexpected layout; nothing was changed")
+    version, proto, port, size, seed, _, addr = _META.unpack(raw)
+    if version != VERSION:
+        raise IncompatibleState(f"the group's state has layout version {version}, this flowsteer writes "
+                                f"{VERSION}; remove the group and create it again")
+    name = {v: k for k, v in PROTOCOLS.items()}.get(proto)
+    if name is None:
+        raise IncompatibleState(f"the group's state names protocol {proto}; nothing was changed")
+    v6 = ipaddress.IPv6Address(addr)
+    return Meta(GroupId(name, v6.ipv4_mapped or v6, port), size, seed)
+
+
+def create(directory: str, group: GroupId, policy: Policy, table_size: int, seed: int | None = None) -> None:
+    """Creates the group's state at ``directory``, complete or not at all, with ``policy`` active and no
+    member. Raises FlowsteerError (EEXIST) when it exists, KernelError when the kernel refuses."""
+    chosen_seed = secrets.randbits(32) if seed is None else seed & 0xFFFFFFFF
+
+    def populate(tmp: str) -> None:
+        with BpfObject(object_path()) as obj:
+            obj.set_max_entries("table", 2 * table_size)
+            obj.load()
+            for name in MAPS:
+                with obj.map(name) as m:
+                    m.pin(os.path.join(tmp, name))
+            with obj.program(PROGRAM) as prog:
+                prog.pin(os.path.join(tmp, "program"))
+        address = group.address
+        packed = (ipaddress.IPv6Address(f"::ffff:{address}") if address.version == 4 else address).packed
+        maps = {name: Map.open_pinned(os.path.join(tmp, name)) for name in MAPS}
+        maps["meta"].update(_U32.pack(0), _META.pack(VERSION, group.ipproto, group.port, table_size,
+                                                     chosen_seed, 0, packed))
+        with GroupState(tmp, maps) as st:
+            st.publish(policy, [NO_MEMBER] * table_size)
+
+    bpffs.create_atomically(directory, populate)
+
+
+def open_state(directory: str, group: GroupId | None = None) -> GroupState:
+    """Opens the group state at ``directory``.
+
+    Raises NotLoaded when there is none, IncompatibleState when its maps differ from the compiled
+    program's (another flowsteer version) or it belongs to another group than ``group``.
+    """
+    if not os.path.isdir(directory):
+        raise NotLoaded(f"no reuseport group {group or os.path.basename(directory)} here; a worker's join "
+                        "or Group.create makes one")
+    maps: dict[str, Map] = {}
+    try:
+        with BpfObject(object_path()) as obj:
+            for name in MAPS:
+                try:
+                    maps[name] = Map.open_pinned(os.path.join(directory, name))
+                except FlowsteerError as exc:
+                    if exc.errno == errno.ENOENT:
+                        raise IncompatibleState(f"group state {directory} lacks map {name}; nothing was "
+                                                "changed") from None
+                    raise
+                want, have = obj.map_spec(name), maps[name].info()
+                if (want.type, want.key_size, want.value_size) != (have.type, have.key_size, have.value_size):
+                    raise IncompatibleState(f"map {name} of group state {directory} has another layout than "
+                                            "this flowsteer's program; nothing was changed")
+        st = GroupState(directory, maps)
+    except BaseException:
+        for m in maps.values():
+            m.close()
+        raise
+    if group is not None and st.meta.group != group:
+        st.close()
+        raise IncompatibleState(f"state {directory} belongs to group {st.meta.group}, not {group}")
+    return st

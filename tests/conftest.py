@@ -8,8 +8,8 @@ also when the test fails.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -43,9 +43,11 @@ def netns() -> Iterator[NamedNetns]:
 
 
 @pytest.fixture
-def bpffs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private bpffs mount for the test, exported as FLOWSTEER_BPFFS."""
-    path = str(tmp_path / "bpffs")
+def bpffs_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A private bpffs mount for the test (reachable by other users, like /sys/fs/bpf), exported as
+    FLOWSTEER_BPFFS."""
+    path = tempfile.mkdtemp(prefix="flowsteer-bpffs-")
+    os.chmod(path, 0o755)
     bpffs.mount(path)
     monkeypatch.setenv("FLOWSTEER_BPFFS", path)
     try:

@@ -8,6 +8,9 @@
  * port 0 ("every port"), keeps the longer prefix (the specific port on a tie), and assigns the label's
  * socket. A matching binding without a socket drops; no matching binding passes to the normal lookup.
  *
+ * When an earlier program attached to the namespace has already selected a socket, this one keeps
+ * that selection and does nothing.
+ *
  * The trie is reached through a one-slot array of maps: a whole new binding set is built in a new trie
  * and swapped in with one map update, so no packet ever sees a mix of two sets.
  */
@@ -102,6 +105,10 @@ static __always_inline __u32 destination(__u32 label_id, __u32 family, __u32 pro
 SEC("sk_lookup")
 int flowsteer_lookup(struct bpf_sk_lookup *ctx)
 {
+	/* Another sk_lookup program attached before this one already chose a socket: respect its choice. */
+	if (ctx->sk)
+		return SK_PASS;
+
 	__u32 zero = 0;
 	void *trie = bpf_map_lookup_elem(&bindings, &zero);
 	if (!trie)

@@ -33,17 +33,33 @@ def default_root() -> str:
     return os.environ.get("FLOWSTEER_BPFFS", DEFAULT_ROOT)
 
 
-def is_bpffs(path: str) -> bool:
-    """Returns whether ``path`` is on a BPF filesystem."""
+def _fs_type(path: str) -> int:
+    """Returns the filesystem magic of ``path``; raises OSError when it cannot be examined."""
     buf = _Statfs()
     if _libc.statfs(path.encode(), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return buf.f_type & 0xFFFFFFFF
+
+
+def is_bpffs(path: str) -> bool:
+    """Returns whether ``path`` is on a BPF filesystem (False when it cannot be examined)."""
+    try:
+        return _fs_type(path) == BPFFS_MAGIC
+    except OSError:
         return False
-    return (buf.f_type & 0xFFFFFFFF) == BPFFS_MAGIC
 
 
 def require_bpffs(root: str) -> None:
-    """Raises InvalidInput unless ``root`` is a mounted BPF filesystem (and says how to mount one)."""
-    if not is_bpffs(root):
+    """Raises InvalidInput unless ``root`` is a mounted BPF filesystem (and says how to mount one),
+    PermissionDenied when the caller may not look at it."""
+    try:
+        magic = _fs_type(root)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise kernel_error(f"examine {root}", exc.errno) from None
+        magic = 0
+    if magic != BPFFS_MAGIC:
         raise InvalidInput(f"{root} is not a BPF filesystem; mount one with `mount -t bpf bpf {root}` "
                            "or point FLOWSTEER_BPFFS / --bpffs at one")
 

@@ -26,7 +26,7 @@ from flowsteer.kernel.netns import NetnsId, entered, identity
 from flowsteer.lookup import bindings as b
 from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.model import Decision, decide, mapped_address
-from flowsteer.lookup.state import ACTIVE, LookupState, create, new_trie, open_object, repin, state_dir
+from flowsteer.lookup.state import LookupState, create, new_trie, open_object, state_dir
 
 FAMILIES = ("ipv4", "ipv6")
 _U32 = struct.Struct("=I")
@@ -96,7 +96,6 @@ class Dispatcher:
         with self._inside() as ns, bpffs.locked(bpffs.netns_dir(self.root, ns)), \
                 LookupState.open(self.root, ns) as st, open_object() as obj:
             st.check_compatible(obj)
-            st.writer_view()
             yield st
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -195,10 +194,7 @@ class Dispatcher:
                 with new_trie() as trie:
                     for x in new:
                         trie.update(b.encode_key(*x.selector), b.encode_value(ids[x.label], x.mapped))
-                    # The one step the data path sees: the array's slot now points at the new trie.
-                    st.maps["bindings"].update(_ZERO, _U32.pack(trie.fd))
-                    repin(trie, os.path.join(st.directory, ACTIVE))
-                st.writer_view()
+                    st.swap_in(trie)
             finally:
                 _collect_labels(st)
         return ApplyResult(sorted(new - old, key=str), sorted(old - new, key=str), len(new))
@@ -331,10 +327,15 @@ def _ncpus(st: LookupState) -> int:
 def _collect_labels(st: LookupState) -> None:
     """Forgets labels that no binding and no socket refer to any more."""
     in_use = {b.decode_value(v)[0] for _, v in st.active.items()}
-    in_use |= {int(_U32.unpack(k)[0]) // 4 for k in st.maps["sockets"].keys()}
     for name, label_id in _label_ids(st).items():
-        if label_id not in in_use:
+        if label_id not in in_use and not _has_socket(st, label_id):
             st.maps["labels"].delete(b.encode_label(name))
+
+
+def _has_socket(st: LookupState, label_id: int) -> bool:
+    # A SOCKMAP iterates like an array (every index), so ask for the label's four slots instead.
+    return any(st.maps["sockets"].lookup(_U32.pack(destination_index(label_id, fam, proto))) is not None
+               for fam in FAMILIES for proto in b.PROTOCOLS)
 
 
 def _read_bindings(st: LookupState) -> list[Binding]:

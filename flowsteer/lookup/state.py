@@ -77,6 +77,7 @@ class LookupState:
                 maps[name] = Map.open_pinned(os.path.join(directory, name), readonly=readonly)
             state = cls(directory, maps, maps.pop(ACTIVE))
             state._check_version()
+            state._follow_active(repair=not readonly)
             return state
         except BaseException:
             for m in maps.values():
@@ -114,15 +115,25 @@ class LookupState:
             raise IncompatibleState(f"the active binding trie in {self.directory} does not have the layout "
                                     f"this flowsteer writes ({trie}); nothing was changed")
 
-    def writer_view(self) -> None:
-        """Makes ``active`` the trie the kernel really uses, re-pinning it if a writer died mid-apply."""
+    def _follow_active(self, repair: bool) -> None:
+        """Makes ``active`` the trie the kernel really uses. It differs from the pinned one only if a
+        writer died between swapping a new trie in and re-pinning it; writers then repair the pin."""
         active_id = struct.unpack("=I", self.maps["bindings"].lookup(_ZERO) or _ZERO)[0]
         if active_id == self.active.info().id:
             return
         real = Map.from_id(active_id)
-        repin(real, os.path.join(self.directory, ACTIVE))
+        if repair:
+            repin(real, os.path.join(self.directory, ACTIVE))
         self.active.close()
         self.active = real
+
+    def swap_in(self, trie: Map) -> None:
+        """Makes ``trie`` the active binding set with one map update, the only step the data path sees,
+        then pins it as ``bindings-active``."""
+        self.maps["bindings"].update(_ZERO, struct.pack("=I", trie.fd))
+        repin(trie, os.path.join(self.directory, ACTIVE))
+        self.active.close()
+        self.active = Map(os.dup(trie.fd))
 
     def link(self) -> Link:
         """Returns the pinned link (the caller closes it)."""

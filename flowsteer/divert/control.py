@@ -1,0 +1,89 @@
+"""Changing divert state: rules and membership, always under the namespace's divert lock.
+
+Every change (adding or deleting rules, a socket binding or closing, a supervisor noticing a dead
+worker) ends in :func:`apply_locked`, which compiles the rules for the members the kernel reports bound
+right now and installs them; so whoever changes anything also brings membership up to date.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flowsteer.divert import netfilter
+from flowsteer.divert.lock import locked
+from flowsteer.divert.ports import port_states
+from flowsteer.divert.rules import Rule
+from flowsteer.errors import InvalidInput
+
+
+def live_members(exclude_portid: int | None = None) -> dict[int, tuple[int, ...]]:
+    """Returns divert port → live member slots, leaving out the member with netlink ``exclude_portid``."""
+    out = {}
+    for port, state in port_states().items():
+        if state.exclusive_portid is not None:
+            out[port] = () if state.exclusive_portid == exclude_portid else (0,)
+        else:
+            out[port] = tuple(s for s, pid in sorted(state.members.items()) if pid != exclude_portid)
+    return out
+
+
+def apply_locked(rules: Sequence[Rule] | None = None, *, exclude_portid: int | None = None) -> netfilter.Installed:
+    """Installs ``rules`` (default: the installed ones) for the live members; the caller holds the lock.
+
+    Returns the state as installed. Raises FlowsteerError when netfilter refuses; nothing changes then.
+    """
+    previous = netfilter.read()
+    chosen = list(previous.rules if rules is None else rules)
+    members = live_members(exclude_portid)
+    netfilter.install(chosen, members, previous)
+    return netfilter.Installed(chosen, {p: members.get(p, ()) for p in {r.divert_port for r in chosen}})
+
+
+def rules() -> list[Rule]:
+    """Returns the installed divert rules in evaluation order."""
+    return netfilter.read().rules
+
+
+def add(rule: Rule, position: int | None = None) -> list[Rule]:
+    """Inserts ``rule`` before 1-based ``position`` (default: at the end); returns the new rule list.
+
+    Raises InvalidInput for a position outside the list, FlowsteerError when netfilter refuses.
+    """
+    with locked():
+        current = netfilter.read().rules
+        if position is None:
+            position = len(current) + 1
+        if not 1 <= position <= len(current) + 1:
+            raise InvalidInput(f"position {position} is not within 1..{len(current) + 1}")
+        current.insert(position - 1, rule)
+        return apply_locked(current).rules
+
+
+def delete(which: int | Rule) -> list[Rule]:
+    """Deletes the rule at 1-based position ``which``, or the first rule equal to it; returns the rest.
+
+    Raises InvalidInput when there is no such rule.
+    """
+    with locked():
+        current = netfilter.read().rules
+        if isinstance(which, Rule):
+            if which not in current:
+                raise InvalidInput(f"no installed rule is {which}")
+            current.remove(which)
+        else:
+            if not 1 <= which <= len(current):
+                raise InvalidInput(f"there is no rule {which} (there are {len(current)})")
+            del current[which - 1]
+        return apply_locked(current).rules
+
+
+def flush() -> None:
+    """Removes every divert rule and every flowsteer divert chain."""
+    with locked():
+        apply_locked([])
+
+
+def resync() -> netfilter.Installed:
+    """Recompiles the installed rules for the members bound now (after a member died); returns them."""
+    with locked():
+        return apply_locked()

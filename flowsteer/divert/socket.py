@@ -1,0 +1,461 @@
+"""Divert sockets: bind a divert port, read raw IP packets, write them back (OpenBSD divert(4) on Linux).
+
+::
+
+    with DivertSocket() as sock:
+        sock.bind(700)
+        for packet, address in sock:
+            sock.sendto(packet, address)        # or not: the packet is dropped after the hold time
+
+``recvfrom`` returns the packet and an address ``(host, tag)``: ``host`` is the receiving interface's
+address for inbound packets and the unspecified address for outbound ones; ``tag`` names the packet the
+kernel holds. ``sendto(data, address)`` with that address releases the held packet (unchanged bytes
+cost nothing; changed bytes are validated and get fresh checksums); with tag 0 (or just a host string)
+it writes a new packet, which leaves as a locally generated packet and skips the divert rules.
+
+Verdicts are sent in batches: when every packet already fetched from the kernel has been handled, when
+``batch`` verdicts are waiting, before the socket blocks, and on :meth:`flush` and :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import ipaddress
+import select
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+from flowsteer.divert import control, netfilter
+from flowsteer.divert.lock import locked
+from flowsteer.divert.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Delivery, NfQueue, Verdict
+from flowsteer.divert.packet import Packet, finalize
+from flowsteer.divert.ports import SLOTS, port_state, queue_number
+from flowsteer.divert.rules import check_divert_port
+from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
+
+SO_REUSEPORT_LB = 0x00010000
+"""The load-balancing socket option (FreeBSD's value), set with ``setsockopt(SOL_SOCKET, …, 1)``."""
+SO_MARK = 36
+_SIOCGIFADDR = 0x8915
+_INBOUND_HOOKS = (0, 1, 2)  # PREROUTING, LOCAL_IN, FORWARD
+_UNSPECIFIED = {4: "0.0.0.0", 6: "::"}
+_IF_CACHE_SECONDS = 1.0
+
+
+class DivertAddress(NamedTuple):
+    """What ``recvfrom`` returns with a packet and ``sendto`` takes back."""
+
+    host: str
+    """The receiving interface's address (inbound) or the unspecified address (outbound)."""
+    tag: int
+    """The held packet this address belongs to; 0 for a new packet."""
+
+
+@dataclass
+class Counters:
+    """What one divert socket did."""
+
+    received: int = 0
+    accepted: int = 0
+    """Written back unchanged."""
+    modified: int = 0
+    """Written back with new bytes."""
+    dropped: int = 0
+    """Dropped on request (:meth:`DivertSocket.drop`)."""
+    expired: int = 0
+    """Not written back within the hold time, so dropped."""
+    injected: int = 0
+    """New packets written."""
+    requeued: int = 0
+    """Returned to the rules when the socket closed before reading them (they reach the other members)."""
+
+
+class DivertSocket:
+    """A divert socket; see the module documentation.
+
+    ``hold_time`` bounds how long a read packet waits for ``sendto`` before it is dropped (seconds,
+    0.001..60); ``queue_maxlen`` is how many packets the kernel holds for this socket per queue before
+    it drops (or, for fail-open rules, accepts) more; ``batch`` is how many packets one read fetches.
+    Raises InvalidInput for values out of range.
+    """
+
+    def __init__(self, *, hold_time: float = 1.0, queue_maxlen: int = 1024, batch: int = 64) -> None:
+        if not 0.001 <= hold_time <= 60:
+            raise InvalidInput(f"hold time {hold_time} s is not within 0.001..60 s")
+        if not 1 <= queue_maxlen <= 1 << 20:
+            raise InvalidInput(f"queue length {queue_maxlen} is not within 1..{1 << 20}")
+        if not 1 <= batch <= 1024:
+            raise InvalidInput(f"batch {batch} is not within 1..1024")
+        self.hold_time = hold_time
+        self.queue_maxlen = queue_maxlen
+        self.batch = batch
+        self.counters = Counters()
+        self.port: int | None = None
+        self.slot: int | None = None
+        self._lb = False
+        self._closed = False
+        self._timeout: float | None = None
+        self._nfq: NfQueue | None = None
+        self._ready: deque[Delivery] = deque()
+        self._held: dict[int, tuple[Delivery, float]] = {}
+        self._verdicts: list[Verdict] = []
+        self._accepts: list[Verdict] = []
+        self._ifaddr: dict[tuple[int, int], tuple[str, str, float]] = {}
+        self._raw: dict[int, socket.socket] = {}
+
+    # -- socket options and binding ---------------------------------------------------------------
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        """Sets SO_REUSEPORT_LB (the only option) before :meth:`bind`; raises InvalidInput otherwise."""
+        if level != socket.SOL_SOCKET or option != SO_REUSEPORT_LB:
+            raise InvalidInput(f"divert sockets support only SOL_SOCKET/SO_REUSEPORT_LB, not {level}/{option}")
+        if self._nfq is not None:
+            raise InvalidInput("SO_REUSEPORT_LB must be set before bind")
+        self._lb = bool(value)
+
+    def getsockopt(self, level: int, option: int) -> int:
+        """Returns SO_REUSEPORT_LB's value; raises InvalidInput for anything else."""
+        if level != socket.SOL_SOCKET or option != SO_REUSEPORT_LB:
+            raise InvalidInput(f"divert sockets support only SOL_SOCKET/SO_REUSEPORT_LB, not {level}/{option}")
+        return int(self._lb)
+
+    def bind(self, port: int) -> None:
+        """Binds divert ``port`` (1..1023) in the calling thread's network namespace.
+
+        Without SO_REUSEPORT_LB the socket must be alone on the port; with it, it joins the port's
+        load-balancing group in the lowest free slot, and the rules are recompiled so that new
+        connections may reach it (established ones stay where they are).
+        Raises InvalidInput for a bad port or a second bind, KernelError with EADDRINUSE when the port
+        is taken (by an exclusive socket, or by anyone when this socket is exclusive), ENOSPC when the
+        group has 32 members, PermissionDenied without CAP_NET_ADMIN.
+        """
+        self._check_open()
+        check_divert_port(port)
+        if self._nfq is not None:
+            raise InvalidInput(f"socket is already bound to divert port {self.port}")
+        with locked():
+            state = port_state(port)
+            what = f"binding divert port {port}"
+            if state.exclusive_portid is not None or (state.members and not self._lb):
+                raise kernel_error(what, errno.EADDRINUSE, "the port is taken; every socket sharing a "
+                                   "port must set SO_REUSEPORT_LB")
+            if len(state.members) >= SLOTS:
+                raise kernel_error(what, errno.ENOSPC, f"the group already has {SLOTS} members")
+            slot = min(set(range(SLOTS)) - set(state.members)) if self._lb else 0
+            slots = [slot] if self._lb else list(range(SLOTS))
+            nfq = NfQueue()
+            try:
+                for s in slots:
+                    for fail_open in (False, True):
+                        nfq.bind(queue_number(port, s, fail_open), fail_open=fail_open,
+                                 maxlen=self.queue_maxlen)
+                control.apply_locked()
+            except FlowsteerError as exc:
+                nfq.close()
+                if exc.errno == errno.EPERM:
+                    raise kernel_error(what, errno.EPERM, "needs CAP_NET_ADMIN") from None
+                raise
+        self._nfq, self.port, self.slot = nfq, port, slot
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def recvfrom(self) -> tuple[bytes, DivertAddress]:
+        """Returns the next packet and its address, waiting as the timeout allows.
+
+        Raises BlockingIOError (non-blocking, nothing waiting), TimeoutError (timeout passed),
+        InvalidInput when the socket is not bound or closed, KernelError when the socket fails.
+        """
+        delivery, address = self._receive(self._timeout)
+        return delivery.payload, address
+
+    def recv_packet(self) -> Packet:
+        """Like :meth:`recvfrom`, but returns a parsed :class:`Packet` carrying its address."""
+        delivery, address = self._receive(self._timeout)
+        return self._packet(delivery, address)
+
+    def __iter__(self) -> Iterator[tuple[bytes, DivertAddress]]:
+        """Yields ``(packet, address)`` until the socket would block or its timeout passes."""
+        while True:
+            try:
+                yield self.recvfrom()
+            except (BlockingIOError, TimeoutError):
+                return
+
+    async def recvfrom_async(self) -> tuple[bytes, DivertAddress]:
+        """Awaits the next packet in the running asyncio loop (the socket's timeout does not apply)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                delivery, address = self._receive(0.0)
+                return delivery.payload, address
+            except BlockingIOError:
+                pass
+            ready = loop.create_future()
+            fd = self.fileno()
+            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                await asyncio.wait_for(ready, self._until_expiry())
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(fd)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[bytes, DivertAddress]]:
+        """Yields ``(packet, address)`` forever, awaiting each."""
+        while True:
+            yield await self.recvfrom_async()
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def sendto(self, data: bytes | bytearray | Packet, address: DivertAddress | tuple[str, int] | str) -> int:
+        """Writes a packet back (address from ``recvfrom``) or writes a new one (tag 0 or a host string).
+
+        Returns the number of bytes written. Raises InvalidInput when ``data`` is not a valid IP packet
+        or ``address`` names no held packet (already answered, or its hold time passed); nothing is sent
+        then and a held packet stays held. Raises KernelError when the kernel refuses a new packet.
+        """
+        self._check_open()
+        tag = _tag(address)
+        raw = data.data if isinstance(data, Packet) else data
+        if tag == 0:
+            return self._inject(finalize(raw))
+        delivery = self._lookup(tag)
+        if raw is delivery.payload or raw == delivery.payload:
+            self._held.pop(tag)
+            self._accepts.append(Verdict(delivery.queue, delivery.packet_id, NF_ACCEPT))
+            self.counters.accepted += 1
+        else:
+            if delivery.truncated:
+                raise InvalidInput("the packet was larger than the 65535 bytes copied to user space; "
+                                   "it can be written back only unchanged")
+            payload = finalize(raw)
+            self._held.pop(tag)
+            self._verdicts.append(Verdict(delivery.queue, delivery.packet_id, NF_ACCEPT, payload))
+            self.counters.modified += 1
+        self._flush_if_idle()
+        return len(raw)
+
+    def drop(self, address: DivertAddress | tuple[str, int]) -> None:
+        """Drops the held packet ``address`` names now; raises InvalidInput when it names none."""
+        self._check_open()
+        tag = _tag(address)
+        delivery = self._lookup(tag)
+        self._held.pop(tag)
+        self._verdicts.append(Verdict(delivery.queue, delivery.packet_id, NF_DROP))
+        self.counters.dropped += 1
+        self._flush_if_idle()
+
+    def flush(self) -> None:
+        """Sends every waiting verdict now. Raises KernelError when the kernel refuses them."""
+        if self._nfq is None or not (self._verdicts or self._accepts):
+            return
+        verdicts, accepts = self._verdicts, self._accepts
+        self._verdicts, self._accepts = [], []
+        oldest_held: dict[int, int] = {}
+        for delivery, _deadline in self._held.values():
+            oldest_held.setdefault(delivery.queue, delivery.packet_id)
+        upto: dict[int, int] = {}
+        for v in accepts:
+            upto[v.queue] = max(upto.get(v.queue, 0), v.packet_id)
+        batch = {q: last for q, last in upto.items() if oldest_held.get(q, last + 1) > last}
+        verdicts += [v for v in accepts if v.queue not in batch]
+        self._nfq.send_verdicts(verdicts, batch)
+
+    # -- life cycle ---------------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """Returns the file descriptor to poll for readability; raises InvalidInput when unbound."""
+        return self._bound().fileno()
+
+    def settimeout(self, timeout: float | None) -> None:
+        """None blocks, 0 never waits, a positive value waits at most that many seconds."""
+        if timeout is not None and timeout < 0:
+            raise InvalidInput(f"timeout {timeout} is negative")
+        self._timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        """Returns the timeout set by :meth:`settimeout`."""
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        """``setblocking(False)`` is ``settimeout(0)``, ``setblocking(True)`` is ``settimeout(None)``."""
+        self._timeout = None if flag else 0.0
+
+    def counters_dict(self) -> dict[str, int]:
+        """Returns the counters as a plain dictionary."""
+        return asdict(self.counters)
+
+    def close(self) -> None:
+        """Leaves the port: rules are recompiled without this socket, packets it has not read yet go back
+        through the rules (to the remaining members, or dropped/accepted as with no socket), packets it
+        read but did not write back are dropped. Closing twice is harmless.
+        """
+        if self._closed:
+            return
+        for raw in self._raw.values():
+            raw.close()
+        nfq = self._nfq
+        try:
+            if nfq is not None:
+                with locked():
+                    control.apply_locked(exclude_portid=nfq.portid)
+                    self.flush()
+                    unread = list(self._ready) + nfq.receive(1 << 16)
+                    self._ready.clear()
+                    self.counters.requeued += len(unread)
+                    nfq.send_verdicts([Verdict(d.queue, d.packet_id, NF_REPEAT) for d in unread], {})
+        finally:
+            self._closed = True
+            self._nfq = None
+            if nfq is not None:
+                nfq.close()
+
+    def __enter__(self) -> "DivertSocket":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidInput("divert socket is closed")
+
+    def _bound(self) -> NfQueue:
+        self._check_open()
+        if self._nfq is None:
+            raise InvalidInput("divert socket is not bound to a port")
+        return self._nfq
+
+    def _receive(self, timeout: float | None) -> tuple[Delivery, DivertAddress]:
+        nfq = self._bound()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready:
+            self._expire()
+            fetched = nfq.receive(self.batch)
+            if fetched:
+                self._ready.extend(fetched)
+                break
+            self.flush()
+            wait = self._until_expiry()
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if timeout == 0:
+                        raise BlockingIOError(errno.EAGAIN, "no diverted packet is waiting")
+                    raise TimeoutError("no diverted packet arrived in time")
+                wait = left if wait is None else min(wait, left)
+            select.select([nfq.fileno()], [], [], wait)
+        delivery = self._ready.popleft()
+        tag = delivery.queue << 32 | delivery.packet_id
+        self._held[tag] = (delivery, time.monotonic() + self.hold_time)
+        self.counters.received += 1
+        return delivery, DivertAddress(self._host(delivery), tag)
+
+    def _lookup(self, tag: int) -> Delivery:
+        held = self._held.get(tag)
+        if held is None:
+            raise InvalidInput(f"no packet with tag {tag} is held: it was answered already or its hold "
+                               f"time ({self.hold_time} s) passed")
+        return held[0]
+
+    def _flush_if_idle(self) -> None:
+        if not self._ready or len(self._verdicts) + len(self._accepts) >= self.batch:
+            self.flush()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._held:
+            tag, (delivery, deadline) = next(iter(self._held.items()))
+            if deadline > now:
+                break
+            del self._held[tag]
+            self._verdicts.append(Verdict(delivery.queue, delivery.packet_id, NF_DROP))
+            self.counters.expired += 1
+
+    def _until_expiry(self) -> float | None:
+        if not self._held:
+            return None
+        _delivery, deadline = next(iter(self._held.values()))
+        return max(0.0, deadline - time.monotonic())
+
+    def _host(self, delivery: Delivery) -> str:
+        version = delivery.payload[0] >> 4 if delivery.payload else 4
+        if delivery.hook not in _INBOUND_HOOKS or not delivery.indev:
+            return _UNSPECIFIED.get(version, "0.0.0.0")
+        return self._interface(delivery.indev, version)[1]
+
+    def _interface(self, ifindex: int, version: int) -> tuple[str, str]:
+        key = (ifindex, version)
+        cached = self._ifaddr.get(key)
+        now = time.monotonic()
+        if cached is None or cached[2] < now:
+            try:
+                name = socket.if_indextoname(ifindex)
+            except OSError:
+                name = str(ifindex)
+            cached = (name, _interface_address(name, version), now + _IF_CACHE_SECONDS)
+            self._ifaddr[key] = cached
+        return cached[0], cached[1]
+
+    def _packet(self, delivery: Delivery, address: DivertAddress) -> Packet:
+        inbound = delivery.hook in _INBOUND_HOOKS
+        ifindex = delivery.indev if inbound else delivery.outdev
+        version = delivery.payload[0] >> 4 if delivery.payload else 4
+        interface = self._interface(ifindex, version)[0] if ifindex else None
+        return Packet(delivery.payload, direction="in" if inbound else "out", interface=interface,
+                      address=address)
+
+    def _inject(self, packet: bytes) -> int:
+        version = packet[0] >> 4
+        raw = self._raw.get(version)
+        try:
+            if raw is None:
+                family = socket.AF_INET if version == 4 else socket.AF_INET6
+                raw = socket.socket(family, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW)
+                raw.setsockopt(socket.SOL_SOCKET, SO_MARK, netfilter.SKIP_MARK)
+                self._raw[version] = raw
+            dst = str(ipaddress.ip_address(packet[16:20] if version == 4 else packet[24:40]))
+            sent = raw.sendto(packet, (dst, 0))
+        except OSError as exc:
+            raise kernel_error("writing a new packet", exc.errno or errno.EIO) from None
+        self.counters.injected += 1
+        return sent
+
+
+def _tag(address: object) -> int:
+    if isinstance(address, str):
+        return 0
+    if (isinstance(address, tuple) and len(address) == 2 and isinstance(address[1], int)
+            and address[1] >= 0):
+        return address[1]
+    raise InvalidInput(f"address {address!r} is not an address returned by recvfrom or a host string")
+
+
+def _interface_address(name: str, version: int) -> str:
+    """Returns an address of interface ``name`` in the given IP version, or the unspecified address."""
+    if version == 4:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                reply = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                return _UNSPECIFIED[4]
+        return socket.inet_ntoa(reply[20:24])
+    try:
+        with open("/proc/thread-self/net/if_inet6") as f:
+            rows = [line.split() for line in f]
+    except OSError:
+        return _UNSPECIFIED[6]
+    mine = [r for r in rows if r[5] == name]
+    mine.sort(key=lambda r: r[3] == "20")  # global scope before link-local
+    if not mine:
+        return _UNSPECIFIED[6]
+    return str(ipaddress.IPv6Address(bytes.fromhex(mine[0][0])))

@@ -13,7 +13,7 @@ import errno
 import os
 import socket
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,15 +185,17 @@ class Group:
                 "counters": counters, "keys": len(st.keys()), "remembered_flows": st.remembered_flows(),
             }
 
-    def explain(self, flow: model.Flow) -> model.Decision:
-        """Returns the member the group's program picks for new ``flow``, and why (see model.decide).
+    def explain(self, flows: Sequence[model.Flow]) -> list[model.Decision]:
+        """Returns, for each new flow, the member the group's program picks and why (see model.decide).
 
-        Raises InvalidInput when the flow's protocol or server port are not the group's.
+        Raises InvalidInput when a flow's protocol is not the group's.
         """
-        if flow.protocol != self.id.protocol or flow.server_port != self.id.port:
-            raise InvalidInput(f"flow {flow.protocol} to port {flow.server_port} does not reach group {self.id}")
+        for flow in flows:
+            if flow.protocol != self.id.protocol:
+                raise InvalidInput(f"a {flow.protocol} flow does not reach group {self.id}")
         with self._reading() as st:
-            return model.decide(flow, _View(st))
+            view = _View(st)
+            return [model.decide(flow, view) for flow in flows]
 
     # -- changing ---------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from flowsteer.reuseport.spec import Address, GroupId
 from flowsteer.reuseport.worker import Membership, join, open_member_socket
 
 BATCH = 128
+IPV6_FREEBIND = 78
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -56,6 +57,8 @@ def _client(flow: Flow, kind: socket.SocketKind) -> socket.socket:
     family = socket.AF_INET6 if flow.client.version == 6 else socket.AF_INET
     sock = socket.socket(family, kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:  # IPv6 binds only configured addresses, unless free-binding
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
     sock.bind(_endpoint(flow))
     return sock
 

@@ -2,9 +2,179 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from typing import Any
+
+import click
+
 from flowsteer.cli import main
+from flowsteer.cli.common import emit, json_option, netns_option, reports_errors, table
+from flowsteer.divert import control
+from flowsteer.divert.model import Flow, explain as explain_flow
+from flowsteer.divert.rules import Rule
+from flowsteer.divert.serve import Supervisor, load_handler
+from flowsteer.divert.status import status as divert_status
+from flowsteer.kernel.netns import entered
 
 
 @main.group()
 def divert() -> None:
-    """Divert raw packets to Python handlers and reinject them (netfilter NFQUEUE)."""
+    """Divert raw packets to Python handlers and reinject them (netfilter NFQUEUE).
+
+    \b
+    Rules (pf-like, first match wins):
+      [in|out] [on IFACE] [inet|inet6] [proto tcp|udp|icmp|icmp6|any]
+      [from ADDR [port P]] [to ADDR [port P]] divert-packet port N [fail-open]
+    """
+
+
+def _render_rules(rules: list[dict[str, Any]]) -> str:
+    if not rules:
+        return "no divert rules"
+    return table([[str(r["rule"]), r["text"], str(r.get("packets", ""))] for r in rules],
+                 ["#", "rule", "packets"])
+
+
+@divert.command("rules")
+@netns_option
+@json_option
+@reports_errors
+def rules_cmd(netns: str | None, as_json: bool) -> None:
+    """List the divert rules in evaluation order, with matched packets."""
+    with entered(netns):
+        data = divert_status()["rules"]
+    emit(data, as_json, _render_rules)
+
+
+@divert.command("add")
+@click.argument("rule", nargs=-1, required=True)
+@click.option("--position", type=int, default=None, help="Insert before this rule (1-based; default: last).")
+@netns_option
+@reports_errors
+def add_cmd(rule: tuple[str, ...], position: int | None, netns: str | None) -> None:
+    """Add a divert rule (pf-like text, e.g. in proto udp to port 53 divert-packet port 700)."""
+    parsed = Rule.parse(" ".join(rule))
+    with entered(netns):
+        control.add(parsed, position)
+    click.echo(f"added: {parsed}")
+
+
+@divert.command("del")
+@click.argument("which", nargs=-1, required=True)
+@netns_option
+@reports_errors
+def del_cmd(which: tuple[str, ...], netns: str | None) -> None:
+    """Delete a divert rule by number (as `divert rules` shows it) or by its text."""
+    text = " ".join(which)
+    target: int | Rule = int(text) if text.isdigit() else Rule.parse(text)
+    with entered(netns):
+        left = control.delete(target)
+    click.echo(f"deleted; {len(left)} rule(s) left")
+
+
+@divert.command("flush")
+@netns_option
+@reports_errors
+def flush_cmd(netns: str | None) -> None:
+    """Remove every divert rule and flowsteer's divert chains."""
+    with entered(netns):
+        control.flush()
+    click.echo("flushed")
+
+
+def _render_status(data: dict[str, Any]) -> str:
+    out = [_render_rules(data["rules"]), ""]
+    if not data["ports"]:
+        out.append("no divert ports in use")
+    for port in data["ports"]:
+        stale = "  (stale: rules not yet recompiled for the bound members)" if port["stale"] else ""
+        out.append(f"port {port['port']}: members {port['live_members'] or 'none'}{stale}")
+        rows = [[str(s["slot"]), "exclusive" if s["exclusive"] else "group", ",".join(map(str, s["pids"])) or "?",
+                 str(s["queued"]), str(s["held"]), str(s["queue_full_drops"]), str(s["socket_full_drops"])]
+                for s in port["sockets"]]
+        if rows:
+            out.append(table(rows, ["slot", "kind", "pids", "queued", "held", "queue-full drops",
+                                    "socket-full drops"]))
+    return "\n".join(out)
+
+
+@divert.command("status")
+@netns_option
+@json_option
+@reports_errors
+def status_cmd(netns: str | None, as_json: bool) -> None:
+    """Show rules, divert ports, their sockets (members) and kernel queue counters."""
+    with entered(netns):
+        data = divert_status()
+    emit(data, as_json, _render_status)
+
+
+@divert.command("explain")
+@click.option("--direction", type=click.Choice(["in", "out"]), required=True)
+@click.option("--proto", type=click.Choice(["tcp", "udp", "icmp", "icmp6"]), required=True)
+@click.option("--src", required=True, help="Source address.")
+@click.option("--dst", required=True, help="Destination address.")
+@click.option("--sport", type=int, default=0, help="Source port (tcp/udp).")
+@click.option("--dport", type=int, default=0, help="Destination port (tcp/udp).")
+@click.option("--on", "interface", default=None, help="Receiving (in) or sending (out) interface.")
+@click.option("--untracked", is_flag=True, help="The packet has no conntrack state.")
+@netns_option
+@json_option
+@reports_errors
+def explain_cmd(direction: str, proto: str, src: str, dst: str, sport: int, dport: int,
+                interface: str | None, untracked: bool, netns: str | None, as_json: bool) -> None:
+    """Say which rule, divert port and group member a new connection's packet reaches."""
+    flow = Flow(direction, proto, src, dst, sport, dport, interface, not untracked)  # type: ignore[arg-type]
+    with entered(netns):
+        answer = explain_flow(flow)
+
+    def render(a: dict[str, Any]) -> str:
+        if not a["diverted"]:
+            return "not diverted: no rule matches"
+        where = f"member slot {a['slot']} (queue {a['queue']})" if a["slot"] is not None else "no member"
+        return f"rule {a['rule']}: {a['text']}\n-> divert port {a['port']}, {where}: {a['reason']}"
+
+    emit(answer, as_json, render)
+
+
+def _render_workers(e: dict[str, Any]) -> None:
+    title = {"ready": f"serving divert port {e['port']}", "report": "counters",
+             "stopped": "stopped; final counters"}[e["event"]]
+    rows = [[str(w["worker"]), str(w["pid"]), str(w["slot"]), str(w["restarts"]), str(w["received"]),
+             str(w["written"]), str(w["dropped"]), str(w["errors"])] for w in e["workers"]]
+    click.echo(title)
+    click.echo(table(rows, ["worker", "pid", "slot", "restarts", "received", "written", "dropped", "errors"]))
+
+
+@divert.command("serve")
+@click.argument("handler")
+@click.option("--port", type=int, required=True, help="Divert port (1..1023).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (1..32).")
+@click.option("--hold-time", type=float, default=1.0, show_default=True,
+              help="Seconds a packet waits for its verdict before it is dropped.")
+@click.option("--report-interval", type=float, default=None, help="Print counters every this many seconds.")
+@netns_option
+@json_option
+@reports_errors
+def serve_cmd(handler: str, port: int, workers: int, hold_time: float, report_interval: float | None,
+              netns: str | None, as_json: bool) -> None:
+    """Run HANDLER (module:function or file.py:function) on every packet diverted to --port.
+
+    The handler gets a flowsteer.divert.Packet and returns it (or bytes) to write it back, or None to
+    drop it. Workers form one load-balancing group; a worker that dies is restarted. Stop with Ctrl-C.
+    """
+    function = load_handler(handler)
+
+    def event(e: dict[str, Any]) -> None:
+        if as_json:
+            click.echo(json.dumps(e))
+        elif e["event"] == "restarted":
+            click.echo(f"worker {e['worker']} (pid {e['dead_pid']}) died with exit code {e['exitcode']}; "
+                       f"restarted as pid {e['pid']} in slot {e['slot']}")
+        else:
+            _render_workers(e)
+        sys.stdout.flush()
+
+    with entered(netns):
+        Supervisor(port, workers, function, hold_time=hold_time, events=event).run(report_every=report_interval)

@@ -1,1 +1,15 @@
-"""The divert hook."""
+"""The divert hook: OpenBSD-style divert sockets with FreeBSD-style load-balancing groups, on NFQUEUE.
+
+Rules (:class:`Rule`, managed with :mod:`flowsteer.divert.control`) send matching packets to a divert
+port; a :class:`DivertSocket` bound to the port reads them and writes them back; sockets with
+``SO_REUSEPORT_LB`` share a port as a group whose members keep whole connections; :func:`explain` says
+where a packet goes; :class:`Supervisor` runs a handler as a group of worker processes.
+"""
+
+from flowsteer.divert.model import Flow, explain
+from flowsteer.divert.packet import Packet
+from flowsteer.divert.rules import Rule
+from flowsteer.divert.serve import Supervisor
+from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertAddress, DivertSocket
+
+__all__ = ["DivertAddress", "DivertSocket", "Flow", "Packet", "Rule", "SO_REUSEPORT_LB", "Supervisor", "explain"]

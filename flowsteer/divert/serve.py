@@ -1,0 +1,221 @@
+"""Run a packet handler as K worker processes forming one load-balancing group, and keep them running.
+
+A handler is ``handler(packet: Packet) -> Packet | bytes | None``: what it returns is written back, None
+drops the packet, an exception drops it and is counted. The supervisor forks the workers (each binds
+the port with SO_REUSEPORT_LB), restarts a worker that dies (after recompiling the rules so that the dead
+member's connections are re-pinned at once), and reports per-worker counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import SynchronizedArray
+from typing import Any
+
+from flowsteer.divert import control
+from flowsteer.divert.packet import Packet
+from flowsteer.divert.ports import SLOTS
+from flowsteer.divert.rules import check_divert_port
+from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket
+from flowsteer.errors import FlowsteerError, InvalidInput
+
+Handler = Callable[[Packet], Packet | bytes | bytearray | None]
+COUNTERS = ("received", "written", "dropped", "errors")
+_MP = multiprocessing.get_context("fork")
+_START_SECONDS = 30
+
+
+def load_handler(spec: str) -> Handler:
+    """Returns the callable named by ``module:function`` or ``path/to/file.py:function``.
+
+    Raises InvalidInput when the spec is malformed, the module cannot be imported or the name is not a
+    callable in it.
+    """
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidInput(f"handler {spec!r} is not of the form module:function")
+    try:
+        if module_name.endswith(".py"):
+            loader_spec = importlib.util.spec_from_file_location("flowsteer_handler", module_name)
+            if loader_spec is None or loader_spec.loader is None:
+                raise ImportError(f"cannot load {module_name}")
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module may raise anything while importing
+        raise InvalidInput(f"handler module {module_name!r} cannot be imported: {exc}") from None
+    handler = getattr(module, attr, None)
+    if not callable(handler):
+        raise InvalidInput(f"{module_name!r} has no callable {attr!r}")
+    return handler  # type: ignore[no-any-return]
+
+
+@dataclass
+class WorkerInfo:
+    """One worker slot of the supervisor."""
+
+    index: int
+    pid: int = 0
+    slot: int | None = None
+    restarts: int = 0
+    base: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    """Counters of this worker's earlier incarnations."""
+
+
+class Supervisor:
+    """Starts, watches and restarts the workers of one divert port.
+
+    ``events`` is called with a dict for each event (``ready``, ``restarted``, ``report``, ``stopped``).
+    Raises InvalidInput for a bad port or worker count.
+    """
+
+    def __init__(self, port: int, workers: int, handler: Handler, *, hold_time: float = 1.0,
+                 events: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
+        check_divert_port(port)
+        if not 1 <= workers <= SLOTS:
+            raise InvalidInput(f"workers {workers} is not within 1..{SLOTS}")
+        self.port, self.handler, self.hold_time, self.events = port, handler, hold_time, events
+        self.workers = [WorkerInfo(i) for i in range(workers)]
+        self._counters: SynchronizedArray[int] = _MP.Array("Q", workers * len(COUNTERS), lock=False)
+        self._procs: dict[int, Any] = {}
+        self._bound_rx, self._bound_tx = _MP.Pipe(duplex=False)
+        self._stopping = False
+
+    def run(self, *, report_every: float | None = None, until: Callable[[], bool] = lambda: False) -> None:
+        """Runs until SIGINT/SIGTERM or ``until()`` is true; then stops the workers and reports.
+
+        Raises FlowsteerError when a worker cannot bind (for example the port is taken).
+        """
+        previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for info in self.workers:
+                self._start(info)
+            for _ in self.workers:
+                self._await_bound()
+            self.events({"event": "ready", "port": self.port, "workers": self.snapshot()})
+            while not self._stopping and not until():
+                sentinels = {p.sentinel: i for i, p in self._procs.items()}
+                done = multiprocessing.connection.wait(list(sentinels), timeout=report_every or 0.2)
+                for sentinel in done:
+                    self._restart(self.workers[sentinels[sentinel]])  # type: ignore[index]
+                if report_every and not done:
+                    self.events({"event": "report", "port": self.port, "workers": self.snapshot()})
+        finally:
+            self._shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.events({"event": "stopped", "port": self.port, "workers": self.snapshot()})
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Returns each worker's pid, slot, restarts and counters (summed over its incarnations)."""
+        out = []
+        for info in self.workers:
+            live = self._live_counters(info.index)
+            out.append({"worker": info.index, "pid": info.pid, "slot": info.slot, "restarts": info.restarts,
+                        **{k: info.base[k] + live[k] for k in COUNTERS}})
+        return out
+
+    def _live_counters(self, index: int) -> dict[str, int]:
+        base = index * len(COUNTERS)
+        return {k: self._counters[base + i] for i, k in enumerate(COUNTERS)}
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self._stopping = True
+
+    def _start(self, info: WorkerInfo) -> None:
+        base = info.index * len(COUNTERS)
+        for i in range(len(COUNTERS)):
+            self._counters[base + i] = 0
+        proc = _MP.Process(target=_worker, name=f"flowsteer-divert-{self.port}-{info.index}", daemon=True,
+                           args=(info.index, self.port, self.handler, self.hold_time, self._counters,
+                                 self._bound_tx))
+        proc.start()
+        self._procs[info.index] = proc
+        info.pid = proc.pid or 0
+
+    def _await_bound(self) -> None:
+        if not self._bound_rx.poll(_START_SECONDS):
+            raise FlowsteerError(f"a worker did not bind divert port {self.port} within {_START_SECONDS} s")
+        index, slot, error = self._bound_rx.recv()
+        if error is not None:
+            raise FlowsteerError(f"worker {index} could not start: {error}")
+        self.workers[index].slot = slot
+
+    def _restart(self, info: WorkerInfo) -> None:
+        proc = self._procs.pop(info.index)
+        proc.join()
+        if self._stopping:
+            return
+        live = self._live_counters(info.index)
+        info.base = {k: info.base[k] + live[k] for k in COUNTERS}
+        info.restarts += 1
+        control.resync()
+        dead_pid = info.pid
+        self._start(info)
+        self._await_bound()
+        self.events({"event": "restarted", "worker": info.index, "dead_pid": dead_pid, "pid": info.pid,
+                     "exitcode": proc.exitcode, "slot": info.slot})
+
+    def _shutdown(self) -> None:
+        for proc in self._procs.values():
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self._procs.values():
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self._procs.clear()
+
+
+def _worker(index: int, port: int, handler: Handler, hold_time: float, counters: Any,
+            bound: Any) -> None:
+    """A worker process: bind the group, run the handler on every packet until SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    base = index * len(COUNTERS)
+    sock = DivertSocket(hold_time=hold_time)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, 1)
+        sock.bind(port)
+    except FlowsteerError as exc:
+        bound.send((index, None, str(exc)))
+        os._exit(1)
+    bound.send((index, sock.slot, None))
+    received = written = dropped = errors = 0
+    try:
+        while True:
+            packet = sock.recv_packet()
+            received += 1
+            try:
+                result = handler(packet)
+                if result is None:
+                    sock.drop(packet.address)  # type: ignore[arg-type]
+                    dropped += 1
+                else:
+                    sock.sendto(result, packet.address)  # type: ignore[arg-type]
+                    written += 1
+            except Exception:  # a handler bug drops that packet, never the worker
+                errors += 1
+                if errors <= 3:
+                    traceback.print_exc(file=sys.stderr)
+                with contextlib.suppress(InvalidInput):
+                    sock.drop(packet.address)  # type: ignore[arg-type]
+            counters[base] = received
+            counters[base + 1] = written
+            counters[base + 2] = dropped
+            counters[base + 3] = errors
+    finally:
+        sock.close()

@@ -1,0 +1,82 @@
+"""What is diverted where right now: rules with counters, ports with their sockets and kernel queues."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flowsteer.divert import netfilter
+from flowsteer.divert.ports import QueueStats, bound_queues, port_states, queue_number
+
+_PROC_NETLINK = "/proc/thread-self/net/netlink"
+_NETLINK_NETFILTER = 12
+
+
+def status() -> dict[str, Any]:
+    """Returns the divert state of the calling thread's namespace as plain data.
+
+    ``rules``: text and matched packets/bytes. ``ports``: for each port with rules or sockets, the member
+    slots the rules were compiled for, and each bound socket (slot, netlink portid, owning pids) with the
+    kernel's counters summed over its queues (packets queued, held now, dropped because the queue was
+    full, dropped because the socket's buffer was full). ``stale`` is true when the rules were compiled
+    for other members than are bound now (a member died and nobody has recompiled yet).
+    """
+    installed = netfilter.read()
+    queues = bound_queues()
+    owners = _netlink_owners()
+    ports: dict[int, dict[str, Any]] = {}
+    for port in sorted({r.divert_port for r in installed.rules} | set(port_states(queues))):
+        state = port_states(queues).get(port)
+        compiled = list(installed.members.get(port, ()))
+        live = list(state.live_slots) if state else []
+        sockets = []
+        if state is not None:
+            holders = ({0: state.exclusive_portid} if state.exclusive_portid is not None
+                       else dict(sorted(state.members.items())))
+            for slot, portid in holders.items():
+                mine = [q for q in queues.values() if q.portid == portid]
+                sockets.append({"slot": slot, "exclusive": state.exclusive_portid is not None,
+                                "portid": portid, "pids": owners.get(portid, []), **_sum(mine)})
+        ports[port] = {"port": port, "compiled_members": compiled, "live_members": live,
+                       "stale": compiled != live and any(r.divert_port == port for r in installed.rules),
+                       "queues": {"first": queue_number(port, 0, False), "first_fail_open":
+                                  queue_number(port, 0, True)},
+                       "sockets": sockets}
+    rules = [{"rule": i + 1, "text": str(r), "packets": installed.counters.get(i, (0, 0))[0],
+              "bytes": installed.counters.get(i, (0, 0))[1]} for i, r in enumerate(installed.rules)]
+    return {"rules": rules, "ports": list(ports.values())}
+
+
+def _sum(queues: list[QueueStats]) -> dict[str, int]:
+    return {"queued": sum(q.sequence for q in queues), "held": sum(q.held for q in queues),
+            "queue_full_drops": sum(q.dropped for q in queues),
+            "socket_full_drops": sum(q.user_dropped for q in queues)}
+
+
+def _netlink_owners() -> dict[int, list[int]]:
+    """Returns netlink portid → pids holding that netfilter netlink socket (best effort, needs root)."""
+    inode_to_portid = {}
+    try:
+        with open(_PROC_NETLINK) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[1]) == _NETLINK_NETFILTER:
+                    inode_to_portid[f"socket:[{fields[9]}]"] = int(fields[2])
+    except (OSError, StopIteration):
+        return {}
+    owners: dict[int, list[int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            portid = inode_to_portid.get(target)
+            if portid is not None and int(pid) not in owners.setdefault(portid, []):
+                owners[portid].append(int(pid))
+    return owners

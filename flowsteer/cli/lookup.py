@@ -241,7 +241,7 @@ def explain(netns: str | None, bpffs: str | None, as_json: bool, protocol: str, 
 @netns_option
 @bpffs_option
 @click.option("--listen", default="127.0.0.1:9464", show_default=True, metavar="ADDR:PORT",
-              help="Where to serve /metrics.")
+              help="Where to serve /metrics (port 0: any free port, printed on stderr).")
 @reports_errors
 def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
     """Serve the dispatcher's counters for Prometheus until interrupted."""
@@ -253,8 +253,9 @@ def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
     address, port = parse_endpoint(listen)
     registry = CollectorRegistry()
     registry.register(LookupCollector(_dispatcher(netns, bpffs)))
-    start_http_server(port, addr=address, registry=registry)
-    click.echo(f"serving metrics on http://{listen}/metrics", err=True)
+    server, _thread = start_http_server(port, addr=address, registry=registry)
+    host = f"[{address}]" if ":" in address else address
+    click.echo(f"serving metrics on http://{host}:{server.server_port}/metrics", err=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         signal.pause()

@@ -1,0 +1,88 @@
+"""Binding validation, kernel key encoding and precedence (pure logic, no privileges)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flowsteer.errors import InvalidInput
+from flowsteer.lookup import bindings as b
+from flowsteer.lookup.bindings import Binding
+
+v4_networks = st.builds(lambda a, n: ipaddress.ip_network(f"{ipaddress.IPv4Address(a)}/{n}", strict=False),
+                        st.integers(0, 2**32 - 1), st.integers(0, 32))
+v6_networks = st.builds(lambda a, n: ipaddress.ip_network(f"{ipaddress.IPv6Address(a)}/{n}", strict=False),
+                        st.integers(0, 2**128 - 1), st.integers(0, 128))
+networks = st.one_of(v4_networks, v6_networks)
+
+
+@given(networks, st.sampled_from(["tcp", "udp"]), st.integers(0, 65535))
+def test_key_round_trips(network: b.Network, protocol: str, port: int) -> None:
+    mapped = b.to_mapped(network)
+    key = b.encode_key(protocol, mapped, port)
+    assert len(key) == 24
+    assert b.decode_key(key) == (protocol, mapped, port)
+
+
+@given(v4_networks)
+def test_ipv4_prefixes_map_into_the_v4_mapped_space_and_back(network: ipaddress.IPv4Network) -> None:
+    mapped = b.to_mapped(network)
+    assert mapped.prefixlen == 96 + network.prefixlen
+    assert mapped.subnet_of(ipaddress.IPv6Network("::ffff:0:0/96"))
+    assert b.from_mapped(mapped) == network
+
+
+def test_key_prefix_length_counts_protocol_and_port_bits() -> None:
+    key = b.encode_key("tcp", b.to_mapped(ipaddress.ip_network("192.0.2.0/24")), 80)
+    assert int.from_bytes(key[:4], "little") == 32 + 96 + 24
+
+
+def test_decode_key_refuses_foreign_keys() -> None:
+    with pytest.raises(InvalidInput):
+        b.decode_key(bytes(24))
+
+
+@pytest.mark.parametrize("label", ["nginx", "a", "svc-1.prod:tcp", "x" * 63])
+def test_good_labels(label: str) -> None:
+    assert b.parse_label(label) == label
+
+
+@pytest.mark.parametrize("label", ["", "-x", "has space", "x" * 64, "ünï", "a/b"])
+def test_bad_labels(label: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid label"):
+        b.parse_label(label)
+
+
+@pytest.mark.parametrize("value", ["-1", "65536", "http", "", "1.5", True])
+def test_bad_ports(value: object) -> None:
+    with pytest.raises(InvalidInput, match="invalid port"):
+        b.parse_port(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["192.0.2.1/24", "300.1.1.1", "2001:db8::/129", "example.com"])
+def test_bad_prefixes(text: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid prefix"):
+        b.parse_prefix(text)
+
+
+def test_bare_address_is_a_host_prefix() -> None:
+    assert b.parse_prefix("192.0.2.7") == ipaddress.ip_network("192.0.2.7/32")
+    assert b.parse_prefix("2001:db8::7") == ipaddress.ip_network("2001:db8::7/128")
+
+
+def test_bad_protocol() -> None:
+    with pytest.raises(InvalidInput, match="use tcp or udp"):
+        b.parse_protocol("sctp")
+
+
+def test_precedence_longest_prefix_then_specific_port() -> None:
+    wide80 = Binding.parse("a", "tcp", "192.0.2.0/24", 80)
+    wide_any = Binding.parse("b", "tcp", "192.0.2.0/24", 0)
+    narrow_any = Binding.parse("c", "tcp", "192.0.2.0/25", 0)
+    host = Binding.parse("d", "tcp", "192.0.2.1", 0)
+    v6_wide = Binding.parse("e", "tcp", "2001:db8::/32", 80)
+    ordered = b.sort_by_precedence([v6_wide, wide_any, wide80, host, narrow_any])
+    assert ordered == [host, narrow_any, wide80, wide_any, v6_wide]

@@ -1,0 +1,45 @@
+"""Argument errors of the lookup commands are reported before anything touches the kernel."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from flowsteer.cli import main
+from flowsteer.cli.lookup import parse_endpoint
+from flowsteer.errors import InvalidInput
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bind", "web", "tcp", "192.0.2.0/24", "http"], "invalid port 'http'"),
+    (["bind", "web", "icmp", "192.0.2.0/24", "80"], "invalid protocol 'icmp'"),
+    (["bind", "web", "tcp", "192.0.2.1/24", "80"], "invalid prefix '192.0.2.1/24'"),
+    (["bind", "bad label", "tcp", "192.0.2.0/24", "80"], "invalid label"),
+    (["explain", "tcp", "1.1.1.1", "192.0.2.1"], "invalid destination"),
+    (["explain", "tcp", "2001:db8::1", "192.0.2.1:80"], "same address family"),
+    (["explain", "tcp", "nope", "192.0.2.1:80"], "invalid source address"),
+    (["bindings", "--port", "x"], "invalid port"),
+])
+def test_bad_arguments(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_missing_argument_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["bind", "web", "tcp"])
+    assert result.exit_code == 2 and "Missing argument" in result.output
+
+
+@pytest.mark.parametrize("text, expected", [("192.0.2.1:80", ("192.0.2.1", 80)),
+                                            ("[2001:db8::1]:53", ("2001:db8::1", 53)),
+                                            ("2001:db8::1:53", ("2001:db8::1", 53))])
+def test_endpoints(text: str, expected: tuple[str, int]) -> None:
+    assert parse_endpoint(text) == expected
+
+
+@pytest.mark.parametrize("text", ["192.0.2.1", "host:80", "[::1]:99999"])
+def test_bad_endpoints(text: str) -> None:
+    with pytest.raises(InvalidInput):
+        parse_endpoint(text)

@@ -6,13 +6,16 @@ connection ID) to a member through the group's key map and falls back to ``consi
 the choice to the kernel's own hash (no table, no draining).
 
 The table is two-layered so that draining moves only the drained member's flows: ``base`` is the Maglev
-table over every configured member, ``live`` the one over the members that may take new flows, and an
-entry keeps its ``base`` member while that member is live, else takes the ``live`` one.
+table over every configured member; an entry keeps its ``base`` member while that member is live, else
+goes to the live member with the highest weighted rendezvous score for that entry. Taking one more member
+out of service changes only the entries it held; putting it back restores them exactly.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import math
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
@@ -77,9 +80,29 @@ def table_for(policy: Policy, weights: Mapping[int, int], live: Set[int], size: 
     """Returns the lookup table of ``policy`` for configured members ``weights`` (slot → weight) of which
     ``live`` may take new flows. Without weighting every configured member counts as weight 1."""
     counted = {s: (w if policy.weighted else 1) for s, w in weights.items() if w > 0}
-    base = maglev.build(counted, size, seed)
-    alive = {s: w for s, w in counted.items() if s in live}
-    if alive == counted:
-        return base
-    fallback = maglev.build(alive, size, seed)
-    return [b if b in alive else f for b, f in zip(base, fallback)]
+    table = maglev.build(counted, size, seed)
+    alive = [(s, w, _salt(s, seed)) for s, w in sorted(counted.items()) if s in live]
+    for index, slot in enumerate(table):
+        if slot not in live:  # NO_MEMBER included: then nothing is configured, and nothing is alive
+            table[index] = _rendezvous(index, alive)
+    return table
+
+
+def _salt(slot: int, seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{slot}:rendezvous".encode(), digest_size=4).digest(), "little")
+
+
+def _rendezvous(index: int, alive: list[tuple[int, int, int]]) -> int:
+    """Returns the live member of highest weighted rendezvous score ``w / -ln(u)`` for entry ``index``."""
+    best, best_score = maglev.NO_MEMBER, -1.0
+    for slot, weight, salt in alive:
+        h = (index * 0x9E3779B1 ^ salt) & 0xFFFFFFFF
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+        h ^= h >> 16
+        score = weight / -math.log((h + 0.5) / 4294967296.0)
+        if score > best_score:
+            best, best_score = slot, score
+    return best

@@ -73,7 +73,7 @@ class Decision:
             return f"{why}, but label {self.binding.label!r} has no {self.family_name} {self.protocol} " \
                    "socket: the packet is dropped"
         assert self.destination is not None
-        return f"{why}; the packet goes to label {self.binding.label!r}'s socket " \
+        return f"{why}; the packet goes to the socket of label {self.binding.label!r} " \
                f"(cookie {self.destination.cookie})"
 
     @property

@@ -1,0 +1,1 @@
+"""``make demo``: each hook shows its main job on real traffic in namespaces the demo creates."""

@@ -9,7 +9,8 @@ whose names start with ``FS-DIV``; nothing else in the firewall is touched:
   :data:`SKIP_MARK` and return at once, so writing a packet never diverts it again.
 - ``FS-DIV-<DIR>-<port>[-FO]`` queues a packet to the member its connection is pinned to: untracked
   packets to the first member; otherwise ``FS-DIV-<DIR>-<port>-PICK`` pins the connection first, unless
-  its conntrack mark already names a live member (HMARK over the live members, stored with CONNMARK).
+  its conntrack mark already names a live member for this direction: to the member the other direction
+  is pinned to if that one is live, else by HMARK over the live members; CONNMARK stores the choice.
 - With no member bound the port chain queues to slot 0 of nobody: the kernel drops the packet, or
   accepts it for fail-open rules (``--queue-bypass``).
 
@@ -166,10 +167,14 @@ def compile_family(family: Family, rules: Sequence[Rule], members: Mapping[int, 
 
 def _pick_lines(direction: Direction, port: int, slots: tuple[int, ...]) -> list[str]:
     chain = pick_chain(direction, port)
-    lines = []
-    for slot in slots:
+    other: Direction = "out" if direction == "in" else "in"
+    lines = _return_if_pinned(chain, direction, slots)
+    for slot in slots:  # the other direction pinned the connection first: follow it
         value, mask = ct_value(direction, slot)
-        lines.append(f"-A {chain} -m connmark --mark {value:#x}/{mask:#x} -j RETURN")
+        seen, seen_mask = ct_value(other, slot)
+        lines.append(f"-A {chain} -m connmark --mark {seen:#x}/{seen_mask:#x} "
+                     f"-j CONNMARK --set-xmark {value:#x}/{mask:#x}")
+    lines += _return_if_pinned(chain, direction, slots)
     lines.append(f"-A {chain} -j HMARK --hmark-tuple src,dst,sport,dport,proto --hmark-mod {len(slots)} "
                  f"--hmark-offset {SCRATCH_MARK:#x} --hmark-rnd {HASH_SEED + port:#x}")
     for index, slot in enumerate(slots):
@@ -177,6 +182,14 @@ def _pick_lines(direction: Direction, port: int, slots: tuple[int, ...]) -> list
         lines.append(f"-A {chain} -m mark --mark {SCRATCH_MARK + index:#x} "
                      f"-j CONNMARK --set-xmark {value:#x}/{mask:#x}")
     lines.append(f"-A {chain} -j MARK --set-xmark 0x0/0xffffffff")
+    return lines
+
+
+def _return_if_pinned(chain: str, direction: Direction, slots: tuple[int, ...]) -> list[str]:
+    lines = []
+    for slot in slots:
+        value, mask = ct_value(direction, slot)
+        lines.append(f"-A {chain} -m connmark --mark {value:#x}/{mask:#x} -j RETURN")
     return lines
 
 

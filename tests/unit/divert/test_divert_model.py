@@ -1,0 +1,98 @@
+"""The explain model and the rule compiler, without a kernel (the system tests compare with one)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, strategies as st
+
+from flowsteer.divert import netfilter
+from flowsteer.divert.model import Flow, explain, hmark_index, matches
+from flowsteer.divert.ports import QueueStats, port_states, queue_number, queue_owner
+from flowsteer.divert.rules import Rule
+from flowsteer.errors import InvalidInput
+
+
+@given(st.integers(1, 65535), st.integers(1, 65535), st.integers(1, 32), st.sampled_from(["tcp", "udp"]))
+def test_hmark_is_symmetric_and_in_range(sport: int, dport: int, k: int, proto: str) -> None:
+    there = Flow("in", proto, "10.0.0.1", "10.0.0.2", sport, dport)
+    back = Flow("out", proto, "10.0.0.2", "10.0.0.1", dport, sport)
+    index = hmark_index(there, k, 99)
+    assert index == hmark_index(back, k, 99)
+    assert 0 <= index < k
+
+
+def test_hmark_spreads_flows() -> None:
+    counts = Counter(hmark_index(Flow("in", "udp", "10.0.0.1", "10.0.0.2", p, 53), 4, 7) for p in range(4000))
+    assert all(800 < c < 1200 for c in counts.values()) and len(counts) == 4
+
+
+def test_matches_checks_every_part() -> None:
+    rule = Rule.parse("in on eth+ inet proto tcp from 10.0.0.0/8 port 1000:2000 to any port 80 divert-packet port 7")
+    ok = Flow("in", "tcp", "10.1.1.1", "192.0.2.1", 1500, 80, "eth1")
+    assert matches(rule, ok)
+    for bad in (Flow("out", "tcp", "10.1.1.1", "192.0.2.1", 1500, 80, "eth1"),
+                Flow("in", "tcp", "10.1.1.1", "192.0.2.1", 1500, 80, "veth1"),
+                Flow("in", "tcp", "10.1.1.1", "192.0.2.1", 1500, 80, None),
+                Flow("in", "udp", "10.1.1.1", "192.0.2.1", 1500, 80, "eth1"),
+                Flow("in", "tcp", "11.1.1.1", "192.0.2.1", 1500, 80, "eth1"),
+                Flow("in", "tcp", "10.1.1.1", "192.0.2.1", 999, 80, "eth1"),
+                Flow("in", "tcp", "10.1.1.1", "192.0.2.1", 1500, 81, "eth1")):
+        assert not matches(rule, bad)
+
+
+def test_explain_first_match_members_and_untracked() -> None:
+    state = netfilter.Installed(
+        rules=[Rule.parse("in proto udp to any port 53 divert-packet port 7"),
+               Rule.parse("proto udp divert-packet port 8 fail-open")],
+        members={7: (1, 4, 9), 8: ()})
+    flow = Flow("in", "udp", "10.0.0.1", "10.0.0.2", 4000, 53)
+    answer = explain(flow, state)
+    assert answer["rule"] == 1 and answer["port"] == 7
+    assert answer["slot"] == (1, 4, 9)[hmark_index(flow, 3, netfilter.HASH_SEED + 7)]
+    assert answer["queue"] == queue_number(7, answer["slot"], False)
+    untracked = Flow("in", "udp", "10.0.0.1", "10.0.0.2", 4000, 53, tracked=False)
+    assert explain(untracked, state)["slot"] == 1
+    other = explain(Flow("out", "udp", "10.0.0.1", "10.0.0.2", 4000, 53), state)
+    assert other["port"] == 8 and other["slot"] is None and "fail-open" in other["reason"]
+    assert explain(Flow("in", "tcp", "10.0.0.1", "10.0.0.2", 1, 2), state) == \
+        {"diverted": False, "reason": "no rule matches"}
+
+
+@pytest.mark.parametrize("args", [("sideways", "udp", "1.1.1.1", "2.2.2.2"), ("in", "gre", "1.1.1.1", "2.2.2.2"),
+                                  ("in", "udp", "1.1.1.1", "2001:db8::1"), ("in", "udp", "x", "2.2.2.2")])
+def test_bad_flows_are_refused(args: tuple[str, str, str, str]) -> None:
+    with pytest.raises(InvalidInput):
+        Flow(*args)  # type: ignore[arg-type]
+
+
+def test_queue_numbers_fill_16_bits_without_overlap() -> None:
+    seen = {queue_number(p, s, f) for p in (1, 2, 1023) for s in (0, 31) for f in (False, True)}
+    assert len(seen) == 12 and max(seen) == 65535
+    assert queue_owner(queue_number(700, 5, True)) == (700, 5, True)
+    assert queue_owner(3) is None
+
+
+def test_port_states_tell_exclusive_from_group() -> None:
+    def q(num: int, portid: int) -> QueueStats:
+        return QueueStats(num, portid, 0, 0, 0, 0)
+    queues = {n: q(n, 77) for n in (queue_number(5, s, False) for s in range(32))}
+    queues.update({queue_number(6, s, False): q(queue_number(6, s, False), 100 + s) for s in (0, 3)})
+    states = port_states(queues)
+    assert states[5].exclusive_portid == 77 and states[5].live_slots == (0,)
+    assert states[6].exclusive_portid is None and states[6].live_slots == (0, 3)
+
+
+def test_compiled_chains_cover_rules_members_and_cleanup() -> None:
+    rules = [Rule.parse("in on eth0 proto tcp to any port 80 divert-packet port 7"),
+             Rule.parse("out inet6 proto udp divert-packet port 7 fail-open")]
+    text = netfilter.compile_family("inet", rules, {7: (0, 2)}, {"FS-DIV-OUT-9"})
+    assert "-I PREROUTING 1 -j FS-DIV-IN" in text and "-X FS-DIV-OUT-9" in text
+    assert "-i eth0 -p tcp -m tcp --dport 80" in text
+    assert "--hmark-mod 2" in text and f"--queue-num {queue_number(7, 2, False)}" in text
+    assert "udp" not in text  # the inet6-only rule is not in the IPv4 table
+    v6 = netfilter.compile_family("inet6", rules, {}, {"JUMP:PREROUTING", "JUMP:POSTROUTING"})
+    assert "-I PREROUTING" not in v6 and "--queue-bypass" in v6 and "HMARK" not in v6
+    gone = netfilter.compile_family("inet", [], {}, {"JUMP:PREROUTING", "FS-DIV-IN", "FS-DIV-IN-7"})
+    assert "-D PREROUTING -j FS-DIV-IN" in gone and "-X FS-DIV-IN-7" in gone

@@ -1,0 +1,198 @@
+"""Benchmark of the lookup hook: connection setup rate through the dispatcher against a plain listener and
+against iptables TPROXY, with growing numbers of bindings; apply and explain times.
+
+Run as root (``make bench`` or ``.venv/bin/python bench/lookup.py``). Everything happens in two network
+namespaces joined by a veth pair that the benchmark creates and removes: a client namespace and a server
+namespace. Rates are medians of repeated runs; ratios are against the plain listener measured in the
+same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from flowsteer.kernel import bpffs  # noqa: E402
+from flowsteer.kernel.netns import NamedNetns  # noqa: E402
+from flowsteer.lookup.bindings import Binding  # noqa: E402
+from flowsteer.lookup.dispatcher import Dispatcher  # noqa: E402
+
+TARGET = ("192.0.2.1", 80)
+CLIENT = r"""
+import socket, struct, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+linger = struct.pack("ii", 1, 0)
+done, failed = 0, 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)  # RST on close: no TIME_WAIT pile-up
+    try:
+        s.connect((host, port))
+        done += 1
+    except OSError:
+        failed += 1
+    s.close()
+print(done, failed)
+"""
+
+
+@contextmanager
+def topology() -> Iterator[tuple[NamedNetns, NamedNetns]]:
+    """A server namespace (192.0.2.0/24 and 198.51.100.0/24 local) and a client namespace behind veth."""
+    srv = NamedNetns.create("fsb-srv", ["192.0.2.0/24", "198.51.100.0/24"])
+    cli = NamedNetns.create("fsb-cli")
+    try:
+        srv.batch([f"link add veth-s type veth peer name veth-c netns {cli.name}",
+                   "addr add 203.0.113.1/24 dev veth-s", "link set veth-s up"])
+        cli.batch(["addr add 203.0.113.2/24 dev veth-c", "link set veth-c up",
+                   "route add 192.0.2.0/24 via 203.0.113.1", "route add 198.51.100.0/24 via 203.0.113.1"])
+        yield srv, cli
+    finally:
+        cli.destroy()
+        srv.destroy()
+
+
+def accept_forever(listener: socket.socket) -> None:
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def rate(cli: NamedNetns, seconds: float, repeats: int) -> float:
+    """Returns the median connections per second the client achieves against TARGET."""
+    rates = []
+    for _ in range(repeats):
+        proc = cli.run([sys.executable, "-c", CLIENT, TARGET[0], str(TARGET[1]), str(seconds)])
+        done, failed = map(int, proc.stdout.split())
+        if failed:
+            raise SystemExit(f"bench: {failed} connections failed: {proc.stderr}")
+        rates.append(done / seconds)
+    return statistics.median(rates)
+
+
+def bindings_with_target(count: int) -> list[Binding]:
+    """``count`` bindings of distinct /32s and ports, the target's among them (in the middle)."""
+    out = [Binding.parse("svc", "tcp", f"{TARGET[0]}/32", TARGET[1])]
+    hosts = [str(ipaddress.IPv4Address("198.51.100.0") + i) for i in range(256)]
+    port = 1000
+    while len(out) < count:
+        for host in hosts:
+            if len(out) == count:
+                break
+            out.append(Binding.parse(f"other{len(out) % 64}", "tcp", f"{host}/32", port))
+        port += 1
+    return out[1:count // 2 + 1] + out[:1] + out[count // 2 + 1:]
+
+
+def tproxy_rules(count: int, on_port: int) -> str:
+    """iptables-restore input: ``count`` TPROXY rules, the target's in the middle (first match wins)."""
+    rules = [(f"198.51.100.{i % 256}", 1000 + i // 256) for i in range(count - 1)]
+    rules.insert((count - 1) // 2, TARGET)
+    lines = ["*mangle"]
+    lines += [f"-A PREROUTING -p tcp -d {host} --dport {port} -j TPROXY --on-ip 127.0.0.1 "
+              f"--on-port {on_port} --tproxy-mark 0x1/0x1" for host, port in rules]
+    return "\n".join(lines) + "\nCOMMIT\n"
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=1.5, help="length of one rate measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", default="1,1000,100000")
+    parser.add_argument("--tproxy-sizes", default="1,1000,10000")
+    args = parser.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    results: dict[str, object] = {"date": time.strftime("%Y-%m-%d"), "kernel": platform.release(),
+                                  "cpus": os.cpu_count()}
+    root = tempfile.mkdtemp(prefix="flowsteer-bench-bpffs-")
+    bpffs.mount(root)
+    try:
+        with topology() as (srv, cli), srv.entered():
+            plain = socket.socket()
+            plain.bind(TARGET)
+            plain.listen(4096)
+            accept_forever(plain)
+            base = rate(cli, args.seconds, args.repeats)
+            plain.close()
+            rows = [("plain listener on 192.0.2.1:80", base)]
+
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(4096)
+            accept_forever(listener)
+            d = Dispatcher(bpffs_root=root)
+            d.load()
+            d.register("svc", listener)
+            apply_times = {}
+            for n in sizes:
+                wanted = bindings_with_target(n)
+                apply_times[n] = timed(lambda: d.apply(wanted))
+                assert d.explain("tcp", *TARGET).outcome == "assign"
+                rows.append((f"dispatcher, {n} bindings", rate(cli, args.seconds, args.repeats)))
+            explain_ms = min(timed(lambda: d.explain("tcp", *TARGET)) for _ in range(20)) * 1000
+            with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+                json.dump({"bindings": [x.to_dict() for x in bindings_with_target(max(sizes))]}, f)
+                f.flush()
+                cli_apply = timed(lambda: subprocess.run(
+                    [sys.executable, "-m", "flowsteer", "apply", "--bpffs", root, f.name], check=True,
+                    capture_output=True))
+            cli_explain = min(timed(lambda: subprocess.run(
+                [sys.executable, "-m", "flowsteer", "explain", "--bpffs", root, "tcp", "203.0.113.2",
+                 f"{TARGET[0]}:{TARGET[1]}"], check=True, capture_output=True)) for _ in range(5))
+            d.unload()
+
+            tproxy = socket.socket()
+            tproxy.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+            tproxy.bind(("127.0.0.1", 0))
+            tproxy.listen(4096)
+            accept_forever(tproxy)
+            srv.batch(["rule add fwmark 0x1/0x1 lookup 100", "route add local 0.0.0.0/0 dev lo table 100"])
+            for n in (int(x) for x in args.tproxy_sizes.split(",")):
+                subprocess.run(["iptables-restore"], input=tproxy_rules(n, tproxy.getsockname()[1]), text=True,
+                               check=True)
+                rows.append((f"iptables TPROXY, {n} rules", rate(cli, args.seconds, args.repeats)))
+    finally:
+        bpffs.umount(root)
+
+    print(f"\nTCP connection setup over veth, {args.repeats}x{args.seconds}s, median "
+          f"({results['date']}, kernel {results['kernel']}, {results['cpus']} CPUs)")
+    print(f"{'setup':40s} {'conn/s':>10s} {'vs plain':>9s}")
+    for name, value in rows:
+        print(f"{name:40s} {value:10.0f} {value / base:9.3f}")
+    print()
+    for n, seconds in apply_times.items():
+        print(f"apply of {n} bindings (API): {seconds:.3f} s")
+    print(f"apply of {max(sizes)} bindings (flowsteer apply FILE, whole command): {cli_apply:.3f} s")
+    print(f"explain (API, best of 20): {explain_ms:.2f} ms; flowsteer explain (whole command, best of 5): "
+          f"{cli_explain * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -421,7 +421,7 @@ class DivertSocket:
             if raw is None:
                 family = socket.AF_INET if version == 4 else socket.AF_INET6
                 raw = socket.socket(family, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW)
-                raw.setsockopt(socket.SOL_SOCKET, SO_MARK, netfilter.SKIP_MARK)
+                raw.setsockopt(socket.SOL_SOCKET, SO_MARK, struct.pack("I", netfilter.SKIP_MARK))
                 self._raw[version] = raw
             dst = str(ipaddress.ip_address(packet[16:20] if version == 4 else packet[24:40]))
             sent = raw.sendto(packet, (dst, 0))

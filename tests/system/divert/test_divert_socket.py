@@ -1,0 +1,341 @@
+"""Divert sockets with real traffic: drop or pass, inbound and outbound, forwarding, rewriting, TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+import subprocess
+import sys
+import threading
+
+import pytest
+from divert_net import Peer, Pump, bound, ping_here, veth
+
+from flowsteer.divert import control
+from flowsteer.divert.packet import Packet, finalize
+from flowsteer.divert.rules import Rule
+from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket
+from flowsteer.errors import FlowsteerError, InvalidInput, PermissionDenied
+from flowsteer.kernel.netns import NamedNetns
+
+
+def add(text: str) -> None:
+    control.add(Rule.parse(text))
+
+
+def test_inbound_packet_not_written_back_is_dropped_and_written_back_passes(peer: Peer) -> None:
+    add("in proto icmp divert-packet port 7")
+    with DivertSocket(hold_time=0.2) as sock:
+        sock.bind(7)
+        sock.settimeout(3)
+        ping = peer.ping(peer.b4, wait=1)
+        data, address = sock.recvfrom()
+        seen = Packet(data)
+        assert (str(seen.src), str(seen.dst), seen.icmp_type) == (peer.a4, peer.b4, 8)
+        assert address.host == peer.b4  # inbound: the receiving interface's address
+        assert ping.wait(5) != 0  # not written back: dropped
+        with pytest.raises(TimeoutError):
+            sock.settimeout(0.3)
+            sock.recvfrom()  # waiting lets the hold time pass
+        assert sock.counters.expired == 1
+        with pytest.raises(InvalidInput, match="hold time"):
+            sock.sendto(data, address)  # too late
+        sock.settimeout(3)
+        ping = peer.ping(peer.b4, wait=2)
+        data, address = sock.recvfrom()
+        sock.sendto(data, address)
+        assert ping.wait(5) == 0
+        assert sock.counters.accepted == 1
+
+
+def test_outbound_packet_not_written_back_is_dropped_and_written_back_passes(peer: Peer) -> None:
+    add("out proto icmp divert-packet port 7")
+    with DivertSocket(hold_time=0.2) as sock:
+        sock.bind(7)
+        sock.settimeout(3)
+        ping = ping_here(peer.a4)
+        packet = sock.recv_packet()
+        assert packet.direction == "out" and packet.interface == "vb"
+        assert packet.address is not None and packet.address.host == "0.0.0.0"
+        assert str(packet.dst) == peer.a4
+        assert ping.wait(5) != 0
+        ping = ping_here(peer.a4, wait=2)
+        packet = sock.recv_packet()
+        sock.sendto(packet, packet.address)  # type: ignore[arg-type]
+        assert ping.wait(5) == 0
+
+
+def test_ipv6_inbound_address_and_write_back(peer: Peer) -> None:
+    add("in proto icmp6 from fd77::1 divert-packet port 7")
+    with bound(7) as sock, Pump([sock]) as pump:
+        ping = peer.ping(peer.b6, count=2, wait=2)
+        assert ping.wait(10) == 0
+        echoes = pump.wait_for(2, where=lambda s: s.packet.icmp_type == 128)  # also neighbour discovery
+        assert len(echoes) == 2 and {s.address.host for s in echoes} == {peer.b6}
+
+
+def test_router_diverts_forwarded_traffic_in_and_out_on_two_ports_once_each(netns: NamedNetns) -> None:
+    client, server = NamedNetns.create("fsc"), NamedNetns.create("fss")
+    try:
+        veth(client, "ca", netns, "ra")
+        veth(server, "sa", netns, "rs")
+        client.batch(["addr add 10.78.1.1/24 dev ca", "link set ca up", "route add default via 10.78.1.2"])
+        server.batch(["addr add 10.78.2.1/24 dev sa", "link set sa up", "route add default via 10.78.2.2"])
+        netns.batch(["addr add 10.78.1.2/24 dev ra", "link set ra up", "addr add 10.78.2.2/24 dev rs",
+                     "link set rs up"])
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+            f.write("1")
+        add("in on ra proto icmp divert-packet port 10")
+        add("out on rs proto icmp divert-packet port 11")
+        add("in on ra proto icmp divert-packet port 12")  # never reached: the first match diverts
+        with DivertSocket() as inbound, DivertSocket() as outbound, DivertSocket() as shadowed:
+            inbound.bind(10)
+            outbound.bind(11)
+            shadowed.bind(12)
+            with Pump([inbound, outbound, shadowed]) as pump:
+                ping = subprocess.run(["ip", "netns", "exec", client.name, "ping", "-n", "-q", "-c", "3",
+                                       "-i", "0.2", "-W", "2", "10.78.2.1"], capture_output=True, timeout=20)
+                assert ping.returncode == 0
+                seen = pump.wait_for(6, timeout=2)
+        by_socket = [[s for s in seen if s.index == i] for i in range(3)]
+        assert [len(x) for x in by_socket] == [3, 3, 0]  # each echo request once per rule; no replies
+        assert {s.address.host for s in by_socket[0]} == {"10.78.1.2"}
+        assert {s.address.host for s in by_socket[1]} == {"0.0.0.0"}
+        ids = [[struct.unpack("!H", s.data[26:28])[0] for s in x] for x in by_socket[:2]]
+        assert ids[0] == ids[1] and len(set(ids[0])) == 3  # the same three packets, each once
+    finally:
+        client.destroy()
+        server.destroy()
+
+
+def test_tcp_echo_through_a_divert_socket_that_writes_everything_back(peer: Peer) -> None:
+    add("proto tcp divert-packet port 7")
+    listener = socket.create_server((peer.b4, 7000))
+    blob = bytes(range(256)) * 800  # 200 KiB
+
+    def echo() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while chunk := conn.recv(65536):
+                conn.sendall(chunk)
+
+    server = threading.Thread(target=echo, daemon=True)
+    server.start()
+    with bound(7) as sock, Pump([sock]) as pump:
+        client = peer.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.settimeout(10)
+        client.connect((peer.b4, 7000))
+        sender = threading.Thread(target=client.sendall, args=(blob,), daemon=True)
+        sender.start()
+        got = bytearray()
+        while len(got) < len(blob):
+            chunk = client.recv(65536)
+            assert chunk
+            got += chunk
+        client.close()
+        sender.join(5)
+        assert bytes(got) == blob
+        directions = {Packet(s.data).dport == 7000 for s in pump.seen}
+        assert directions == {True, False}  # both directions went through the socket
+        assert sock.counters.accepted == sock.counters.received
+    listener.close()
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_rewritten_payload_arrives_with_valid_checksums(peer: Peer, v6: bool) -> None:
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    dst = peer.b6 if v6 else peer.b4
+    add(f"in proto udp to {dst} port 5000 divert-packet port 7")
+    receiver = socket.socket(family, socket.SOCK_DGRAM)
+    receiver.bind((dst, 5000))
+    receiver.settimeout(5)
+
+    def rewrite(_index: int, data: bytes, _address: object) -> bytes:
+        packet = Packet(data)
+        packet.payload = packet.payload.replace(b"hello", b"HELLO, REWRITTEN")
+        return bytes(packet.data)  # checksums are left stale: sendto must fix them
+
+    with bound(7) as sock, Pump([sock], rewrite):
+        sender = peer.socket(family, socket.SOCK_DGRAM)
+        sender.sendto(b"hello world", (dst, 5000))
+        assert receiver.recv(100) == b"HELLO, REWRITTEN world"  # the kernel drops bad checksums
+        assert sock.counters.modified == 1
+        sender.close()
+    receiver.close()
+
+
+def test_malformed_reinjection_is_refused_and_the_packet_stays_held(peer: Peer) -> None:
+    add("in proto icmp divert-packet port 7")
+    with DivertSocket(hold_time=5) as sock:
+        sock.bind(7)
+        sock.settimeout(3)
+        ping = peer.ping(peer.b4, wait=3)
+        data, address = sock.recvfrom()
+        for bad in (b"", b"\x45\x00", data[:20], b"\x46" + data[1:20], data[:2] + b"\xff\xff" + data[4:]):
+            with pytest.raises(InvalidInput):
+                sock.sendto(bad, address)
+        with pytest.raises(InvalidInput):
+            sock.sendto(data, ("10.77.0.2", 12345))  # no such held packet
+        with pytest.raises(InvalidInput):
+            sock.sendto(b"\x60", "::")  # a malformed new packet is refused too
+        with pytest.raises(InvalidInput):
+            sock.sendto(data, 42)  # type: ignore[arg-type]
+        assert sock.counters.injected == 0
+        sock.sendto(data, address)
+        assert ping.wait(5) == 0
+
+
+def test_no_socket_drops_and_fail_open_passes(peer: Peer) -> None:
+    add("in proto icmp divert-packet port 7")
+    assert peer.ping(peer.b4, wait=1).wait(5) != 0
+    control.flush()
+    add("in proto icmp divert-packet port 7 fail-open")
+    assert peer.ping(peer.b4, wait=2).wait(5) == 0
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_full_queue_drops_or_with_fail_open_accepts(peer: Peer, fail_open: bool) -> None:
+    add(f"in proto icmp divert-packet port 7{' fail-open' if fail_open else ''}")
+    with DivertSocket(queue_maxlen=1, hold_time=10) as sock:
+        sock.bind(7)  # never read: the kernel holds one packet, the queue is then full
+        ping = subprocess.run(["ip", "netns", "exec", peer.ns.name, "ping", "-n", "-c", "4", "-i", "0.05",
+                               "-W", "1", peer.b4], capture_output=True, text=True, timeout=20)
+        received = int(ping.stdout.split(" received")[0].rsplit(" ", 1)[1])
+        assert received == (3 if fail_open else 0)
+
+
+def test_new_outbound_packets_are_written_and_skip_the_rules(peer: Peer) -> None:
+    add("out proto udp divert-packet port 7")
+    receiver = peer.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind((peer.a4, 6000))
+    receiver.settimeout(5)
+    payload = b"made up"
+    udp = struct.pack("!HHHH", 4444, 6000, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 7, 0, 64, 17, 0, socket.inet_aton(peer.b4),
+                     socket.inet_aton(peer.a4))
+    with DivertSocket() as sock:
+        sock.bind(7)
+        sock.setblocking(False)
+        assert sock.sendto(ip + udp, "0.0.0.0") == len(ip + udp)
+        data, source = receiver.recvfrom(100)
+        assert (data, source) == (payload, (peer.b4, 4444))
+        with pytest.raises(BlockingIOError):
+            sock.recvfrom()  # it skipped the out rule
+        assert sock.counters.injected == 1
+    receiver.close()
+
+
+def test_large_datagrams_are_diverted_whole(peer: Peer) -> None:
+    add("in proto udp to any port 5000 divert-packet port 7")
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind((peer.b4, 5000))
+    receiver.settimeout(5)
+    blob = bytes(range(256)) * 234  # 59904 bytes: 41 fragments on the wire, one packet after defrag
+    with bound(7) as sock, Pump([sock]) as pump:
+        sender = peer.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.sendto(blob, (peer.b4, 5000))
+        assert receiver.recv(65536) == blob
+        assert [len(s.data) for s in pump.wait_for(1)] == [len(blob) + 28]
+        sender.close()
+    receiver.close()
+
+
+def test_nonblocking_timeout_iteration_and_asyncio(peer: Peer) -> None:
+    add("in proto icmp divert-packet port 7")
+    with DivertSocket() as sock:
+        with pytest.raises(InvalidInput, match="not bound"):
+            sock.recvfrom()
+        sock.bind(7)
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError) as info:
+            sock.recvfrom()
+        assert info.value.errno == errno.EAGAIN
+        assert list(sock) == []
+        sock.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            sock.recvfrom()
+
+        async def serve_one() -> int:
+            data, address = await asyncio.wait_for(sock.recvfrom_async(), 5)
+            sock.sendto(data, address)
+            return len(data)
+
+        ping = peer.ping(peer.b4, wait=3)
+        assert asyncio.run(serve_one()) == 84
+        assert ping.wait(5) == 0
+    with pytest.raises(InvalidInput, match="closed"):
+        sock.recvfrom()
+    sock.close()  # twice is harmless
+
+
+def test_binding_rules(netns: NamedNetns) -> None:
+    with DivertSocket() as exclusive:
+        exclusive.bind(5)
+        with pytest.raises(InvalidInput, match="already bound"):
+            exclusive.bind(6)
+        for lb in (False, True):
+            other = DivertSocket()
+            other.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, int(lb))
+            with pytest.raises(FlowsteerError) as info:
+                other.bind(5)
+            assert info.value.errno == errno.EADDRINUSE
+    members = []
+    try:
+        for _ in range(32):
+            s = DivertSocket()
+            s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, 1)
+            s.bind(5)
+            members.append(s)
+        assert [s.slot for s in members] == list(range(32))
+        extra = DivertSocket()
+        extra.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, 1)
+        with pytest.raises(FlowsteerError) as info:
+            extra.bind(5)
+        assert info.value.errno == errno.ENOSPC
+        with pytest.raises(FlowsteerError) as info:
+            DivertSocket().bind(5)
+        assert info.value.errno == errno.EADDRINUSE
+        members.pop(7).close()
+        extra.bind(5)
+        assert extra.slot == 7  # the lowest free slot
+        members.append(extra)
+    finally:
+        for s in members:
+            s.close()
+    with pytest.raises(InvalidInput):
+        DivertSocket().bind(0)
+    with pytest.raises(InvalidInput):
+        DivertSocket(hold_time=0)
+    with pytest.raises(InvalidInput):
+        DivertSocket().setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+def test_only_root_can_bind(netns: NamedNetns) -> None:
+    code = ("from flowsteer.divert.socket import DivertSocket\n"
+            "from flowsteer.errors import PermissionDenied\n"
+            "try:\n    DivertSocket().bind(7)\nexcept PermissionDenied as e:\n    print('refused', e.errno)\n")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                           sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.stdout.startswith("refused"), proc.stderr
+    assert PermissionDenied  # the class the child caught
+
+
+def test_closing_member_returns_unread_packets_to_the_rules(netns: NamedNetns, peer: Peer) -> None:
+    del netns
+    add("in proto icmp divert-packet port 7")
+    with DivertSocket() as survivor:
+        survivor.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, 1)
+        survivor.bind(7)
+        leaver = DivertSocket()
+        leaver.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, 1)
+        leaver.bind(7)
+        leaver.setblocking(False)
+        pings = [peer.ping(peer.b4, wait=3) for _ in range(6)]  # six flows (ids differ)
+        with Pump([survivor]) as pump:
+            pump.wait_for(1, timeout=1)
+            leaver.close()  # whatever the leaver had not read goes back through the rules
+            assert all(p.wait(10) == 0 for p in pings)
+        assert leaver.counters.received == 0
+        assert leaver.counters.requeued + len(pump.seen) >= 6

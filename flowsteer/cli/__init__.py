@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
+# Subcommand groups imported only when used, so that the lookup commands (`flowsteer explain` …) start
+# without loading the other hooks. Each module registers its group on `main` when imported.
+_LAZY_GROUPS = {"divert": "flowsteer.cli.divert", "group": "flowsteer.cli.group"}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_GROUPS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_GROUPS and cmd_name not in self.commands:
+            importlib.import_module(_LAZY_GROUPS[cmd_name])
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="flowsteer")
 def main() -> None:
     """flowsteer decides which socket gets which traffic.
 
     \b
-    lookup:    steer connections by protocol, prefix and port (BPF sk_lookup)
+    lookup:    steer connections by protocol, prefix and port (BPF sk_lookup):
+               load, bind, apply, register, explain, status … (top-level commands)
     group:     pick the worker inside a SO_REUSEPORT group (BPF sk_reuseport)
     divert:    hand raw packets to Python and reinject them (NFQUEUE)
     """
 
 
 def _register() -> None:
-    # Each module registers its commands on main when imported.
-    from flowsteer.cli import divert, group, lookup  # noqa: F401
+    from flowsteer.cli import lookup  # noqa: F401  (registers the lookup commands on main)
 
 
 _register()

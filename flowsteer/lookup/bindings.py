@@ -7,6 +7,7 @@ docs/lookup.md: an IPv6 prefix that covers ``::ffff:0:0/96`` (for example ``::/0
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import struct
@@ -22,6 +23,7 @@ MAX_LABELS = 1024
 MAX_BINDINGS = 1 << 20
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_V4_MAPPED_BASE = int(_V4_MAPPED.network_address)
 
 # struct binding_key / binding_value of lookup.bpf.c
 _KEY = struct.Struct("=IBBH16s")
@@ -73,8 +75,7 @@ def parse_prefix(text: str) -> Network:
 def to_mapped(network: Network) -> ipaddress.IPv6Network:
     """Returns ``network`` in the v4-mapped IPv6 space the BPF program matches in."""
     if isinstance(network, ipaddress.IPv4Network):
-        mapped = ipaddress.IPv6Address("::ffff:" + str(network.network_address))
-        return ipaddress.IPv6Network((mapped, 96 + network.prefixlen))
+        return ipaddress.IPv6Network((_V4_MAPPED_BASE | int(network.network_address), 96 + network.prefixlen))
     return network
 
 
@@ -101,11 +102,11 @@ class Binding:
         """Returns a validated binding; raises InvalidInput naming the bad field."""
         return cls(parse_label(label), parse_protocol(protocol), parse_prefix(prefix), parse_port(port))
 
-    @property
+    @functools.cached_property
     def mapped(self) -> ipaddress.IPv6Network:
         return to_mapped(self.prefix)
 
-    @property
+    @functools.cached_property
     def selector(self) -> tuple[str, ipaddress.IPv6Network, int]:
         """What identifies a binding in the trie: two bindings with the same selector cannot coexist."""
         return (self.protocol, self.mapped, self.port)

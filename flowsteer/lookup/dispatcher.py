@@ -381,11 +381,12 @@ def _destinations(st: LookupState) -> list[DestinationStatus]:
 def _validated_set(wanted: Iterable[Binding]) -> set[Binding]:
     new = set(wanted)
     by_selector: dict[tuple[str, ipaddress.IPv6Network, int], Binding] = {}
-    for x in sorted(new, key=str):
+    for x in new:
         other = by_selector.setdefault(x.selector, x)
         if other.label != x.label:
-            raise InvalidInput(f"{x.protocol} {x.prefix} port {x.port} is bound to both {other.label!r} and "
-                               f"{x.label!r}")
+            first, second = sorted((other.label, x.label))
+            raise InvalidInput(f"{x.protocol} {x.prefix} port {x.port} is bound to both {first!r} and "
+                               f"{second!r}")
     if len(new) > b.MAX_BINDINGS:
         raise InvalidInput(f"{len(new)} bindings, the dispatcher holds at most {b.MAX_BINDINGS}")
     if len({x.label for x in new}) >= b.MAX_LABELS:

@@ -1,10 +1,144 @@
-"""Commands of the reuseport hook: ``flowsteer group …``."""
+"""Commands of the reuseport hook: ``flowsteer group …`` (nouns read, verbs change)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import click
+
 from flowsteer.cli import main
+from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, reports_errors, table
+from flowsteer.errors import InvalidInput
+from flowsteer.reuseport import Flow, Group, Policy
+from flowsteer.reuseport.spec import parse_slot
 
 
 @main.group()
 def group() -> None:
-    """Reuseport groups: which worker of a SO_REUSEPORT group gets each connection."""
+    """Reuseport groups: which worker of a SO_REUSEPORT group gets each connection.
+
+    GROUP is written PROTOCOL:ADDRESS:PORT, e.g. tcp:192.0.2.1:8080 or udp:[2001:db8::1]:443.
+    """
+
+
+def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return netns_option(bpffs_option(reports_errors(fn)))
+
+
+def _render_status(status: dict[str, Any]) -> str:
+    rows = [[str(m["member"]), m["state"], str(m["weight"]), f"{100 * m['share']:.2f}%", str(m["selected"]),
+             str(m["pid"] or "-"), "-" if m["socket_cookie"] is None else str(m["socket_cookie"])]
+            for m in status["members"]]
+    counters = ", ".join(f"{k} {v}" for k, v in status["counters"].items())
+    head = (f"group {status['group']}  policy {status['policy']}  table {status['table_size']} entries\n"
+            f"counters: {counters}; keys {status['keys']}; remembered UDP flows {status['remembered_flows']}")
+    return head + "\n\n" + table(rows, ["MEMBER", "STATE", "WEIGHT", "SHARE", "SELECTED", "PID", "SOCKET"])
+
+
+@group.command("list")
+@json_option
+@_common
+def list_(as_json: bool, netns: str | None, bpffs: str | None) -> None:
+    """List the groups of the namespace."""
+    groups = [str(g) for g in Group.list(netns, bpffs)]
+    emit(groups, as_json, lambda gs: "\n".join(gs) if gs else "no groups")
+
+
+@group.command()
+@click.argument("group_id", metavar="GROUP")
+@json_option
+@_common
+def show(group_id: str, as_json: bool, netns: str | None, bpffs: str | None) -> None:
+    """Show a group: policy, members with state, weight, share and counts, and counters."""
+    emit(Group(group_id, netns, bpffs).status(), as_json, _render_status)
+
+
+def _changed(group_id: str, netns: str | None, bpffs: str | None, as_json: bool,
+             change: Callable[[Group], None]) -> None:
+    handle = Group(group_id, netns, bpffs)
+    change(handle)
+    emit(handle.status(), as_json, _render_status)
+
+
+@group.command()
+@click.argument("group_id", metavar="GROUP")
+@click.argument("member")
+@json_option
+@_common
+def drain(group_id: str, member: str, as_json: bool, netns: str | None, bpffs: str | None) -> None:
+    """Stop new connections and flows to MEMBER; established ones stay."""
+    _changed(group_id, netns, bpffs, as_json, lambda g: g.drain(parse_slot(member)))
+
+
+@group.command()
+@click.argument("group_id", metavar="GROUP")
+@click.argument("member")
+@json_option
+@_common
+def undrain(group_id: str, member: str, as_json: bool, netns: str | None, bpffs: str | None) -> None:
+    """Let MEMBER take new connections and flows again."""
+    _changed(group_id, netns, bpffs, as_json, lambda g: g.undrain(parse_slot(member)))
+
+
+def _parse_weights(pairs: tuple[str, ...]) -> dict[int, int]:
+    weights = {}
+    for pair in pairs:
+        slot, sep, weight = pair.partition("=")
+        if not sep:
+            raise InvalidInput(f"{pair!r} is not MEMBER=WEIGHT (e.g. 3=2)")
+        if not weight.strip().isdigit():
+            raise InvalidInput(f"weight {weight!r} in {pair!r} is not a whole number")
+        weights[parse_slot(slot)] = int(weight)
+    return weights
+
+
+@group.command()
+@click.argument("group_id", metavar="GROUP")
+@click.argument("pairs", nargs=-1, metavar="[MEMBER=WEIGHT]...")
+@json_option
+@_common
+def weights(group_id: str, pairs: tuple[str, ...], as_json: bool, netns: str | None, bpffs: str | None) -> None:
+    """Set members' weights (0..1000; used by policy weighted); without pairs, show them."""
+    wanted = _parse_weights(pairs)
+    _changed(group_id, netns, bpffs, as_json, lambda g: g.set_weights(wanted) if wanted else None)
+
+
+@group.command()
+@click.argument("group_id", metavar="GROUP")
+@click.argument("name", type=click.Choice(Policy.NAMES))
+@click.option("--key-offset", type=click.IntRange(0), default=0, help="Policy key: where the key starts in "
+              "the L4 payload (bytes).")
+@click.option("--key-len", type=click.IntRange(0), default=0, help="Policy key: key length (1..20 bytes).")
+@json_option
+@_common
+def policy(group_id: str, name: str, key_offset: int, key_len: int, as_json: bool, netns: str | None,
+           bpffs: str | None) -> None:
+    """Switch the group to policy NAME (atomically, with its table)."""
+    chosen = Policy(name, key_offset, key_len)
+    _changed(group_id, netns, bpffs, as_json, lambda g: g.set_policy(chosen))
+
+
+@group.command()
+@click.argument("group_id", metavar="GROUP")
+@click.argument("client")
+@click.option("--server", metavar="ADDRESS:PORT", help="Where the flow goes (default: the group's address "
+              "and port; needed for a group on an unspecified address or steered there by lookup).")
+@click.option("--payload", metavar="HEX", default="", help="The flow's first payload bytes, for policy key.")
+@json_option
+@_common
+def explain(group_id: str, client: str, server: str | None, payload: str, as_json: bool, netns: str | None,
+            bpffs: str | None) -> None:
+    """Tell which member a new flow from CLIENT (ADDRESS:PORT) goes to, and why."""
+    handle = Group(group_id, netns, bpffs)
+    gid = handle.id
+    if server is None:
+        if gid.address.is_unspecified:
+            raise InvalidInput(f"group {gid} listens on every address: say which with --server ADDRESS:PORT")
+        server = str(gid).partition(":")[2]
+    try:
+        data = bytes.fromhex(payload)
+    except ValueError:
+        raise InvalidInput(f"payload {payload!r} is not hexadecimal") from None
+    decision = handle.explain([Flow.parse(gid.protocol, client, server, data)])[0]
+    emit(decision.to_dict(), as_json, lambda _: decision.describe())

@@ -1,0 +1,56 @@
+"""``flowsteer group`` against real groups: list, show, drain, undrain, weights, policy, explain."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from click.testing import CliRunner
+
+from flowsteer.cli import main
+from flowsteer.reuseport import Flow
+from flowsteer.reuseport.traffic import tcp_landing
+
+MakeGroup = Callable[..., Any]
+
+
+def run(*args: str) -> Any:
+    result = CliRunner().invoke(main, ["group", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output) if "--json" in args else result.output
+
+
+def test_commands_read_and_change_the_group(make_group: MakeGroup) -> None:
+    group, members = make_group("tcp:192.0.2.30:9200", range(3))
+    spec = str(group.id)
+    assert run("list", "--json") == [spec]
+    shown = run("show", spec, "--json")
+    assert [m["state"] for m in shown["members"]] == ["live"] * 3 and shown["policy"] == "consistent"
+    assert "MEMBER  STATE" in run("show", spec)
+
+    drained = run("drain", spec, "1", "--json")
+    assert [m["state"] for m in drained["members"]] == ["live", "drained", "live"]
+    assert drained["members"][1]["share"] == 0
+    run("undrain", spec, "1")
+
+    run("policy", spec, "weighted")
+    weights = run("weights", spec, "0=1", "1=0", "2=3", "--json")
+    assert [m["weight"] for m in weights["members"]] == [1, 0, 3]
+    assert 0.7 < weights["members"][2]["share"] < 0.8
+
+    answer = run("explain", spec, "198.51.100.9:41000", "--json")
+    flow = Flow.parse("tcp", "198.51.100.9:41000", "192.0.2.30:9200")
+    assert answer["outcome"] == "member" and answer["reason"] == "table"
+    assert tcp_landing({s: m.socket for s, m in members.items()}, [flow])[flow] == answer["member"]
+    assert run("explain", spec, "198.51.100.9:41000").startswith(f"member {answer['member']} (table)")
+
+
+def test_errors_from_the_state_are_messages(make_group: MakeGroup, netns: Any) -> None:
+    group, _ = make_group("udp:192.0.2.31:9201", range(2))
+    for args, message in ((["show", "udp:192.0.2.31:9999"], "no reuseport group"),
+                          (["drain", str(group.id), "7"], "has no member 7")):
+        result = CliRunner().invoke(main, ["group", *args])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    # --netns reaches the namespace from outside of it by name
+    assert str(group.id) in CliRunner().invoke(main, ["group", "list", "--netns", netns.name]).output

@@ -1,0 +1,68 @@
+"""Policies and the table they make: drain and leave move only the member's own entries."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowsteer.errors import InvalidInput
+from flowsteer.reuseport.maglev import NO_MEMBER
+from flowsteer.reuseport.policy import KEY_MAX, Kind, Policy, pad_key, table_for
+
+SIZE = 1021
+
+
+@given(st.sets(st.integers(0, 255), min_size=3, max_size=16), st.data())
+@settings(max_examples=30, deadline=None)
+def test_taking_members_out_moves_only_their_entries(slots: set[int], data: st.DataObject) -> None:
+    weights = {s: 1 for s in slots}
+    out = data.draw(st.sets(st.sampled_from(sorted(slots)), max_size=len(slots) - 2))
+    live = slots - out
+    before = table_for(Policy(), weights, live, SIZE, 9)
+    extra = data.draw(st.sampled_from(sorted(live)))
+    after = table_for(Policy(), weights, live - {extra}, SIZE, 9)
+    assert {i for i in range(SIZE) if before[i] != after[i]} == {i for i in range(SIZE) if before[i] == extra}
+    assert extra not in after
+    assert table_for(Policy(), weights, live, SIZE, 9) == before  # and back, exactly
+
+
+def test_weighted_tables_use_weights_and_consistent_ones_do_not() -> None:
+    weights = {0: 1, 1: 3}
+    weighted = Counter(table_for(Policy("weighted"), weights, {0, 1}, 4099, 1))
+    even = Counter(table_for(Policy("consistent"), weights, {0, 1}, 4099, 1))
+    assert abs(weighted[1] / weighted[0] - 3) < 0.05
+    assert abs(even[1] - even[0]) <= 1
+
+
+def test_weighted_fallback_follows_weights() -> None:
+    weights = {0: 1, 1: 1, 2: 3}
+    table = Counter(table_for(Policy("weighted"), weights, {1, 2}, 65537, 1))
+    assert 2.5 < table[2] / table[1] < 3.6  # member 0's share went to 1 and 2 by weight
+
+
+def test_no_live_member_means_no_member_everywhere() -> None:
+    assert set(table_for(Policy(), {0: 1, 1: 1}, set(), SIZE, 1)) == {NO_MEMBER}
+    assert set(table_for(Policy(), {}, set(), SIZE, 1)) == {NO_MEMBER}
+
+
+@pytest.mark.parametrize("args,message", [
+    (("random",), "not one of"),
+    (("key", 0, 0), "key length"),
+    (("key", 0, KEY_MAX + 1), "key length"),
+    (("key", -1, 4), "key offset"),
+    (("consistent", 3, 0), "takes no key"),
+])
+def test_bad_policies_are_refused(args: tuple, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        Policy(*args)
+
+
+def test_policy_kinds_and_keys() -> None:
+    assert [Policy(n).kind for n in ("consistent", "weighted", "hash")] == [Kind.TABLE, Kind.TABLE, Kind.HASH]
+    assert Policy("key", 2, 8).kind == Kind.KEY and "8 bytes at payload offset 2" in Policy("key", 2, 8).describe()
+    assert pad_key(b"ab") == b"ab" + bytes(KEY_MAX - 2)
+    with pytest.raises(InvalidInput):
+        pad_key(b"")

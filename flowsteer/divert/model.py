@@ -141,7 +141,7 @@ def explain(flow: Flow, state: netfilter.Installed | None = None) -> dict[str, A
         elif not flow.tracked:
             answer.update(slot=members[0], reason="untracked packets go to the first member")
         else:
-            index_ = hmark_index(flow, len(members), netfilter.HASH_SEED + rule.divert_port)
+            index_ = hmark_index(flow, len(members), netfilter.hash_seed(rule.divert_port, members))
             answer.update(slot=members[index_],
                           reason=f"new connections: HMARK hash picks member {index_} of {len(members)}")
         if answer["slot"] is not None:

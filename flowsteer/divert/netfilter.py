@@ -36,7 +36,6 @@ SKIP_MASK = 0xFFFF0000
 SCRATCH_MARK = 0xD1CF0000
 """HMARK writes ``SCRATCH_MARK + index`` while pinning a connection; the mark is cleared right after."""
 HASH_SEED = 0x5EED0000
-"""HMARK's ``--hmark-rnd`` for port ``p`` is ``HASH_SEED + p`` (the model in :mod:`.model` uses it too)."""
 
 HOOKS: dict[Direction, str] = {"in": "PREROUTING", "out": "POSTROUTING"}
 CT_SHIFT: dict[Direction, int] = {"in": 16, "out": 24}
@@ -53,6 +52,16 @@ def ct_value(direction: Direction, slot: int) -> tuple[int, int]:
     """Returns ``(value, mask)`` of the conntrack mark that pins a connection to ``slot`` in ``direction``."""
     shift = CT_SHIFT[direction]
     return (0x80 | slot) << shift, 0xFF << shift
+
+
+def hash_seed(port: int, slots: Sequence[int]) -> int:
+    """Returns HMARK's ``--hmark-rnd`` for a port with the given live member slots.
+
+    The seed depends on the member set so that connections re-pinned after a member leaves spread over
+    all survivors (with one seed, HMARK's range scaling would hand them all to one neighbour).
+    """
+    mask = sum(1 << s for s in slots)
+    return (HASH_SEED + port + mask * 0x9E3779B1) & 0xFFFFFFFF
 
 
 def rule_chain(direction: Direction) -> str:
@@ -176,7 +185,7 @@ def _pick_lines(direction: Direction, port: int, slots: tuple[int, ...]) -> list
                      f"-j CONNMARK --set-xmark {value:#x}/{mask:#x}")
     lines += _return_if_pinned(chain, direction, slots)
     lines.append(f"-A {chain} -j HMARK --hmark-tuple src,dst,sport,dport,proto --hmark-mod {len(slots)} "
-                 f"--hmark-offset {SCRATCH_MARK:#x} --hmark-rnd {HASH_SEED + port:#x}")
+                 f"--hmark-offset {SCRATCH_MARK:#x} --hmark-rnd {hash_seed(port, slots):#x}")
     for index, slot in enumerate(slots):
         value, mask = ct_value(direction, slot)
         lines.append(f"-A {chain} -m mark --mark {SCRATCH_MARK + index:#x} "

@@ -54,6 +54,37 @@ def make_peer(here: NamedNetns) -> Peer:
     return peer
 
 
+class Flows:
+    """UDP flows from the peer to ``dst``:5000, one socket (source port) each, for affinity tests."""
+
+    def __init__(self, peer: Peer, count: int, first_port: int = 40000, dst: str | None = None,
+                 dport: int = 5000) -> None:
+        self.dst, self.dport = dst or peer.b4, dport
+        family = socket.AF_INET6 if ":" in self.dst else socket.AF_INET
+        src = peer.a6 if family == socket.AF_INET6 else peer.a4
+        self.socks = []
+        for port in range(first_port, first_port + count):
+            s = peer.socket(family, socket.SOCK_DGRAM)
+            s.bind((src, port))
+            self.socks.append(s)
+        self.ports = list(range(first_port, first_port + count))
+
+    def send(self, tag: bytes) -> None:
+        """Sends one datagram ``tag`` on every flow."""
+        for s in self.socks:
+            s.sendto(tag, (self.dst, self.dport))
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def flow_port(seen: "Seen") -> int:
+    """Returns the peer-side port of a UDP packet seen in either direction (the flow's identity)."""
+    p = seen.packet
+    return p.sport if p.dport in (5000, 6000) else p.dport
+
+
 def ping_here(dst: str, count: int = 1, wait: float = 1.0) -> subprocess.Popen[str]:
     """Starts ping in the calling thread's namespace."""
     return subprocess.Popen(["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", str(wait), dst],
@@ -105,8 +136,11 @@ class Pump:
     seen: list[Seen] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.socks = list(self.socks)
         self._stop = threading.Event()
         self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._closed: set[int] = set()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> "Pump":
@@ -119,22 +153,40 @@ class Pump:
         self._stop.set()
         self._thread.join(5)
 
+    def add(self, sock: DivertSocket) -> int:
+        """Starts serving one more socket; returns its index."""
+        sock.setblocking(False)
+        with self._lock:
+            self.socks.append(sock)
+            return len(self.socks) - 1
+
+    def close(self, index: int) -> None:
+        """Closes socket ``index`` between two reads (so it holds no packet it has read)."""
+        with self._lock:
+            self._closed.add(index)
+            self.socks[index].close()
+
     def _run(self) -> None:
-        fds = {s.fileno(): i for i, s in enumerate(self.socks)}
         while not self._stop.is_set():
-            ready, _, _ = select.select(list(fds), [], [], 0.05)
-            for fd in ready:
-                index = fds[fd]
-                sock = self.socks[index]
-                for data, address in sock:
-                    with self._cond:
-                        self.seen.append(Seen(index, data, address))
-                        self._cond.notify_all()
-                    out = data if self.handler is None else self.handler(index, data, address)
-                    if out is None:
-                        sock.drop(address)
-                    else:
-                        sock.sendto(out, address)
+            with self._lock:
+                fds = {s.fileno(): i for i, s in enumerate(self.socks) if i not in self._closed}
+            ready, _, _ = select.select(list(fds), [], [], 0.02)
+            with self._lock:
+                for fd in ready:
+                    if fds[fd] not in self._closed:
+                        self._serve(fds[fd])
+
+    def _serve(self, index: int) -> None:
+        sock = self.socks[index]
+        for data, address in sock:
+            with self._cond:
+                self.seen.append(Seen(index, data, address))
+                self._cond.notify_all()
+            out = data if self.handler is None else self.handler(index, data, address)
+            if out is None:
+                sock.drop(address)
+            else:
+                sock.sendto(out, address)
 
     def wait_for(self, count: int, timeout: float = 5.0, where: Callable[[Seen], bool] = lambda s: True) -> list[Seen]:
         """Returns the matching packets once at least ``count`` were seen, or what was seen at the timeout."""

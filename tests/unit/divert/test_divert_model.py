@@ -50,7 +50,7 @@ def test_explain_first_match_members_and_untracked() -> None:
     flow = Flow("in", "udp", "10.0.0.1", "10.0.0.2", 4000, 53)
     answer = explain(flow, state)
     assert answer["rule"] == 1 and answer["port"] == 7
-    assert answer["slot"] == (1, 4, 9)[hmark_index(flow, 3, netfilter.HASH_SEED + 7)]
+    assert answer["slot"] == (1, 4, 9)[hmark_index(flow, 3, netfilter.hash_seed(7, (1, 4, 9)))]
     assert answer["queue"] == queue_number(7, answer["slot"], False)
     untracked = Flow("in", "udp", "10.0.0.1", "10.0.0.2", 4000, 53, tracked=False)
     assert explain(untracked, state)["slot"] == 1

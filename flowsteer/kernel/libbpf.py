@@ -143,6 +143,7 @@ def _load_library() -> ctypes.CDLL:
         "bpf_obj_get_info_by_fd": (i, [i, vp, ctypes.POINTER(u32)]),
         "bpf_link_create": (i, [i, i, i, vp]),
         "bpf_link_update": (i, [i, i, vp]),
+        "bpf_link_detach": (i, [i]),
         "libbpf_num_possible_cpus": (i, []),
         "libbpf_set_print": (vp, [_PRINT_FN]),
     }
@@ -416,6 +417,10 @@ class Link(_Fd):
     def update(self, prog: Program) -> None:
         """Atomically replaces the program this link runs."""
         _check(_lib.bpf_link_update(self.fd, prog.fd, None), "replace linked program")
+
+    def detach(self) -> None:
+        """Detaches the program now, whoever else still holds the link (the link stays, defunct)."""
+        _check(_lib.bpf_link_detach(self.fd), "detach link")
 
     def info(self) -> LinkInfo:
         """Returns the kernel's description of this link."""

@@ -116,7 +116,8 @@ class Dispatcher:
         Raises NotLoaded when it is not loaded.
         """
         with self._inside() as ns, bpffs.locked(bpffs.netns_dir(self.root, ns)):
-            LookupState.open(self.root, ns).close()
+            with LookupState.open(self.root, ns) as st, st.link() as link:
+                link.detach()  # synchronous; dropping the last reference alone detaches later
             bpffs.remove_tree(state_dir(self.root, ns))
 
     def upgrade(self) -> dict[str, Any]:

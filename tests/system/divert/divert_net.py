@@ -188,13 +188,16 @@ class Pump:
             else:
                 sock.sendto(out, address)
 
-    def wait_for(self, count: int, timeout: float = 5.0, where: Callable[[Seen], bool] = lambda s: True) -> list[Seen]:
-        """Returns the matching packets once at least ``count`` were seen, or what was seen at the timeout."""
+    def wait_for(self, count: int, timeout: float = 5.0, where: Callable[[Seen], bool] = lambda s: True,
+                 key: Callable[[Seen], object] | None = None) -> list[Seen]:
+        """Returns the matching packets once at least ``count`` were seen (``count`` distinct ``key``
+        values when given), or what was seen when ``timeout`` passes."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 found = [s for s in self.seen if where(s)]
+                got = len(found) if key is None else len({key(s) for s in found})
                 left = deadline - time.monotonic()
-                if len(found) >= count or left <= 0:
+                if got >= count or left <= 0:
                     return found
                 self._cond.wait(left)

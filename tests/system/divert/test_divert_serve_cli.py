@@ -1,0 +1,126 @@
+"""`flowsteer divert …` commands: rules, status, explain, errors, and `serve` restarting a killed worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from divert_net import Flows, Peer
+
+from flowsteer.kernel.netns import NamedNetns
+
+CLI = [sys.executable, "-c", "from flowsteer.cli import main; main()"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "divert", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_rule_commands_status_and_explain(netns: NamedNetns) -> None:
+    ns = ["--netns", netns.name]
+    assert run("add", *ns, "in", "proto", "udp", "to", "any", "port", "53", "divert-packet", "port", "7").returncode == 0
+    assert run("add", *ns, "--position", "1", "out proto tcp divert-packet port 8 fail-open").returncode == 0
+    rules = json.loads(run("rules", *ns, "--json").stdout)
+    assert [r["text"] for r in rules] == ["out proto tcp divert-packet port 8 fail-open",
+                                          "in proto udp to any port 53 divert-packet port 7"]
+    state = json.loads(run("status", *ns, "--json").stdout)
+    assert [p["port"] for p in state["ports"]] == [7, 8] and state["ports"][0]["sockets"] == []
+    answer = json.loads(run("explain", *ns, "--json", "--direction", "in", "--proto", "udp", "--src",
+                            "10.0.0.1", "--dst", "10.0.0.2", "--sport", "1", "--dport", "53").stdout)
+    assert answer["rule"] == 2 and answer["port"] == 7 and answer["slot"] is None
+    text = run("explain", *ns, "--direction", "out", "--proto", "udp", "--src", "10.0.0.1", "--dst", "10.0.0.2")
+    assert "not diverted" in text.stdout
+    assert run("del", *ns, "1").returncode == 0
+    assert run("del", *ns, "in proto udp to any port 53 divert-packet port 7").returncode == 0
+    assert json.loads(run("rules", *ns, "--json").stdout) == []
+    assert run("add", *ns, "proto icmp divert-packet port 1").returncode == 0
+    assert run("flush", *ns).returncode == 0
+    assert "no divert rules" in run("status", *ns).stdout
+
+
+def test_user_mistakes_are_errors_not_tracebacks(netns: NamedNetns) -> None:
+    for args in (("add", "--netns", netns.name, "in", "proto", "bogus", "divert-packet", "port", "7"),
+                 ("add", "--netns", "no-such-netns", "divert-packet", "port", "7"),
+                 ("del", "--netns", netns.name, "3"),
+                 ("explain", "--direction", "in", "--proto", "udp", "--src", "x", "--dst", "10.0.0.1"),
+                 ("serve", "--netns", netns.name, "--port", "7", "no_such_module:handle"),
+                 ("serve", "--netns", netns.name, "--port", "2000", "os:getpid"),
+                 ("serve", "--netns", netns.name, "--port", "7", "--workers", "33", "os:getpid")):
+        proc = run(*args)
+        assert proc.returncode == 1 and proc.stderr.startswith("flowsteer: error: "), (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+HANDLER = """
+import os
+def handle(packet):
+    with open(os.environ["DIVERT_TEST_LOG"], "a") as f:
+        f.write(f"{packet.sport} {os.getpid()}\\n")
+    return packet
+"""
+
+
+def read_event(proc: subprocess.Popen[str], want: str, timeout: float = 20.0) -> dict[str, Any]:
+    assert proc.stdout is not None
+    while True:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        assert ready, f"no {want} event"
+        line = proc.stdout.readline()
+        assert line, f"serve exited before {want}"
+        event = json.loads(line)
+        if event["event"] == want:
+            return event
+
+
+def test_serve_runs_a_group_and_a_killed_workers_flows_are_taken_over(peer: Peer, netns: NamedNetns,
+                                                                      tmp_path: Path) -> None:
+    assert run("add", "--netns", netns.name, "in proto udp to any port 5000 divert-packet port 9").returncode == 0
+    (tmp_path / "handler.py").write_text(HANDLER)
+    log = tmp_path / "log"
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind((peer.b4, 5000))
+    receiver.settimeout(5)
+    env = {**os.environ, "DIVERT_TEST_LOG": str(log)}
+    serve = subprocess.Popen([*CLI, "divert", "serve", "--netns", netns.name, "--port", "9", "--workers", "2",
+                              "--json", f"{tmp_path}/handler.py:handle"], stdout=subprocess.PIPE, text=True,
+                             env=env)
+    flows = Flows(peer, 24)
+    try:
+        ready = read_event(serve, "ready")
+        pids = [w["pid"] for w in ready["workers"]]
+
+        def round_() -> dict[int, int]:
+            log.write_text("")
+            flows.send(b"x")
+            for _ in flows.ports:
+                receiver.recv(10)  # written back by a worker, so logged already
+            return {int(a): int(b) for a, b in (line.split() for line in log.read_text().splitlines())}
+
+        first = round_()
+        assert set(first.values()) == set(pids)
+        victim = pids[0]
+        os.kill(victim, signal.SIGKILL)
+        restarted = read_event(serve, "restarted")
+        assert restarted["dead_pid"] == victim and restarted["pid"] != victim
+        second = round_()
+        for port, pid in first.items():
+            if pid != victim:
+                assert second[port] == pid  # the survivor keeps its connections
+            else:
+                assert second[port] in (restarted["pid"], pids[1])  # taken over
+        serve.send_signal(signal.SIGTERM)
+        stopped = read_event(serve, "stopped")
+        assert serve.wait(10) == 0
+        assert sum(w["received"] for w in stopped["workers"]) >= 24
+        assert [w["restarts"] for w in stopped["workers"]] == [1, 0]
+    finally:
+        serve.kill()
+        flows.close()
+        receiver.close()

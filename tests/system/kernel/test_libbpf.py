@@ -1,0 +1,76 @@
+"""The ctypes libbpf layer against the real kernel: maps, pins, objects, errors with errno."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+import pytest
+
+from flowsteer.errors import FlowsteerError, KernelError
+from flowsteer.kernel.libbpf import BPF_NOEXIST, BpfObject, Map, MapType, possible_cpus
+from flowsteer.lookup.state import object_path
+
+
+def test_hash_map_operations_and_errors() -> None:
+    with Map.create(MapType.HASH, "t", 4, 8, 2) as m:
+        m.update(b"aaaa", b"11111111")
+        m.update(b"bbbb", b"22222222")
+        assert m.lookup(b"aaaa") == b"11111111" and m.lookup(b"zzzz") is None
+        assert sorted(m.items()) == [(b"aaaa", b"11111111"), (b"bbbb", b"22222222")]
+        with pytest.raises(KernelError) as exc:
+            m.update(b"aaaa", b"33333333", BPF_NOEXIST)
+        assert exc.value.errno == errno.EEXIST and exc.value.operation == "map update"
+        with pytest.raises(KernelError) as exc:
+            m.update(b"cccc", b"33333333")  # full
+        assert exc.value.errno == errno.E2BIG
+        assert m.delete(b"aaaa") and not m.delete(b"aaaa")
+        with pytest.raises(ValueError):
+            m.lookup(b"toolong")
+        info = m.info()
+        assert (info.type, info.key_size, info.value_size, info.max_entries) == (MapType.HASH, 4, 8, 2)
+
+
+def test_percpu_values_come_per_cpu() -> None:
+    with Map.create(MapType.PERCPU_ARRAY, "pc", 4, 8, 1) as m:
+        key = struct.pack("=I", 0)
+        values = m.lookup_percpu(key)
+        assert len(values) == possible_cpus() and all(v == bytes(8) for v in values)
+
+
+def test_pin_and_open_pinned_read_only(bpffs_root: str) -> None:
+    path = os.path.join(bpffs_root, "m")
+    with Map.create(MapType.ARRAY, "a", 4, 4, 1) as m:
+        m.update(bytes(4), b"\x07\0\0\0")
+        m.pin(path)
+        with pytest.raises(KernelError) as exc:
+            m.pin(path)
+        assert exc.value.errno == errno.EEXIST
+    with Map.open_pinned(path, readonly=True) as ro:
+        assert ro.lookup(bytes(4)) == b"\x07\0\0\0"
+        with pytest.raises(KernelError) as exc:
+            ro.update(bytes(4), bytes(4))
+        assert exc.value.errno == errno.EPERM
+    with pytest.raises(KernelError) as exc:
+        Map.open_pinned(os.path.join(bpffs_root, "missing"))
+    assert exc.value.errno == errno.ENOENT
+
+
+def test_object_specs_and_missing_object(tmp_path: object) -> None:
+    with BpfObject(object_path()) as obj:
+        assert {"bindings", "labels", "sockets", "counters", "meta"} <= set(obj.map_names())
+        assert obj.map_spec("sockets").type == MapType.SOCKMAP
+        with pytest.raises(FlowsteerError, match="has no map 'nope'"):
+            obj.map_spec("nope")
+    with pytest.raises(FlowsteerError, match="make bpf"):
+        BpfObject("/nonexistent/x.bpf.o")
+
+
+def test_load_failure_quotes_libbpf(tmp_path: object) -> None:
+    bogus = os.path.join(str(tmp_path), "bogus.bpf.o")
+    with open(bogus, "wb") as f:
+        f.write(b"\x7fELF not really")
+    with pytest.raises(KernelError) as exc:
+        BpfObject(bogus)
+    assert "libbpf" in str(exc.value) and exc.value.errno is not None

@@ -24,7 +24,8 @@ def test_entered_switches_and_restores() -> None:
         sock.close()
     finally:
         ns.destroy()
-    assert not nsmod.NamedNetns(ns.name).path.startswith("/proc")
+    with pytest.raises(InvalidInput):
+        nsmod.identity(ns.path)  # destroyed
 
 
 def test_entering_a_missing_namespace_is_a_clear_error() -> None:

@@ -196,11 +196,15 @@ class Worker:
 
 
 class Load:
-    """``clients`` threads opening connections to ``address:port`` one after another: each sends a line
-    and expects ``pong``. Counts successes and failures (reset, refused, timeout, short answer)."""
+    """``clients`` threads opening connections to ``address:port`` one after another: each sends
+    ``request`` and expects an answer starting with ``expect``. Counts successes and failures (reset,
+    refused, timeout, wrong answer)."""
 
-    def __init__(self, address: str, port: int, clients: int = 4) -> None:
+    def __init__(self, address: str, port: int, clients: int = 4, request: bytes = b"ping\n",
+                 expect: bytes = b"pong") -> None:
         self.target = (address, port)
+        self.request = request
+        self.expect = expect
         self.ok = 0
         self.failures: list[str] = []
         self._lock = threading.Condition()
@@ -224,9 +228,9 @@ class Load:
                 with socket.socket(family, socket.SOCK_STREAM) as sock:
                     sock.settimeout(3.0)
                     sock.connect(self.target)
-                    sock.sendall(b"ping\n")
-                    answer = sock.recv(16)
-                outcome = None if answer == b"pong" else f"answer {answer!r}"
+                    sock.sendall(self.request)
+                    answer = sock.recv(len(self.expect), socket.MSG_WAITALL)
+                outcome = None if answer == self.expect else f"answer {answer!r}"
             except OSError as exc:
                 outcome = type(exc).__name__
             with self._lock:

@@ -4,6 +4,8 @@
     serve(member.socket)                        # a listening TCP (or bound UDP) socket
     member.leave()                              # no new flows; queued connections move to live members
 
+A server that owns the socket and closes it itself calls ``member.detach()`` before it closes.
+
 A restarted worker joins with the same slot and takes its place (and its share of flows) back.
 """
 
@@ -29,13 +31,16 @@ class Membership:
     slot: int
     socket: socket.socket
 
+    def detach(self) -> None:
+        """Stops new flows to this member (it is marked absent); then close the socket, or let the server
+        that owns it close it. Detaching twice is harmless."""
+        self.group.detach(self.slot)
+
     def leave(self) -> None:
         """Stops new flows to this member, then closes its socket: a TCP listener's queued connections
         migrate to live members (none is reset). Leaving twice is harmless."""
-        if self.socket.fileno() < 0:
-            return
         try:
-            self.group.detach(self.slot)
+            self.detach()
         finally:
             self.socket.close()
 

@@ -1,0 +1,119 @@
+"""Run a server as worker processes of one group, and restart them one by one without failing a connection.
+
+    def serve(member: Membership) -> None:      # runs in each worker process
+        asyncio.run(my_server(member.socket))    # returns after SIGTERM, once the server has closed
+
+    Supervisor(Group("tcp:0.0.0.0:8080"), workers=4, serve=serve).run()
+
+``run`` starts the workers and waits for signals: SIGHUP restarts every worker in turn, SIGTERM or SIGINT
+stops them all. A restart of member K drains it, sends its worker SIGTERM (``serve`` must then close its
+server and return; connections still queued on its listener migrate to live members), starts a new worker
+that joins as K, and undrains K once it is ready.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+from collections.abc import Callable
+
+from flowsteer.errors import FlowsteerError
+from flowsteer.reuseport.group import Group
+from flowsteer.reuseport.worker import Membership, join
+
+Serve = Callable[[Membership], None]
+_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+
+def _worker(group: Group, slot: int, serve: Serve, ready: multiprocessing.connection.Connection) -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        member = join(group.id, slot, netns=group.netns, bpffs_root=group.root)
+    except FlowsteerError as exc:
+        ready.send(str(exc))
+        raise SystemExit(1) from None
+    ready.send("")
+    try:
+        serve(member)
+    finally:
+        member.leave()
+
+
+class Supervisor:
+    """Worker processes serving members 0..workers-1 of ``group`` (created with policy consistent when it
+    does not exist). ``report`` receives one line per event (default: nothing)."""
+
+    def __init__(self, group: Group, workers: int, serve: Serve, *, ready_timeout: float = 10.0,
+                 report: Callable[[str], None] = lambda line: None) -> None:
+        if not 1 <= workers <= 256:
+            raise FlowsteerError(f"{workers} workers: a group has 1 to 256 members")
+        self.group = group
+        self.count = workers
+        self.serve = serve
+        self.ready_timeout = ready_timeout
+        self.report = report
+        self.processes: dict[int, multiprocessing.Process] = {}
+        self._context = multiprocessing.get_context("fork")
+
+    def _start(self, slot: int) -> None:
+        """Starts the worker of ``slot`` and returns once it has joined; raises FlowsteerError when it
+        could not join or did not report within ``ready_timeout``."""
+        receiver, sender = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=_worker, args=(self.group, slot, self.serve, sender),
+                                        name=f"flowsteer-worker-{slot}")
+        process.start()
+        sender.close()
+        with receiver:
+            if not receiver.poll(self.ready_timeout):
+                process.kill()
+                raise FlowsteerError(f"worker {slot} did not join within {self.ready_timeout} s")
+            problem = receiver.recv()
+        if problem:
+            process.join()
+            raise FlowsteerError(f"worker {slot} could not join: {problem}")
+        self.processes[slot] = process
+        self.report(f"worker {slot} ready (pid {process.pid})")
+
+    def _end(self, slot: int) -> None:
+        process = self.processes.pop(slot)
+        if process.pid is not None and process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+        process.join()
+
+    def start(self) -> None:
+        """Creates the group if needed and starts every worker; returns once all have joined."""
+        self.group.create(exist_ok=True)
+        for slot in range(self.count):
+            self._start(slot)
+            self.group.undrain(slot)
+
+    def restart(self) -> None:
+        """Restarts every worker in turn: drain, stop, start a new one, undrain."""
+        for slot in sorted(self.processes):
+            self.group.drain(slot)
+            self._end(slot)
+            self._start(slot)
+            self.group.undrain(slot)
+        self.report("restart finished")
+
+    def stop(self) -> None:
+        """Stops every worker (each leaves the group first) and waits for them."""
+        for slot in sorted(self.processes):
+            self.group.drain(slot)
+            self._end(slot)
+        self.report("stopped")
+
+    def run(self) -> None:
+        """Starts the workers, then serves signals until SIGTERM or SIGINT: SIGHUP restarts them."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            self.start()
+            self.report("all workers ready")
+            while signal.sigwait(_SIGNALS) == signal.SIGHUP:
+                self.restart()
+        finally:
+            self.stop()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)

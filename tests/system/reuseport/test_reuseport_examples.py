@@ -1,0 +1,66 @@
+"""The examples run for real: a rolling restart (SIGHUP) of every worker process under load fails nothing."""
+
+from __future__ import annotations
+
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flowsteer.reuseport import Group
+from flowsteer.reuseport.traffic import Load
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+HTTP_GET = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+
+
+def wait_line(proc: subprocess.Popen[str], wanted: str, timeout: float = 20.0) -> list[str]:
+    """Returns the lines the process printed up to one containing ``wanted``; fails after ``timeout``."""
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line.strip())
+        if wanted in line:
+            return seen
+    pytest.fail(f"{wanted!r} not printed within {timeout} s; got {seen}, exit status {proc.poll()}")
+
+
+@pytest.mark.parametrize("script", ["reuseport_asyncio.py", "reuseport_uvicorn.py"])
+def test_example_restarts_every_worker_under_load(netns: object, bpffs_root: str, script: str) -> None:
+    if script == "reuseport_uvicorn.py":
+        pytest.importorskip("uvicorn")
+    spec = "tcp:192.0.2.50:8090"
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), spec, "--workers", "3"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        wait_line(proc, "all workers ready")
+        group = Group(spec)
+        before = {m.pid for m in group.members()}
+        with Load("192.0.2.50", 8090, clients=4, request=HTTP_GET, expect=b"HTTP/1.1 200 OK") as load:
+            load.wait_for(100)
+            proc.send_signal(signal.SIGHUP)
+            wait_line(proc, "restart finished")
+            load.wait_for(100)
+        assert load.failures == []
+        assert load.ok >= 200
+        after = group.members()
+        assert [m.state for m in after] == ["live"] * 3
+        assert not before & {m.pid for m in after}  # every worker is a new process
+        proc.send_signal(signal.SIGTERM)
+        wait_line(proc, "stopped")
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

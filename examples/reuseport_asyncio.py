@@ -11,14 +11,12 @@ them one by one on SIGHUP and stops them on SIGTERM or Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import functools
 import os
 import signal
 
-from flowsteer.reuseport import Group, Membership
-from flowsteer.reuseport.supervisor import Supervisor
+from flowsteer.reuseport import Membership
+from flowsteer.reuseport.supervisor import main
 
 
 async def _handle(slot: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -61,13 +59,5 @@ def serve(member: Membership) -> None:
     asyncio.run(_serve(member))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("group", help="PROTOCOL:ADDRESS:PORT, e.g. tcp:127.0.0.1:8080")
-    parser.add_argument("--workers", type=int, default=4)
-    args = parser.parse_args()
-    Supervisor(Group(args.group), args.workers, serve, report=functools.partial(print, flush=True)).run()
-
-
 if __name__ == "__main__":
-    main()
+    main(serve, __doc__.splitlines()[0])

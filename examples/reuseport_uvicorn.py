@@ -11,16 +11,14 @@ app works: replace ``app``.
 
 from __future__ import annotations
 
-import argparse
-import functools
 import os
 import socket
 from typing import Any
 
 import uvicorn
 
-from flowsteer.reuseport import Group, Membership
-from flowsteer.reuseport.supervisor import Supervisor
+from flowsteer.reuseport import Membership
+from flowsteer.reuseport.supervisor import main
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -51,13 +49,5 @@ def serve(member: Membership) -> None:
     MemberServer(config, member).run(sockets=[member.socket])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("group", help="PROTOCOL:ADDRESS:PORT, e.g. tcp:127.0.0.1:8000")
-    parser.add_argument("--workers", type=int, default=4)
-    args = parser.parse_args()
-    Supervisor(Group(args.group), args.workers, serve, report=functools.partial(print, flush=True)).run()
-
-
 if __name__ == "__main__":
-    main()
+    main(serve, __doc__.splitlines()[0])

@@ -61,24 +61,18 @@ def _changed(group_id: str, netns: str | None, bpffs: str | None, as_json: bool,
     emit(handle.status(), as_json, _render_status)
 
 
-@group.command()
-@click.argument("group_id", metavar="GROUP")
-@click.argument("member")
-@json_option
-@_common
-def drain(group_id: str, member: str, as_json: bool, netns: str | None, bpffs: str | None) -> None:
-    """Stop new connections and flows to MEMBER; established ones stay."""
-    _changed(group_id, netns, bpffs, as_json, lambda g: g.drain(parse_slot(member)))
+def _member_command(name: str, doc: str, change: Callable[[Group, int], None]) -> None:
+    @group.command(name, help=doc)
+    @click.argument("group_id", metavar="GROUP")
+    @click.argument("member")
+    @json_option
+    @_common
+    def command(group_id: str, member: str, as_json: bool, netns: str | None, bpffs: str | None) -> None:
+        _changed(group_id, netns, bpffs, as_json, lambda g: change(g, parse_slot(member)))
 
 
-@group.command()
-@click.argument("group_id", metavar="GROUP")
-@click.argument("member")
-@json_option
-@_common
-def undrain(group_id: str, member: str, as_json: bool, netns: str | None, bpffs: str | None) -> None:
-    """Let MEMBER take new connections and flows again."""
-    _changed(group_id, netns, bpffs, as_json, lambda g: g.undrain(parse_slot(member)))
+_member_command("drain", "Stop new connections and flows to MEMBER; established ones stay.", Group.drain)
+_member_command("undrain", "Let MEMBER take new connections and flows again.", Group.undrain)
 
 
 def _parse_weights(pairs: tuple[str, ...]) -> dict[int, int]:

@@ -13,11 +13,13 @@ that joins as K, and undrains K once it is ready.
 
 from __future__ import annotations
 
+import argparse
+import functools
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from flowsteer.errors import FlowsteerError
 from flowsteer.reuseport.group import Group
@@ -117,3 +119,16 @@ class Supervisor:
         finally:
             self.stop()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+def main(serve: Serve, description: str, argv: Sequence[str] | None = None) -> None:
+    """The command line of a supervised server: ``GROUP [--workers N]``; runs a :class:`Supervisor` that
+    reports its events on stdout. A FlowsteerError ends it with the message and exit status 1."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("group", help="PROTOCOL:ADDRESS:PORT, e.g. tcp:127.0.0.1:8080")
+    parser.add_argument("--workers", type=int, default=4, help="worker processes (members 0..N-1)")
+    args = parser.parse_args(argv)
+    try:
+        Supervisor(Group(args.group), args.workers, serve, report=functools.partial(print, flush=True)).run()
+    except FlowsteerError as exc:
+        raise SystemExit(f"error: {exc}") from None

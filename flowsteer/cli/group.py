@@ -41,7 +41,7 @@ def _render_status(status: dict[str, Any]) -> str:
 @_common
 def list_(as_json: bool, netns: str | None, bpffs: str | None) -> None:
     """List the groups of the namespace."""
-    groups = [str(g) for g in Group.list(netns, bpffs)]
+    groups = [str(g) for g in Group.all(netns, bpffs)]
     emit(groups, as_json, lambda gs: "\n".join(gs) if gs else "no groups")
 
 

@@ -148,7 +148,7 @@ class Group:
             bpffs.remove_tree(directory)
 
     @staticmethod
-    def list(netns: str | None = None, bpffs_root: str | None = None) -> list[GroupId]:
+    def all(netns: str | None = None, bpffs_root: str | None = None) -> list[GroupId]:
         """Returns the groups with state in the namespace, in order."""
         root = bpffs_root or bpffs.default_root()
         with entered(netns):
@@ -286,9 +286,9 @@ class Group:
         self._flag(slot, add=ABSENT)
 
 
-def _weight(value: object) -> int:
+def _weight(value: int | str) -> int:
     try:
-        weight = int(value)  # type: ignore[call-overload]
+        weight = int(value)
     except (TypeError, ValueError):
         raise InvalidInput(f"weight {value!r} is not a number") from None
     if not 0 <= weight <= MAX_WEIGHT:

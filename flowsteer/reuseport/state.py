@@ -136,7 +136,7 @@ class GroupState:
     # policy and table generations
 
     def active_generation(self) -> int:
-        return _U32.unpack(self.maps["active"].lookup(_U32.pack(0)) or bytes(4))[0] & 1
+        return int(_U32.unpack(self.maps["active"].lookup(_U32.pack(0)) or bytes(4))[0]) & 1
 
     def policy(self, generation: int | None = None) -> Policy:
         gen = self.active_generation() if generation is None else generation

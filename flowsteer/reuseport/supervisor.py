@@ -20,6 +20,7 @@ import multiprocessing.connection
 import os
 import signal
 from collections.abc import Callable, Sequence
+from multiprocessing.process import BaseProcess
 
 from flowsteer.errors import FlowsteerError
 from flowsteer.reuseport.group import Group
@@ -57,7 +58,7 @@ class Supervisor:
         self.serve = serve
         self.ready_timeout = ready_timeout
         self.report = report
-        self.processes: dict[int, multiprocessing.Process] = {}
+        self.processes: dict[int, BaseProcess] = {}
         self._context = multiprocessing.get_context("fork")
 
     def _start(self, slot: int) -> None:

@@ -33,7 +33,7 @@ def random_flows(protocol: str, server: Address, server_port: int, count: int, r
     """Returns ``count`` distinct flows from random addresses of ``clients`` and random ports 1024..65535."""
     net = ipaddress.ip_network(clients)
     seen: set[tuple[Address, int]] = set()
-    flows = []
+    flows: list[Flow] = []
     while len(flows) < count:
         client = net[rng.randrange(1, net.num_addresses - 1)]
         port = rng.randrange(1024, 65536)
@@ -138,8 +138,9 @@ def _receive(sock: socket.socket, accept: bool) -> tuple[str, int] | None:
         if accept:
             conn, peer = sock.accept()
             conn.close()
-            return peer
-        return sock.recvfrom(2048, socket.MSG_DONTWAIT)[1]
+        else:
+            peer = sock.recvfrom(2048, socket.MSG_DONTWAIT)[1]
+        return (str(peer[0]), int(peer[1]))
     except (BlockingIOError, InterruptedError):
         return None
 

@@ -8,6 +8,7 @@ packet becomes a single ``NFQNL_MSG_VERDICT_BATCH``).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import socket
 import struct
@@ -27,25 +28,29 @@ MSG_VERDICT = NFNL_SUBSYS_QUEUE << 8 | 1
 MSG_CONFIG = NFNL_SUBSYS_QUEUE << 8 | 2
 MSG_VERDICT_BATCH = NFNL_SUBSYS_QUEUE << 8 | 3
 
-NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK = 1, 2, 3
+NFQA_VERDICT_HDR = 2
 NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV = 5, 6
-NFQA_PAYLOAD, NFQA_CAP_LEN, NFQA_SKB_INFO = 10, 13, 14
+NFQA_PAYLOAD, NFQA_CAP_LEN = 10, 13
 NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
 CMD_BIND, CMD_UNBIND = 1, 2
 COPY_PACKET = 2
 CFG_F_FAIL_OPEN, CFG_F_GSO = 1 << 0, 1 << 2
-SKB_GSO = 1 << 1
 
 NF_DROP, NF_ACCEPT, NF_REPEAT = 0, 1, 4
 """Verdicts: drop the packet, let it continue after the rule, or run the hook's rules on it again."""
 
 COPY_RANGE = 0xFFFF
-_BUFSIZE = COPY_RANGE + 4096
+SLOT = COPY_RANGE + 4096
+"""Bytes per receive slot: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
+RING = 64
+"""Receive slots: messages read per system call."""
+_BUFSIZE = SLOT
 _NLHDR = struct.Struct("=IHHII")
+_NLHEAD = struct.Struct("=IH")
+_PKTHEAD = struct.Struct("!H4xIxxB")
 _VERDICT = struct.Struct("=IHHIIBBHHHII")
 _VERDICT_SIZE = _VERDICT.size
 _ATTR = struct.Struct("=HH")
-_PKTHDR = struct.Struct("!IHB")
 _U32 = struct.Struct("!I")
 _ERR = struct.Struct("=i")
 
@@ -62,10 +67,10 @@ class Delivery:
     indev: int
     """Receiving interface index (0 when none, i.e. for outbound packets)."""
     outdev: int
-    mark: int
     truncated: bool
     """True when the kernel held more bytes than it copied (``NFQA_CAP_LEN`` > payload length)."""
-    gso: bool
+    deadline: float = 0.0
+    """When the packet's hold time ends (set by the divert socket)."""
 
 
 @dataclass(slots=True)
@@ -106,6 +111,7 @@ class NfQueue:
         self._seq = 0
         self._backlog: list[Delivery] = []
         self._buf = bytearray(_BUFSIZE)
+        self._ring: _Ring | None = None
 
     def fileno(self) -> int:
         """Returns the socket's file descriptor (readable when packets are waiting)."""
@@ -137,21 +143,28 @@ class NfQueue:
     def receive(self, limit: int) -> list[Delivery]:
         """Returns up to ``limit`` packets that are waiting, without blocking (an empty list when none).
 
-        Raises KernelError when the socket fails.
+        Reads up to :data:`RING` messages per ``recvmmsg`` call. Raises KernelError when the socket fails.
         """
         out, self._backlog = self._backlog[:limit], self._backlog[limit:]
-        buf = self._buf
-        recv_into = self.sock.recv_into
+        if self._ring is None:
+            self._ring = _Ring()
+        ring = self._ring
+        fd = self.sock.fileno()
         while len(out) < limit:
-            try:
-                n = recv_into(buf, _BUFSIZE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
+            want = min(RING, limit - len(out))
+            got = _recvmmsg(fd, ring.headers, want, socket.MSG_DONTWAIT, None)
+            if got < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EAGAIN, errno.EINTR):
+                    break
+                raise kernel_error("receiving diverted packets", err)
+            parse = self._parse
+            for i in range(got):
+                delivery = parse(ring.view, i * SLOT, ring.headers[i].msg_len)
+                if delivery is not None:
+                    out.append(delivery)
+            if got < want:
                 break
-            except OSError as exc:
-                raise kernel_error("receiving diverted packets", exc.errno or errno.EIO) from None
-            delivery = self._parse(buf, n)
-            if delivery is not None:
-                out.append(delivery)
         return out
 
     def send_verdicts(self, verdicts: list[Verdict], batch_upto: dict[int, int]) -> None:
@@ -208,20 +221,20 @@ class NfQueue:
                 if err:
                     raise kernel_error(what, -err)
                 return
-            delivery = self._parse(self._buf, n)
+            delivery = self._parse(self._buf, 0, n)
             if delivery is not None:
                 self._backlog.append(delivery)
 
-    def _parse(self, buf: bytearray, n: int) -> Delivery | None:
-        length, mtype, _flags, _seq, _pid = _NLHDR.unpack_from(buf, 0)
+    def _parse(self, buf: bytearray | memoryview, base: int, n: int) -> Delivery | None:
+        length, mtype = _NLHEAD.unpack_from(buf, base)
         if mtype != MSG_PACKET:
-            if mtype == NLMSG_ERROR and _ERR.unpack_from(buf, 16)[0]:
+            if mtype == NLMSG_ERROR and _ERR.unpack_from(buf, base + 16)[0]:
                 self.verdict_errors += 1
             return None
-        queue = (buf[18] << 8) | buf[19]
-        off = 20
-        end = min(length, n)
-        packet_id = hook = indev = outdev = mark = cap_len = skbinfo = 0
+        queue, packet_id, hook = _PKTHEAD.unpack_from(buf, base + 18)
+        off = base + 32  # NFQA_PACKET_HDR always comes first
+        end = base + min(length, n)
+        indev = outdev = cap_len = 0
         payload = b""
         unpack = _ATTR.unpack_from
         while off + 4 <= end:
@@ -231,21 +244,47 @@ class NfQueue:
             atype &= 0x3FFF
             if atype == NFQA_PAYLOAD:
                 payload = bytes(buf[off + 4:off + alen])
-            elif atype == NFQA_PACKET_HDR:
-                packet_id, _proto, hook = _PKTHDR.unpack_from(buf, off + 4)
             elif atype == NFQA_IFINDEX_INDEV:
                 indev = _U32.unpack_from(buf, off + 4)[0]
             elif atype == NFQA_IFINDEX_OUTDEV:
                 outdev = _U32.unpack_from(buf, off + 4)[0]
-            elif atype == NFQA_MARK:
-                mark = _U32.unpack_from(buf, off + 4)[0]
             elif atype == NFQA_CAP_LEN:
                 cap_len = _U32.unpack_from(buf, off + 4)[0]
-            elif atype == NFQA_SKB_INFO:
-                skbinfo = _U32.unpack_from(buf, off + 4)[0]
             off += (alen + 3) & ~3
-        return Delivery(queue, packet_id, payload, hook, indev, outdev, mark,
-                        cap_len > len(payload), bool(skbinfo & SKB_GSO))
+        return Delivery(queue, packet_id, payload, hook, indev, outdev, cap_len > len(payload))
+
+
+class _Ring:
+    """:data:`RING` receive slots of :data:`SLOT` bytes each, described by an ``mmsghdr`` array."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(RING * SLOT)  # calloc'd: pages are touched only when used
+        self.view = memoryview(self.buffer)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+        self.iovecs = (_IOVec * RING)(*[_IOVec(base + i * SLOT, SLOT) for i in range(RING)])
+        self.headers = (_MMsgHdr * RING)()
+        for i in range(RING):
+            self.headers[i].msg_hdr.msg_iov = ctypes.pointer(self.iovecs[i])
+            self.headers[i].msg_hdr.msg_iovlen = 1
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _MsgHdr(ctypes.Structure):
+    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
+                ("msg_iov", ctypes.POINTER(_IOVec)), ("msg_iovlen", ctypes.c_size_t),
+                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t), ("msg_flags", ctypes.c_int)]
+
+
+class _MMsgHdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
+
+
+_recvmmsg = ctypes.CDLL(None, use_errno=True).recvmmsg
+_recvmmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_MMsgHdr), ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+_recvmmsg.restype = ctypes.c_int
 
 
 def _attr(atype: int, data: bytes) -> bytes:

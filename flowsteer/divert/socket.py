@@ -30,7 +30,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
 
 from flowsteer.divert import control, netfilter
 from flowsteer.divert.lock import locked
@@ -49,13 +48,10 @@ _UNSPECIFIED = {4: "0.0.0.0", 6: "::"}
 _IF_CACHE_SECONDS = 1.0
 
 
-class DivertAddress(NamedTuple):
-    """What ``recvfrom`` returns with a packet and ``sendto`` takes back."""
-
-    host: str
-    """The receiving interface's address (inbound) or the unspecified address (outbound)."""
-    tag: int
-    """The held packet this address belongs to; 0 for a new packet."""
+DivertAddress = tuple[str, int]
+"""What ``recvfrom`` returns with a packet and ``sendto`` takes back: ``(host, tag)``, where ``host`` is
+the receiving interface's address (inbound) or the unspecified address (outbound) and ``tag`` names the
+held packet (0 for a new packet)."""
 
 
 @dataclass
@@ -103,11 +99,12 @@ class DivertSocket:
         self._closed = False
         self._timeout: float | None = None
         self._nfq: NfQueue | None = None
-        self._ready: deque[Delivery] = deque()
-        self._held: dict[int, tuple[Delivery, float]] = {}
+        self._ready: deque[tuple[tuple[bytes, DivertAddress], Delivery]] = deque()
+        self._held: dict[int, Delivery] = {}
         self._verdicts: list[Verdict] = []
-        self._accepts: list[Verdict] = []
-        self._ifaddr: dict[tuple[int, int], tuple[str, str, float]] = {}
+        self._accepts: list[Delivery] = []
+        self._interfaces: dict[tuple[int, int], tuple[str, str]] = {}
+        self._interfaces_until = 0.0
         self._raw: dict[int, socket.socket] = {}
 
     # -- socket options and binding ---------------------------------------------------------------
@@ -172,13 +169,21 @@ class DivertSocket:
         Raises BlockingIOError (non-blocking, nothing waiting), TimeoutError (timeout passed),
         InvalidInput when the socket is not bound or closed, KernelError when the socket fails.
         """
-        delivery, address = self._receive(self._timeout)
-        return delivery.payload, address
+        if not self._ready:
+            self._fill(self._timeout)
+        result, delivery = self._ready.popleft()
+        self._held[result[1][1]] = delivery
+        self.counters.received += 1
+        return result
 
     def recv_packet(self) -> Packet:
         """Like :meth:`recvfrom`, but returns a parsed :class:`Packet` carrying its address."""
-        delivery, address = self._receive(self._timeout)
-        return self._packet(delivery, address)
+        payload, address = self.recvfrom()
+        delivery = self._held[address[1]]
+        inbound = delivery.hook in _INBOUND_HOOKS
+        ifindex = delivery.indev if inbound else delivery.outdev
+        name = self._interface(ifindex, payload[0] >> 4 if payload else 4)[0] if ifindex else None
+        return Packet(payload, direction="in" if inbound else "out", interface=name, address=address)
 
     def __iter__(self) -> Iterator[tuple[bytes, DivertAddress]]:
         """Yields ``(packet, address)`` until the socket would block or its timeout passes."""
@@ -193,8 +198,9 @@ class DivertSocket:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                delivery, address = self._receive(0.0)
-                return delivery.payload, address
+                if not self._ready:
+                    self._fill(0.0)
+                return self.recvfrom()
             except BlockingIOError:
                 pass
             ready = loop.create_future()
@@ -214,43 +220,47 @@ class DivertSocket:
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def sendto(self, data: bytes | bytearray | Packet, address: DivertAddress | tuple[str, int] | str) -> int:
+    def sendto(self, data: bytes | bytearray | Packet, address: DivertAddress | str) -> int:
         """Writes a packet back (address from ``recvfrom``) or writes a new one (tag 0 or a host string).
 
         Returns the number of bytes written. Raises InvalidInput when ``data`` is not a valid IP packet
         or ``address`` names no held packet (already answered, or its hold time passed); nothing is sent
         then and a held packet stays held. Raises KernelError when the kernel refuses a new packet.
         """
-        self._check_open()
-        tag = _tag(address)
         raw = data.data if isinstance(data, Packet) else data
-        if tag == 0:
-            return self._inject(finalize(raw))
-        delivery = self._lookup(tag)
-        if raw is delivery.payload or raw == delivery.payload:
-            self._held.pop(tag)
-            self._accepts.append(Verdict(delivery.queue, delivery.packet_id, NF_ACCEPT))
+        held = self._held.get(address[1]) if type(address) is tuple and len(address) == 2 else None
+        if held is None:
+            tag = _tag(address)
+            self._check_open()
+            if tag == 0:
+                return self._inject(finalize(raw))
+            held = self._lookup(tag)
+        if raw is held.payload or raw == held.payload:
+            del self._held[address[1]]
+            self._accepts.append(held)
             self.counters.accepted += 1
         else:
-            if delivery.truncated:
+            if held.truncated:
                 raise InvalidInput("the packet was larger than the 65535 bytes copied to user space; "
                                    "it can be written back only unchanged")
             payload = finalize(raw)
-            self._held.pop(tag)
-            self._verdicts.append(Verdict(delivery.queue, delivery.packet_id, NF_ACCEPT, payload))
+            del self._held[address[1]]
+            self._verdicts.append(Verdict(held.queue, held.packet_id, NF_ACCEPT, payload))
             self.counters.modified += 1
-        self._flush_if_idle()
+        if not self._ready or len(self._accepts) + len(self._verdicts) >= self.batch:
+            self.flush()
         return len(raw)
 
-    def drop(self, address: DivertAddress | tuple[str, int]) -> None:
+    def drop(self, address: DivertAddress) -> None:
         """Drops the held packet ``address`` names now; raises InvalidInput when it names none."""
         self._check_open()
         tag = _tag(address)
         delivery = self._lookup(tag)
-        self._held.pop(tag)
+        del self._held[tag]
         self._verdicts.append(Verdict(delivery.queue, delivery.packet_id, NF_DROP))
         self.counters.dropped += 1
-        self._flush_if_idle()
+        if not self._ready or len(self._accepts) + len(self._verdicts) >= self.batch:
+            self.flush()
 
     def flush(self) -> None:
         """Sends every waiting verdict now. Raises KernelError when the kernel refuses them."""
@@ -259,13 +269,14 @@ class DivertSocket:
         verdicts, accepts = self._verdicts, self._accepts
         self._verdicts, self._accepts = [], []
         oldest_held: dict[int, int] = {}
-        for delivery, _deadline in self._held.values():
+        for delivery in self._held.values():
             oldest_held.setdefault(delivery.queue, delivery.packet_id)
         upto: dict[int, int] = {}
-        for v in accepts:
-            upto[v.queue] = max(upto.get(v.queue, 0), v.packet_id)
+        for d in accepts:
+            if d.packet_id > upto.get(d.queue, -1):
+                upto[d.queue] = d.packet_id
         batch = {q: last for q, last in upto.items() if oldest_held.get(q, last + 1) > last}
-        verdicts += [v for v in accepts if v.queue not in batch]
+        verdicts += [Verdict(d.queue, d.packet_id, NF_ACCEPT) for d in accepts if d.queue not in batch]
         self._nfq.send_verdicts(verdicts, batch)
 
     # -- life cycle ---------------------------------------------------------------------------------
@@ -307,13 +318,15 @@ class DivertSocket:
                 with locked():
                     control.apply_locked(exclude_portid=nfq.portid)
                     self.flush()
-                    unread = list(self._ready) + nfq.receive(1 << 16)
+                    unread = [d for _, d in self._ready] + nfq.receive(1 << 16)
                     self._ready.clear()
                     self.counters.requeued += len(unread)
                     nfq.send_verdicts([Verdict(d.queue, d.packet_id, NF_REPEAT) for d in unread], {})
         finally:
             self._closed = True
             self._nfq = None
+            self._held.clear()
+            self._ready.clear()
             if nfq is not None:
                 nfq.close()
 
@@ -335,14 +348,14 @@ class DivertSocket:
             raise InvalidInput("divert socket is not bound to a port")
         return self._nfq
 
-    def _receive(self, timeout: float | None) -> tuple[Delivery, DivertAddress]:
+    def _fill(self, timeout: float | None) -> None:
+        """Fetches a batch of packets into the ready list, waiting as ``timeout`` allows."""
         nfq = self._bound()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._ready:
+        while True:
             self._expire()
             fetched = nfq.receive(self.batch)
             if fetched:
-                self._ready.extend(fetched)
                 break
             self.flush()
             wait = self._until_expiry()
@@ -354,28 +367,33 @@ class DivertSocket:
                     raise TimeoutError("no diverted packet arrived in time")
                 wait = left if wait is None else min(wait, left)
             select.select([nfq.fileno()], [], [], wait)
-        delivery = self._ready.popleft()
-        tag = delivery.queue << 32 | delivery.packet_id
-        self._held[tag] = (delivery, time.monotonic() + self.hold_time)
-        self.counters.received += 1
-        return delivery, DivertAddress(self._host(delivery), tag)
+        now = time.monotonic()
+        if now > self._interfaces_until:
+            self._interfaces.clear()
+            self._interfaces_until = now + _IF_CACHE_SECONDS
+        expires = now + self.hold_time
+        ready = self._ready
+        for d in fetched:
+            d.deadline = expires
+            version = d.payload[0] >> 4 if d.payload else 4
+            if d.hook in _INBOUND_HOOKS and d.indev:
+                host = self._interface(d.indev, version)[1]
+            else:
+                host = _UNSPECIFIED.get(version, "0.0.0.0")
+            ready.append(((d.payload, (host, d.queue << 32 | d.packet_id)), d))
 
     def _lookup(self, tag: int) -> Delivery:
         held = self._held.get(tag)
         if held is None:
             raise InvalidInput(f"no packet with tag {tag} is held: it was answered already or its hold "
                                f"time ({self.hold_time} s) passed")
-        return held[0]
-
-    def _flush_if_idle(self) -> None:
-        if not self._ready or len(self._verdicts) + len(self._accepts) >= self.batch:
-            self.flush()
+        return held
 
     def _expire(self) -> None:
         now = time.monotonic()
         while self._held:
-            tag, (delivery, deadline) = next(iter(self._held.items()))
-            if deadline > now:
+            tag, delivery = next(iter(self._held.items()))
+            if delivery.deadline > now:
                 break
             del self._held[tag]
             self._verdicts.append(Verdict(delivery.queue, delivery.packet_id, NF_DROP))
@@ -384,35 +402,19 @@ class DivertSocket:
     def _until_expiry(self) -> float | None:
         if not self._held:
             return None
-        _delivery, deadline = next(iter(self._held.values()))
-        return max(0.0, deadline - time.monotonic())
-
-    def _host(self, delivery: Delivery) -> str:
-        version = delivery.payload[0] >> 4 if delivery.payload else 4
-        if delivery.hook not in _INBOUND_HOOKS or not delivery.indev:
-            return _UNSPECIFIED.get(version, "0.0.0.0")
-        return self._interface(delivery.indev, version)[1]
+        return max(0.0, next(iter(self._held.values())).deadline - time.monotonic())
 
     def _interface(self, ifindex: int, version: int) -> tuple[str, str]:
+        """Returns (name, address) of an interface; cached for up to a second."""
         key = (ifindex, version)
-        cached = self._ifaddr.get(key)
-        now = time.monotonic()
-        if cached is None or cached[2] < now:
+        known = self._interfaces.get(key)
+        if known is None:
             try:
                 name = socket.if_indextoname(ifindex)
             except OSError:
                 name = str(ifindex)
-            cached = (name, _interface_address(name, version), now + _IF_CACHE_SECONDS)
-            self._ifaddr[key] = cached
-        return cached[0], cached[1]
-
-    def _packet(self, delivery: Delivery, address: DivertAddress) -> Packet:
-        inbound = delivery.hook in _INBOUND_HOOKS
-        ifindex = delivery.indev if inbound else delivery.outdev
-        version = delivery.payload[0] >> 4 if delivery.payload else 4
-        interface = self._interface(ifindex, version)[0] if ifindex else None
-        return Packet(delivery.payload, direction="in" if inbound else "out", interface=interface,
-                      address=address)
+            known = self._interfaces[key] = (name, _interface_address(name, version))
+        return known
 
     def _inject(self, packet: bytes) -> int:
         version = packet[0] >> 4

@@ -1,0 +1,401 @@
+"""Benchmark of the divert hook: UDP pass-through rate, loss and added latency, side by side in one run.
+
+Run as root (``make bench`` or ``.venv/bin/python bench/divert.py``). A sender namespace floods UDP
+datagrams (64-byte and 1400-byte IP packets, 64 flows) over a veth pair to a receiver namespace, where a
+divert rule sends them to a consumer that writes every packet back:
+
+- ``no divert``: no rule (the ceiling of the path itself);
+- ``C libnetfilter_queue``: a C accept loop (the practical ceiling of NFQUEUE), compiled here with gcc;
+- ``python NetfilterQueue``: the python-netfilterqueue binding with a callback that accepts;
+- ``flowsteer socket``: one DivertSocket reading and writing back (batched reads and verdicts);
+- ``flowsteer serve 1/2``: ``divert serve`` with 1 and 2 workers and a handler doing real Python work
+  per packet (parse the packet, then a fixed amount of arithmetic), with the sender paced so that the
+  handler, not the sender, is the bottleneck.
+
+Delivered packets per second are counted by a C receiver; loss is the share of sent packets that never
+arrived. Latency is one-way (sender and receiver sockets live in this process), one packet at a time;
+"added" is the median/99th percentile over the no-divert path's. Ratios compare numbers of this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from flowsteer.divert import control  # noqa: E402
+from flowsteer.divert.packet import Packet  # noqa: E402
+from flowsteer.divert.ports import queue_number  # noqa: E402
+from flowsteer.divert.rules import Rule  # noqa: E402
+from flowsteer.kernel.netns import NamedNetns  # noqa: E402
+
+SRC, DST, DPORT, PORT = "10.79.0.1", "10.79.0.2", 9000, 1
+FLOWS = 64
+WORK_ROUNDS = 1500
+
+C_TOOLS = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <libnetfilter_queue/libnetfilter_queue.h>
+#include <linux/netfilter.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t stop;
+static void on_signal(int sig) { (void)sig; stop = 1; }
+static unsigned long long count;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* send DST PORT SIZE SECONDS RATE FLOWS: UDP from FLOWS source ports, RATE packets/s (0: unpaced). */
+static int do_send(char **argv) {
+    const char *dst = argv[0];
+    int port = atoi(argv[1]), size = atoi(argv[2]), flows = atoi(argv[5]);
+    double seconds = atof(argv[3]), rate = atof(argv[4]);
+    int payload = size - 28, batch = 32;
+    int *fds = calloc(flows, sizeof(int));
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, dst, &to.sin_addr);
+    for (int i = 0; i < flows; i++) {
+        fds[i] = socket(AF_INET, SOCK_DGRAM, 0);
+        if (connect(fds[i], (struct sockaddr *)&to, sizeof(to)) != 0) { perror("connect"); return 1; }
+    }
+    char *buf = calloc(1, payload);
+    struct mmsghdr msgs[32];
+    struct iovec iov[32];
+    for (int i = 0; i < batch; i++) {
+        iov[i].iov_base = buf; iov[i].iov_len = payload;
+        memset(&msgs[i], 0, sizeof(msgs[i]));
+        msgs[i].msg_hdr.msg_iov = &iov[i]; msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    double start = now(), end = start + seconds;
+    unsigned long long sent = 0;
+    int flow = 0;
+    while (now() < end) {
+        if (rate > 0) {
+            double ahead = start + sent / rate - now();
+            if (ahead > 0) {
+                struct timespec ts = {(time_t)ahead, (long)((ahead - (time_t)ahead) * 1e9)};
+                nanosleep(&ts, NULL);
+            }
+        }
+        int n = sendmmsg(fds[flow], msgs, batch, 0);
+        if (n > 0) sent += n;
+        flow = (flow + 1) % flows;
+    }
+    printf("%llu\n", sent);
+    return 0;
+}
+
+/* recv ADDR PORT: count datagrams until SIGTERM. */
+static int do_recv(char **argv) {
+    int fd = socket(AF_INET, SOCK_DGRAM, 0), big = 16 << 20;
+    struct sockaddr_in me = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
+    inet_pton(AF_INET, argv[0], &me.sin_addr);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof(big));
+    if (bind(fd, (struct sockaddr *)&me, sizeof(me)) != 0) { perror("bind"); return 1; }
+    struct timeval tv = {0, 100000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    static char bufs[64][2048];
+    struct mmsghdr msgs[64];
+    struct iovec iov[64];
+    for (int i = 0; i < 64; i++) {
+        iov[i].iov_base = bufs[i]; iov[i].iov_len = sizeof(bufs[i]);
+        memset(&msgs[i], 0, sizeof(msgs[i]));
+        msgs[i].msg_hdr.msg_iov = &iov[i]; msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    printf("ready\n");
+    fflush(stdout);
+    while (!stop) {
+        int n = recvmmsg(fd, msgs, 64, 0, NULL);
+        if (n > 0) count += n;
+    }
+    printf("%llu\n", count);
+    return 0;
+}
+
+static int on_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nfq_data *nfa, void *data) {
+    (void)msg; (void)data;
+    struct nfqnl_msg_packet_hdr *ph = nfq_get_msg_packet_hdr(nfa);
+    count++;
+    return nfq_set_verdict(qh, ntohl(ph->packet_id), NF_ACCEPT, 0, NULL);
+}
+
+/* nfq QUEUE: accept every packet of QUEUE until SIGTERM. */
+static int do_nfq(char **argv) {
+    struct nfq_handle *h = nfq_open();
+    if (!h) { perror("nfq_open"); return 1; }
+    struct nfq_q_handle *qh = nfq_create_queue(h, atoi(argv[0]), &on_packet, NULL);
+    if (!qh) { perror("nfq_create_queue"); return 1; }
+    nfq_set_mode(qh, NFQNL_COPY_PACKET, 0xffff);
+    nfq_set_queue_maxlen(qh, 1024);
+    nfnl_rcvbufsiz(nfq_nfnlh(h), 8 << 20);
+    int fd = nfq_fd(h), one = 1;
+    setsockopt(fd, SOL_NETLINK, NETLINK_NO_ENOBUFS, &one, sizeof(one));
+    struct timeval tv = {0, 100000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    static char buf[0x10000 + 4096];
+    printf("ready\n");
+    fflush(stdout);
+    while (!stop) {
+        int n = recv(fd, buf, sizeof(buf), 0);
+        if (n >= 0) nfq_handle_packet(h, buf, n);
+    }
+    nfq_destroy_queue(qh);
+    nfq_close(h);
+    printf("%llu\n", count);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    signal(SIGTERM, on_signal);
+    signal(SIGINT, on_signal);
+    if (argc >= 8 && !strcmp(argv[1], "send")) return do_send(argv + 2);
+    if (argc >= 4 && !strcmp(argv[1], "recv")) return do_recv(argv + 2);
+    if (argc >= 3 && !strcmp(argv[1], "nfq")) return do_nfq(argv + 2);
+    fprintf(stderr, "usage: send|recv|nfq ...\n");
+    return 2;
+}
+"""
+
+NETFILTERQUEUE = r"""
+import signal, sys
+from netfilterqueue import NetfilterQueue
+count = 0
+def accept(packet):
+    global count
+    count += 1
+    packet.accept()
+q = NetfilterQueue()
+q.bind(int(sys.argv[1]), accept, max_len=1024, sock_len=8 << 20)
+signal.signal(signal.SIGTERM, lambda *a: q.unbind() or print(count, flush=True) or sys.exit(0))
+print("ready", flush=True)
+q.run()
+"""
+
+FLOWSTEER_SOCKET = r"""
+import signal, sys
+from flowsteer.divert.socket import DivertSocket
+sock = DivertSocket()
+sock.bind(int(sys.argv[1]))
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+print("ready", flush=True)
+try:
+    for data, address in iter(sock.recvfrom, None):
+        sock.sendto(data, address)
+finally:
+    print(sock.counters.received, flush=True)
+"""
+
+
+def work(packet: Packet) -> Packet:
+    """The serve benchmark's handler: parse the packet, then a fixed amount of pure-Python arithmetic."""
+    acc = packet.sport ^ packet.dport ^ len(packet.payload)
+    for i in range(WORK_ROUNDS):
+        acc = (acc * 31 + i) & 0xFFFF
+    packet.ttl = packet.ttl  # touch a field, as a rewriting handler would
+    return packet if acc >= 0 else packet
+
+
+@contextmanager
+def topology() -> Iterator[tuple[NamedNetns, NamedNetns]]:
+    """A sender namespace and a receiver namespace joined by a veth pair."""
+    snd, rcv = NamedNetns.create("fsd-snd"), NamedNetns.create("fsd-rcv")
+    try:
+        snd.batch([f"link add vs type veth peer name vr netns {rcv.name}", f"addr add {SRC}/24 dev vs",
+                   "link set vs up"])
+        rcv.batch([f"addr add {DST}/24 dev vr", "link set vr up"])
+        yield snd, rcv
+    finally:
+        snd.destroy()
+        rcv.destroy()
+
+
+def compile_tools(workdir: str) -> str:
+    """Compiles the C sender/receiver/NFQUEUE loop; returns the binary's path."""
+    src, binary = os.path.join(workdir, "fsbench.c"), os.path.join(workdir, "fsbench")
+    with open(src, "w") as f:
+        f.write(C_TOOLS)
+    subprocess.run(["gcc", "-O2", "-o", binary, src, "-lnetfilter_queue", "-lnfnetlink"], check=True)
+    return binary
+
+
+def started(argv: list[str], ns: NamedNetns, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Starts a program in ``ns`` and waits for its ``ready`` line."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns.name, *argv], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "ready" not in line:
+        proc.kill()
+        raise RuntimeError(f"{argv[0]} did not start: {line!r}")
+    return proc
+
+
+def stopped(proc: subprocess.Popen[str]) -> str:
+    """Stops a started program with SIGTERM and returns the rest of its output."""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+def serve_started(rcv: NamedNetns, workers: int) -> subprocess.Popen[str]:
+    """Starts ``flowsteer divert serve`` with the :func:`work` handler and waits until it is ready."""
+    argv = [sys.executable, "-c", "from flowsteer.cli import main; main()", "divert", "serve", "--json",
+            "--netns", rcv.name, "--port", str(PORT), "--workers", str(workers),
+            f"{os.path.abspath(__file__)}:work"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    event = json.loads(proc.stdout.readline())
+    if event.get("event") != "ready":
+        proc.kill()
+        raise RuntimeError(f"serve did not start: {event}")
+    return proc
+
+
+def throughput(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, seconds: float,
+               rate: float) -> tuple[float, float]:
+    """Runs the sender for ``seconds``; returns (delivered packets/s, loss fraction)."""
+    receiver = started([tool, "recv", DST, str(DPORT)], rcv)
+    try:
+        sent = int(snd.run([tool, "send", DST, str(DPORT), str(size), str(seconds), str(rate), str(FLOWS)],
+                           timeout=seconds + 30).stdout)
+        time.sleep(0.3)  # let queued packets drain to the receiver
+    finally:
+        got = int(stopped(receiver).split()[-1])
+    return got / seconds, 1 - got / sent if sent else 1.0
+
+
+def latency(snd: NamedNetns, rcv: NamedNetns, size: int, count: int) -> tuple[float, float]:
+    """Returns one-way (p50, p99) in microseconds, one packet at a time."""
+    with rcv.entered():
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with snd.entered():
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind((DST, DPORT + 1))
+    rx.settimeout(2)
+    payload = bytes(size - 28)
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        tx.sendto(payload, (DST, DPORT + 1))
+        try:
+            rx.recv(2048)
+        except TimeoutError:
+            continue
+        samples.append((time.perf_counter() - t0) * 1e6)
+    tx.close()
+    rx.close()
+    samples.sort()
+    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="sending time per measurement")
+    parser.add_argument("--latency-samples", type=int, default=2000)
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/divert.py needs root (network namespaces, netfilter)")
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "nproc": os.cpu_count(), "kernel": platform.release(), "rows": []}
+    queue = queue_number(PORT, 0, False)
+    with tempfile.TemporaryDirectory() as workdir, topology() as (snd, rcv):
+        tool = compile_tools(workdir)
+        with rcv.entered():
+            control.add(Rule.parse(f"in proto udp to {DST} divert-packet port {PORT}"))
+        consumers: list[tuple[str, Callable[[], subprocess.Popen[str] | None], float]] = [
+            ("no divert", lambda: None, 0.0),
+            ("C libnetfilter_queue", lambda: started([tool, "nfq", str(queue)], rcv), 0.0),
+            ("python NetfilterQueue", lambda: started([sys.executable, "-c", NETFILTERQUEUE, str(queue)], rcv), 0.0),
+            ("flowsteer socket", lambda: started([sys.executable, "-c", FLOWSTEER_SOCKET, str(PORT)], rcv), 0.0),
+            ("flowsteer serve 1 (handler work)", lambda: serve_started(rcv, 1), 40000.0),
+            ("flowsteer serve 2 (handler work)", lambda: serve_started(rcv, 2), 40000.0),
+        ]
+        for name, start, rate in consumers:
+            for size in (64, 1400):
+                if name == "no divert":
+                    with rcv.entered():
+                        saved = control.rules()
+                        control.flush()
+                consumer = start()
+                try:
+                    pps, loss = throughput(tool, snd, rcv, size, args.seconds, rate)
+                    p50, p99 = latency(snd, rcv, size, args.latency_samples)
+                finally:
+                    if consumer is not None:
+                        stopped(consumer)
+                    if name == "no divert":
+                        with rcv.entered():
+                            for rule in saved:
+                                control.add(rule)
+                row = {"consumer": name, "size": size, "pps": round(pps), "loss": round(loss, 3),
+                       "p50_us": round(p50, 1), "p99_us": round(p99, 1), "paced_at": rate or None}
+                results["rows"].append(row)
+                print(f"{name:34} {size:5}B {pps:10.0f} pkt/s  loss {loss:6.1%}  p50 {p50:7.1f} us  "
+                      f"p99 {p99:7.1f} us", file=sys.stderr, flush=True)
+    results["ratios"] = ratios(results["rows"])
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(report(results))
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Returns the ratios the targets are about, per packet size."""
+    by = {(r["consumer"], r["size"]): r for r in rows}
+    out = {}
+    for size in (64, 1400):
+        out[f"socket/NetfilterQueue {size}B"] = round(
+            by[("flowsteer socket", size)]["pps"] / by[("python NetfilterQueue", size)]["pps"], 2)
+        out[f"serve 2/serve 1 {size}B"] = round(
+            by[("flowsteer serve 2 (handler work)", size)]["pps"] / by[("flowsteer serve 1 (handler work)", size)]["pps"], 2)
+        out[f"socket/C {size}B"] = round(
+            by[("flowsteer socket", size)]["pps"] / by[("C libnetfilter_queue", size)]["pps"], 2)
+    return out
+
+
+def report(results: dict[str, Any]) -> str:
+    """Returns the results as a Markdown table with the added latency and the ratios."""
+    base = {r["size"]: r for r in results["rows"] if r["consumer"] == "no divert"}
+    lines = [f"{results['date']}, nproc {results['nproc']}, kernel {results['kernel']}", "",
+             "| consumer | packet | delivered pkt/s | loss | p50 one-way | p99 one-way | added p50 / p99 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        b = base[r["size"]]
+        added = "" if r["consumer"] == "no divert" else \
+            f"{r['p50_us'] - b['p50_us']:+.1f} / {r['p99_us'] - b['p99_us']:+.1f} us"
+        paced = f" (sender paced at {r['paced_at']:.0f}/s)" if r["paced_at"] else ""
+        lines.append(f"| {r['consumer']}{paced} | {r['size']} B | {r['pps']:,} | {r['loss']:.1%} | "
+                     f"{r['p50_us']:.1f} us | {r['p99_us']:.1f} us | {added} |")
+    lines += ["", *(f"- {k}: **{v}x**" for k, v in results["ratios"].items())]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from flowsteer.reuseport import Group, GroupId, join, open_member_socket
 from flowsteer.reuseport.traffic import (GroupPool, Load, PlainPool, Worker, random_flows, rolling_restart,
                                          tcp_landing, udp_landing)
@@ -77,9 +79,9 @@ def test_udp_flows_stay_with_a_draining_member_until_it_closes(make_group: MakeG
     assert "dropped" not in after.values()
 
 
-def _restart_under_load(pool: Any, port: int) -> tuple[Load, dict[int, Worker]]:
+def _restart_under_load(pool: Any, address: str, port: int) -> tuple[Load, dict[int, Worker]]:
     workers = {slot: Worker(pool.open(slot)) for slot in range(4)}
-    with Load("192.0.2.23", port, clients=4) as load:
+    with Load(address, port, clients=4) as load:
         load.wait_for(50)
         rolling_restart(pool, workers)
         load.wait_for(50)
@@ -90,13 +92,22 @@ def _restart_under_load(pool: Any, port: int) -> tuple[Load, dict[int, Worker]]:
 
 
 def test_rolling_restart_fails_no_connection_where_plain_reuseport_does(netns: object, bpffs_root: str) -> None:
-    plain, _ = _restart_under_load(PlainPool(GroupId.parse("tcp:192.0.2.23:9103")), 9103)
+    plain, _ = _restart_under_load(PlainPool(GroupId.parse("tcp:192.0.2.23:9103")), "192.0.2.23", 9103)
     group = Group("tcp:192.0.2.23:9104")
     group.create()
-    steered, workers = _restart_under_load(GroupPool(group), 9104)
+    steered, workers = _restart_under_load(GroupPool(group), "192.0.2.23", 9104)
 
     assert plain.failures and set(plain.failures) == {"ConnectionResetError"}
     assert steered.failures == []
     assert steered.ok >= 100
     assert group.status()["counters"]["migrated"] >= 4  # every restart had queued connections to move
     assert sum(w.served for w in workers.values()) > 0
+
+
+@pytest.mark.parametrize("spec,address", [("tcp:[2001:db8::1]:9105", "2001:db8::1"),
+                                          ("tcp:[::]:9106", "192.0.2.24")])  # IPv4 to a dual-stack group
+def test_rolling_restart_over_ipv6_and_dual_stack(make_group: MakeGroup, spec: str, address: str) -> None:
+    group, _ = make_group(spec, ())
+    steered, _ = _restart_under_load(GroupPool(group), address, group.id.port)
+    assert steered.failures == []
+    assert group.status()["counters"]["migrated"] >= 4

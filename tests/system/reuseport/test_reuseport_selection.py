@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from flowsteer.errors import FlowsteerError, WrongSocket
+from flowsteer.errors import FlowsteerError, IncompatibleState, NotLoaded, WrongSocket
+from flowsteer.kernel.libbpf import Map
 from flowsteer.kernel.netns import identity
 from flowsteer.reuseport import Flow, Group, GroupId, join, open_member_socket
 from flowsteer.reuseport.policy import Policy
-from flowsteer.reuseport.state import GroupState, groups_dir, open_state
+from flowsteer.reuseport.state import MAPS, GroupState, groups_dir, open_state
 from flowsteer.reuseport.traffic import random_flows, tcp_landing, udp_landing
 
 MakeGroup = Callable[..., Any]
@@ -128,9 +130,24 @@ def test_socket_of_another_group_is_refused(make_group: MakeGroup) -> None:
         udp.close()
 
 
+def state_dir(group: Group) -> str:
+    return os.path.join(groups_dir(group.root, identity()), group.id.dirname)
+
+
 def pinned(group: Group) -> GroupState:
     """Opens the group's pinned maps directly, bypassing the API's checks."""
-    return open_state(os.path.join(groups_dir(group.root, identity()), group.id.dirname))
+    return open_state(state_dir(group))
+
+
+@contextlib.contextmanager
+def pinned_maps(group: Group) -> Iterator[dict[str, Map]]:
+    """Opens the group's pinned maps without any check of their contents."""
+    maps = {name: Map.open_pinned(os.path.join(state_dir(group), name)) for name in MAPS}
+    try:
+        yield maps
+    finally:
+        for m in maps.values():
+            m.close()
 
 
 def _bound_only(reuseport: bool = True) -> socket.socket:
@@ -197,3 +214,26 @@ def test_slot_held_by_a_live_socket_is_refused(make_group: MakeGroup) -> None:
         assert [m.state for m in group.members()] == ["live", "live"]
     finally:
         rejoined.socket.close()
+
+
+def test_state_of_another_layout_is_refused_before_any_change(make_group: MakeGroup) -> None:
+    group, _ = make_group("tcp:192.0.2.9:8009", range(2))
+    with pinned(group) as st:
+        raw = bytearray(st.maps["meta"].lookup(bytes(4)) or b"")
+        raw[0] = 99  # the layout version
+        st.maps["meta"].update(bytes(4), bytes(raw))
+        generation = st.active_generation()
+    with pytest.raises(IncompatibleState, match="layout version 99"):
+        group.drain(0)
+    with pinned_maps(group) as maps:
+        assert maps["active"].lookup(bytes(4)) == generation.to_bytes(4, "little")
+
+
+def test_destroy_removes_the_state_and_members_keep_serving(make_group: MakeGroup) -> None:
+    group, members = make_group("udp:192.0.2.9:8010", range(3))
+    group.destroy()
+    assert Group.all() == []
+    with pytest.raises(NotLoaded):
+        group.members()
+    flows = random_flows("udp", group.id.address, group.id.port, 50, random.Random(9))
+    assert set(landing("udp", members, flows).values()) <= {0, 1, 2}  # the program stays with the sockets

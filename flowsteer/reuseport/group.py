@@ -20,6 +20,7 @@ from typing import Any
 from flowsteer.errors import FlowsteerError, InvalidInput, WrongSocket
 from flowsteer.kernel import bpffs
 from flowsteer.kernel import sockets as socks
+from flowsteer.kernel.libbpf import Program
 from flowsteer.kernel.netns import entered, identity
 from flowsteer.reuseport import model, state
 from flowsteer.reuseport.maglev import DEFAULT_SIZE, check_size
@@ -168,6 +169,12 @@ class Group:
         """Returns the active policy."""
         with self._reading() as st:
             return st.policy()
+
+    def program(self) -> Program:
+        """Returns the group's loaded program (close it when done), e.g. to attach it to sockets yourself
+        with SO_ATTACH_REUSEPORT_EBPF."""
+        with self._reading() as st:
+            return st.program()
 
     def members(self) -> list[MemberStatus]:
         """Returns the configured members in slot order, with their share of the table and counts."""

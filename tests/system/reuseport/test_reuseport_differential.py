@@ -53,3 +53,16 @@ def test_real_flows_land_where_the_model_says(make_group: MakeGroup, spec: str, 
         again = group.explain(flows)
         assert {d.reason for d in again} <= {"flow table", "key"}
         assert [d.slot for d in again] == [d.slot for d in decisions]
+
+
+def test_keys_are_assigned_and_forgotten(make_group: MakeGroup) -> None:
+    group, members = make_group("udp:192.0.2.11:9002", range(3), Policy("key", 0, 2), 1021)
+    flow = Flow.parse("udp", "198.51.100.5:5000", "192.0.2.11:9002", b"\x07\x08rest")
+    table_pick = group.explain([flow])[0].slot
+    target = (table_pick + 1) % 3
+    group.assign_key(b"\x07\x08", target)
+    assert udp_landing({s: m.socket for s, m in members.items()}, [flow])[flow] == target
+    assert group.unassign_key(b"\x07\x08") and not group.unassign_key(b"\x07\x08")
+    # Keyed picks are not remembered as flows: without its key the flow goes back to the table's member.
+    assert (group.explain([flow])[0].reason, group.explain([flow])[0].slot) == ("table", table_pick)
+    assert udp_landing({s: m.socket for s, m in members.items()}, [flow])[flow] == table_pick

@@ -209,11 +209,9 @@ def test_slot_held_by_a_live_socket_is_refused(make_group: MakeGroup) -> None:
         join(group.id, 1)
     assert raised.value.errno == errno.EBUSY
     members[1].leave()
-    rejoined = join(group.id, 1)
-    try:
+    with join(group.id, 1) as rejoined:
         assert [m.state for m in group.members()] == ["live", "live"]
-    finally:
-        rejoined.socket.close()
+    assert rejoined.socket.fileno() < 0 and [m.state for m in group.members()] == ["live", "absent"]
 
 
 def test_state_of_another_layout_is_refused_before_any_change(make_group: MakeGroup) -> None:

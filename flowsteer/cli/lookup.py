@@ -13,8 +13,6 @@ import click
 from flowsteer.cli import main
 from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, reports_errors, table
 from flowsteer.errors import InvalidInput
-from flowsteer.lookup import config
-from flowsteer.lookup.activation import listen_fds
 from flowsteer.lookup.bindings import Binding, parse_port, parse_protocol
 from flowsteer.lookup.dispatcher import DestinationStatus, Dispatcher
 
@@ -148,6 +146,8 @@ def unbind(netns: str | None, bpffs: str | None, label: str, protocol: str, pref
 @reports_errors
 def apply(netns: str | None, bpffs: str | None, as_json: bool, file: str) -> None:
     """Replace the whole binding set with FILE's (TOML, or JSON if it ends in .json), atomically."""
+    from flowsteer.lookup import config
+
     result = _dispatcher(netns, bpffs).apply(config.load_file(file))
     data = {"total": result.total, "added": [x.to_dict() for x in result.added],
             "removed": [x.to_dict() for x in result.removed]}
@@ -166,6 +166,8 @@ def _render_registered(dests: list[DestinationStatus]) -> str:
 @reports_errors
 def register(netns: str | None, bpffs: str | None, label: str) -> None:
     """Register the sockets passed by systemd socket activation (LISTEN_FDS) for LABEL."""
+    from flowsteer.lookup.activation import listen_fds
+
     dispatcher = _dispatcher(netns, bpffs)
     for _name, sock in listen_fds():
         with sock:

@@ -13,7 +13,6 @@ import errno
 import fcntl
 import os
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 
 from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
@@ -21,6 +20,7 @@ from flowsteer.kernel.netns import NetnsId
 
 BPFFS_MAGIC = 0xCAFE4A11
 DEFAULT_ROOT = "/sys/fs/bpf"
+_MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -65,16 +65,15 @@ def require_bpffs(root: str) -> None:
 
 
 def mount(path: str) -> None:
-    """Mounts a new bpffs instance at ``path`` (created if missing); raises FlowsteerError on failure."""
+    """Mounts a new bpffs instance at ``path`` (created if missing); raises KernelError on failure."""
     os.makedirs(path, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "bpf", "bpf", path], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise FlowsteerError(f"mount -t bpf {path} failed: {proc.stderr.strip()}")
+    if _libc.mount(b"bpf", path.encode(), b"bpf", 0, None) != 0:
+        raise kernel_error(f"mount bpffs at {path}", ctypes.get_errno())
 
 
 def umount(path: str) -> None:
     """Unmounts the bpffs at ``path`` (lazily, so open pins do not block it) and removes the directory."""
-    subprocess.run(["umount", "-l", path], capture_output=True, check=False)
+    _libc.umount2(path.encode(), _MNT_DETACH)
     with contextlib.suppress(OSError):
         os.rmdir(path)
 

@@ -11,11 +11,14 @@ import contextlib
 import ctypes
 import itertools
 import os
-import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
+
+if TYPE_CHECKING:
+    import subprocess
 
 CLONE_NEWNET = 0x40000000
 _SELF = "/proc/thread-self/ns/net"
@@ -122,8 +125,10 @@ class NamedNetns:
         """Runs ``ip`` commands (without the leading ``ip``) inside the namespace, in one process."""
         _ip(["-n", self.name, "-batch", "-"], input="\n".join(commands) + "\n")
 
-    def run(self, argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    def run(self, argv: Sequence[str], **kwargs: object) -> "subprocess.CompletedProcess[str]":
         """Runs a program inside the namespace (``ip netns exec``) and returns its completed process."""
+        import subprocess
+
         return subprocess.run(["ip", "netns", "exec", self.name, *argv], text=True,
                               capture_output=True, check=False, **kwargs)  # type: ignore[call-overload]
 
@@ -138,6 +143,8 @@ class NamedNetns:
 
 
 def _ip(argv: list[str], input: str | None = None) -> None:
+    import subprocess  # not at module level: it would slow every flowsteer command's start-up
+
     proc = subprocess.run(["ip", *argv], input=input, text=True, capture_output=True, check=False)
     if proc.returncode != 0:
         raise FlowsteerError(f"ip {' '.join(argv)} failed: {proc.stderr.strip()}")

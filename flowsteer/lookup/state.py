@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.resources
 import os
 import struct
 from collections.abc import Iterator
 
+from flowsteer import bpf as bpf_sources
 from flowsteer.errors import FlowsteerError, IncompatibleState, NotLoaded
 from flowsteer.kernel import bpffs
 from flowsteer.kernel.libbpf import (
@@ -42,7 +42,7 @@ TRIE_LAYOUT = (MapType.LPM_TRIE, 24, 8, 1 << 20, BPF_F_NO_PREALLOC)
 
 def object_path() -> str:
     """Returns the path of the compiled dispatcher object (built by ``make bpf``)."""
-    return str(importlib.resources.files("flowsteer.bpf") / "lookup.bpf.o")
+    return os.path.join(os.path.dirname(bpf_sources.__file__), "lookup.bpf.o")
 
 
 def state_dir(root: str, netns: NetnsId) -> str:

@@ -65,7 +65,8 @@ def connection_rate(rounds: int, flows_per_round: int) -> tuple[float, float]:
                 if attached:
                     sockets[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog.fd)
                 else:
-                    sockets[0].setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+                    with contextlib.suppress(FileNotFoundError):  # ENOENT: no program attached
+                        sockets[0].setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
                 flows = random_flows("tcp", gid.address, gid.port, flows_per_round, rng, "10.0.0.0/8")
                 start = time.perf_counter()
                 landed = tcp_landing(sockets, flows)

@@ -12,7 +12,8 @@ divert rule sends them to a consumer that writes every packet back:
   per packet (parse the packet, then a fixed amount of arithmetic), with the sender paced so that the
   handler, not the sender, is the bottleneck.
 
-Delivered packets per second are counted by a C receiver; loss is the share of sent packets that never
+Sender and receiver run on CPU 0, single consumers on CPU 1 (``taskset``); serve's workers are not
+pinned. Delivered packets per second are counted by a C receiver; loss is the share of sent packets that never
 arrived. Latency is one-way (sender and receiver sockets live in this process), one packet at a time;
 "added" is the median/99th percentile over the no-divert path's. Ratios compare numbers of this run.
 """
@@ -44,6 +45,13 @@ from flowsteer.kernel.netns import NamedNetns  # noqa: E402
 
 SRC, DST, DPORT, PORT = "10.79.0.1", "10.79.0.2", 9000, 1
 FLOWS = 64
+FLOOD = 350_000.0
+"""Offered load for single consumers: above what any of them sustains, below what saturates CPU 0."""
+PACED = 40_000.0
+"""Offered load for serve: above what two workers sustain, cheap for the sender."""
+TRAFFIC_CPU = ["taskset", "-c", "0"]
+"""Sender and receiver share CPU 0; single consumers get CPU 1 to themselves (serve workers float)."""
+CONSUMER_CPU = ["taskset", "-c", "1"]
 WORK_ROUNDS = 1500
 
 C_TOOLS = r"""
@@ -263,8 +271,8 @@ def stopped(proc: subprocess.Popen[str]) -> str:
     return out
 
 
-def serve_started(rcv: NamedNetns, workers: int) -> subprocess.Popen[str]:
-    """Starts ``flowsteer divert serve`` with the :func:`work` handler and waits until it is ready."""
+def serve_started(rcv: NamedNetns, workers: int) -> tuple[subprocess.Popen[str], list[int]]:
+    """Starts ``flowsteer divert serve`` with the :func:`work` handler; returns it and its workers' pids."""
     argv = [sys.executable, "-c", "from flowsteer.cli import main; main()", "divert", "serve", "--json",
             "--netns", rcv.name, "--port", str(PORT), "--workers", str(workers),
             f"{os.path.abspath(__file__)}:work"]
@@ -274,15 +282,34 @@ def serve_started(rcv: NamedNetns, workers: int) -> subprocess.Popen[str]:
     if event.get("event") != "ready":
         proc.kill()
         raise RuntimeError(f"serve did not start: {event}")
-    return proc
+    return proc, [w["pid"] for w in event["workers"]]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """Returns the user + system CPU time the processes ``pids`` have used so far."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, seconds: float, rate: float,
+            pids: list[int]) -> dict[str, float]:
+    """Returns delivered packets/s, loss and consumer CPU microseconds per delivered packet."""
+    before = cpu_seconds(pids)
+    pps, loss = throughput(tool, snd, rcv, size, seconds, rate)
+    used = cpu_seconds(pids) - before
+    return {"pps": pps, "loss": loss, "cpu_us": used / (pps * seconds) * 1e6 if pids and pps else 0.0}
 
 
 def throughput(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, seconds: float,
                rate: float) -> tuple[float, float]:
     """Runs the sender for ``seconds``; returns (delivered packets/s, loss fraction)."""
-    receiver = started([tool, "recv", DST, str(DPORT)], rcv)
+    receiver = started([*TRAFFIC_CPU, tool, "recv", DST, str(DPORT)], rcv)
     try:
-        sent = int(snd.run([tool, "send", DST, str(DPORT), str(size), str(seconds), str(rate), str(FLOWS)],
+        sent = int(snd.run([*TRAFFIC_CPU, tool, "send", DST, str(DPORT), str(size), str(seconds), str(rate), str(FLOWS)],
                            timeout=seconds + 30).stdout)
         time.sleep(0.3)  # let queued packets drain to the receiver
     finally:
@@ -316,7 +343,8 @@ def latency(snd: NamedNetns, rcv: NamedNetns, size: int, count: int) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="sending time per measurement")
+    parser.add_argument("--seconds", type=float, default=1.5, help="sending time per measurement")
+    parser.add_argument("--repeat", type=int, default=3, help="measurements per row (the median is kept)")
     parser.add_argument("--latency-samples", type=int, default=2000)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args()
@@ -329,13 +357,19 @@ def main() -> None:
         tool = compile_tools(workdir)
         with rcv.entered():
             control.add(Rule.parse(f"in proto udp to {DST} divert-packet port {PORT}"))
-        consumers: list[tuple[str, Callable[[], subprocess.Popen[str] | None], float]] = [
-            ("no divert", lambda: None, 0.0),
-            ("C libnetfilter_queue", lambda: started([tool, "nfq", str(queue)], rcv), 0.0),
-            ("python NetfilterQueue", lambda: started([sys.executable, "-c", NETFILTERQUEUE, str(queue)], rcv), 0.0),
-            ("flowsteer socket", lambda: started([sys.executable, "-c", FLOWSTEER_SOCKET, str(PORT)], rcv), 0.0),
-            ("flowsteer serve 1 (handler work)", lambda: serve_started(rcv, 1), 40000.0),
-            ("flowsteer serve 2 (handler work)", lambda: serve_started(rcv, 2), 40000.0),
+        def single(argv: list[str]) -> Callable[[], tuple[subprocess.Popen[str], list[int]]]:
+            def start() -> tuple[subprocess.Popen[str], list[int]]:
+                proc = started([*CONSUMER_CPU, *argv], rcv)
+                return proc, [proc.pid]
+            return start
+
+        consumers: list[tuple[str, Callable[[], tuple[subprocess.Popen[str] | None, list[int]]], float]] = [
+            ("no divert", lambda: (None, []), FLOOD),
+            ("C libnetfilter_queue", single([tool, "nfq", str(queue)]), FLOOD),
+            ("python NetfilterQueue", single([sys.executable, "-c", NETFILTERQUEUE, str(queue)]), FLOOD),
+            ("flowsteer socket", single([sys.executable, "-c", FLOWSTEER_SOCKET, str(PORT)]), FLOOD),
+            ("flowsteer serve 1 (handler work)", lambda: serve_started(rcv, 1), PACED),
+            ("flowsteer serve 2 (handler work)", lambda: serve_started(rcv, 2), PACED),
         ]
         for name, start, rate in consumers:
             for size in (64, 1400):
@@ -343,9 +377,9 @@ def main() -> None:
                     with rcv.entered():
                         saved = control.rules()
                         control.flush()
-                consumer = start()
+                consumer, pids = start()
                 try:
-                    pps, loss = throughput(tool, snd, rcv, size, args.seconds, rate)
+                    runs = [measure(tool, snd, rcv, size, args.seconds, rate, pids) for _ in range(args.repeat)]
                     p50, p99 = latency(snd, rcv, size, args.latency_samples)
                 finally:
                     if consumer is not None:
@@ -354,11 +388,14 @@ def main() -> None:
                         with rcv.entered():
                             for rule in saved:
                                 control.add(rule)
-                row = {"consumer": name, "size": size, "pps": round(pps), "loss": round(loss, 3),
-                       "p50_us": round(p50, 1), "p99_us": round(p99, 1), "paced_at": rate or None}
+                median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                row = {"consumer": name, "size": size, "pps": round(median["pps"]),
+                       "loss": round(median["loss"], 3), "cpu_us": round(median["cpu_us"], 2),
+                       "p50_us": round(p50, 1), "p99_us": round(p99, 1), "offered": rate}
                 results["rows"].append(row)
-                print(f"{name:34} {size:5}B {pps:10.0f} pkt/s  loss {loss:6.1%}  p50 {p50:7.1f} us  "
-                      f"p99 {p99:7.1f} us", file=sys.stderr, flush=True)
+                print(f"{name:34} {size:5}B {row['pps']:10} pkt/s  loss {row['loss']:6.1%}  "
+                      f"cpu {row['cpu_us']:5.2f} us/pkt  p50 {p50:7.1f} us  p99 {p99:7.1f} us",
+                      file=sys.stderr, flush=True)
     results["ratios"] = ratios(results["rows"])
     if args.json:
         print(json.dumps(results, indent=2))
@@ -375,6 +412,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
             by[("flowsteer socket", size)]["pps"] / by[("python NetfilterQueue", size)]["pps"], 2)
         out[f"serve 2/serve 1 {size}B"] = round(
             by[("flowsteer serve 2 (handler work)", size)]["pps"] / by[("flowsteer serve 1 (handler work)", size)]["pps"], 2)
+        out[f"NetfilterQueue/socket CPU per packet {size}B"] = round(
+            by[("python NetfilterQueue", size)]["cpu_us"] / by[("flowsteer socket", size)]["cpu_us"], 2)
         out[f"socket/C {size}B"] = round(
             by[("flowsteer socket", size)]["pps"] / by[("C libnetfilter_queue", size)]["pps"], 2)
     return out
@@ -384,15 +423,16 @@ def report(results: dict[str, Any]) -> str:
     """Returns the results as a Markdown table with the added latency and the ratios."""
     base = {r["size"]: r for r in results["rows"] if r["consumer"] == "no divert"}
     lines = [f"{results['date']}, nproc {results['nproc']}, kernel {results['kernel']}", "",
-             "| consumer | packet | delivered pkt/s | loss | p50 one-way | p99 one-way | added p50 / p99 |",
-             "|---|---|---|---|---|---|---|"]
+             "| consumer | packet | offered pkt/s | delivered pkt/s | loss | consumer CPU per packet "
+             "| one-way p50 / p99 | added p50 / p99 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         b = base[r["size"]]
         added = "" if r["consumer"] == "no divert" else \
             f"{r['p50_us'] - b['p50_us']:+.1f} / {r['p99_us'] - b['p99_us']:+.1f} us"
-        paced = f" (sender paced at {r['paced_at']:.0f}/s)" if r["paced_at"] else ""
-        lines.append(f"| {r['consumer']}{paced} | {r['size']} B | {r['pps']:,} | {r['loss']:.1%} | "
-                     f"{r['p50_us']:.1f} us | {r['p99_us']:.1f} us | {added} |")
+        cpu = f"{r['cpu_us']:.2f} us" if r["cpu_us"] else ""
+        lines.append(f"| {r['consumer']} | {r['size']} B | {r['offered']:,.0f} | {r['pps']:,} | {r['loss']:.1%} | "
+                     f"{cpu} | {r['p50_us']:.1f} / {r['p99_us']:.1f} us | {added} |")
     lines += ["", *(f"- {k}: **{v}x**" for k, v in results["ratios"].items())]
     return "\n".join(lines)
 

@@ -112,6 +112,7 @@ class NfQueue:
         self._backlog: list[Delivery] = []
         self._buf = bytearray(_BUFSIZE)
         self._ring: _Ring | None = None
+        self._shape: _Shape | None = None
 
     def fileno(self) -> int:
         """Returns the socket's file descriptor (readable when packets are waiting)."""
@@ -232,26 +233,53 @@ class NfQueue:
                 self.verdict_errors += 1
             return None
         queue, packet_id, hook = _PKTHEAD.unpack_from(buf, base + 18)
-        off = base + 32  # NFQA_PACKET_HDR always comes first
-        end = base + min(length, n)
-        indev = outdev = cap_len = 0
-        payload = b""
-        unpack = _ATTR.unpack_from
+        end = min(length, n)
+        shape = self._shape
+        if shape is not None and shape.struct.size <= end:
+            heads = shape.struct.unpack_from(buf, base)
+            if heads[-1] == NFQA_PAYLOAD and heads[:-2] == shape.expected and shape.payload_at + heads[-2] <= end:
+                at = base + shape.payload_at
+                payload = bytes(buf[at + 4:at + heads[-2]])
+                return Delivery(queue, packet_id, payload, hook,
+                                _U32.unpack_from(buf, base + shape.indev_at)[0] if shape.indev_at else 0,
+                                _U32.unpack_from(buf, base + shape.outdev_at)[0] if shape.outdev_at else 0,
+                                shape.cap_len_at != 0 and _U32.unpack_from(buf, base + shape.cap_len_at)[0] > len(payload))
+        attrs: list[tuple[int, int, int]] = []
+        off = 32  # NFQA_PACKET_HDR always comes first
         while off + 4 <= end:
-            alen, atype = unpack(buf, off)
-            if alen < 4:
+            alen, atype = _ATTR.unpack_from(buf, base + off)
+            attrs.append((off, atype, alen))
+            if atype == NFQA_PAYLOAD or alen < 4:  # the payload is always the last attribute
                 break
-            atype &= 0x3FFF
-            if atype == NFQA_PAYLOAD:
-                payload = bytes(buf[off + 4:off + alen])
-            elif atype == NFQA_IFINDEX_INDEV:
-                indev = _U32.unpack_from(buf, off + 4)[0]
-            elif atype == NFQA_IFINDEX_OUTDEV:
-                outdev = _U32.unpack_from(buf, off + 4)[0]
-            elif atype == NFQA_CAP_LEN:
-                cap_len = _U32.unpack_from(buf, off + 4)[0]
             off += (alen + 3) & ~3
-        return Delivery(queue, packet_id, payload, hook, indev, outdev, cap_len > len(payload))
+        self._shape = shape = _Shape(attrs)
+        if not attrs or attrs[-1][1] != NFQA_PAYLOAD or attrs[-1][0] + attrs[-1][2] > end:
+            return Delivery(queue, packet_id, b"", hook, 0, 0, True)
+        at = base + attrs[-1][0]
+        payload = bytes(buf[at + 4:at + attrs[-1][2]])
+        return Delivery(queue, packet_id, payload, hook,
+                        _U32.unpack_from(buf, base + shape.indev_at)[0] if shape.indev_at else 0,
+                        _U32.unpack_from(buf, base + shape.outdev_at)[0] if shape.outdev_at else 0,
+                        shape.cap_len_at != 0 and _U32.unpack_from(buf, base + shape.cap_len_at)[0] > len(payload))
+
+
+class _Shape:
+    """The attribute layout of one packet message, so that the next one laid out alike (nearly all are)
+    is parsed with a single ``unpack``: the headers of every attribute, the payload's last."""
+
+    def __init__(self, attrs: list[tuple[int, int, int]]) -> None:
+        fmt, pos, expected = ["="], 0, []
+        for off, atype, alen in attrs:
+            fmt.append(f"{off - pos}xHH")
+            pos = off + 4
+            expected += [alen, atype]
+        self.struct = struct.Struct("".join(fmt))
+        self.expected = tuple(expected[:-2])
+        self.payload_at = attrs[-1][0] if attrs else 0
+        where = {atype: off + 4 for off, atype, _alen in attrs}
+        self.indev_at = where.get(NFQA_IFINDEX_INDEV, 0)
+        self.outdev_at = where.get(NFQA_IFINDEX_OUTDEV, 0)
+        self.cap_len_at = where.get(NFQA_CAP_LEN, 0)
 
 
 class _Ring:

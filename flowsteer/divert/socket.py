@@ -372,15 +372,18 @@ class DivertSocket:
             self._interfaces.clear()
             self._interfaces_until = now + _IF_CACHE_SECONDS
         expires = now + self.hold_time
-        ready = self._ready
+        append = self._ready.append
+        known = self._interfaces
         for d in fetched:
             d.deadline = expires
-            version = d.payload[0] >> 4 if d.payload else 4
-            if d.hook in _INBOUND_HOOKS and d.indev:
-                host = self._interface(d.indev, version)[1]
+            payload = d.payload
+            version = payload[0] >> 4 if payload else 4
+            if d.indev and d.hook in _INBOUND_HOOKS:
+                interface = known.get((d.indev, version)) or self._interface(d.indev, version)
+                host = interface[1]
             else:
                 host = _UNSPECIFIED.get(version, "0.0.0.0")
-            ready.append(((d.payload, (host, d.queue << 32 | d.packet_id)), d))
+            append(((payload, (host, d.queue << 32 | d.packet_id)), d))
 
     def _lookup(self, tag: int) -> Delivery:
         held = self._held.get(tag)

@@ -12,6 +12,7 @@ them one by one on SIGHUP and stops them on SIGTERM or Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 
@@ -34,24 +35,15 @@ async def _handle(slot: int, reader: asyncio.StreamReader, writer: asyncio.Strea
 async def _serve(member: Membership) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    active: set[asyncio.Task[None]] = set()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        active.add(task)
-        try:
-            await _handle(member.slot, reader, writer)
-        finally:
-            active.discard(task)
-
-    server = await asyncio.start_server(handle, sock=member.socket, backlog=4096)
+    server = await asyncio.start_server(functools.partial(_handle, member.slot), sock=member.socket,
+                                        backlog=4096)
     await stop.wait()
     member.detach()  # no new connections; closing the listener migrates the queued ones
     server.close()
     await server.wait_closed()
-    if active:  # finish the connections already accepted
-        await asyncio.wait(active, timeout=10)
+    handlers = asyncio.all_tasks() - {asyncio.current_task()}
+    if handlers:  # finish the connections already accepted
+        await asyncio.wait(handlers, timeout=10)
 
 
 def serve(member: Membership) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flowsteer.errors import FlowsteerError, InvalidInput, WrongSocket
+from flowsteer.errors import FlowsteerError, InvalidInput, WrongSocket, kernel_error
 from flowsteer.kernel import bpffs
 from flowsteer.kernel import sockets as socks
 from flowsteer.kernel.libbpf import Program
@@ -264,6 +264,7 @@ class Group:
         this group or already a member, FlowsteerError (EBUSY) when another live socket holds the slot.
         """
         slot = parse_slot(slot)
+        chosen_weight = None if weight is None else _weight(weight)
         _require_member_socket(self.id, sock)
         cookie = socks.cookie(sock)
         with self._writing() as st:
@@ -278,9 +279,13 @@ class Group:
                 raise WrongSocket(_refusal(exc.errno), errno=exc.errno) from None
             try:
                 with st.program() as prog:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog.fd)
-                new_weight = old.weight if old.configured else 1
-                st.set_member(slot, Member(new_weight if weight is None else _weight(weight),
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog.fd)
+                    except OSError as exc:
+                        raise kernel_error("attach the group's program (SO_ATTACH_REUSEPORT_EBPF)",
+                                           exc.errno or errno.EINVAL) from None
+                kept_weight = old.weight if old.configured else 1
+                st.set_member(slot, Member(kept_weight if chosen_weight is None else chosen_weight,
                                            (old.flags | CONFIGURED) & ~ABSENT, os.getpid()))
             except BaseException:
                 st.set_member(slot, old)

@@ -27,8 +27,8 @@ from flowsteer.kernel import bpffs
 from flowsteer.kernel.netns import NamedNetns
 from flowsteer.reuseport import Flow, Group, GroupId, Policy, join, open_member_socket
 from flowsteer.reuseport.group import SO_ATTACH_REUSEPORT_EBPF
-from flowsteer.reuseport.traffic import (GroupPool, Load, PlainPool, Worker, random_flows, rolling_restart,
-                                         tcp_landing, udp_landing)
+from flowsteer.reuseport.restart import GroupPool, Load, PlainPool, Worker, rolling_restart
+from flowsteer.reuseport.traffic import random_flows, tcp_landing, udp_landing
 
 SO_DETACH_REUSEPORT_BPF = 68
 PREFIXES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "10.0.0.0/8")

@@ -8,8 +8,8 @@ from collections import Counter
 
 from flowsteer.demo.common import flowsteer, heading, sandbox, step
 from flowsteer.reuseport import Group, GroupId
-from flowsteer.reuseport.traffic import (GroupPool, Load, PlainPool, Worker, random_flows, rolling_restart,
-                                         tcp_landing)
+from flowsteer.reuseport.restart import GroupPool, Load, PlainPool, Worker, rolling_restart
+from flowsteer.reuseport.traffic import random_flows, tcp_landing
 
 PREFIXES = ("192.0.2.0/24", "198.51.100.0/24")
 GROUP = GroupId.parse("tcp:192.0.2.1:8080")

@@ -47,16 +47,19 @@ def _worker(group: Group, slot: int, serve: Serve, ready: multiprocessing.connec
 
 class Supervisor:
     """Worker processes serving members 0..workers-1 of ``group`` (created with policy consistent when it
-    does not exist). ``report`` receives one line per event (default: nothing)."""
+    does not exist). A worker must join within ``ready_timeout`` seconds and stop within ``stop_timeout``
+    of its SIGTERM (else it is killed); ``report`` receives one line per event (default: nothing). A worker
+    that dies on its own is not replaced until the next restart."""
 
     def __init__(self, group: Group, workers: int, serve: Serve, *, ready_timeout: float = 10.0,
-                 report: Callable[[str], None] = lambda line: None) -> None:
+                 stop_timeout: float = 30.0, report: Callable[[str], None] = lambda line: None) -> None:
         if not 1 <= workers <= 256:
             raise FlowsteerError(f"{workers} workers: a group has 1 to 256 members")
         self.group = group
         self.count = workers
         self.serve = serve
         self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
         self.report = report
         self.processes: dict[int, BaseProcess] = {}
         self._context = multiprocessing.get_context("fork")
@@ -81,10 +84,15 @@ class Supervisor:
         self.report(f"worker {slot} ready (pid {process.pid})")
 
     def _end(self, slot: int) -> None:
+        """Sends the worker of ``slot`` SIGTERM and waits for it; kills it after ``stop_timeout``."""
         process = self.processes.pop(slot)
         if process.pid is not None and process.is_alive():
             os.kill(process.pid, signal.SIGTERM)
-        process.join()
+        process.join(self.stop_timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            self.report(f"worker {slot} did not stop within {self.stop_timeout} s and was killed")
 
     def start(self) -> None:
         """Creates the group if needed and starts every worker; returns once all have joined."""

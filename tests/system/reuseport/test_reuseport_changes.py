@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from flowsteer.reuseport import Group, GroupId, join, open_member_socket
-from flowsteer.reuseport.traffic import (GroupPool, Load, PlainPool, Worker, random_flows, rolling_restart,
-                                         tcp_landing, udp_landing)
+from flowsteer.reuseport.restart import GroupPool, Load, PlainPool, Worker, rolling_restart
+from flowsteer.reuseport.traffic import random_flows, tcp_landing, udp_landing
 
 MakeGroup = Callable[..., Any]
 

@@ -27,7 +27,7 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _render_status(status: dict[str, Any]) -> str:
-    rows = [[str(m["member"]), m["state"], str(m["weight"]), f"{100 * m['share']:.2f}%", str(m["selected"]),
+    rows = [[str(m["member"]), m["state"], str(m["weight"]), "-" if m["share"] is None else f"{100 * m['share']:.2f}%", str(m["selected"]),
              str(m["pid"] or "-"), "-" if m["socket_cookie"] is None else str(m["socket_cookie"])]
             for m in status["members"]]
     counters = ", ".join(f"{k} {v}" for k, v in status["counters"].items())

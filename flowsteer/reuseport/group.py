@@ -35,19 +35,20 @@ MAX_WEIGHT = 1000
 @dataclass(frozen=True)
 class MemberStatus:
     """One member as ``group show`` prints it: its state is live, drained, absent (left or never
-    joined) or gone (its socket closed without leaving); ``share`` is its fraction of the table."""
+    joined) or gone (its socket closed without leaving); ``share`` is its fraction of the table (None
+    under policy hash: the kernel's hash picks)."""
 
     slot: int
     weight: int
     state: str
     pid: int
     cookie: int | None
-    share: float
+    share: float | None
     selected: int
 
     def to_dict(self) -> dict[str, Any]:
         return {"member": self.slot, "weight": self.weight, "state": self.state, "pid": self.pid,
-                "socket_cookie": self.cookie, "share": round(self.share, 6), "selected": self.selected}
+                "socket_cookie": self.cookie, "share": None if self.share is None else round(self.share, 6), "selected": self.selected}
 
 
 def _status(member: Member, cookie: int | None) -> str:
@@ -332,13 +333,13 @@ def _publish(st: GroupState, policy: Policy) -> None:
 
 def _member_status(st: GroupState) -> list[MemberStatus]:
     selected, _ = st.counters()
-    shares = Counter(st.table())
+    shares = None if st.policy().name == "hash" else Counter(st.table())
     size = st.meta.table_size
     result = []
     for slot, member in sorted(st.members().items()):
         cookie = st.socket_cookie(slot)
         result.append(MemberStatus(slot, member.weight, _status(member, cookie), member.pid, cookie,
-                                   shares.get(slot, 0) / size, selected[slot]))
+                                   None if shares is None else shares.get(slot, 0) / size, selected[slot]))
     return result
 
 

@@ -65,6 +65,7 @@ def test_policy_hash_leaves_the_pick_to_the_kernel(netns: object, bpffs_root: st
         after = landing(protocol, plain, flows)
         assert after == before
         assert group.status()["counters"]["kernel"] == len(flows)
+        assert {m.share for m in group.members()} == {None}  # no table share: the kernel decides
         assert all(d.outcome == "kernel" for d in group.explain(flows))
         # Draining means nothing to the kernel's hash: member 0 keeps its flows.
         group.drain(0)

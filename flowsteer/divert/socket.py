@@ -20,6 +20,7 @@ Verdicts are sent in batches: when every packet already fetched from the kernel 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -38,6 +39,7 @@ from flowsteer.divert.packet import Packet, finalize
 from flowsteer.divert.ports import SLOTS, port_state, queue_number
 from flowsteer.divert.rules import check_divert_port
 from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
+from flowsteer.kernel.netns import entered
 
 SO_REUSEPORT_LB = 0x00010000
 """The load-balancing socket option (FreeBSD's value), set with ``setsockopt(SOL_SOCKET, …, 1)``."""
@@ -79,6 +81,8 @@ class DivertSocket:
     ``hold_time`` bounds how long a read packet waits for ``sendto`` before it is dropped (seconds,
     0.001..60); ``queue_maxlen`` is how many packets the kernel holds for this socket per queue before
     it drops (or, for fail-open rules, accepts) more; ``batch`` is how many packets one read fetches.
+    Like a socket, it belongs to the network namespace of the thread that creates it: binding, closing and
+    writing new packets act there whatever namespace the calling thread is in later.
     Raises InvalidInput for values out of range.
     """
 
@@ -106,6 +110,7 @@ class DivertSocket:
         self._interfaces: dict[tuple[int, int], tuple[str, str]] = {}
         self._interfaces_until = 0.0
         self._raw: dict[int, socket.socket] = {}
+        self._netns = open("/proc/thread-self/ns/net", "rb")  # noqa: SIM115 (lives as long as the socket)
 
     # -- socket options and binding ---------------------------------------------------------------
 
@@ -137,7 +142,7 @@ class DivertSocket:
         check_divert_port(port)
         if self._nfq is not None:
             raise InvalidInput(f"socket is already bound to divert port {self.port}")
-        with locked():
+        with self._home(), locked():
             state = port_state(port)
             what = f"binding divert port {port}"
             if state.exclusive_portid is not None or (state.members and not self._lb):
@@ -315,7 +320,7 @@ class DivertSocket:
         nfq = self._nfq
         try:
             if nfq is not None:
-                with locked():
+                with self._home(), locked():
                     control.apply_locked(exclude_portid=nfq.portid)
                     self.flush()
                     unread = [d for _, d in self._ready] + nfq.receive(1 << 16)
@@ -329,6 +334,7 @@ class DivertSocket:
             self._ready.clear()
             if nfq is not None:
                 nfq.close()
+            self._netns.close()
 
     def __enter__(self) -> "DivertSocket":
         return self
@@ -412,12 +418,17 @@ class DivertSocket:
         key = (ifindex, version)
         known = self._interfaces.get(key)
         if known is None:
-            try:
-                name = socket.if_indextoname(ifindex)
-            except OSError:
-                name = str(ifindex)
-            known = self._interfaces[key] = (name, _interface_address(name, version))
+            with self._home():
+                try:
+                    name = socket.if_indextoname(ifindex)
+                except OSError:
+                    name = str(ifindex)
+                known = self._interfaces[key] = (name, _interface_address(name, version))
         return known
+
+    def _home(self) -> contextlib.AbstractContextManager[None]:
+        """Runs the ``with`` block in the socket's network namespace."""
+        return entered(f"/proc/self/fd/{self._netns.fileno()}")
 
     def _inject(self, packet: bytes) -> int:
         version = packet[0] >> 4
@@ -425,7 +436,8 @@ class DivertSocket:
         try:
             if raw is None:
                 family = socket.AF_INET if version == 4 else socket.AF_INET6
-                raw = socket.socket(family, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW)
+                with self._home():
+                    raw = socket.socket(family, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW)
                 raw.setsockopt(socket.SOL_SOCKET, SO_MARK, struct.pack("I", netfilter.SKIP_MARK))
                 self._raw[version] = raw
             dst = str(ipaddress.ip_address(packet[16:20] if version == 4 else packet[24:40]))

@@ -339,3 +339,24 @@ def test_closing_member_returns_unread_packets_to_the_rules(netns: NamedNetns, p
             assert all(p.wait(10) == 0 for p in pings)
         assert leaver.counters.received == 0
         assert leaver.counters.requeued + len(pump.seen) >= 6
+
+
+def test_a_socket_acts_in_the_namespace_it_was_made_in(peer: Peer) -> None:
+    add("in proto icmp divert-packet port 7")
+    with peer.ns.entered():
+        elsewhere = DivertSocket()  # belongs to the peer namespace
+    first, second = DivertSocket(), DivertSocket()
+    for s in (first, second):
+        s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, 1)
+    with peer.ns.entered():
+        first.bind(7)  # binds and recompiles in the test's namespace, not the peer's
+        second.bind(7)
+        assert control.rules() == []
+        second.close()
+    assert control.netfilter.read().members == {7: (0,)}
+    elsewhere.bind(7)  # the peer namespace's port 7 is free
+    with peer.ns.entered():
+        assert control.netfilter.read().members == {}  # no rules there, so nothing compiled
+    elsewhere.close()
+    first.close()
+    assert control.netfilter.read().members == {7: ()}

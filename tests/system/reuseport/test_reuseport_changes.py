@@ -97,7 +97,7 @@ def test_rolling_restart_fails_no_connection_where_plain_reuseport_does(netns: o
     group.create()
     steered, workers = _restart_under_load(GroupPool(group), "192.0.2.23", 9104)
 
-    assert plain.failures and set(plain.failures) == {"ConnectionResetError"}
+    assert plain.failures  # the connections queued on each closing listener were reset
     assert steered.failures == []
     assert steered.ok >= 100
     assert group.status()["counters"]["migrated"] >= 4  # every restart had queued connections to move

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from flowsteer.reuseport import Flow, Policy
-from flowsteer.reuseport.traffic import random_flows, tcp_landing, udp_landing
+from flowsteer.reuseport.restart import accept_queue
+from flowsteer.reuseport.traffic import IPV6_FREEBIND, random_flows, tcp_landing, udp_landing
 
 MakeGroup = Callable[..., Any]
 
@@ -66,3 +69,47 @@ def test_keys_are_assigned_and_forgotten(make_group: MakeGroup) -> None:
     # Keyed picks are not remembered as flows: without its key the flow goes back to the table's member.
     assert (group.explain([flow])[0].reason, group.explain([flow])[0].slot) == ("table", table_pick)
     assert udp_landing({s: m.socket for s, m in members.items()}, [flow])[flow] == table_pick
+
+
+@pytest.mark.parametrize("spec,server,clients", [
+    ("tcp:192.0.2.12:9003", "192.0.2.12", "198.51.100.0/24"),
+    ("tcp:[2001:db8::1]:9003", "2001:db8::1", "2001:db8:3::/64"),
+    ("tcp:[::]:9004", "192.0.2.13", "203.0.113.0/24"),
+])
+def test_migrated_connections_land_where_the_model_says(make_group: MakeGroup, spec: str, server: str,
+                                                        clients: str) -> None:
+    # Connections queued on member 0 when it closes are steered by the program's migration path, which
+    # reads the flow from the socket instead of the packet: the same hash must pick the same member.
+    group, members = make_group(spec, range(4), None, 1021)
+    candidates = random_flows("tcp", ipaddress.ip_address(server), group.id.port, 400, random.Random(spec),
+                              clients)
+    queued = [f for f, d in zip(candidates, group.explain(candidates)) if d.slot == 0][:40]
+    assert len(queued) >= 20
+    opened = []
+    try:
+        for flow in queued:
+            family = socket.AF_INET6 if flow.client.version == 6 else socket.AF_INET
+            client = socket.socket(family, socket.SOCK_STREAM)
+            opened.append(client)
+            if family == socket.AF_INET6:
+                client.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            client.bind((str(flow.client), flow.client_port))
+            client.connect((str(flow.server), flow.server_port))
+        assert accept_queue(members[0].socket) == len(queued)
+        group.drain(0)
+        expected = {(str(f.client), f.client_port): d.slot for f, d in zip(queued, group.explain(queued))}
+        members[0].leave()
+        landed = {}
+        for slot in (1, 2, 3):
+            members[slot].socket.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    conn, peer = members[slot].socket.accept()
+                    conn.close()
+                    addr = ipaddress.ip_address(peer[0])
+                    landed[(str(getattr(addr, "ipv4_mapped", None) or addr), peer[1])] = slot
+        assert landed == expected
+        assert group.status()["counters"]["migrated"] == len(queued)
+    finally:
+        for client in opened:
+            client.close()

@@ -104,6 +104,10 @@ def test_member_gone_without_leaving_falls_back_to_the_kernel(make_group: MakeGr
     assert orphaned > 0
     assert group.status()["counters"]["errors"] == orphaned
     assert [m["state"] for m in group.status()["members"]] == ["live", "live", "gone", "live"]
+    members[2] = join(group.id, 2)  # the restarted worker takes its slot, and its flows, back
+    assert {d.outcome for d in group.explain(flows)} == {"member"}
+    assert landing("tcp", members, flows) == {f: d.slot for f, d in zip(flows, group.explain(flows))}
+    members[2].socket.close()
 
 
 def test_socket_of_another_group_is_refused(make_group: MakeGroup) -> None:

@@ -47,12 +47,12 @@ SRC, DST, DPORT, PORT = "10.79.0.1", "10.79.0.2", 9000, 1
 FLOWS = 64
 FLOOD = 350_000.0
 """Offered load for single consumers: above what any of them sustains, below what saturates CPU 0."""
-PACED = 40_000.0
-"""Offered load for serve: above what two workers sustain, cheap for the sender."""
+PACED = 20_000.0
+"""Offered load for serve: above what two workers sustain (about 15,000/s), cheap for the sender."""
 TRAFFIC_CPU = ["taskset", "-c", "0"]
 """Sender and receiver share CPU 0; single consumers get CPU 1 to themselves (serve workers float)."""
 CONSUMER_CPU = ["taskset", "-c", "1"]
-WORK_ROUNDS = 1500
+WORK_ROUNDS = 3000
 
 C_TOOLS = r"""
 #define _GNU_SOURCE

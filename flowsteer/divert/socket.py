@@ -233,15 +233,15 @@ class DivertSocket:
         then and a held packet stays held. Raises KernelError when the kernel refuses a new packet.
         """
         raw = data.data if isinstance(data, Packet) else data
-        held = self._held.get(address[1]) if type(address) is tuple and len(address) == 2 else None
+        tag = _tag(address)
+        held = self._held.get(tag)
         if held is None:
-            tag = _tag(address)
             self._check_open()
             if tag == 0:
                 return self._inject(finalize(raw))
             held = self._lookup(tag)
         if raw is held.payload or raw == held.payload:
-            del self._held[address[1]]
+            del self._held[tag]
             self._accepts.append(held)
             self.counters.accepted += 1
         else:
@@ -249,7 +249,7 @@ class DivertSocket:
                 raise InvalidInput("the packet was larger than the 65535 bytes copied to user space; "
                                    "it can be written back only unchanged")
             payload = finalize(raw)
-            del self._held[address[1]]
+            del self._held[tag]
             self._verdicts.append(Verdict(held.queue, held.packet_id, NF_ACCEPT, payload))
             self.counters.modified += 1
         if not self._ready or len(self._accepts) + len(self._verdicts) >= self.batch:
@@ -449,11 +449,11 @@ class DivertSocket:
 
 
 def _tag(address: object) -> int:
+    """Returns the tag of a ``(host, tag)`` address, 0 for a host string; raises InvalidInput otherwise."""
+    if type(address) is tuple and len(address) == 2 and type(address[1]) is int and address[1] >= 0:
+        return address[1]
     if isinstance(address, str):
         return 0
-    if (isinstance(address, tuple) and len(address) == 2 and isinstance(address[1], int)
-            and address[1] >= 0):
-        return address[1]
     raise InvalidInput(f"address {address!r} is not an address returned by recvfrom or a host string")
 
 

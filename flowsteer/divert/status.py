@@ -24,9 +24,10 @@ def status() -> dict[str, Any]:
     installed = netfilter.read()
     queues = bound_queues()
     owners = _netlink_owners()
+    states = port_states(queues)
     ports: dict[int, dict[str, Any]] = {}
-    for port in sorted({r.divert_port for r in installed.rules} | set(port_states(queues))):
-        state = port_states(queues).get(port)
+    for port in sorted({r.divert_port for r in installed.rules} | set(states)):
+        state = states.get(port)
         compiled = list(installed.members.get(port, ()))
         live = list(state.live_slots) if state else []
         sockets = []

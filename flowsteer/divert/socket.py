@@ -30,7 +30,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from flowsteer.divert import control, netfilter
 from flowsteer.divert.lock import locked
@@ -61,6 +61,7 @@ class Counters:
     """What one divert socket did."""
 
     received: int = 0
+    """Fetched from the kernel (``received - requeued`` were handed to the user)."""
     accepted: int = 0
     """Written back unchanged."""
     modified: int = 0
@@ -178,7 +179,6 @@ class DivertSocket:
             self._fill(self._timeout)
         result, delivery = self._ready.popleft()
         self._held[result[1][1]] = delivery
-        self.counters.received += 1
         return result
 
     def recv_packet(self) -> Packet:
@@ -233,7 +233,10 @@ class DivertSocket:
         then and a held packet stays held. Raises KernelError when the kernel refuses a new packet.
         """
         raw = data.data if isinstance(data, Packet) else data
-        tag = _tag(address)
+        if type(address) is tuple and len(address) == 2 and type(address[1]) is int:
+            tag = address[1]  # the common case, checked inline: this runs for every packet
+        else:
+            tag = _tag(address)
         held = self._held.get(tag)
         if held is None:
             self._check_open()
@@ -243,7 +246,6 @@ class DivertSocket:
         if raw is held.payload or raw == held.payload:
             del self._held[tag]
             self._accepts.append(held)
-            self.counters.accepted += 1
         else:
             if held.truncated:
                 raise InvalidInput("the packet was larger than the 65535 bytes copied to user space; "
@@ -273,6 +275,7 @@ class DivertSocket:
             return
         verdicts, accepts = self._verdicts, self._accepts
         self._verdicts, self._accepts = [], []
+        self.counters.accepted += len(accepts)
         oldest_held: dict[int, int] = {}
         for delivery in self._held.values():
             oldest_held.setdefault(delivery.queue, delivery.packet_id)
@@ -303,10 +306,6 @@ class DivertSocket:
     def setblocking(self, flag: bool) -> None:
         """``setblocking(False)`` is ``settimeout(0)``, ``setblocking(True)`` is ``settimeout(None)``."""
         self._timeout = None if flag else 0.0
-
-    def counters_dict(self) -> dict[str, int]:
-        """Returns the counters as a plain dictionary."""
-        return asdict(self.counters)
 
     def close(self) -> None:
         """Leaves the port: rules are recompiled without this socket, packets it has not read yet go back
@@ -378,6 +377,7 @@ class DivertSocket:
             self._interfaces.clear()
             self._interfaces_until = now + _IF_CACHE_SECONDS
         expires = now + self.hold_time
+        self.counters.received += len(fetched)
         append = self._ready.append
         known = self._interfaces
         for d in fetched:

@@ -289,6 +289,7 @@ def test_binding_rules(netns: NamedNetns) -> None:
             s.bind(5)
             members.append(s)
         assert [s.slot for s in members] == list(range(32))
+        assert members[0].getsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB) == 1
         extra = DivertSocket()
         extra.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, 1)
         with pytest.raises(FlowsteerError) as info:

@@ -309,8 +309,8 @@ def throughput(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, seconds: 
     """Runs the sender for ``seconds``; returns (delivered packets/s, loss fraction)."""
     receiver = started([*TRAFFIC_CPU, tool, "recv", DST, str(DPORT)], rcv)
     try:
-        sent = int(snd.run([*TRAFFIC_CPU, tool, "send", DST, str(DPORT), str(size), str(seconds), str(rate), str(FLOWS)],
-                           timeout=seconds + 30).stdout)
+        argv = [*TRAFFIC_CPU, tool, "send", DST, str(DPORT), str(size), str(seconds), str(rate), str(FLOWS)]
+        sent = int(snd.run(argv, timeout=seconds + 30).stdout)
         time.sleep(0.3)  # let queued packets drain to the receiver
     finally:
         got = int(stopped(receiver).split()[-1])
@@ -410,8 +410,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     for size in (64, 1400):
         out[f"socket/NetfilterQueue {size}B"] = round(
             by[("flowsteer socket", size)]["pps"] / by[("python NetfilterQueue", size)]["pps"], 2)
-        out[f"serve 2/serve 1 {size}B"] = round(
-            by[("flowsteer serve 2 (handler work)", size)]["pps"] / by[("flowsteer serve 1 (handler work)", size)]["pps"], 2)
+        two, one = by[("flowsteer serve 2 (handler work)", size)], by[("flowsteer serve 1 (handler work)", size)]
+        out[f"serve 2/serve 1 {size}B"] = round(two["pps"] / one["pps"], 2)
         out[f"NetfilterQueue/socket CPU per packet {size}B"] = round(
             by[("python NetfilterQueue", size)]["cpu_us"] / by[("flowsteer socket", size)]["cpu_us"], 2)
         out[f"socket/C {size}B"] = round(

@@ -44,7 +44,7 @@ def _echo(server: socket.socket) -> None:
 def _event(proc: subprocess.Popen[str], want: str) -> dict[str, Any]:
     assert proc.stdout is not None
     for line in proc.stdout:
-        event = json.loads(line)
+        event: dict[str, Any] = json.loads(line)
         if event["event"] == want:
             return event
     raise SystemExit(f"demo: divert serve stopped before '{want}'")

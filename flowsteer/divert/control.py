@@ -18,7 +18,7 @@ from flowsteer.errors import InvalidInput
 
 def live_members(exclude_portid: int | None = None) -> dict[int, tuple[int, ...]]:
     """Returns divert port → live member slots, leaving out the member with netlink ``exclude_portid``."""
-    out = {}
+    out: dict[int, tuple[int, ...]] = {}
     for port, state in port_states().items():
         if state.exclusive_portid is not None:
             out[port] = () if state.exclusive_portid == exclude_portid else (0,)

@@ -8,6 +8,7 @@ packet becomes a single ``NFQNL_MSG_VERDICT_BATCH``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import socket
@@ -99,10 +100,8 @@ class NfQueue:
             self.sock.bind((0, 0))
             self.sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
             for opt, size in ((33, rcvbuf), (32, 4 << 20)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
-                try:
+                with contextlib.suppress(PermissionError):  # unprivileged: defaults (binding refuses anyway)
                     self.sock.setsockopt(socket.SOL_SOCKET, opt, size)
-                except PermissionError:
-                    pass  # without CAP_NET_ADMIN the defaults stay; binding will refuse anyway
         except OSError as exc:
             self.sock.close()
             raise kernel_error("setting up the netfilter netlink socket", exc.errno or errno.EIO) from None
@@ -243,7 +242,7 @@ class NfQueue:
                 return Delivery(queue, packet_id, payload, hook,
                                 _U32.unpack_from(buf, base + shape.indev_at)[0] if shape.indev_at else 0,
                                 _U32.unpack_from(buf, base + shape.outdev_at)[0] if shape.outdev_at else 0,
-                                shape.cap_len_at != 0 and _U32.unpack_from(buf, base + shape.cap_len_at)[0] > len(payload))
+                                _truncated(buf, base, shape, payload))
         attrs: list[tuple[int, int, int]] = []
         off = 32  # NFQA_PACKET_HDR always comes first
         while off + 4 <= end:
@@ -260,7 +259,12 @@ class NfQueue:
         return Delivery(queue, packet_id, payload, hook,
                         _U32.unpack_from(buf, base + shape.indev_at)[0] if shape.indev_at else 0,
                         _U32.unpack_from(buf, base + shape.outdev_at)[0] if shape.outdev_at else 0,
-                        shape.cap_len_at != 0 and _U32.unpack_from(buf, base + shape.cap_len_at)[0] > len(payload))
+                        _truncated(buf, base, shape, payload))
+
+
+def _truncated(buf: bytearray | memoryview, base: int, shape: _Shape, payload: bytes) -> bool:
+    """True when the message says the kernel holds more bytes than it copied (``NFQA_CAP_LEN``)."""
+    return shape.cap_len_at != 0 and _U32.unpack_from(buf, base + shape.cap_len_at)[0] > len(payload)
 
 
 class _Shape:

@@ -76,8 +76,8 @@ def bound_queues() -> dict[int, QueueStats]:
         return {}  # nfnetlink_queue not loaded yet: nothing is bound
     out = {}
     for line in lines:
-        f = line.split()
-        q = QueueStats(int(f[0]), int(f[1]), int(f[2]), int(f[5]), int(f[6]), int(f[7]))
+        col = line.split()
+        q = QueueStats(int(col[0]), int(col[1]), int(col[2]), int(col[5]), int(col[6]), int(col[7]))
         out[q.queue] = q
     return out
 

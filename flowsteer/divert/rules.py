@@ -50,7 +50,7 @@ class PortRange:
             raise InvalidInput(f"port range {self.low}:{self.high} is not within 0..65535 in order")
 
     @classmethod
-    def parse(cls, text: str) -> "PortRange":
+    def parse(cls, text: str) -> PortRange:
         """Returns the range written as ``P`` or ``LO:HI``; raises InvalidInput when malformed."""
         parts = text.split(":")
         if len(parts) > 2 or not all(p.isdigit() for p in parts):
@@ -114,7 +114,7 @@ class Rule:
         return (self.direction,) if self.direction else ("in", "out")
 
     @classmethod
-    def parse(cls, text: str) -> "Rule":
+    def parse(cls, text: str) -> Rule:
         """Returns the rule written in ``text``; raises InvalidInput naming the first problem."""
         return _Parser(text).rule()
 

@@ -109,7 +109,7 @@ class Supervisor:
                 sentinels = {p.sentinel: i for i, p in self._procs.items()}
                 done = multiprocessing.connection.wait(list(sentinels), timeout=report_every or 0.2)
                 for sentinel in done:
-                    self._restart(self.workers[sentinels[sentinel]])  # type: ignore[index]
+                    self._restart(self.workers[sentinels[sentinel]])
                 if report_every and not done:
                     self.events({"event": "report", "port": self.port, "workers": self.snapshot()})
         finally:

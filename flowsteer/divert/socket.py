@@ -208,9 +208,9 @@ class DivertSocket:
                 return self.recvfrom()
             except BlockingIOError:
                 pass
-            ready = loop.create_future()
+            ready: asyncio.Future[None] = loop.create_future()
             fd = self.fileno()
-            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            loop.add_reader(fd, _wake, ready)
             try:
                 await asyncio.wait_for(ready, self._until_expiry())
             except TimeoutError:
@@ -335,7 +335,7 @@ class DivertSocket:
                 nfq.close()
             self._netns.close()
 
-    def __enter__(self) -> "DivertSocket":
+    def __enter__(self) -> DivertSocket:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -446,6 +446,11 @@ class DivertSocket:
             raise kernel_error("writing a new packet", exc.errno or errno.EIO) from None
         self.counters.injected += 1
         return sent
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _tag(address: object) -> int:

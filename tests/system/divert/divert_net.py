@@ -79,7 +79,7 @@ class Flows:
             s.close()
 
 
-def flow_port(seen: "Seen") -> int:
+def flow_port(seen: Seen) -> int:
     """Returns the peer-side port of a UDP packet seen in either direction (the flow's identity)."""
     p = seen.packet
     return p.sport if p.dport in (5000, 6000) else p.dport
@@ -143,7 +143,7 @@ class Pump:
         self._closed: set[int] = set()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Pump":
+    def __enter__(self) -> Pump:
         for s in self.socks:
             s.setblocking(False)
         self._thread.start()

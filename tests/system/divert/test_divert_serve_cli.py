@@ -25,7 +25,8 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_rule_commands_status_and_explain(netns: NamedNetns) -> None:
     ns = ["--netns", netns.name]
-    assert run("add", *ns, "in", "proto", "udp", "to", "any", "port", "53", "divert-packet", "port", "7").returncode == 0
+    words = ("in", "proto", "udp", "to", "any", "port", "53", "divert-packet", "port", "7")
+    assert run("add", *ns, *words).returncode == 0  # a rule in several arguments
     assert run("add", *ns, "--position", "1", "out proto tcp divert-packet port 8 fail-open").returncode == 0
     rules = json.loads(run("rules", *ns, "--json").stdout)
     assert [r["text"] for r in rules] == ["out proto tcp divert-packet port 8 fail-open",

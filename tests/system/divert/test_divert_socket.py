@@ -14,7 +14,7 @@ import pytest
 from divert_net import Peer, Pump, bound, ping_here, veth
 
 from flowsteer.divert import control
-from flowsteer.divert.packet import Packet, finalize
+from flowsteer.divert.packet import Packet
 from flowsteer.divert.rules import Rule
 from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket
 from flowsteer.errors import FlowsteerError, InvalidInput, PermissionDenied

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from flowsteer.divert import netfilter
-from flowsteer.divert.ports import QueueStats, bound_queues, port_states, queue_number
+from flowsteer.divert.ports import QueueStats, bound_queues, port_states, queue_number, queue_owner
 
 _PROC_NETLINK = "/proc/thread-self/net/netlink"
 _NETLINK_NETFILTER = 12
@@ -18,7 +18,7 @@ def status() -> dict[str, Any]:
     ``rules``: text and matched packets/bytes. ``ports``: for each port with rules or sockets, the member
     slots the rules were compiled for, and each bound socket (slot, netlink portid, owning pids) with the
     kernel's counters summed over its queues (packets queued, held now, dropped because the queue was
-    full, dropped because the socket's buffer was full). ``stale`` is true when the rules were compiled
+    full, dropped because the socket's buffer was full) and listed for each queue that saw packets. ``stale`` is true when the rules were compiled
     for other members than are bound now (a member died and nobody has recompiled yet).
     """
     installed = netfilter.read()
@@ -36,8 +36,10 @@ def status() -> dict[str, Any]:
                        else dict(sorted(state.members.items())))
             for slot, portid in holders.items():
                 mine = [q for q in queues.values() if q.portid == portid]
+                busy = [_queue(q) for q in mine if q.sequence or q.held or q.dropped or q.user_dropped]
                 sockets.append({"slot": slot, "exclusive": state.exclusive_portid is not None,
-                                "portid": portid, "pids": owners.get(portid, []), **_sum(mine)})
+                                "portid": portid, "pids": owners.get(portid, []), **_sum(mine),
+                                "queues": busy})
         ports[port] = {"port": port, "compiled_members": compiled, "live_members": live,
                        "stale": compiled != live and any(r.divert_port == port for r in installed.rules),
                        "queues": {"first": queue_number(port, 0, False), "first_fail_open":
@@ -46,6 +48,12 @@ def status() -> dict[str, Any]:
     rules = [{"rule": i + 1, "text": str(r), "packets": installed.counters.get(i, (0, 0))[0],
               "bytes": installed.counters.get(i, (0, 0))[1]} for i, r in enumerate(installed.rules)]
     return {"rules": rules, "ports": list(ports.values())}
+
+
+def _queue(q: QueueStats) -> dict[str, Any]:
+    owner = queue_owner(q.queue)
+    return {"queue": q.queue, "fail_open": bool(owner and owner[2]), "queued": q.sequence, "held": q.held,
+            "queue_full_drops": q.dropped, "socket_full_drops": q.user_dropped}
 
 
 def _sum(queues: list[QueueStats]) -> dict[str, int]:

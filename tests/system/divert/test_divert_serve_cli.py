@@ -14,6 +14,7 @@ from typing import Any
 
 from divert_net import Flows, Peer
 
+from flowsteer.divert.socket import DivertSocket
 from flowsteer.kernel.netns import NamedNetns
 
 CLI = [sys.executable, "-c", "from flowsteer.cli import main; main()"]
@@ -33,6 +34,13 @@ def test_rule_commands_status_and_explain(netns: NamedNetns) -> None:
                                           "in proto udp to any port 53 divert-packet port 7"]
     state = json.loads(run("status", *ns, "--json").stdout)
     assert [p["port"] for p in state["ports"]] == [7, 8] and state["ports"][0]["sockets"] == []
+    with DivertSocket() as sock:
+        sock.bind(7)
+        state = json.loads(run("status", *ns, "--json").stdout)
+        (member,) = state["ports"][0]["sockets"]
+        assert member["exclusive"] and os.getpid() in member["pids"] and member["queued"] == 0
+        assert state["ports"][0]["live_members"] == state["ports"][0]["compiled_members"] == [0]
+        assert "exclusive" in run("status", *ns).stdout
     answer = json.loads(run("explain", *ns, "--json", "--direction", "in", "--proto", "udp", "--src",
                             "10.0.0.1", "--dst", "10.0.0.2", "--sport", "1", "--dport", "53").stdout)
     assert answer["rule"] == 2 and answer["port"] == 7 and answer["slot"] is None

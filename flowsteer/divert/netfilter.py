@@ -239,9 +239,15 @@ def _matches(family: Family, direction: Direction, rule: Rule) -> str:
     return " ".join(parts)
 
 
+def _run(argv: list[str], text: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, input=text, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise FlowsteerError(f"{argv[0]} is not installed; divert needs the iptables package") from None
+
+
 def _save(family: Family) -> list[str]:
-    proc = subprocess.run([_TOOLS[family][0], "-c", "-t", "mangle"], capture_output=True, text=True,
-                          check=False)
+    proc = _run([_TOOLS[family][0], "-c", "-t", "mangle"])
     if proc.returncode != 0:
         raise FlowsteerError(f"{_TOOLS[family][0]} failed: {proc.stderr.strip()}")
     return proc.stdout.splitlines()
@@ -261,6 +267,6 @@ def _present(family: Family) -> set[str]:
 
 def _restore(family: Family, text: str) -> None:
     tool = _TOOLS[family][1]
-    proc = subprocess.run([tool, "--noflush"], input=text, capture_output=True, text=True, check=False)
+    proc = _run([tool, "--noflush"], text)
     if proc.returncode != 0:
         raise FlowsteerError(f"{tool} refused the divert rules: {proc.stderr.strip()}")

@@ -249,6 +249,30 @@ class Packet:
         return self.data[self.layout.header_len]
 
     @property
+    def tcp_flags(self) -> int:
+        """The TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10, …; settable); raises
+        InvalidInput for other protocols."""
+        return self.data[self._tcp() + 13]
+
+    @tcp_flags.setter
+    def tcp_flags(self, value: int) -> None:
+        if not 0 <= value <= 255:
+            raise InvalidInput(f"TCP flags {value} are not within 0..255")
+        self.data[self._tcp() + 13] = value
+
+    @property
+    def seq(self) -> int:
+        """The TCP sequence number; raises InvalidInput for other protocols."""
+        at = self._tcp() + 4
+        return int.from_bytes(self.data[at:at + 4], "big")
+
+    @property
+    def ack(self) -> int:
+        """The TCP acknowledgement number; raises InvalidInput for other protocols."""
+        at = self._tcp() + 8
+        return int.from_bytes(self.data[at:at + 4], "big")
+
+    @property
     def payload(self) -> bytes:
         """The transport payload (settable: lengths are adjusted; checksums are fixed on write-back)."""
         return bytes(self.data[self._payload_offset():self.layout.total_len])
@@ -287,6 +311,12 @@ class Packet:
         lay = self.layout
         if lay.proto not in (TCP, UDP) or lay.total_len < lay.header_len + 4:
             raise InvalidInput("packet has no TCP or UDP ports")
+        return lay.header_len
+
+    def _tcp(self) -> int:
+        lay = self.layout
+        if lay.proto != TCP or lay.total_len < lay.header_len + 20:
+            raise InvalidInput("packet is not TCP")
         return lay.header_len
 
     def _set_port(self, offset: int, value: int) -> None:

@@ -135,6 +135,9 @@ def test_packet_view_fields() -> None:
     assert (p.version, p.proto, str(p.src), str(p.dst), p.sport, p.dport, p.ttl) == \
         (4, 6, "192.0.2.1", "192.0.2.2", 1000, 80, 64)
     assert p.payload == b"data"
+    assert (p.seq, p.ack, p.tcp_flags) == (1, 0, 0x18)
+    p.tcp_flags = 0x02
+    assert p.tcp_flags == 0x02 and verifies(finalize(p.data))
     p.dst = "192.0.2.9"
     p.ttl = 3
     assert str(p.dst) == "192.0.2.9" and p.ttl == 3
@@ -149,4 +152,6 @@ def test_packet_view_fields() -> None:
     assert icmp.icmp_type == 128
     with pytest.raises(InvalidInput):
         icmp.sport  # noqa: B018
+    with pytest.raises(InvalidInput):
+        icmp.tcp_flags  # noqa: B018
     assert "invalid" in repr(Packet(b"\x45"))

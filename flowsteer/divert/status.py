@@ -18,8 +18,9 @@ def status() -> dict[str, Any]:
     ``rules``: text and matched packets/bytes. ``ports``: for each port with rules or sockets, the member
     slots the rules were compiled for, and each bound socket (slot, netlink portid, owning pids) with the
     kernel's counters summed over its queues (packets queued, held now, dropped because the queue was
-    full, dropped because the socket's buffer was full) and listed for each queue that saw packets. ``stale`` is true when the rules were compiled
-    for other members than are bound now (a member died and nobody has recompiled yet).
+    full, dropped because the socket's buffer was full) and listed for each queue that saw packets.
+    ``stale`` is true when the rules were compiled for other members than are bound now (a member died
+    and nobody has recompiled yet).
     """
     installed = netfilter.read()
     queues = bound_queues()

@@ -38,6 +38,7 @@ class Flow:
     interface: str | None = None
     """Receiving interface for ``in``, sending interface for ``out``; None matches only rules without one."""
     tracked: bool = True
+    """False for packets without conntrack state (``INVALID`` or ``UNTRACKED``)."""
 
     def __post_init__(self) -> None:
         if self.direction not in ("in", "out"):
@@ -120,9 +121,23 @@ def _interface_matches(pattern: str, name: str | None) -> bool:
     return name == pattern
 
 
-def explain(flow: Flow, state: netfilter.Installed | None = None) -> dict[str, Any]:
-    """Returns where a new connection's packet ``flow`` goes under ``state`` (default: installed now).
+def _pinned(ct_mark: int | None, direction: Direction, members: tuple[int, ...]) -> tuple[int, str] | None:
+    """The member a connection's mark pins it to, as the PICK chain reads it (own direction first)."""
+    if ct_mark is None:
+        return None
+    other: Direction = "out" if direction == "in" else "in"
+    for side, how in ((direction, "is pinned"), (other, "follows its other direction")):
+        byte = (ct_mark >> netfilter.CT_SHIFT[side]) & 0xFF
+        if byte & 0x80 and (byte & 0x1F) in members:
+            return byte & 0x1F, f"established connection {how} to member slot {byte & 0x1F}"
+    return None
 
+
+def explain(flow: Flow, state: netfilter.Installed | None = None, ct_mark: int | None = None) -> dict[str, Any]:
+    """Returns where packet ``flow`` goes under ``state`` (default: installed now).
+
+    ``ct_mark`` is the conntrack mark of the flow's connection when it exists (see
+    :func:`flowsteer.divert.conntrack.connection_mark`); without it the answer is for a new connection.
     The answer has ``diverted`` and, when diverted, ``rule`` (1-based), ``text``, ``port``, ``fail_open``,
     ``members``, ``slot`` and ``queue`` (``slot`` None when no member is bound: the packet is dropped,
     or accepted for a fail-open rule), and ``reason``.
@@ -140,6 +155,8 @@ def explain(flow: Flow, state: netfilter.Installed | None = None) -> dict[str, A
                           reason="no socket is bound: " + ("accepted (fail-open)" if rule.fail_open else "dropped"))
         elif not flow.tracked:
             answer.update(slot=members[0], reason="untracked packets go to the first member")
+        elif (pinned := _pinned(ct_mark, flow.direction, members)) is not None:
+            answer.update(slot=pinned[0], reason=pinned[1])
         else:
             index_ = hmark_index(flow, len(members), netfilter.hash_seed(rule.divert_port, members))
             answer.update(slot=members[index_],

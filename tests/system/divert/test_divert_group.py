@@ -10,6 +10,7 @@ from collections import defaultdict
 from divert_net import Flows, Peer, Pump, flow_port, group
 
 from flowsteer.divert import control
+from flowsteer.divert.conntrack import connection_mark
 from flowsteer.divert.model import Flow, explain
 from flowsteer.divert.rules import Rule
 from flowsteer.divert.status import status
@@ -107,6 +108,10 @@ def test_members_joining_and_leaving_under_traffic_move_only_the_leavers_flows(p
                 assert per_round[b"4"][port][0] == after == member  # survivors' flows stay
             else:
                 assert after != 0 and per_round[b"4"][port][0] in (0, after)  # leavers' flows move once
+        slots, now = [s.slot for s in pump.socks], control.netfilter.read()
+        for port in flows.ports + late.ports:  # explain sees where established connections are pinned
+            flow = Flow("in", "udp", peer.a4, peer.b4, port, 5000, "vb")
+            assert explain(flow, now, connection_mark(flow))["slot"] == slots[per_round[b"5"][port][0]]
         late_members = {per_round[b"3"][p][0] for p in late.ports}
         assert 2 in late_members  # new connections reach the new member
         assert all(per_round[b"5"][p][0] == per_round[b"3"][p][0] for p in late.ports

@@ -96,3 +96,17 @@ def test_compiled_chains_cover_rules_members_and_cleanup() -> None:
     assert "-I PREROUTING" not in v6 and "--queue-bypass" in v6 and "HMARK" not in v6
     gone = netfilter.compile_family("inet", [], {}, {"JUMP:PREROUTING", "FS-DIV-IN", "FS-DIV-IN-7"})
     assert "-D PREROUTING -j FS-DIV-IN" in gone and "-X FS-DIV-IN-7" in gone
+
+
+def test_explain_reads_the_member_an_established_connection_is_pinned_to() -> None:
+    state = netfilter.Installed(rules=[Rule.parse("proto udp divert-packet port 7")], members={7: (0, 2, 5)})
+    flow = Flow("in", "udp", "10.0.0.1", "10.0.0.2", 4000, 53)
+    pinned_in = netfilter.ct_value("in", 5)[0]
+    pinned_out = netfilter.ct_value("out", 2)[0]
+    assert explain(flow, state, pinned_in)["slot"] == 5
+    assert explain(flow, state, pinned_in | pinned_out)["slot"] == 5  # its own direction first
+    answer = explain(flow, state, pinned_out)
+    assert answer["slot"] == 2 and "follows" in answer["reason"]  # the reply direction was pinned first
+    gone = netfilter.ct_value("in", 9)[0]  # slot 9 is not a member (any more)
+    assert explain(flow, state, gone) == explain(flow, state)  # re-pinned like a new connection
+

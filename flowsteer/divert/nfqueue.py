@@ -33,7 +33,7 @@ NFQA_VERDICT_HDR = 2
 NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV = 5, 6
 NFQA_PAYLOAD, NFQA_CAP_LEN = 10, 13
 NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
-CMD_BIND, CMD_UNBIND = 1, 2
+CMD_BIND = 1
 COPY_PACKET = 2
 CFG_F_FAIL_OPEN, CFG_F_GSO = 1 << 0, 1 << 2
 
@@ -134,11 +134,6 @@ class NfQueue:
                  + _attr(NFQA_CFG_MASK, _U32.pack(CFG_F_GSO | CFG_F_FAIL_OPEN))
                  + _attr(NFQA_CFG_FLAGS, _U32.pack(flags)))
         self._request(MSG_CONFIG, queue, attrs, f"binding queue {queue}")
-
-    def unbind(self, queue: int) -> None:
-        """Unbinds ``queue``; the kernel drops the packets it still holds. Raises KernelError."""
-        attrs = _attr(NFQA_CFG_CMD, struct.pack("!BBH", CMD_UNBIND, 0, 0))
-        self._request(MSG_CONFIG, queue, attrs, f"unbinding queue {queue}")
 
     def receive(self, limit: int) -> list[Delivery]:
         """Returns up to ``limit`` packets that are waiting, without blocking (an empty list when none).

@@ -14,6 +14,7 @@ that joins as K, and undrains K once it is ready.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import multiprocessing
 import multiprocessing.connection
@@ -24,13 +25,18 @@ from multiprocessing.process import BaseProcess
 
 from flowsteer.errors import FlowsteerError
 from flowsteer.reuseport.group import Group
+from flowsteer.reuseport.policy import Policy
 from flowsteer.reuseport.worker import Membership, join
 
 Serve = Callable[[Membership], None]
+PR_SET_PDEATHSIG = 1  # a worker gets SIGTERM when its supervisor dies, however it dies
+_libc = ctypes.CDLL(None, use_errno=True)
 _SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
 
 def _worker(group: Group, slot: int, serve: Serve, ready: multiprocessing.connection.Connection) -> None:
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0 or os.getppid() == 1:  # the supervisor is gone
+        raise SystemExit(1)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
@@ -46,16 +52,18 @@ def _worker(group: Group, slot: int, serve: Serve, ready: multiprocessing.connec
 
 
 class Supervisor:
-    """Worker processes serving members 0..workers-1 of ``group`` (created with policy consistent when it
-    does not exist). A worker must join within ``ready_timeout`` seconds and stop within ``stop_timeout``
+    """Worker processes serving members 0..workers-1 of ``group`` (created with ``policy``, default
+    consistent, when it does not exist). A worker must join within ``ready_timeout`` seconds and stop within ``stop_timeout``
     of its SIGTERM (else it is killed); ``report`` receives one line per event (default: nothing). A worker
     that dies on its own is not replaced until the next restart."""
 
-    def __init__(self, group: Group, workers: int, serve: Serve, *, ready_timeout: float = 10.0,
-                 stop_timeout: float = 30.0, report: Callable[[str], None] = lambda line: None) -> None:
+    def __init__(self, group: Group, workers: int, serve: Serve, *, policy: Policy | None = None,
+                 ready_timeout: float = 10.0, stop_timeout: float = 30.0,
+                 report: Callable[[str], None] = lambda line: None) -> None:
         if not 1 <= workers <= 256:
             raise FlowsteerError(f"{workers} workers: a group has 1 to 256 members")
         self.group = group
+        self.policy = policy
         self.count = workers
         self.serve = serve
         self.ready_timeout = ready_timeout
@@ -96,7 +104,7 @@ class Supervisor:
 
     def start(self) -> None:
         """Creates the group if needed and starts every worker; returns once all have joined."""
-        self.group.create(exist_ok=True)
+        self.group.create(self.policy, exist_ok=True)
         for slot in range(self.count):
             self._start(slot)
             self.group.undrain(slot)
@@ -130,14 +138,16 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
 
-def main(serve: Serve, description: str, argv: Sequence[str] | None = None) -> None:
+def main(serve: Serve, description: str, argv: Sequence[str] | None = None, policy: Policy | None = None) -> None:
     """The command line of a supervised server: ``GROUP [--workers N]``; runs a :class:`Supervisor` that
-    reports its events on stdout. A FlowsteerError ends it with the message and exit status 1."""
+    reports its events on stdout (a new group gets ``policy``). A FlowsteerError ends it with the message
+    and exit status 1."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("group", help="PROTOCOL:ADDRESS:PORT, e.g. tcp:127.0.0.1:8080")
     parser.add_argument("--workers", type=int, default=4, help="worker processes (members 0..N-1)")
     args = parser.parse_args(argv)
     try:
-        Supervisor(Group(args.group), args.workers, serve, report=functools.partial(print, flush=True)).run()
+        Supervisor(Group(args.group), args.workers, serve, policy=policy,
+                   report=functools.partial(print, flush=True)).run()
     except FlowsteerError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +58,38 @@ def test_example_restarts_every_worker_under_load(netns: object, bpffs_root: str
         after = group.members()
         assert [m.state for m in after] == ["live"] * 3
         assert not before & {m.pid for m in after}  # every worker is a new process
+        proc.send_signal(signal.SIGTERM)
+        wait_line(proc, "stopped")
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_udp_connection_ids_keep_their_worker_across_client_ports(netns: object, bpffs_root: str) -> None:
+    spec = "udp:192.0.2.51:4433"
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / "reuseport_udp_keys.py"), spec, "--workers", "4"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        wait_line(proc, "all workers ready")
+        assert Group(spec).policy().name == "key"
+        answers = set()
+        for connection in range(6):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as first:
+                first.settimeout(3)
+                first.sendto(b"\x00hello", ("192.0.2.51", 4433))
+                reply = first.recv(64)
+            assert reply[:1] == b"\x00" and len(reply) == 9
+            workers = set()
+            for _ in range(10):  # the client "migrates": a new source port for every datagram
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as moved:
+                    moved.settimeout(3)
+                    moved.sendto(b"\x40" + reply[1:] + b"ping", ("192.0.2.51", 4433))
+                    workers.add(moved.recv(64).split(b":")[0])
+            assert len(workers) == 1, workers
+            answers |= workers
+        assert len(answers) > 1  # connections were spread over workers, each kept its own
         proc.send_signal(signal.SIGTERM)
         wait_line(proc, "stopped")
         assert proc.wait(10) == 0

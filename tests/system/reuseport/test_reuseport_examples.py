@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import select
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,15 +39,28 @@ def wait_line(proc: subprocess.Popen[str], wanted: str, timeout: float = 20.0) -
     pytest.fail(f"{wanted!r} not printed within {timeout} s; got {seen}, exit status {proc.poll()}")
 
 
-@pytest.mark.parametrize("script", ["reuseport_asyncio.py", "reuseport_uvicorn.py"])
-def test_example_restarts_every_worker_under_load(netns: object, bpffs_root: str, script: str) -> None:
-    if script == "reuseport_uvicorn.py":
-        pytest.importorskip("uvicorn")
-    spec = "tcp:192.0.2.50:8090"
-    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), spec, "--workers", "3"],
+@contextlib.contextmanager
+def supervised(script: str, spec: str, workers: int) -> Iterator[subprocess.Popen[str]]:
+    """Runs an example until it printed "all workers ready"; after the block stops it with SIGTERM and
+    checks that it stopped cleanly (killed in any case: its workers die with it)."""
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), spec, "--workers", str(workers)],
                             stdout=subprocess.PIPE, text=True)
     try:
         wait_line(proc, "all workers ready")
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        wait_line(proc, "stopped")
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("script", ["reuseport_asyncio.py", "reuseport_uvicorn.py"])
+def test_example_restarts_every_worker_under_load(netns: object, bpffs_root: str, script: str) -> None:
+    spec = "tcp:192.0.2.50:8090"
+    with supervised(script, spec, 3) as proc:
         group = Group(spec)
         before = {m.pid for m in group.members()}
         with Load("192.0.2.50", 8090, clients=4, request=HTTP_GET, expect=b"HTTP/1.1 200 OK") as load:
@@ -58,21 +73,11 @@ def test_example_restarts_every_worker_under_load(netns: object, bpffs_root: str
         after = group.members()
         assert [m.state for m in after] == ["live"] * 3
         assert not before & {m.pid for m in after}  # every worker is a new process
-        proc.send_signal(signal.SIGTERM)
-        wait_line(proc, "stopped")
-        assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_udp_connection_ids_keep_their_worker_across_client_ports(netns: object, bpffs_root: str) -> None:
     spec = "udp:192.0.2.51:4433"
-    proc = subprocess.Popen([sys.executable, str(EXAMPLES / "reuseport_udp_keys.py"), spec, "--workers", "4"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        wait_line(proc, "all workers ready")
+    with supervised("reuseport_udp_keys.py", spec, 4):
         assert Group(spec).policy().name == "key"
         answers = set()
         for connection in range(6):
@@ -90,10 +95,3 @@ def test_udp_connection_ids_keep_their_worker_across_client_ports(netns: object,
             assert len(workers) == 1, workers
             answers |= workers
         assert len(answers) > 1  # connections were spread over workers, each kept its own
-        proc.send_signal(signal.SIGTERM)
-        wait_line(proc, "stopped")
-        assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

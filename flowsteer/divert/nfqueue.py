@@ -229,37 +229,20 @@ class NfQueue:
         queue, packet_id, hook = _PKTHEAD.unpack_from(buf, base + 18)
         end = min(length, n)
         shape = self._shape
-        if shape is not None and shape.struct.size <= end:
-            heads = shape.struct.unpack_from(buf, base)
-            if heads[-1] == NFQA_PAYLOAD and heads[:-2] == shape.expected and shape.payload_at + heads[-2] <= end:
-                at = base + shape.payload_at
-                payload = bytes(buf[at + 4:at + heads[-2]])
-                return Delivery(queue, packet_id, payload, hook,
-                                _U32.unpack_from(buf, base + shape.indev_at)[0] if shape.indev_at else 0,
-                                _U32.unpack_from(buf, base + shape.outdev_at)[0] if shape.outdev_at else 0,
-                                _truncated(buf, base, shape, payload))
-        attrs: list[tuple[int, int, int]] = []
-        off = 32  # NFQA_PACKET_HDR always comes first
-        while off + 4 <= end:
-            alen, atype = _ATTR.unpack_from(buf, base + off)
-            attrs.append((off, atype, alen))
-            if atype == NFQA_PAYLOAD or alen < 4:  # the payload is always the last attribute
-                break
-            off += (alen + 3) & ~3
-        self._shape = shape = _Shape(attrs)
-        if not attrs or attrs[-1][1] != NFQA_PAYLOAD or attrs[-1][0] + attrs[-1][2] > end:
-            return Delivery(queue, packet_id, b"", hook, 0, 0, True)
-        at = base + attrs[-1][0]
-        payload = bytes(buf[at + 4:at + attrs[-1][2]])
-        return Delivery(queue, packet_id, payload, hook,
-                        _U32.unpack_from(buf, base + shape.indev_at)[0] if shape.indev_at else 0,
-                        _U32.unpack_from(buf, base + shape.outdev_at)[0] if shape.outdev_at else 0,
-                        _truncated(buf, base, shape, payload))
-
-
-def _truncated(buf: bytearray | memoryview, base: int, shape: _Shape, payload: bytes) -> bool:
-    """True when the message says the kernel holds more bytes than it copied (``NFQA_CAP_LEN``)."""
-    return shape.cap_len_at != 0 and _U32.unpack_from(buf, base + shape.cap_len_at)[0] > len(payload)
+        for _ in range(2):  # the layout of the previous message, else this message's own
+            if shape is not None and shape.struct.size <= end:
+                heads = shape.struct.unpack_from(buf, base)
+                size = heads[-2]
+                if heads[-1] == NFQA_PAYLOAD and heads[:-2] == shape.expected and shape.payload_at + size <= end:
+                    at = base + shape.payload_at
+                    payload = bytes(buf[at + 4:at + size])
+                    cap = shape.cap_len_at
+                    return Delivery(queue, packet_id, payload, hook,
+                                    _U32.unpack_from(buf, base + shape.indev_at)[0] if shape.indev_at else 0,
+                                    _U32.unpack_from(buf, base + shape.outdev_at)[0] if shape.outdev_at else 0,
+                                    cap != 0 and _U32.unpack_from(buf, base + cap)[0] > len(payload))
+            shape = self._shape = _Shape.learn(buf, base, end)
+        return Delivery(queue, packet_id, b"", hook, 0, 0, True)  # no payload attribute: nothing to show
 
 
 class _Shape:
@@ -274,11 +257,26 @@ class _Shape:
             expected += [alen, atype]
         self.struct = struct.Struct("".join(fmt))
         self.expected = tuple(expected[:-2])
-        self.payload_at = attrs[-1][0] if attrs else 0
+        self.payload_at = attrs[-1][0]
         where = {atype: off + 4 for off, atype, _alen in attrs}
         self.indev_at = where.get(NFQA_IFINDEX_INDEV, 0)
         self.outdev_at = where.get(NFQA_IFINDEX_OUTDEV, 0)
         self.cap_len_at = where.get(NFQA_CAP_LEN, 0)
+
+    @classmethod
+    def learn(cls, buf: bytearray | memoryview, base: int, end: int) -> _Shape | None:
+        """Returns the shape of the message at ``base`` (``end`` bytes), None when it has no payload."""
+        attrs: list[tuple[int, int, int]] = []
+        off = 32  # NFQA_PACKET_HDR always comes first
+        while off + 4 <= end:
+            alen, atype = _ATTR.unpack_from(buf, base + off)
+            attrs.append((off, atype, alen))
+            if atype == NFQA_PAYLOAD or alen < 4:  # the payload is always the last attribute
+                break
+            off += (alen + 3) & ~3
+        if not attrs or attrs[-1][1] != NFQA_PAYLOAD:
+            return None
+        return cls(attrs)
 
 
 class _Ring:

@@ -11,6 +11,7 @@ A restarted worker joins with the same slot and takes its place (and its share o
 
 from __future__ import annotations
 
+import errno
 import socket
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ def open_member_socket(group: GroupId, backlog: int = DEFAULT_BACKLOG) -> socket
             sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise kernel_error(f"bind {group}", exc.errno or 0) from None
+        raise kernel_error(f"bind {group}", exc.errno or errno.EINVAL) from None
     return sock
 
 
@@ -79,7 +80,8 @@ def join(group: GroupId | str, slot: int, *, sock: socket.socket | None = None, 
     with ``policy`` (default consistent) when it does not exist yet; an existing group keeps its policy.
     ``weight`` sets the member's weight (default: keep it, 1 for a new member). Raises InvalidInput for a
     bad slot, WrongSocket for a socket that cannot join, FlowsteerError (EBUSY) when another socket
-    holds the slot; on failure the group is unchanged and a socket opened here is closed.
+    holds the slot; on failure no member changes (a group created by this call stays, without members)
+    and a socket opened here is closed.
     """
     gid = group if isinstance(group, GroupId) else GroupId.parse(group)
     slot = parse_slot(slot)

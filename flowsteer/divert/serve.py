@@ -93,8 +93,9 @@ class Supervisor:
         self._bound_rx, self._bound_tx = _MP.Pipe(duplex=False)
         self._stopping = False
 
-    def run(self, *, report_every: float | None = None, until: Callable[[], bool] = lambda: False) -> None:
-        """Runs until SIGINT/SIGTERM or ``until()`` is true; then stops the workers and reports.
+    def run(self, *, report_every: float | None = None) -> None:
+        """Runs until SIGINT/SIGTERM, then stops the workers and reports; ``report_every`` seconds (when
+        given) it reports the counters.
 
         Raises FlowsteerError when a worker cannot bind (for example the port is taken).
         """
@@ -105,7 +106,7 @@ class Supervisor:
             for _ in self.workers:
                 self._await_bound()
             self.events({"event": "ready", "port": self.port, "workers": self.snapshot()})
-            while not self._stopping and not until():
+            while not self._stopping:
                 sentinels = {p.sentinel: i for i, p in self._procs.items()}
                 done = multiprocessing.connection.wait(list(sentinels), timeout=report_every or 0.2)
                 for sentinel in done:

@@ -97,9 +97,9 @@ def test_serve_runs_a_group_and_a_killed_workers_flows_are_taken_over(peer: Peer
     receiver.bind((peer.b4, 5000))
     receiver.settimeout(5)
     env = {**os.environ, "DIVERT_TEST_LOG": str(log)}
-    serve = subprocess.Popen([*CLI, "divert", "serve", "--netns", netns.name, "--port", "9", "--workers", "2",
-                              "--json", f"{tmp_path}/handler.py:handle"], stdout=subprocess.PIPE, text=True,
-                             env=env)
+    argv = [*CLI, "divert", "serve", "--netns", netns.name, "--port", "9", "--workers", "2",
+            "--report-interval", "0.2", "--json", f"{tmp_path}/handler.py:handle"]
+    serve = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
     flows = Flows(peer, 24)
     try:
         ready = read_event(serve, "ready")
@@ -114,6 +114,8 @@ def test_serve_runs_a_group_and_a_killed_workers_flows_are_taken_over(peer: Peer
 
         first = round_()
         assert set(first.values()) == set(pids)
+        while sum(w["received"] for w in read_event(serve, "report")["workers"]) < 24:
+            pass  # periodic per-worker counters; earlier reports may predate the round
         victim = pids[0]
         os.kill(victim, signal.SIGKILL)
         restarted = read_event(serve, "restarted")

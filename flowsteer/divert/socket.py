@@ -130,7 +130,7 @@ class DivertSocket:
         return int(self._lb)
 
     def bind(self, port: int) -> None:
-        """Binds divert ``port`` (1..1023) in the calling thread's network namespace.
+        """Binds divert ``port`` (1..1023) in the socket's network namespace.
 
         Without SO_REUSEPORT_LB the socket must be alone on the port; with it, it joins the port's
         load-balancing group in the lowest free slot, and the rules are recompiled so that new

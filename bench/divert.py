@@ -43,7 +43,7 @@ from flowsteer.divert.ports import queue_number  # noqa: E402
 from flowsteer.divert.rules import Rule  # noqa: E402
 from flowsteer.kernel.netns import NamedNetns  # noqa: E402
 
-SRC, DST, DPORT, PORT = "10.79.0.1", "10.79.0.2", 9000, 1
+SRC, DST, DPORT, PORT = "198.19.79.1", "198.19.79.2", 9000, 1
 FLOWS = 64
 FLOOD = 350_000.0
 """Offered load for single consumers: above what any of them sustains, below what saturates CPU 0."""

@@ -31,7 +31,7 @@ from flowsteer.reuseport.restart import GroupPool, Load, PlainPool, Worker, roll
 from flowsteer.reuseport.traffic import random_flows, tcp_landing, udp_landing
 
 SO_DETACH_REUSEPORT_BPF = 68
-PREFIXES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "10.0.0.0/8")
+PREFIXES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "198.18.0.0/15")
 
 
 @contextlib.contextmanager
@@ -67,7 +67,7 @@ def connection_rate(rounds: int, flows_per_round: int) -> tuple[float, float]:
                 else:
                     with contextlib.suppress(FileNotFoundError):  # ENOENT: no program attached
                         sockets[0].setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
-                flows = random_flows("tcp", gid.address, gid.port, flows_per_round, rng, "10.0.0.0/8")
+                flows = random_flows("tcp", gid.address, gid.port, flows_per_round, rng, "198.18.0.0/15")
                 start = time.perf_counter()
                 landed = tcp_landing(sockets, flows)
                 if round_:
@@ -85,7 +85,7 @@ def balance(flows: int) -> tuple[float, float]:
         gid = GroupId.parse(f"udp:192.0.2.1:{port}")
         Group(gid).create(policy)
         members = {slot: join(gid, slot) for slot in range(8)}
-        sample = random_flows("udp", gid.address, gid.port, flows, random.Random(port), "10.0.0.0/8")
+        sample = random_flows("udp", gid.address, gid.port, flows, random.Random(port), "198.18.0.0/15")
         counts = Counter(udp_landing({s: m.socket for s, m in members.items()}, sample).values())
         assert "dropped" not in counts, counts
         results.append(max(counts.values()) / (flows / 8))
@@ -123,7 +123,7 @@ def movement(flows: int) -> dict[str, float]:
                 sock.close()
 
         sockets = {slot: add(slot) for slot in range(8)}
-        sample = random_flows("tcp", gid.address, gid.port, flows, random.Random(port), "10.0.0.0/8")
+        sample = random_flows("tcp", gid.address, gid.port, flows, random.Random(port), "198.18.0.0/15")
         eight = tcp_landing(sockets, sample)
         sockets[8] = add(8)
         nine = tcp_landing(sockets, sample)

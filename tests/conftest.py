@@ -16,7 +16,7 @@ import pytest
 from flowsteer.kernel import bpffs
 from flowsteer.kernel.netns import NamedNetns
 
-LOCAL_PREFIXES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+LOCAL_PREFIXES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/33")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

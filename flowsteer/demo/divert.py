@@ -22,7 +22,7 @@ from flowsteer.demo.common import flowsteer, heading, step
 from flowsteer.divert.packet import Packet
 from flowsteer.kernel.netns import NamedNetns
 
-CLIENT, SERVER, PORT = "10.80.0.1", "10.80.0.2", 5000
+CLIENT, SERVER, PORT = "198.19.80.1", "198.19.80.2", 5000
 FLOWS = 6
 
 

@@ -2,7 +2,7 @@
 
 A rule sends the packets it matches to a divert port::
 
-    in on veth0 inet proto tcp from 10.0.0.0/8 to any port 80 divert-packet port 700 fail-open
+    in on veth0 inet proto tcp from 198.18.0.0/15 to any port 80 divert-packet port 700 fail-open
 
 Grammar (every part but ``divert-packet port N`` is optional; words in this order)::
 

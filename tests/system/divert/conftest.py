@@ -17,7 +17,7 @@ from divert_net import Peer, make_peer  # noqa: E402
 
 @pytest.fixture
 def peer(netns: NamedNetns) -> Iterator[Peer]:
-    """The peer namespace ``a`` (10.77.0.1 / fd77::1) linked to the test's namespace (10.77.0.2 / fd77::2)."""
+    """The peer namespace ``a`` (198.18.77.1 / 2001:db8:ff77::1) linked to the test's namespace (198.18.77.2 / 2001:db8:ff77::2)."""
     p = make_peer(netns)
     try:
         yield p

@@ -23,14 +23,14 @@ def veth(left: NamedNetns, left_if: str, right: NamedNetns, right_if: str) -> No
 
 @dataclass
 class Peer:
-    """A namespace linked to the test's namespace: it is ``a`` (10.77.0.1, fd77::1 on va), the test's
-    namespace is 10.77.0.2, fd77::2 on vb."""
+    """A namespace linked to the test's namespace: it is ``a`` (198.18.77.1, 2001:db8:ff77::1 on va), the test's
+    namespace is 198.18.77.2, 2001:db8:ff77::2 on vb."""
 
     ns: NamedNetns
-    a4: str = "10.77.0.1"
-    b4: str = "10.77.0.2"
-    a6: str = "fd77::1"
-    b6: str = "fd77::2"
+    a4: str = "198.18.77.1"
+    b4: str = "198.18.77.2"
+    a6: str = "2001:db8:ff77::1"
+    b6: str = "2001:db8:ff77::2"
 
     def socket(self, family: int, kind: int) -> socket.socket:
         """Returns a socket that lives in the peer namespace."""
@@ -49,8 +49,8 @@ def make_peer(here: NamedNetns) -> Peer:
     ns = NamedNetns.create("fsp")
     peer = Peer(ns)
     veth(ns, "va", here, "vb")
-    ns.batch(["addr add 10.77.0.1/24 dev va", "addr add fd77::1/64 dev va nodad", "link set va up"])
-    here.batch(["addr add 10.77.0.2/24 dev vb", "addr add fd77::2/64 dev vb nodad", "link set vb up"])
+    ns.batch(["addr add 198.18.77.1/24 dev va", "addr add 2001:db8:ff77::1/64 dev va nodad", "link set va up"])
+    here.batch(["addr add 198.18.77.2/24 dev vb", "addr add 2001:db8:ff77::2/64 dev vb nodad", "link set vb up"])
     return peer
 
 

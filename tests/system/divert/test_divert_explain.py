@@ -16,7 +16,7 @@ from flowsteer.divert.rules import Rule
 RULES = [
     "in proto tcp to any port 8000:8099 divert-packet port 20",
     "in inet6 proto udp divert-packet port 21",
-    "in proto udp from 10.77.0.1 to any port 5000 divert-packet port 22",
+    "in proto udp from 198.18.77.1 to any port 5000 divert-packet port 22",
     "in proto udp to any port 5001:5002 divert-packet port 23 fail-open",
     "in proto udp to any port 5002 divert-packet port 24",
 ]

@@ -42,9 +42,9 @@ def test_rule_commands_status_and_explain(netns: NamedNetns) -> None:
         assert state["ports"][0]["live_members"] == state["ports"][0]["compiled_members"] == [0]
         assert "exclusive" in run("status", *ns).stdout
     answer = json.loads(run("explain", *ns, "--json", "--direction", "in", "--proto", "udp", "--src",
-                            "10.0.0.1", "--dst", "10.0.0.2", "--sport", "1", "--dport", "53").stdout)
+                            "198.18.0.1", "--dst", "198.18.0.2", "--sport", "1", "--dport", "53").stdout)
     assert answer["rule"] == 2 and answer["port"] == 7 and answer["slot"] is None
-    text = run("explain", *ns, "--direction", "out", "--proto", "udp", "--src", "10.0.0.1", "--dst", "10.0.0.2")
+    text = run("explain", *ns, "--direction", "out", "--proto", "udp", "--src", "198.18.0.1", "--dst", "198.18.0.2")
     assert "not diverted" in text.stdout
     assert run("del", *ns, "1").returncode == 0
     assert run("del", *ns, "in proto udp to any port 53 divert-packet port 7").returncode == 0
@@ -58,7 +58,7 @@ def test_user_mistakes_are_errors_not_tracebacks(netns: NamedNetns) -> None:
     for args in (("add", "--netns", netns.name, "in", "proto", "bogus", "divert-packet", "port", "7"),
                  ("add", "--netns", "no-such-netns", "divert-packet", "port", "7"),
                  ("del", "--netns", netns.name, "3"),
-                 ("explain", "--direction", "in", "--proto", "udp", "--src", "x", "--dst", "10.0.0.1"),
+                 ("explain", "--direction", "in", "--proto", "udp", "--src", "x", "--dst", "198.18.0.1"),
                  ("serve", "--netns", netns.name, "--port", "7", "no_such_module:handle"),
                  ("serve", "--netns", netns.name, "--port", "2000", "os:getpid"),
                  ("serve", "--netns", netns.name, "--port", "7", "--workers", "33", "os:getpid")):

@@ -68,7 +68,7 @@ def test_outbound_packet_not_written_back_is_dropped_and_written_back_passes(pee
 
 
 def test_ipv6_inbound_address_and_write_back(peer: Peer) -> None:
-    add("in proto icmp6 from fd77::1 divert-packet port 7")
+    add("in proto icmp6 from 2001:db8:ff77::1 divert-packet port 7")
     with bound(7) as sock, Pump([sock]) as pump:
         ping = peer.ping(peer.b6, count=2, wait=2)
         assert ping.wait(10) == 0
@@ -81,9 +81,9 @@ def test_router_diverts_forwarded_traffic_in_and_out_on_two_ports_once_each(netn
     try:
         veth(client, "ca", netns, "ra")
         veth(server, "sa", netns, "rs")
-        client.batch(["addr add 10.78.1.1/24 dev ca", "link set ca up", "route add default via 10.78.1.2"])
-        server.batch(["addr add 10.78.2.1/24 dev sa", "link set sa up", "route add default via 10.78.2.2"])
-        netns.batch(["addr add 10.78.1.2/24 dev ra", "link set ra up", "addr add 10.78.2.2/24 dev rs",
+        client.batch(["addr add 198.18.78.1/24 dev ca", "link set ca up", "route add default via 198.18.78.2"])
+        server.batch(["addr add 198.18.79.1/24 dev sa", "link set sa up", "route add default via 198.18.79.2"])
+        netns.batch(["addr add 198.18.78.2/24 dev ra", "link set ra up", "addr add 198.18.79.2/24 dev rs",
                      "link set rs up"])
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
             f.write("1")
@@ -96,12 +96,12 @@ def test_router_diverts_forwarded_traffic_in_and_out_on_two_ports_once_each(netn
             shadowed.bind(12)
             with Pump([inbound, outbound, shadowed]) as pump:
                 ping = subprocess.run(["ip", "netns", "exec", client.name, "ping", "-n", "-q", "-c", "3",
-                                       "-i", "0.2", "-W", "2", "10.78.2.1"], capture_output=True, timeout=20)
+                                       "-i", "0.2", "-W", "2", "198.18.79.1"], capture_output=True, timeout=20)
                 assert ping.returncode == 0
                 seen = pump.wait_for(6, timeout=2)
         by_socket = [[s for s in seen if s.index == i] for i in range(3)]
         assert [len(x) for x in by_socket] == [3, 3, 0]  # each echo request once per rule; no replies
-        assert {s.address[0] for s in by_socket[0]} == {"10.78.1.2"}
+        assert {s.address[0] for s in by_socket[0]} == {"198.18.78.2"}
         assert {s.address[0] for s in by_socket[1]} == {"0.0.0.0"}
         ids = [[struct.unpack("!H", s.data[26:28])[0] for s in x] for x in by_socket[:2]]
         assert ids[0] == ids[1] and len(set(ids[0])) == 3  # the same three packets, each once
@@ -177,7 +177,7 @@ def test_malformed_reinjection_is_refused_and_the_packet_stays_held(peer: Peer) 
             with pytest.raises(InvalidInput):
                 sock.sendto(bad, address)
         with pytest.raises(InvalidInput):
-            sock.sendto(data, ("10.77.0.2", 12345))  # no such held packet
+            sock.sendto(data, ("198.18.77.2", 12345))  # no such held packet
         with pytest.raises(InvalidInput):
             sock.sendto(b"\x60", "::")  # a malformed new packet is refused too
         with pytest.raises(InvalidInput):

@@ -39,9 +39,9 @@ def test_operator_session(netns: NamedNetns, bpffs_root: str, tmp_path: Path) ->
     Dispatcher().register("nginx", nginx)
     assert tcp_lands({"nginx": nginx}, "192.0.2.9", 80) == "nginx"
 
-    decision = json.loads(ok("explain", "--json", "tcp", "10.9.9.9", "192.0.2.9:80", ns=netns))
+    decision = json.loads(ok("explain", "--json", "tcp", "198.18.9.9", "192.0.2.9:80", ns=netns))
     assert decision["outcome"] == "assign" and decision["label"] == "nginx"
-    assert ok("explain", "tcp", "10.9.9.9", "203.0.113.1:22", ns=netns).startswith("DROP:")
+    assert ok("explain", "tcp", "198.18.9.9", "203.0.113.1:22", ns=netns).startswith("DROP:")
     assert ok("explain", "udp", "2001:db8::1", "[2001:db8::2]:53", ns=netns).startswith("PASS:")
 
     status = json.loads(ok("status", "--json", ns=netns))

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable, Iterator
 
 from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
-from flowsteer.kernel.netns import NetnsId
+from flowsteer.kernel.netns import NetnsId, entered, identity
 
 BPFFS_MAGIC = 0xCAFE4A11
 DEFAULT_ROOT = "/sys/fs/bpf"
@@ -62,6 +62,18 @@ def require_bpffs(root: str) -> None:
     if magic != BPFFS_MAGIC:
         raise InvalidInput(f"{root} is not a BPF filesystem; mount one with `mount -t bpf bpf {root}` "
                            "or point FLOWSTEER_BPFFS / --bpffs at one")
+
+
+@contextlib.contextmanager
+def in_namespace(netns: str | None, root: str) -> Iterator[NetnsId]:
+    """Runs the block in network namespace ``netns`` (None: the caller's) after checking that ``root`` is
+    a bpffs; yields the namespace's identity, which names its state below ``root``.
+
+    Raises InvalidInput when the namespace cannot be opened or ``root`` is no bpffs.
+    """
+    with entered(netns):
+        require_bpffs(root)
+        yield identity()
 
 
 def mount(path: str) -> None:

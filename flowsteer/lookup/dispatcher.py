@@ -80,11 +80,8 @@ class Dispatcher:
 
     # -- plumbing ---------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _inside(self) -> Iterator[NetnsId]:
-        with entered(self.netns):
-            bpffs.require_bpffs(self.root)
-            yield identity()
+    def _inside(self) -> contextlib.AbstractContextManager[NetnsId]:
+        return bpffs.in_namespace(self.netns, self.root)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[LookupState]:

@@ -21,7 +21,6 @@ from flowsteer.errors import FlowsteerError, InvalidInput, WrongSocket, kernel_e
 from flowsteer.kernel import bpffs
 from flowsteer.kernel import sockets as socks
 from flowsteer.kernel.libbpf import Program
-from flowsteer.kernel.netns import entered, identity
 from flowsteer.reuseport import model, state
 from flowsteer.reuseport.maglev import DEFAULT_SIZE, check_size
 from flowsteer.reuseport.policy import Policy, pad_key, table_for
@@ -101,9 +100,8 @@ class Group:
     @contextlib.contextmanager
     def _inside(self) -> Iterator[str]:
         """Runs the block in the group's namespace; yields the directory of its namespace's groups."""
-        with entered(self.netns):
-            bpffs.require_bpffs(self.root)
-            yield state.groups_dir(self.root, identity())
+        with bpffs.in_namespace(self.netns, self.root) as ns:
+            yield state.groups_dir(self.root, ns)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[GroupState]:
@@ -153,9 +151,8 @@ class Group:
     def all(netns: str | None = None, bpffs_root: str | None = None) -> list[GroupId]:
         """Returns the groups with state in the namespace, in order."""
         root = bpffs_root or bpffs.default_root()
-        with entered(netns):
-            bpffs.require_bpffs(root)
-            parent = state.groups_dir(root, identity())
+        with bpffs.in_namespace(netns, root) as ns:
+            parent = state.groups_dir(root, ns)
         found = []
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(parent):

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flowsteer.divert import netfilter
-from flowsteer.divert.lock import locked
 from flowsteer.divert.ports import port_states
 from flowsteer.divert.rules import Rule
 from flowsteer.errors import InvalidInput
+from flowsteer.kernel.netns import locked
 
 
 def live_members(exclude_portid: int | None = None) -> dict[int, tuple[int, ...]]:

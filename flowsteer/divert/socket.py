@@ -33,13 +33,12 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from flowsteer.divert import control, netfilter
-from flowsteer.divert.lock import locked
 from flowsteer.divert.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Delivery, NfQueue, Verdict
 from flowsteer.divert.packet import Packet, finalize
 from flowsteer.divert.ports import SLOTS, port_state, queue_number
 from flowsteer.divert.rules import check_divert_port
 from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
-from flowsteer.kernel.netns import entered
+from flowsteer.kernel.netns import entered, locked
 
 SO_REUSEPORT_LB = 0x00010000
 """The load-balancing socket option (FreeBSD's value), set with ``setsockopt(SOL_SOCKET, …, 1)``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import itertools
 import os
 from collections.abc import Iterator, Sequence
@@ -88,6 +89,19 @@ def entered(netns: str | None) -> Iterator[None]:
     finally:
         os.close(target)
         os.close(home)
+
+
+@contextlib.contextmanager
+def locked() -> Iterator[None]:
+    """Holds an exclusive flock on the calling thread's network namespace itself (its nsfs file) for the
+    ``with`` block: one lock per namespace, with no file to create or clean up, released by the kernel
+    when its holder dies. flock locks belong to open files: a holder must not take it a second time."""
+    fd = os.open(_SELF, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 _names = itertools.count()

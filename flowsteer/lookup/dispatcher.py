@@ -26,7 +26,7 @@ from flowsteer.kernel.netns import NetnsId, entered, identity
 from flowsteer.lookup import bindings as b
 from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.model import Decision, decide, mapped_address
-from flowsteer.lookup.state import LookupState, create, new_trie, open_object, state_dir
+from flowsteer.lookup.state import LookupState, create, new_trie, open_object, remove, state_dir
 
 FAMILIES = ("ipv4", "ipv6")
 _U32 = struct.Struct("=I")
@@ -108,14 +108,11 @@ class Dispatcher:
             return state_dir(self.root, ns)
 
     def unload(self) -> None:
-        """Detaches the dispatcher and removes its state (bindings, sockets, counters).
-
-        Raises NotLoaded when it is not loaded.
+        """Detaches the dispatcher and removes its state (bindings, sockets, counters), also state that an
+        incompatible flowsteer version wrote. Raises NotLoaded when it is not loaded.
         """
         with self._inside() as ns, bpffs.locked(bpffs.netns_dir(self.root, ns)):
-            with LookupState.open(self.root, ns) as st, st.link() as link:
-                link.detach()  # synchronous; dropping the last reference alone detaches later
-            bpffs.remove_tree(state_dir(self.root, ns))
+            remove(self.root, ns)
 
     def upgrade(self) -> dict[str, Any]:
         """Replaces the running program with the installed one, keeping bindings, sockets and counters.

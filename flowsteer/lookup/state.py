@@ -22,7 +22,7 @@ import struct
 from collections.abc import Iterator
 
 from flowsteer import bpf as bpf_sources
-from flowsteer.errors import FlowsteerError, IncompatibleState, NotLoaded
+from flowsteer.errors import FlowsteerError, IncompatibleState, KernelError, NotLoaded
 from flowsteer.kernel import bpffs
 from flowsteer.kernel.libbpf import (
     BPF_F_NO_PREALLOC, AttachType, BpfObject, Link, Map, MapInfo, MapType, Program,
@@ -50,6 +50,31 @@ def state_dir(root: str, netns: NetnsId) -> str:
     return os.path.join(bpffs.netns_dir(root, netns), "lookup")
 
 
+def require_loaded(root: str, netns: NetnsId) -> str:
+    """Returns the state directory of namespace ``netns``; raises NotLoaded when there is none."""
+    directory = state_dir(root, netns)
+    if not os.path.isdir(directory):
+        raise NotLoaded(f"the lookup dispatcher is not loaded in network namespace {netns} "
+                        f"(no {directory}); run `flowsteer load`")
+    return directory
+
+
+def remove(root: str, netns: NetnsId) -> None:
+    """Detaches the dispatcher and removes its state, whatever layout version wrote it (so that state an
+    incompatible flowsteer left behind can always be removed). Raises NotLoaded when there is none.
+    The caller holds the namespace's writer lock."""
+    directory = require_loaded(root, netns)
+    try:
+        link = Link.open_pinned(os.path.join(directory, LINK))
+    except KernelError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+    else:
+        with link:
+            link.detach()  # synchronous; dropping the last reference alone would detach later
+    bpffs.remove_tree(directory)
+
+
 def _spec_matches(pinned: MapInfo, spec: MapInfo) -> bool:
     return (pinned.type, pinned.key_size, pinned.value_size, pinned.max_entries, pinned.flags) == \
         (spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
@@ -67,10 +92,7 @@ class LookupState:
     def open(cls, root: str, netns: NetnsId, readonly: bool = False) -> "LookupState":
         """Opens the pinned state; raises NotLoaded when there is none, IncompatibleState when its ABI
         version is not this flowsteer's."""
-        directory = state_dir(root, netns)
-        if not os.path.isdir(directory):
-            raise NotLoaded(f"the lookup dispatcher is not loaded in network namespace {netns} "
-                            f"(no {directory}); run `flowsteer load`")
+        directory = require_loaded(root, netns)
         maps: dict[str, Map] = {}
         try:
             for name in (*MAPS, ACTIVE):

@@ -86,6 +86,21 @@ def test_writes_refuse_incompatible_state_and_change_nothing(dispatcher: Dispatc
     assert dispatcher.bindings() == [B("svc", "tcp", "192.0.2.0/24", 80)]
 
 
+def test_unload_removes_state_of_an_incompatible_version(dispatcher: Dispatcher) -> None:
+    svc, squatter = tcp_listener(), tcp_listener("192.0.2.1", 80)
+    dispatcher.bind(B("svc", "tcp", "192.0.2.0/24", 80))
+    dispatcher.register("svc", svc)
+    state = dispatcher.status()["state"]
+    with Map.open_pinned(os.path.join(state, "meta")) as meta:
+        meta.update(struct.pack("=I", 0), struct.pack("=II", 99, 0))
+    with pytest.raises(IncompatibleState):
+        dispatcher.status()
+    dispatcher.unload()
+    assert not os.path.exists(state)
+    assert tcp_lands({"svc": svc, "squatter": squatter}, "192.0.2.1", 80) == "squatter"
+    dispatcher.load()  # and a fresh start works
+
+
 def test_conflicting_binding_is_refused(dispatcher: Dispatcher) -> None:
     dispatcher.bind(B("a", "tcp", "192.0.2.0/24", 80))
     dispatcher.bind(B("a", "tcp", "192.0.2.0/24", 80))  # idempotent

@@ -140,11 +140,12 @@ class Group:
             return True
 
     def destroy(self) -> None:
-        """Removes the group's state; member sockets keep working, picked by the kernel's hash from now
-        on (the program stays attached until the last member closes). Raises NotLoaded when absent."""
+        """Removes the group's state, also state an incompatible flowsteer version wrote; member sockets
+        keep working, picked by the kernel's hash from now on (the program stays attached until the last
+        member closes). Raises NotLoaded when absent."""
         with self._inside() as parent, bpffs.locked(parent):
             directory = os.path.join(parent, self.id.dirname)
-            state.open_state(directory, self.id).close()
+            state.require_present(directory, self.id)
             bpffs.remove_tree(directory)
 
     @staticmethod

@@ -244,15 +244,20 @@ def create(directory: str, group: GroupId, policy: Policy, table_size: int, seed
     bpffs.create_atomically(directory, populate)
 
 
+def require_present(directory: str, group: GroupId | None = None) -> None:
+    """Raises NotLoaded unless group state exists at ``directory``."""
+    if not os.path.isdir(directory):
+        raise NotLoaded(f"no reuseport group {group or os.path.basename(directory)} here; a worker's join "
+                        "or Group.create makes one")
+
+
 def open_state(directory: str, group: GroupId | None = None) -> GroupState:
     """Opens the group state at ``directory``.
 
     Raises NotLoaded when there is none, IncompatibleState when its maps differ from the compiled
     program's (another flowsteer version) or it belongs to another group than ``group``.
     """
-    if not os.path.isdir(directory):
-        raise NotLoaded(f"no reuseport group {group or os.path.basename(directory)} here; a worker's join "
-                        "or Group.create makes one")
+    require_present(directory, group)
     maps: dict[str, Map] = {}
     try:
         with BpfObject(object_path()) as obj:

@@ -230,6 +230,9 @@ def test_state_of_another_layout_is_refused_before_any_change(make_group: MakeGr
         group.drain(0)
     with pinned_maps(group) as maps:
         assert maps["active"].lookup(bytes(4)) == generation.to_bytes(4, "little")
+    group.destroy()  # the way out: state of any layout can be removed
+    with pytest.raises(NotLoaded):
+        group.members()
 
 
 def test_destroy_removes_the_state_and_members_keep_serving(make_group: MakeGroup) -> None:

@@ -152,26 +152,23 @@ class Dispatcher:
         """Adds ``binding``. Raises FlowsteerError (EEXIST) when its protocol, prefix and port are bound
         to another label; binding the same thing twice is not an error."""
         with self._writing() as st:
-            label_id = _ensure_label(st, binding.label)
-            key = b.encode_key(*binding.selector)
-            current = st.active.lookup(key)
+            current = _exact_label_id(st, binding)
             if current is not None:
-                if b.decode_value(current)[0] == label_id:
+                if _label_names(st).get(current) == binding.label:
                     return
-                other = _label_names(st).get(b.decode_value(current)[0], "?")
                 raise FlowsteerError(f"{binding.protocol} {binding.prefix} port {binding.port} is already "
-                                     f"bound to label {other!r}; unbind it first", errno=errno.EEXIST)
-            st.active.update(key, b.encode_value(label_id, binding.mapped))
+                                     f"bound to label {_label_names(st).get(current, '?')!r}; unbind it first",
+                                     errno=errno.EEXIST)
+            label_id = _ensure_label(st, binding.label)
+            st.active.update(b.encode_key(*binding.selector), b.encode_value(label_id, binding.mapped))
 
     def unbind(self, binding: Binding) -> None:
         """Removes ``binding``; raises FlowsteerError (ENOENT) when it is not bound to that label."""
         with self._writing() as st:
-            key = b.encode_key(*binding.selector)
-            current = st.active.lookup(key)
-            ids = _label_ids(st)
-            if current is None or b.decode_value(current)[0] != ids.get(binding.label):
+            current = _exact_label_id(st, binding)
+            if current is None or current != _label_ids(st).get(binding.label):
                 raise FlowsteerError(f"no binding {binding}", errno=errno.ENOENT)
-            st.active.delete(key)
+            st.active.delete(b.encode_key(*binding.selector))
             _collect_labels(st)
 
     def apply(self, wanted: Iterable[Binding]) -> ApplyResult:
@@ -296,6 +293,18 @@ def _label_ids(st: LookupState) -> dict[str, int]:
 
 def _label_names(st: LookupState) -> dict[int, str]:
     return {i: name for name, i in _label_ids(st).items()}
+
+
+def _exact_label_id(st: LookupState, binding: Binding) -> int | None:
+    """Returns the label id bound to exactly ``binding``'s protocol, prefix and port, or None.
+
+    A trie lookup answers with the longest prefix *containing* the key, so the entry found is this
+    binding's own only when its prefix length is the binding's."""
+    raw = st.active.lookup(b.encode_key(*binding.selector))
+    if raw is None:
+        return None
+    label_id, prefixlen = b.decode_value(raw)
+    return label_id if prefixlen == binding.mapped.prefixlen else None
 
 
 def _ensure_label(st: LookupState, label: str) -> int:

@@ -63,9 +63,15 @@ def test_model_predicts_where_real_traffic_lands(dispatcher: Dispatcher) -> None
     sockets = {(d.label, d.family, d.protocol): d.cookie for d in dispatcher.destinations() if d.cookie}
 
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(bindings(), probes)
-    def check(binding_set: list[Binding], flows: list[tuple[str, str, int, int]]) -> None:
-        dispatcher.apply(binding_set)
+    @given(bindings(), probes, st.booleans())
+    def check(binding_set: list[Binding], flows: list[tuple[str, str, int, int]], one_by_one: bool) -> None:
+        if one_by_one:  # the same set through bind, in an order where shorter prefixes may come first
+            dispatcher.apply([])
+            for binding in binding_set:
+                dispatcher.bind(binding)
+        else:
+            dispatcher.apply(binding_set)
+        assert sorted(map(str, dispatcher.bindings())) == sorted(map(str, binding_set))
         for proto, base, host, port in flows:
             address = str(ipaddress.ip_address(base) + host)
             decision = decide(binding_set, sockets, proto, address, port)

@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from flowsteer.errors import FlowsteerError
 from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.dispatcher import Dispatcher
 from tests.traffic import tcp_lands, tcp_listener, udp_lands, udp_socket
@@ -181,3 +182,24 @@ def test_udp_dual_stack_reply_helper(dispatcher: Dispatcher, server_port: int) -
         assert original == (host, 53)
         server.reply(b"a", peer, original)
         assert client.recv(10) == b"a"
+
+
+def test_nested_prefixes_on_the_same_port_bound_one_by_one(dispatcher: Dispatcher) -> None:
+    """bind/unbind find a binding by its exact prefix, not by the longest prefix containing it."""
+    wide, narrow, host = tcp_listener(), tcp_listener(), tcp_listener()
+    bind(dispatcher, "wide", "tcp", "192.0.2.0/24", 80)
+    bind(dispatcher, "narrow", "tcp", "192.0.2.128/25", 80)
+    bind(dispatcher, "wide", "tcp", "192.0.2.7/32", 80)
+    bind(dispatcher, "host", "tcp", "192.0.2.9/32", 80)
+    for label, sock in (("wide", wide), ("narrow", narrow), ("host", host)):
+        dispatcher.register(label, sock)
+    ls = {"wide": wide, "narrow": narrow, "host": host}
+    assert len(dispatcher.bindings()) == 4
+    assert [tcp_lands(ls, f"192.0.2.{h}", 80) for h in (1, 7, 9, 200)] == ["wide", "wide", "host", "narrow"]
+    dispatcher.unbind(Binding.parse("narrow", "tcp", "192.0.2.128/25", 80))
+    assert tcp_lands(ls, "192.0.2.200", 80) == "wide"
+    with pytest.raises(FlowsteerError, match="no binding"):
+        dispatcher.unbind(Binding.parse("wide", "tcp", "192.0.2.8/32", 80))  # inside /24, but not bound
+    with pytest.raises(FlowsteerError, match="no binding"):
+        dispatcher.unbind(Binding.parse("host", "tcp", "192.0.2.9/32", 81))
+    assert len(dispatcher.bindings()) == 3

@@ -95,25 +95,6 @@ def netns_dir(root: str, netns: NetnsId) -> str:
     return os.path.join(root, "flowsteer", str(netns))
 
 
-@contextlib.contextmanager
-def locked(directory: str) -> Iterator[None]:
-    """Holds an exclusive flock on ``directory`` (created if missing) for the ``with`` block.
-
-    Writers of a namespace's state take this lock so that changes never interleave; the lock dies with its
-    holder, so a killed writer never leaves it held.
-    """
-    try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise kernel_error(f"open state directory {directory}", exc.errno or errno.EIO) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def create_atomically(final: str, populate: Callable[[str], None], *, mode: int = 0o750,
                       gid: int | None = None) -> None:
     """Creates directory ``final`` complete or not at all.
@@ -127,6 +108,7 @@ def create_atomically(final: str, populate: Callable[[str], None], *, mode: int 
         raise FlowsteerError(f"{final} already exists", errno=errno.EEXIST)
     tmp = f"{final}-tmp-{os.getpid()}"
     remove_tree(tmp)
+    os.makedirs(os.path.dirname(final), mode=0o755, exist_ok=True)
     os.mkdir(tmp, 0o700)
     try:
         populate(tmp)
@@ -148,6 +130,18 @@ def remove_tree(path: str) -> None:
     """Removes a state directory and its pins; a missing directory is not an error."""
     if os.path.lexists(path):
         shutil.rmtree(path)
+
+
+def prune_empty(path: str, root: str) -> None:
+    """Removes ``path`` and its parents up to (not including) ``root`` while they are empty directories."""
+    root = os.path.normpath(root)
+    path = os.path.normpath(path)
+    while path.startswith(root + os.sep):
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty (or gone): the rest of the way up is in use
+            return
+        path = os.path.dirname(path)
 
 
 def sweep_stale(parent: str) -> None:

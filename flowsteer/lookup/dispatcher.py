@@ -22,7 +22,7 @@ from flowsteer.errors import FlowsteerError, InvalidInput
 from flowsteer.kernel import bpffs
 from flowsteer.kernel import sockets as socks
 from flowsteer.kernel.libbpf import BPF_NOEXIST, Program
-from flowsteer.kernel.netns import NetnsId, entered, identity
+from flowsteer.kernel.netns import NetnsId, entered, identity, locked
 from flowsteer.lookup import bindings as b
 from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.model import Decision, decide, mapped_address
@@ -90,8 +90,7 @@ class Dispatcher:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[LookupState]:
-        with self._inside() as ns, bpffs.locked(bpffs.netns_dir(self.root, ns)), \
-                LookupState.open(self.root, ns) as st, open_object() as obj:
+        with self._inside() as ns, locked(), LookupState.open(self.root, ns) as st, open_object() as obj:
             st.check_compatible(obj)
             yield st
 
@@ -103,7 +102,7 @@ class Dispatcher:
         ``group`` (a gid) may read the pinned state; only the owner may change it. Raises FlowsteerError
         (EEXIST) when already loaded, PermissionDenied without CAP_BPF/CAP_NET_ADMIN.
         """
-        with self._inside() as ns, bpffs.locked(bpffs.netns_dir(self.root, ns)):
+        with self._inside() as ns, locked():
             create(self.root, ns, group)
             return state_dir(self.root, ns)
 
@@ -111,7 +110,7 @@ class Dispatcher:
         """Detaches the dispatcher and removes its state (bindings, sockets, counters), also state that an
         incompatible flowsteer version wrote. Raises NotLoaded when it is not loaded.
         """
-        with self._inside() as ns, bpffs.locked(bpffs.netns_dir(self.root, ns)):
+        with self._inside() as ns, locked():
             remove(self.root, ns)
 
     def upgrade(self) -> dict[str, Any]:

@@ -73,6 +73,7 @@ def remove(root: str, netns: NetnsId) -> None:
         with link:
             link.detach()  # synchronous; dropping the last reference alone would detach later
     bpffs.remove_tree(directory)
+    bpffs.prune_empty(os.path.dirname(directory), root)
 
 
 def _spec_matches(pinned: MapInfo, spec: MapInfo) -> bool:

@@ -21,6 +21,7 @@ from flowsteer.errors import FlowsteerError, InvalidInput, WrongSocket, kernel_e
 from flowsteer.kernel import bpffs
 from flowsteer.kernel import sockets as socks
 from flowsteer.kernel.libbpf import Program
+from flowsteer.kernel.netns import locked
 from flowsteer.reuseport import model, state
 from flowsteer.reuseport.maglev import DEFAULT_SIZE, check_size
 from flowsteer.reuseport.policy import Policy, pad_key, table_for
@@ -111,7 +112,7 @@ class Group:
     @contextlib.contextmanager
     def _writing(self, publish: bool = True) -> Iterator[GroupState]:
         """Runs the block under the lock; then, with ``publish``, publishes the table the members make."""
-        with self._inside() as parent, bpffs.locked(parent):
+        with self._inside() as parent, locked():
             with state.open_state(os.path.join(parent, self.id.dirname), self.id) as st:
                 yield st
                 if publish:
@@ -128,7 +129,7 @@ class Group:
         ``table_size`` is not a prime from 3 to 65537.
         """
         check_size(table_size)
-        with self._inside() as parent, bpffs.locked(parent):
+        with self._inside() as parent, locked():
             bpffs.sweep_stale(parent)
             directory = os.path.join(parent, self.id.dirname)
             if os.path.isdir(directory):
@@ -143,10 +144,11 @@ class Group:
         """Removes the group's state, also state an incompatible flowsteer version wrote; member sockets
         keep working, picked by the kernel's hash from now on (the program stays attached until the last
         member closes). Raises NotLoaded when absent."""
-        with self._inside() as parent, bpffs.locked(parent):
+        with self._inside() as parent, locked():
             directory = os.path.join(parent, self.id.dirname)
             state.require_present(directory, self.id)
             bpffs.remove_tree(directory)
+            bpffs.prune_empty(parent, self.root)
 
     @staticmethod
     def all(netns: str | None = None, bpffs_root: str | None = None) -> list[GroupId]:

@@ -249,3 +249,15 @@ def test_group_may_read_but_only_the_owner_may_change(netns: NamedNetns, bpffs_r
     stranger = _as_user(4242, 4242, lambda: d.bindings())
     assert stranger.startswith("error ") and "EACCES" in stranger, stranger
     assert d.bindings() == [B("svc", "tcp", "192.0.2.0/24", 80)]
+
+
+def test_commands_leave_no_directories_behind(netns: NamedNetns, bpffs_root: str) -> None:
+    d = Dispatcher(bpffs_root=bpffs_root)
+    before = sorted(os.listdir(bpffs_root))  # a new bpffs has the kernel's own *.debug files
+    with pytest.raises(NotLoaded):
+        d.bind(B("x", "tcp", "192.0.2.0/24", 80))
+    assert sorted(os.listdir(bpffs_root)) == before
+    d.load()
+    assert "flowsteer" in os.listdir(bpffs_root)
+    d.unload()
+    assert sorted(os.listdir(bpffs_root)) == before

@@ -17,6 +17,7 @@ from flowsteer.divert.rules import Rule
 from flowsteer.divert.serve import Supervisor, load_handler
 from flowsteer.divert.status import status as divert_status
 from flowsteer.kernel.netns import entered
+from flowsteer.numbers import is_whole_number
 
 
 @main.group()
@@ -68,7 +69,7 @@ def add_cmd(rule: tuple[str, ...], position: int | None, netns: str | None) -> N
 def del_cmd(which: tuple[str, ...], netns: str | None) -> None:
     """Delete a divert rule by number (as `divert rules` shows it) or by its text."""
     text = " ".join(which)
-    target: int | Rule = int(text) if text.isdigit() else Rule.parse(text)
+    target: int | Rule = int(text) if is_whole_number(text) else Rule.parse(text)
     with entered(netns):
         left = control.delete(target)
     click.echo(f"deleted; {len(left)} rule(s) left")

@@ -10,6 +10,7 @@ import click
 from flowsteer.cli import main
 from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, reports_errors, table
 from flowsteer.errors import InvalidInput
+from flowsteer.numbers import is_whole_number
 from flowsteer.reuseport import Flow, Group, Policy
 from flowsteer.reuseport.spec import parse_slot
 
@@ -81,7 +82,7 @@ def _parse_weights(pairs: tuple[str, ...]) -> dict[int, int]:
         slot, sep, weight = pair.partition("=")
         if not sep:
             raise InvalidInput(f"{pair!r} is not MEMBER=WEIGHT (e.g. 3=2)")
-        if not weight.strip().isdigit():
+        if not is_whole_number(weight.strip()):
             raise InvalidInput(f"weight {weight!r} in {pair!r} is not a whole number")
         weights[parse_slot(slot)] = int(weight)
     return weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import grp
 import ipaddress
 import signal
@@ -12,7 +13,7 @@ import click
 
 from flowsteer.cli import main
 from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, reports_errors, table
-from flowsteer.errors import InvalidInput
+from flowsteer.errors import InvalidInput, kernel_error
 from flowsteer.lookup.bindings import Binding, parse_port, parse_protocol
 from flowsteer.lookup.dispatcher import DestinationStatus, Dispatcher
 
@@ -255,7 +256,10 @@ def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
     address, port = parse_endpoint(listen)
     registry = CollectorRegistry()
     registry.register(LookupCollector(_dispatcher(netns, bpffs)))
-    server, _thread = start_http_server(port, addr=address, registry=registry)
+    try:
+        server, _thread = start_http_server(port, addr=address, registry=registry)
+    except OSError as exc:
+        raise kernel_error(f"listen on {listen}", exc.errno or errno.EADDRNOTAVAIL) from None
     host = f"[{address}]" if ":" in address else address
     click.echo(f"serving metrics on http://{host}:{server.server_port}/metrics", err=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from flowsteer.errors import InvalidInput
+from flowsteer.numbers import is_whole_number
 
 Direction = Literal["in", "out"]
 Family = Literal["inet", "inet6"]
@@ -53,7 +54,7 @@ class PortRange:
     def parse(cls, text: str) -> PortRange:
         """Returns the range written as ``P`` or ``LO:HI``; raises InvalidInput when malformed."""
         parts = text.split(":")
-        if len(parts) > 2 or not all(p.isdigit() for p in parts):
+        if len(parts) > 2 or not all(is_whole_number(p) for p in parts):
             raise InvalidInput(f"port {text!r} is not a number or a range LO:HI")
         low, high = int(parts[0]), int(parts[-1])
         return cls(low, high)
@@ -191,7 +192,7 @@ class _Parser:
         if self.accept("port") is None:
             raise InvalidInput(f"rule {self.text!r}: expected 'port N' after divert-packet")
         port_word = self.take("a divert port")
-        if not port_word.isdigit():
+        if not is_whole_number(port_word):
             raise InvalidInput(f"rule {self.text!r}: divert port {port_word!r} is not a number")
         fail_open = self.accept("fail-open") is not None
         if self.peek() is not None:

@@ -27,8 +27,9 @@ from flowsteer.divert import control
 from flowsteer.divert.packet import Packet
 from flowsteer.divert.ports import SLOTS
 from flowsteer.divert.rules import check_divert_port
-from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket
+from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket, check_hold_time
 from flowsteer.errors import FlowsteerError, InvalidInput
+from flowsteer.kernel.process import die_with_parent
 
 Handler = Callable[[Packet], Packet | bytes | bytearray | None]
 COUNTERS = ("received", "written", "dropped", "errors")
@@ -78,12 +79,13 @@ class Supervisor:
     """Starts, watches and restarts the workers of one divert port.
 
     ``events`` is called with a dict for each event (``ready``, ``restarted``, ``report``, ``stopped``).
-    Raises InvalidInput for a bad port or worker count.
+    Raises InvalidInput for a bad port, worker count or hold time.
     """
 
     def __init__(self, port: int, workers: int, handler: Handler, *, hold_time: float = 1.0,
                  events: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
         check_divert_port(port)
+        check_hold_time(hold_time)
         if not 1 <= workers <= SLOTS:
             raise InvalidInput(f"workers {workers} is not within 1..{SLOTS}")
         self.port, self.handler, self.hold_time, self.events = port, handler, hold_time, events
@@ -184,6 +186,7 @@ class Supervisor:
 def _worker(index: int, port: int, handler: Handler, hold_time: float, counters: Any,
             bound: Any) -> None:
     """A worker process: bind the group, run the handler on every packet until SIGTERM."""
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     base = index * len(COUNTERS)

@@ -75,6 +75,12 @@ class Counters:
     """Returned to the rules when the socket closed before reading them (they reach the other members)."""
 
 
+def check_hold_time(hold_time: float) -> None:
+    """Raises InvalidInput unless ``hold_time`` (seconds) is within 0.001..60."""
+    if not 0.001 <= hold_time <= 60:
+        raise InvalidInput(f"hold time {hold_time} s is not within 0.001..60 s")
+
+
 class DivertSocket:
     """A divert socket; see the module documentation.
 
@@ -87,8 +93,7 @@ class DivertSocket:
     """
 
     def __init__(self, *, hold_time: float = 1.0, queue_maxlen: int = 1024, batch: int = 64) -> None:
-        if not 0.001 <= hold_time <= 60:
-            raise InvalidInput(f"hold time {hold_time} s is not within 0.001..60 s")
+        check_hold_time(hold_time)
         if not 1 <= queue_maxlen <= 1 << 20:
             raise InvalidInput(f"queue length {queue_maxlen} is not within 1..{1 << 20}")
         if not 1 <= batch <= 1024:

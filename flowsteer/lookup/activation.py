@@ -6,6 +6,7 @@ import os
 import socket
 
 from flowsteer.errors import FlowsteerError
+from flowsteer.numbers import is_whole_number
 
 SD_LISTEN_FDS_START = 3
 
@@ -17,7 +18,7 @@ def listen_fds(environ: dict[str, str] | None = None) -> list[tuple[str, socket.
     Raises FlowsteerError when no sockets were passed to this process (``LISTEN_PID`` must be our pid).
     """
     env = os.environ if environ is None else environ
-    if env.get("LISTEN_PID") != str(os.getpid()) or not env.get("LISTEN_FDS", "").isdigit():
+    if env.get("LISTEN_PID") != str(os.getpid()) or not is_whole_number(env.get("LISTEN_FDS", "")):
         raise FlowsteerError("no sockets were passed by socket activation (LISTEN_PID/LISTEN_FDS are not "
                              "set for this process); run flowsteer from a systemd .socket unit")
     count = int(env["LISTEN_FDS"])

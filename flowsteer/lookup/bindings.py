@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowsteer.errors import InvalidInput
+from flowsteer.numbers import is_whole_number
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
@@ -52,11 +53,13 @@ def parse_protocol(text: str) -> str:
 
 def parse_port(value: str | int) -> int:
     """Returns a port 0–65535 (0 meaning every port); raises InvalidInput otherwise."""
-    try:
+    if isinstance(value, int) and not isinstance(value, bool):
+        port = value
+    elif isinstance(value, str) and is_whole_number(value):
         port = int(value)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"invalid port {value!r}: use a number from 0 (every port) to 65535") from None
-    if not 0 <= port <= 65535 or isinstance(value, bool):
+    else:
+        port = -1
+    if not 0 <= port <= 65535:
         raise InvalidInput(f"invalid port {value!r}: use a number from 0 (every port) to 65535")
     return port
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from flowsteer.errors import InvalidInput
+from flowsteer.numbers import is_whole_number
 from flowsteer.reuseport.maglev import NO_MEMBER
 from flowsteer.reuseport.policy import Kind, Policy, pad_key
 from flowsteer.reuseport.spec import MAX_MEMBERS, Address, parse_address
@@ -52,7 +53,7 @@ class Flow:
 
 def _endpoint(text: str, what: str) -> tuple[Address, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not is_whole_number(port) or not 0 <= int(port) <= 65535:
         raise InvalidInput(f"{what} {text!r} is not ADDRESS:PORT (IPv6 in brackets, e.g. [2001:db8::1]:443)")
     return parse_address(host), int(port)
 

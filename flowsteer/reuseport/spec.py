@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from flowsteer.errors import InvalidInput
+from flowsteer.numbers import is_whole_number
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
@@ -58,7 +59,7 @@ class GroupId:
             raise InvalidInput(f"group {text!r} is not PROTOCOL:ADDRESS:PORT (e.g. tcp:192.0.2.1:8080)")
         if ":" in host and not (host.startswith("[") and host.endswith("]")):
             raise InvalidInput(f"group {text!r}: write an IPv6 address in brackets, e.g. tcp:[::1]:8080")
-        if not port.isdigit():
+        if not is_whole_number(port):
             raise InvalidInput(f"group {text!r}: port {port!r} is not a number")
         return cls(proto.lower(), parse_address(host), int(port))
 

@@ -14,7 +14,6 @@ that joins as K, and undrains K once it is ready.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import multiprocessing
 import multiprocessing.connection
@@ -24,19 +23,17 @@ from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 
 from flowsteer.errors import FlowsteerError
+from flowsteer.kernel.process import die_with_parent
 from flowsteer.reuseport.group import Group
 from flowsteer.reuseport.policy import Policy
 from flowsteer.reuseport.worker import Membership, join
 
 Serve = Callable[[Membership], None]
-PR_SET_PDEATHSIG = 1  # a worker gets SIGTERM when its supervisor dies, however it dies
-_libc = ctypes.CDLL(None, use_errno=True)
 _SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
 
 def _worker(group: Group, slot: int, serve: Serve, ready: multiprocessing.connection.Connection) -> None:
-    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0 or os.getppid() == 1:  # the supervisor is gone
-        raise SystemExit(1)
+    die_with_parent()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:

@@ -61,7 +61,8 @@ def test_user_mistakes_are_errors_not_tracebacks(netns: NamedNetns) -> None:
                  ("explain", "--direction", "in", "--proto", "udp", "--src", "x", "--dst", "198.18.0.1"),
                  ("serve", "--netns", netns.name, "--port", "7", "no_such_module:handle"),
                  ("serve", "--netns", netns.name, "--port", "2000", "os:getpid"),
-                 ("serve", "--netns", netns.name, "--port", "7", "--workers", "33", "os:getpid")):
+                 ("serve", "--netns", netns.name, "--port", "7", "--workers", "33", "os:getpid"),
+                 ("serve", "--netns", netns.name, "--port", "7", "--hold-time", "0", "os:getpid")):
         proc = run(*args)
         assert proc.returncode == 1 and proc.stderr.startswith("flowsteer: error: "), (args, proc.stderr)
         assert "Traceback" not in proc.stderr
@@ -135,3 +136,20 @@ def test_serve_runs_a_group_and_a_killed_workers_flows_are_taken_over(peer: Peer
         serve.kill()
         flows.close()
         receiver.close()
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(netns: NamedNetns, tmp_path: Path) -> None:
+    (tmp_path / "handler.py").write_text("def handle(packet):\n    return packet\n")
+    serve = subprocess.Popen([*CLI, "divert", "serve", "--netns", netns.name, "--port", "11", "--workers", "2",
+                              "--json", f"{tmp_path}/handler.py:handle"], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [w["pid"] for w in read_event(serve, "ready")["workers"]]
+    finally:
+        serve.kill()
+        serve.wait()
+    for pid in pids:  # the kernel sends each worker SIGTERM when its supervisor dies (PR_SET_PDEATHSIG)
+        pidfd = os.pidfd_open(pid)
+        try:
+            assert select.select([pidfd], [], [], 10)[0], f"worker {pid} outlived its supervisor"
+        finally:
+            os.close(pidfd)

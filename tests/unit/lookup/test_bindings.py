@@ -56,7 +56,7 @@ def test_bad_labels(label: str) -> None:
         b.parse_label(label)
 
 
-@pytest.mark.parametrize("value", ["-1", "65536", "http", "", "1.5", True])
+@pytest.mark.parametrize("value", ["-1", "65536", "http", "", "1.5", True, 80.7, "８０", " 80", None])
 def test_bad_ports(value: object) -> None:
     with pytest.raises(InvalidInput, match="invalid port"):
         b.parse_port(value)  # type: ignore[arg-type]

@@ -19,6 +19,10 @@ from flowsteer.errors import InvalidInput
     (["explain", "tcp", "2001:db8::1", "192.0.2.1:80"], "same address family"),
     (["explain", "tcp", "nope", "192.0.2.1:80"], "invalid source address"),
     (["bindings", "--port", "x"], "invalid port"),
+    (["bind", "web", "tcp", "192.0.2.0/24", "8²"], "invalid port '8²'"),
+    (["metrics", "--listen", "192.0.2.55:9464"], "listen on 192.0.2.55:9464: EADDRNOTAVAIL"),
+    (["group", "show", "tcp:192.0.2.1:8²"], "port '8²' is not a number"),
+    (["group", "weights", "tcp:192.0.2.1:80", "1=²"], "weight '²' in '1=²' is not a whole number"),
 ])
 def test_bad_arguments(args: list[str], message: str) -> None:
     result = CliRunner().invoke(main, args)

@@ -2,7 +2,9 @@
 
 Everything lives in the ``mangle`` table of iptables and ip6tables (the xtables NFQUEUE, HMARK and
 CONNMARK targets; the kernels flowsteer targets lack the native nftables ``queue`` expression), in chains
-whose names start with ``FS-DIV``; nothing else in the firewall is touched:
+whose names start with ``FS-DIV``; nothing else in the firewall is touched (but packets pass through
+those chains: the first packet of a new diverted connection leaves them with packet mark 0, because HMARK
+overwrites the whole mark while pinning the connection; see docs/divert.md):
 
 - ``FS-DIV-IN`` (jumped to first from PREROUTING) and ``FS-DIV-OUT`` (from POSTROUTING) hold the rules in
   order; the first matching rule diverts. Packets written by flowsteer's raw socket carry

@@ -152,8 +152,8 @@ def apply(netns: str | None, bpffs: str | None, as_json: bool, file: str) -> Non
     result = _dispatcher(netns, bpffs).apply(config.load_file(file))
     data = {"total": result.total, "added": [x.to_dict() for x in result.added],
             "removed": [x.to_dict() for x in result.removed]}
-    emit(data, as_json, lambda d: f"applied {d['total']} bindings: {len(d['added'])} added, "
-                                  f"{len(d['removed'])} removed")
+    emit(data, as_json, lambda d: f"applied {d['total']} binding{'' if d['total'] == 1 else 's'}: "
+                                  f"{len(d['added'])} added, {len(d['removed'])} removed")
 
 
 def _render_registered(dests: list[DestinationStatus]) -> str:
@@ -206,11 +206,11 @@ def unregister(netns: str | None, bpffs: str | None, label: str, family: str | N
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
-    """Returns ``(address, port)`` from ``ADDR:PORT`` or ``[V6ADDR]:PORT``; raises InvalidInput."""
+    """Returns ``(address, port)`` from ``IPV4:PORT`` or ``[IPV6]:PORT``; raises InvalidInput."""
     host, sep, port = text.rpartition(":")
-    if not sep:
-        raise InvalidInput(f"invalid destination {text!r}: use ADDRESS:PORT or [IPV6]:PORT")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or (":" in host and not (host.startswith("[") and host.endswith("]"))):
+        raise InvalidInput(f"invalid destination {text!r}: use IPV4:PORT or [IPV6]:PORT")
+    host = host[1:-1] if host.startswith("[") else host
     try:
         ipaddress.ip_address(host)
     except ValueError:

@@ -60,8 +60,8 @@ def require_bpffs(root: str) -> None:
             raise kernel_error(f"examine {root}", exc.errno) from None
         magic = 0
     if magic != BPFFS_MAGIC:
-        raise InvalidInput(f"{root} is not a BPF filesystem; mount one with `mount -t bpf bpf {root}` "
-                           "or point FLOWSTEER_BPFFS / --bpffs at one")
+        raise InvalidInput(f"{root} is not a BPF filesystem; mount one with `mkdir -p {root} && mount -t bpf "
+                           f"bpf {root}` or point FLOWSTEER_BPFFS / --bpffs at one")
 
 
 @contextlib.contextmanager

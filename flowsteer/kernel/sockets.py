@@ -92,9 +92,9 @@ class SocketKind:
             self.family, f"family {self.family}")
         kind = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram", socket.SOCK_RAW: "raw"}.get(
             self.type, f"type {self.type}")
-        where = f" bound to {self.local[0]} port {self.local[1]}" if self.local else ""
-        state = " listening" if self.listening else (" connected" if self.connected else "")
-        return f"{fam} {kind} socket{state}{where}"
+        where = f" bound to {self.local[0]} port {self.local[1]}" if self.local else " not bound"
+        state = ", listening" if self.listening else (", connected" if self.connected else "")
+        return f"{fam} {kind} socket{where}{state}"
 
 
 def inspect(sock: socket.socket) -> SocketKind:

@@ -39,7 +39,7 @@ def load_file(path: str) -> list[Binding]:
             raw = f.read()
     except OSError as exc:
         raise InvalidInput(f"cannot read {path}", errno=exc.errno) from None
-    return parse(raw.decode(errors="replace"), "json" if path.endswith(".json") else "toml", path)
+    return parse(raw.decode(errors="replace"), "json" if path.lower().endswith(".json") else "toml", path)
 
 
 def parse(text: str, fmt: str, source: str = "<input>") -> list[Binding]:

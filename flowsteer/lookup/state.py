@@ -54,8 +54,8 @@ def require_loaded(root: str, netns: NetnsId) -> str:
     """Returns the state directory of namespace ``netns``; raises NotLoaded when there is none."""
     directory = state_dir(root, netns)
     if not os.path.isdir(directory):
-        raise NotLoaded(f"the lookup dispatcher is not loaded in network namespace {netns} "
-                        f"(no {directory}); run `flowsteer load`")
+        raise NotLoaded(f"the lookup dispatcher is not loaded in this network namespace (no {directory}); "
+                        "run `flowsteer load`")
     return directory
 
 
@@ -195,8 +195,8 @@ def create(root: str, netns: NetnsId, gid: int | None) -> None:
     """
     final = state_dir(root, netns)
     if os.path.exists(final):
-        raise FlowsteerError(f"the lookup dispatcher is already loaded in network namespace {netns}",
-                             errno=errno.EEXIST)
+        raise FlowsteerError(f"the lookup dispatcher is already loaded in this network namespace (state in "
+                             f"{final})", errno=errno.EEXIST)
     bpffs.sweep_stale(os.path.dirname(final))
 
     def populate(tmp: str) -> None:

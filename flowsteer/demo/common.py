@@ -14,7 +14,7 @@ from flowsteer.kernel.netns import NamedNetns
 
 
 def heading(text: str) -> None:
-    print(f"\n=== {text} " + "=" * max(0, 72 - len(text)), flush=True)
+    print(f"\n=== {text} " + "=" * max(3, 72 - len(text)), flush=True)
 
 
 def step(text: str) -> None:

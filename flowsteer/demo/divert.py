@@ -23,7 +23,7 @@ from flowsteer.divert.packet import Packet
 from flowsteer.kernel.netns import NamedNetns
 
 CLIENT, SERVER, PORT = "198.19.80.1", "198.19.80.2", 5000
-FLOWS = 6
+FLOWS = 12
 
 
 def shout(packet: Packet) -> Packet:

@@ -74,7 +74,7 @@ def _dns() -> ReplyingSocket:
 def run() -> None:
     heading("lookup: steer connections by protocol, prefix and port (BPF sk_lookup)")
     with sandbox("fs-demo-lookup", PREFIXES) as (ns, root):
-        base = ["--netns", ns.path, "--bpffs", root]
+        base = ["--netns", ns.name, "--bpffs", root]
         step("load the dispatcher into a fresh network namespace")
         flowsteer("load", *base)
         step("bindings: two services share port 80, a proxy takes every port, DNS on 10,000 addresses")

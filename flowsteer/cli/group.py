@@ -60,6 +60,10 @@ def _changed(group_id: str, netns: str | None, bpffs: str | None, as_json: bool,
     handle = Group(group_id, netns, bpffs)
     change(handle)
     emit(handle.status(), as_json, _render_status)
+    shares = [m.share for m in handle.members()]
+    if shares and None not in shares and not any(shares):  # None: policy hash, the kernel picks
+        click.echo(f"flowsteer: warning: no member of group {handle.id} takes new connections now (all are "
+                   "drained, absent or of weight 0): they are dropped", err=True)
 
 
 def _member_command(name: str, doc: str, change: Callable[[Group, int], None]) -> None:

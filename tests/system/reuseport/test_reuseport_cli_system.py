@@ -54,3 +54,13 @@ def test_errors_from_the_state_are_messages(make_group: MakeGroup, netns: Any) -
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     # --netns reaches the namespace from outside of it by name
     assert str(group.id) in CliRunner().invoke(main, ["group", "list", "--netns", netns.name]).output
+
+
+def test_a_change_that_leaves_no_live_member_warns(make_group: MakeGroup) -> None:
+    group, _ = make_group("tcp:192.0.2.30:9210", range(2))
+    spec = str(group.id)
+    runner = CliRunner()
+    first = runner.invoke(main, ["group", "drain", spec, "0"])
+    assert first.exit_code == 0 and "warning" not in first.stderr
+    last = runner.invoke(main, ["group", "weights", spec, "1=0"])
+    assert last.exit_code == 0 and "no member of group tcp:192.0.2.30:9210 takes new connections now" in last.stderr, last.output

@@ -7,6 +7,7 @@ import grp
 import ipaddress
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -20,13 +21,6 @@ from flowsteer.lookup.dispatcher import DestinationStatus, Dispatcher
 
 def _dispatcher(netns: str | None, bpffs: str | None) -> Dispatcher:
     return Dispatcher(netns=netns, bpffs_root=bpffs)
-
-
-def _binding_args(fn: Any) -> Any:
-    for decorator in reversed((click.argument("label"), click.argument("protocol"),
-                               click.argument("prefix"), click.argument("port"))):
-        fn = decorator(fn)
-    return fn
 
 
 def _render_destinations(dests: list[dict[str, Any]]) -> str:
@@ -115,28 +109,25 @@ def bindings(netns: str | None, bpffs: str | None, as_json: bool, label: str | N
     emit([x.to_dict() for x in found], as_json, _render_bindings)
 
 
-@main.command()
-@netns_option
-@bpffs_option
-@_binding_args
-@reports_errors
-def bind(netns: str | None, bpffs: str | None, label: str, protocol: str, prefix: str, port: str) -> None:
-    """Steer PROTOCOL traffic to PREFIX port PORT (0: every port) to LABEL."""
-    binding = Binding.parse(label, protocol, prefix, port)
-    _dispatcher(netns, bpffs).bind(binding)
-    click.echo(f"bound {binding}")
+def _binding_command(name: str, doc: str, change: Callable[[Dispatcher, Binding], None], done: str) -> None:
+    @main.command(name, help=doc)
+    @netns_option
+    @bpffs_option
+    @click.argument("label")
+    @click.argument("protocol")
+    @click.argument("prefix")
+    @click.argument("port")
+    @reports_errors
+    def command(netns: str | None, bpffs: str | None, label: str, protocol: str, prefix: str, port: str) -> None:
+        binding = Binding.parse(label, protocol, prefix, port)
+        change(_dispatcher(netns, bpffs), binding)
+        click.echo(f"{done} {binding}")
 
 
-@main.command()
-@netns_option
-@bpffs_option
-@_binding_args
-@reports_errors
-def unbind(netns: str | None, bpffs: str | None, label: str, protocol: str, prefix: str, port: str) -> None:
-    """Remove a binding."""
-    binding = Binding.parse(label, protocol, prefix, port)
-    _dispatcher(netns, bpffs).unbind(binding)
-    click.echo(f"unbound {binding}")
+_binding_command("bind", "Steer PROTOCOL traffic to PREFIX port PORT (0: every port) to LABEL.", Dispatcher.bind,
+                 "bound")
+_binding_command("unbind", "Remove the binding of PROTOCOL PREFIX port PORT to LABEL.", Dispatcher.unbind,
+                 "unbound")
 
 
 @main.command()

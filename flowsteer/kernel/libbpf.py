@@ -236,6 +236,12 @@ class MapInfo:
     flags: int
     name: str
 
+    @property
+    def layout(self) -> tuple[int, int, int, int, int]:
+        """``(type, key size, value size, max entries, flags)``: what two maps must share to be
+        interchangeable."""
+        return (self.type, self.key_size, self.value_size, self.max_entries, self.flags)
+
 
 class Map(_Fd):
     """A BPF map reached through a file descriptor; keys and values are bytes of the map's sizes."""

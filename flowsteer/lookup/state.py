@@ -25,7 +25,7 @@ from flowsteer import bpf as bpf_sources
 from flowsteer.errors import FlowsteerError, IncompatibleState, KernelError, NotLoaded
 from flowsteer.kernel import bpffs
 from flowsteer.kernel.libbpf import (
-    BPF_F_NO_PREALLOC, AttachType, BpfObject, Link, Map, MapInfo, MapType, Program,
+    BPF_F_NO_PREALLOC, AttachType, BpfObject, Link, Map, MapType, Program,
 )
 from flowsteer.kernel.netns import NetnsId
 
@@ -74,11 +74,6 @@ def remove(root: str, netns: NetnsId) -> None:
             link.detach()  # synchronous; dropping the last reference alone would detach later
     bpffs.remove_tree(directory)
     bpffs.prune_empty(os.path.dirname(directory), root)
-
-
-def _spec_matches(pinned: MapInfo, spec: MapInfo) -> bool:
-    return (pinned.type, pinned.key_size, pinned.value_size, pinned.max_entries, pinned.flags) == \
-        (spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
 
 
 class LookupState:
@@ -130,11 +125,11 @@ class LookupState:
         self._check_version()
         for name in MAPS:
             pinned, spec = self.maps[name].info(), obj.map_spec(name)
-            if not _spec_matches(pinned, spec):
+            if pinned.layout != spec.layout:
                 raise IncompatibleState(f"pinned map {name} in {self.directory} does not match "
                                         f"{os.path.basename(obj.path)} ({pinned} vs {spec}); nothing was changed")
         trie = self.active.info()
-        if (trie.type, trie.key_size, trie.value_size, trie.max_entries, trie.flags) != TRIE_LAYOUT:
+        if trie.layout != TRIE_LAYOUT:
             raise IncompatibleState(f"the active binding trie in {self.directory} does not have the layout "
                                     f"this flowsteer writes ({trie}); nothing was changed")
 

@@ -270,7 +270,7 @@ def open_state(directory: str, group: GroupId | None = None) -> GroupState:
                                                 "changed") from None
                     raise
                 want, have = obj.map_spec(name), maps[name].info()
-                if (want.type, want.key_size, want.value_size) != (have.type, have.key_size, have.value_size):
+                if want.layout[:3] != have.layout[:3]:  # type and sizes; the table's length is set at load
                     raise IncompatibleState(f"map {name} of group state {directory} has another layout than "
                                             "this flowsteer's program; nothing was changed")
         st = GroupState(directory, maps)

@@ -6,9 +6,10 @@
     Supervisor(Group("tcp:0.0.0.0:8080"), workers=4, serve=serve).run()
 
 ``run`` starts the workers and waits for signals: SIGHUP restarts every worker in turn, SIGTERM or SIGINT
-stops them all. A restart of member K drains it, sends its worker SIGTERM (``serve`` must then close its
-server and return; connections still queued on its listener migrate to live members), starts a new worker
-that joins as K, and undrains K once it is ready.
+stops them all, and a worker that dies on its own (SIGCHLD) is replaced at once by a new one joining its
+slot. A restart of member K drains it, sends its worker SIGTERM (``serve`` must then close its server and
+return; connections still queued on its listener migrate to live members), starts a new worker that joins
+as K, and undrains K once it is ready.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from flowsteer.reuseport.policy import Policy
 from flowsteer.reuseport.worker import Membership, join
 
 Serve = Callable[[Membership], None]
-_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
 
 def _worker(group: Group, slot: int, serve: Serve, ready: multiprocessing.connection.Connection) -> None:
@@ -52,7 +53,7 @@ class Supervisor:
     """Worker processes serving members 0..workers-1 of ``group`` (created with ``policy``, default
     consistent, when it does not exist). A worker must join within ``ready_timeout`` seconds and stop within ``stop_timeout``
     of its SIGTERM (else it is killed); ``report`` receives one line per event (default: nothing). A worker
-    that dies on its own is not replaced until the next restart."""
+    that dies on its own is replaced by :meth:`run` as soon as the kernel reports its death."""
 
     def __init__(self, group: Group, workers: int, serve: Serve, *, policy: Policy | None = None,
                  ready_timeout: float = 10.0, stop_timeout: float = 30.0,
@@ -115,6 +116,16 @@ class Supervisor:
             self.group.undrain(slot)
         self.report("restart finished")
 
+    def revive(self) -> None:
+        """Replaces every worker that died on its own by a new one joining its slot (meanwhile the
+        slot had no socket: the program left its flows to the kernel's hash over the live members)."""
+        for slot, process in sorted(self.processes.items()):
+            if not process.is_alive():
+                del self.processes[slot]
+                self.report(f"worker {slot} died (exit code {process.exitcode}); starting a new one")
+                self._start(slot)
+                self.group.undrain(slot)
+
     def stop(self) -> None:
         """Stops every worker (each leaves the group first) and waits for them."""
         for slot in sorted(self.processes):
@@ -123,13 +134,16 @@ class Supervisor:
         self.report("stopped")
 
     def run(self) -> None:
-        """Starts the workers, then serves signals until SIGTERM or SIGINT: SIGHUP restarts them."""
+        """Starts the workers, then serves signals until SIGTERM or SIGINT: SIGHUP restarts them, SIGCHLD
+        replaces a worker that died."""
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             self.start()
             self.report("all workers ready")
-            while signal.sigwait(_SIGNALS) == signal.SIGHUP:
-                self.restart()
+            while (signum := signal.sigwait(_SIGNALS)) not in (signal.SIGTERM, signal.SIGINT):
+                if signum == signal.SIGHUP:
+                    self.restart()
+                self.revive()  # SIGCHLD (also after a restart's own workers ended: then nothing to do)
         finally:
             self.stop()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)

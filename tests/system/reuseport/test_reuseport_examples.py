@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import signal
 import socket
@@ -73,6 +74,24 @@ def test_example_restarts_every_worker_under_load(netns: object, bpffs_root: str
         after = group.members()
         assert [m.state for m in after] == ["live"] * 3
         assert not before & {m.pid for m in after}  # every worker is a new process
+
+
+def test_a_worker_that_dies_is_replaced_in_its_slot(netns: object, bpffs_root: str) -> None:
+    spec = "tcp:192.0.2.52:8091"
+    with supervised("reuseport_asyncio.py", spec, 3) as proc:
+        group = Group(spec)
+        before = group.members()
+        with Load("192.0.2.52", 8091, clients=2, request=HTTP_GET, expect=b"HTTP/1.1 200 OK") as load:
+            load.wait_for(50)
+            os.kill(before[1].pid, signal.SIGKILL)
+            wait_line(proc, "worker 1 died")
+            wait_line(proc, "worker 1 ready")
+            served = load.ok
+            load.wait_for(100)  # the group keeps serving (connections the victim held died with it)
+            assert load.ok >= served + 100
+        after = group.members()
+        assert [m.state for m in after] == ["live"] * 3
+        assert [m.pid == b.pid for m, b in zip(after, before)] == [True, False, True]
 
 
 def test_udp_connection_ids_keep_their_worker_across_client_ports(netns: object, bpffs_root: str) -> None:

@@ -42,14 +42,6 @@ def _fs_type(path: str) -> int:
     return buf.f_type & 0xFFFFFFFF
 
 
-def is_bpffs(path: str) -> bool:
-    """Returns whether ``path`` is on a BPF filesystem (False when it cannot be examined)."""
-    try:
-        return _fs_type(path) == BPFFS_MAGIC
-    except OSError:
-        return False
-
-
 def require_bpffs(root: str) -> None:
     """Raises InvalidInput unless ``root`` is a mounted BPF filesystem (and says how to mount one),
     PermissionDenied when the caller may not look at it."""

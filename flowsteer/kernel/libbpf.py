@@ -126,7 +126,6 @@ def _load_library() -> ctypes.CDLL:
         "bpf_map__value_size": (u32, [vp]),
         "bpf_map__max_entries": (u32, [vp]),
         "bpf_map__map_flags": (u32, [vp]),
-        "bpf_map__set_inner_map_fd": (i, [vp, i]),
         "bpf_program__fd": (i, [vp]),
         "bpf_program__set_expected_attach_type": (i, [vp, i]),
         "bpf_map_create": (i, [i, cp, u32, u32, u32, vp]),
@@ -501,10 +500,6 @@ class BpfObject:
     def set_max_entries(self, name: str, count: int) -> None:
         """Sets the size map ``name`` will be created with."""
         _check(_lib.bpf_map__set_max_entries(self._map_ptr(name), count), f"size map {name}")
-
-    def set_inner_map(self, name: str, inner: Map) -> None:
-        """Sets the template inner map of map-in-map ``name``."""
-        _check(_lib.bpf_map__set_inner_map_fd(self._map_ptr(name), inner.fd), f"inner map of {name}")
 
     def set_attach_type(self, program: str, attach_type: AttachType) -> None:
         """Sets the expected attach type program ``program`` is loaded with."""

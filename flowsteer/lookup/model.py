@@ -31,12 +31,6 @@ def matching(bindings: Iterable[Binding], protocol: str, address: str, port: int
                                and addr in b.mapped])
 
 
-def choose(bindings: Iterable[Binding], protocol: str, address: str, port: int) -> Binding | None:
-    """Returns the binding the dispatcher uses for the packet, or None (the normal lookup continues)."""
-    found = matching(bindings, protocol, address, port)
-    return found[0] if found else None
-
-
 @dataclass(frozen=True)
 class Destination:
     """The socket registered for a label, address family and protocol (None when there is none)."""

@@ -21,7 +21,7 @@ from typing import Any
 from flowsteer.errors import FlowsteerError, InvalidInput
 from flowsteer.kernel import bpffs
 from flowsteer.kernel import sockets as socks
-from flowsteer.kernel.libbpf import BPF_NOEXIST, Program
+from flowsteer.kernel.libbpf import BPF_NOEXIST, BpfObject, Program
 from flowsteer.kernel.netns import NetnsId, entered, identity, locked
 from flowsteer.lookup import bindings as b
 from flowsteer.lookup.bindings import Binding
@@ -89,9 +89,15 @@ class Dispatcher:
             yield st
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[LookupState]:
+    def _checked(self) -> Iterator[tuple[LookupState, BpfObject]]:
+        """Holds the writer lock; yields the state and the compiled object it was checked against."""
         with self._inside() as ns, locked(), LookupState.open(self.root, ns) as st, open_object() as obj:
             st.check_compatible(obj)
+            yield st, obj
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[LookupState]:
+        with self._checked() as (st, _obj):
             yield st
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -119,7 +125,7 @@ class Dispatcher:
         The new program is loaded against the pinned maps and swapped into the link atomically.
         Returns the old and new program ids. Raises IncompatibleState when the layouts differ.
         """
-        with self._writing() as st, open_object() as obj, st.link() as link:
+        with self._checked() as (st, obj), st.link() as link:
             old = link.info().prog_id
             for name in st.maps:
                 obj.reuse_map(name, st.maps[name])

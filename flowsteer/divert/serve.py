@@ -30,6 +30,7 @@ from flowsteer.divert.rules import check_divert_port
 from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket, check_hold_time
 from flowsteer.errors import FlowsteerError, InvalidInput
 from flowsteer.kernel.process import die_with_parent
+from flowsteer.sdnotify import notify
 
 Handler = Callable[[Packet], Packet | bytes | bytearray | None]
 COUNTERS = ("received", "written", "dropped", "errors")
@@ -97,7 +98,8 @@ class Supervisor:
 
     def run(self, *, report_every: float | None = None) -> None:
         """Runs until SIGINT/SIGTERM, then stops the workers and reports; ``report_every`` seconds (when
-        given) it reports the counters.
+        given) it reports the counters. Under systemd (``Type=notify``) it sends READY=1 once every worker
+        has bound the port and STOPPING=1 when a SIGINT/SIGTERM begins the stop.
 
         Raises FlowsteerError when a worker cannot bind (for example the port is taken).
         """
@@ -108,6 +110,7 @@ class Supervisor:
             for _ in self.workers:
                 self._await_bound()
             self.events({"event": "ready", "port": self.port, "workers": self.snapshot()})
+            notify(ready=True, status=f"{len(self.workers)} workers on divert port {self.port}")
             while not self._stopping:
                 sentinels = {p.sentinel: i for i, p in self._procs.items()}
                 done = multiprocessing.connection.wait(list(sentinels), timeout=report_every or 0.2)
@@ -115,6 +118,7 @@ class Supervisor:
                     self._restart(self.workers[sentinels[sentinel]])
                 if report_every and not done:
                     self.events({"event": "report", "port": self.port, "workers": self.snapshot()})
+            notify(stopping=True)
         finally:
             self._shutdown()
             for sig, handler in previous.items():

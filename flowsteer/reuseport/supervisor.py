@@ -28,6 +28,7 @@ from flowsteer.kernel.process import die_with_parent
 from flowsteer.reuseport.group import Group
 from flowsteer.reuseport.policy import Policy
 from flowsteer.reuseport.worker import Membership, join
+from flowsteer.sdnotify import notify
 
 Serve = Callable[[Membership], None]
 _SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
@@ -135,15 +136,18 @@ class Supervisor:
 
     def run(self) -> None:
         """Starts the workers, then serves signals until SIGTERM or SIGINT: SIGHUP restarts them, SIGCHLD
-        replaces a worker that died."""
+        replaces a worker that died. Under systemd (``Type=notify``) it sends READY=1 once every worker
+        has joined and STOPPING=1 when a SIGTERM or SIGINT begins the stop."""
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             self.start()
             self.report("all workers ready")
+            notify(ready=True, status=f"{self.count} workers serving {self.group.id}")
             while (signum := signal.sigwait(_SIGNALS)) not in (signal.SIGTERM, signal.SIGINT):
                 if signum == signal.SIGHUP:
                     self.restart()
                 self.revive()  # SIGCHLD (also after a restart's own workers ended: then nothing to do)
+            notify(stopping=True)
         finally:
             self.stop()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)

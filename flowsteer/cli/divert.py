@@ -85,6 +85,16 @@ def flush_cmd(netns: str | None) -> None:
     click.echo("flushed")
 
 
+@divert.command("zero")
+@netns_option
+@reports_errors
+def zero_cmd(netns: str | None) -> None:
+    """Reset the packet counters of every rule and member to zero (they count on from there)."""
+    with entered(netns):
+        control.reset_counters()
+    click.echo("counters reset")
+
+
 def _render_status(data: dict[str, Any]) -> str:
     out = [_render_rules(data["rules"]), ""]
     if not data["ports"]:
@@ -93,11 +103,15 @@ def _render_status(data: dict[str, Any]) -> str:
         stale = "  (stale: rules not yet recompiled for the bound members)" if port["stale"] else ""
         out.append(f"port {port['port']}: members {port['live_members'] or 'none'}{stale}")
         rows = [[str(s["slot"]), "exclusive" if s["exclusive"] else "group", ",".join(map(str, s["pids"])) or "?",
-                 str(s["queued"]), str(s["held"]), str(s["queue_full_drops"]), str(s["socket_full_drops"])]
-                for s in port["sockets"]]
+                 str(s["packets"]), str(s["queued"]), str(s["held"]), str(s["queue_full_drops"]),
+                 str(s["socket_full_drops"])] for s in port["sockets"]]
         if rows:
-            out.append(table(rows, ["slot", "kind", "pids", "queued", "held", "queue-full drops",
+            out.append(table(rows, ["slot", "kind", "pids", "packets", "queued", "held", "queue-full drops",
                                     "socket-full drops"]))
+        gone = {slot: n for slot, n in port["member_packets"].items() if slot not in port["live_members"]}
+        if gone:
+            out.append("  packets of slots without a member now: "
+                       + ", ".join(f"slot {slot}: {n}" for slot, n in sorted(gone.items())))
     return "\n".join(out)
 
 

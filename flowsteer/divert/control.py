@@ -83,6 +83,15 @@ def flush() -> None:
         apply_locked([])
 
 
+def reset_counters() -> None:
+    """Sets every divert rule and member counter of the namespace to zero.
+
+    Raises FlowsteerError when iptables refuses.
+    """
+    with locked():
+        netfilter.reset_counters()
+
+
 def resync() -> netfilter.Installed:
     """Recompiles the installed rules for the members bound now (after a member died); returns them."""
     with locked():

@@ -13,22 +13,27 @@ overwrites the whole mark while pinning the connection; see docs/divert.md):
   packets to the first member; otherwise ``FS-DIV-<DIR>-<port>-PICK`` pins the connection first, unless
   its conntrack mark already names a live member for this direction: to the member the other direction
   is pinned to if that one is live, else by HMARK over the live members; CONNMARK stores the choice.
+  The packet then goes to the member's chain ``…-S<slot>``, which queues it and counts it.
 - With no member bound the port chain queues to slot 0 of nobody: the kernel drops the packet, or
   accepts it for fail-open rules (``--queue-bypass``).
 
 The installed text *is* the state: rule chains carry each rule's text in a comment, port chains carry
-the member slots they were compiled for, and :func:`read` parses them back. Each family is replaced in
+the member slots they were compiled for, and :func:`read` parses them back. Each family is changed in
 one ``iptables-restore --noflush`` transaction; a failure of the second family restores the first.
+Counters count across changes: an unchanged rule chain (same digest in its first line) is not touched,
+a changed one is written with each rule's counters carried over, and member chains are never rewritten.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from flowsteer.divert.ports import queue_number
+from flowsteer.divert.ports import SLOTS, queue_number
 from flowsteer.divert.rules import Direction, Family, Rule
 from flowsteer.errors import FlowsteerError
 
@@ -48,6 +53,8 @@ _TOOLS: dict[Family, tuple[str, str]] = {"inet": ("iptables-save", "iptables-res
 _RULE_COMMENT = re.compile(r'--comment "?flowsteer-rule (\d+): ([^"]*)"?')
 _MEMBER_COMMENT = re.compile(r'--comment "?flowsteer-members (\d+): ([0-9,]*)"?')
 _COUNTERS = re.compile(r"^\[(\d+):(\d+)\] ")
+_SLOT_COMMENT = re.compile(r'--comment "?flowsteer-member (\d+) (\d+) queue (\d+)"?')
+_SLOT_CHAIN = re.compile(r"^FS-DIV-(IN|OUT)-(\d+)(-FO)?-S(\d+)$")
 
 
 def ct_value(direction: Direction, slot: int) -> tuple[int, int]:
@@ -76,6 +83,11 @@ def port_chain(direction: Direction, port: int, fail_open: bool) -> str:
     return f"FS-DIV-{direction.upper()}-{port}{'-FO' if fail_open else ''}"
 
 
+def slot_chain(direction: Direction, port: int, fail_open: bool, slot: int) -> str:
+    """Returns the chain that queues to one member (and counts its packets)."""
+    return f"{port_chain(direction, port, fail_open)}-S{slot}"
+
+
 def pick_chain(direction: Direction, port: int) -> str:
     """Returns the chain that pins a connection to a member of a divert port."""
     return f"FS-DIV-{direction.upper()}-{port}-PICK"
@@ -90,30 +102,72 @@ class Installed:
     """Divert port → member slots the port chains were compiled for."""
     counters: dict[int, tuple[int, int]] = field(default_factory=dict)
     """Rule index (0-based, as in ``rules``) → (packets, bytes) matched, over families and directions."""
+    member_counters: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    """(divert port, member slot) → (packets, bytes) queued to that slot, over families, directions and
+    fail-open variants; kept when the member leaves and counted on when the slot is taken again."""
+
+
+@dataclass
+class Snapshot:
+    """flowsteer's part of one family's mangle table as ``iptables-save -c`` shows it."""
+
+    chains: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+    """FS-DIV chain → its lines (the text after ``-A CHAIN ``, packets, bytes)."""
+    jumps: set[str] = field(default_factory=set)
+    """Hooks (PREROUTING, POSTROUTING) that jump to a flowsteer rule chain."""
+
+    @classmethod
+    def parse(cls, lines: Sequence[str]) -> Snapshot:
+        """Returns the snapshot of ``iptables-save -c -t mangle`` output."""
+        snap = cls()
+        for line in lines:
+            if line.startswith(":FS-DIV"):
+                snap.chains.setdefault(line[1:].split()[0], [])
+                continue
+            counts = _COUNTERS.match(line)
+            if counts is None:
+                continue
+            body = line[counts.end():]
+            if not body.startswith("-A "):
+                continue
+            chain, _, rest = body[3:].partition(" ")
+            if chain.startswith("FS-DIV"):
+                snap.chains.setdefault(chain, []).append((rest, int(counts.group(1)), int(counts.group(2))))
+            else:
+                for direction, hook in HOOKS.items():
+                    if chain == hook and rest == f"-j {rule_chain(direction)}":
+                        snap.jumps.add(hook)
+        return snap
 
 
 def read() -> Installed:
-    """Returns the rules, compiled membership and rule counters installed in the current namespace."""
+    """Returns the rules, compiled membership and rule and member counters installed in the current
+    namespace."""
     state = Installed()
     texts: dict[int, str] = {}
     for family in _TOOLS:
-        for line in _save(family):
-            if not line.startswith("[") or " -A FS-DIV" not in line:
-                continue
-            rule = _RULE_COMMENT.search(line)
-            if rule:
-                index = int(rule.group(1))
-                texts[index] = rule.group(2)
-                counts = _COUNTERS.match(line)
-                if counts:
-                    old = state.counters.get(index, (0, 0))
-                    state.counters[index] = (old[0] + int(counts.group(1)), old[1] + int(counts.group(2)))
-            members = _MEMBER_COMMENT.search(line)
-            if members:
-                slots = members.group(2)
-                state.members[int(members.group(1))] = tuple(int(s) for s in slots.split(",") if s)
+        for chain, lines in _snapshot(family).chains.items():
+            slot_chain = _SLOT_CHAIN.match(chain)
+            for text, packets, octets in lines:
+                rule = _RULE_COMMENT.search(text)
+                if rule:
+                    index = int(rule.group(1))
+                    texts[index] = rule.group(2)
+                    _add(state.counters, index, packets, octets)
+                members = _MEMBER_COMMENT.search(text)
+                if members:
+                    slots = members.group(2)
+                    state.members[int(members.group(1))] = tuple(int(s) for s in slots.split(",") if s)
+                if slot_chain:
+                    _add(state.member_counters, (int(slot_chain.group(2)), int(slot_chain.group(4))),
+                         packets, octets)
     state.rules = [Rule.parse(texts[i]) for i in sorted(texts)]
     return state
+
+
+def _add(table: dict[Any, tuple[int, int]], key: object, packets: int, octets: int) -> None:
+    old = table.get(key, (0, 0))
+    table[key] = (old[0] + packets, old[1] + octets)
 
 
 def install(rules: Sequence[Rule], members: Mapping[int, Sequence[int]], previous: Installed) -> None:
@@ -121,105 +175,162 @@ def install(rules: Sequence[Rule], members: Mapping[int, Sequence[int]], previou
 
     ``members`` maps each divert port to its live slots (ports not in it have none). ``previous`` is the
     state read before the change; it is reinstated in a family already changed when a later family
-    fails. Raises FlowsteerError with iptables' message when the kernel refuses the rules.
+    fails. Counters survive: rule chains that do not change are not rewritten, rewritten ones carry each
+    rule's counters over, and member counters live in chains that are never rewritten.
+    Raises FlowsteerError with iptables' message when the kernel refuses the rules.
     """
     done: list[Family] = []
     for family in _TOOLS:
         try:
-            _restore(family, compile_family(family, rules, members, _present(family)))
+            _restore(family, compile_family(family, rules, members, _snapshot(family)))
         except FlowsteerError:
             for changed in done:
-                _restore(changed, compile_family(changed, previous.rules, previous.members, _present(changed)))
+                _restore(changed, compile_family(changed, previous.rules, previous.members, _snapshot(changed)))
             raise
         done.append(family)
 
 
-def compile_family(family: Family, rules: Sequence[Rule], members: Mapping[int, Sequence[int]],
-                   present: set[str]) -> str:
-    """Returns the ``iptables-restore --noflush`` input installing ``rules`` for one family.
+def reset_counters() -> None:
+    """Sets every rule and member counter of the current namespace to zero.
 
-    ``present`` names the FS-DIV chains and jumps (``JUMP:<hook>``) that exist now; chains no longer
-    needed are deleted and the jumps are added or removed so that the result is exact.
+    Raises FlowsteerError when iptables refuses.
+    """
+    for family, (save, _restore_tool) in _TOOLS.items():
+        tool = save.replace("-save", "")
+        for chain in _snapshot(family).chains:
+            if chain in (rule_chain("in"), rule_chain("out")) or _SLOT_CHAIN.match(chain):
+                proc = _run([tool, "-w", "-t", "mangle", "-Z", chain])
+                if proc.returncode != 0:
+                    raise FlowsteerError(f"{tool} could not reset {chain}: {proc.stderr.strip()}")
+
+
+def compile_family(family: Family, rules: Sequence[Rule], members: Mapping[int, Sequence[int]],
+                   present: Snapshot) -> str:
+    """Returns the ``iptables-restore --noflush --counters`` input installing ``rules`` for one family.
+
+    ``present`` is what is installed now: chains no longer needed are deleted, the jumps are added or
+    removed so that the result is exact, a rule chain whose content is unchanged is left alone (its
+    counters keep counting), a rewritten one gets each rule's counters back, and member chains
+    (``…-S<slot>``) are made once and kept while their port chain exists, so they count across members
+    joining and leaving.
     """
     mine = [(i, r) for i, r in enumerate(rules) if family in r.families()]
-    lines: list[str] = []
-    chains: list[str] = []
+    bodies: dict[str, list[str]] = {}
+    keep: set[str] = set()
     if rules:
-        for direction in HOOKS:
-            chains.append(rule_chain(direction))
-            lines.append(f"-A {rule_chain(direction)} -m mark --mark {SKIP_MARK:#x}/{SKIP_MASK:#x} -j RETURN")
+        rule_lines: dict[Direction, list[str]] = {d: [] for d in HOOKS}
         targets: dict[tuple[Direction, int], set[bool]] = {}
         for index, rule in mine:
             for direction in rule.directions():
                 target = port_chain(direction, rule.divert_port, rule.fail_open)
-                lines.append(f"-A {rule_chain(direction)} {_matches(family, direction, rule)} "
-                             f'-m comment --comment "flowsteer-rule {index}: {rule}" -j {target}')
+                rule_lines[direction].append(f"{_matches(family, direction, rule)} "
+                                             f'-m comment --comment "flowsteer-rule {index}: {rule}" -j {target}')
                 targets.setdefault((direction, rule.divert_port), set()).add(rule.fail_open)
+        for direction, lines in rule_lines.items():
+            digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+            skip = (f"-m mark --mark {SKIP_MARK:#x}/{SKIP_MASK:#x} "
+                    f'-m comment --comment "flowsteer-digest {digest}" -j RETURN')
+            chain = rule_chain(direction)
+            if present.chains.get(chain) and f"flowsteer-digest {digest}" in present.chains[chain][0][0]:
+                keep.add(chain)
+            else:
+                bodies[chain] = [skip, *lines]
         for (direction, port), variants in sorted(targets.items()):
             slots = tuple(sorted(members.get(port, ())))
             if slots:
-                chains.append(pick_chain(direction, port))
-                lines += _pick_lines(direction, port, slots)
+                bodies[pick_chain(direction, port)] = _pick_lines(direction, port, slots)
             for fail_open in sorted(variants):
-                chains.append(port_chain(direction, port, fail_open))
-                lines += _port_lines(direction, port, fail_open, slots)
-    head = ["*mangle", *(f":{c} - [0:0]" for c in chains)]
-    stale = sorted(c for c in present if not c.startswith("JUMP:") and c not in chains)
-    head += [f":{c} - [0:0]" for c in stale]
-    tail = [f"-X {c}" for c in stale]
+                chain = port_chain(direction, port, fail_open)
+                bodies[chain] = _port_lines(direction, port, fail_open, slots)
+                for slot in range(SLOTS):
+                    member = slot_chain(direction, port, fail_open, slot)
+                    line = _slot_line(port, slot, fail_open)
+                    existing = present.chains.get(member)
+                    if existing and _slot_queue(existing[0][0]) == _slot_queue(line):
+                        keep.add(member)
+                    elif slot in slots:
+                        bodies[member] = [line]
+    stale = sorted(c for c in present.chains if c not in bodies and c not in keep)
+    out = ["*mangle", *(f":{c} - [0:0]" for c in [*bodies, *stale])]
+    for chain, lines in bodies.items():
+        carried = _carried_counters(present.chains.get(chain, []))
+        for line in lines:
+            rule = _RULE_COMMENT.search(line)
+            counts = carried.get(rule.group(2)) if rule else None
+            packets, octets = counts.pop(0) if counts else (0, 0)
+            out.append(f"[{packets}:{octets}] -A {chain} {line}")
     for direction, hook in HOOKS.items():
-        has_jump = f"JUMP:{hook}" in present
-        if rules and not has_jump:
-            tail.append(f"-I {hook} 1 -j {rule_chain(direction)}")
-        elif not rules and has_jump:
-            tail.insert(0, f"-D {hook} -j {rule_chain(direction)}")
-    return "\n".join([*head, *lines, *tail, "COMMIT", ""])
+        if not rules and hook in present.jumps:
+            out.append(f"-D {hook} -j {rule_chain(direction)}")
+    out += [f"-X {c}" for c in stale]
+    for direction, hook in HOOKS.items():
+        if rules and hook not in present.jumps:
+            out.append(f"-I {hook} 1 -j {rule_chain(direction)}")
+    return "\n".join([*out, "COMMIT", ""])
+
+
+def _carried_counters(lines: list[tuple[str, int, int]]) -> dict[str, list[tuple[int, int]]]:
+    """Returns rule text → the counters of its lines in order (a rule may appear more than once)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for text, packets, octets in lines:
+        rule = _RULE_COMMENT.search(text)
+        if rule:
+            out.setdefault(rule.group(2), []).append((packets, octets))
+    return out
 
 
 def _pick_lines(direction: Direction, port: int, slots: tuple[int, ...]) -> list[str]:
-    chain = pick_chain(direction, port)
     other: Direction = "out" if direction == "in" else "in"
-    lines = _return_if_pinned(chain, direction, slots)
+    lines = _return_if_pinned(direction, slots)
     for slot in slots:  # the other direction pinned the connection first: follow it
         value, mask = ct_value(direction, slot)
         seen, seen_mask = ct_value(other, slot)
-        lines.append(f"-A {chain} -m connmark --mark {seen:#x}/{seen_mask:#x} "
+        lines.append(f"-m connmark --mark {seen:#x}/{seen_mask:#x} "
                      f"-j CONNMARK --set-xmark {value:#x}/{mask:#x}")
-    lines += _return_if_pinned(chain, direction, slots)
-    lines.append(f"-A {chain} -j HMARK --hmark-tuple src,dst,sport,dport,proto --hmark-mod {len(slots)} "
+    lines += _return_if_pinned(direction, slots)
+    lines.append(f"-j HMARK --hmark-tuple src,dst,sport,dport,proto --hmark-mod {len(slots)} "
                  f"--hmark-offset {SCRATCH_MARK:#x} --hmark-rnd {hash_seed(port, slots):#x}")
     for index, slot in enumerate(slots):
         value, mask = ct_value(direction, slot)
-        lines.append(f"-A {chain} -m mark --mark {SCRATCH_MARK + index:#x} "
+        lines.append(f"-m mark --mark {SCRATCH_MARK + index:#x} "
                      f"-j CONNMARK --set-xmark {value:#x}/{mask:#x}")
-    lines.append(f"-A {chain} -j MARK --set-xmark 0x0/0xffffffff")
+    lines.append("-j MARK --set-xmark 0x0/0xffffffff")
     return lines
 
 
-def _return_if_pinned(chain: str, direction: Direction, slots: tuple[int, ...]) -> list[str]:
+def _return_if_pinned(direction: Direction, slots: tuple[int, ...]) -> list[str]:
     lines = []
     for slot in slots:
         value, mask = ct_value(direction, slot)
-        lines.append(f"-A {chain} -m connmark --mark {value:#x}/{mask:#x} -j RETURN")
+        lines.append(f"-m connmark --mark {value:#x}/{mask:#x} -j RETURN")
     return lines
 
 
 def _port_lines(direction: Direction, port: int, fail_open: bool, slots: tuple[int, ...]) -> list[str]:
-    chain = port_chain(direction, port, fail_open)
     bypass = " --queue-bypass" if fail_open else ""
-    first = queue_number(port, slots[0] if slots else 0, fail_open)
-    members = ",".join(map(str, slots))
     if not slots:
-        return [f'-A {chain} -m comment --comment "flowsteer-members {port}: " '
-                f"-j NFQUEUE --queue-num {first}{bypass}"]
-    lines = [f"-A {chain} -m conntrack --ctstate INVALID,UNTRACKED "
-             f'-m comment --comment "flowsteer-members {port}: {members}" -j NFQUEUE --queue-num {first}{bypass}',
-             f"-A {chain} -j {pick_chain(direction, port)}"]
+        return [f'-m comment --comment "flowsteer-members {port}: " '
+                f"-j NFQUEUE --queue-num {queue_number(port, 0, fail_open)}{bypass}"]
+    members = ",".join(map(str, slots))
+    lines = [f"-m conntrack --ctstate INVALID,UNTRACKED "
+             f'-m comment --comment "flowsteer-members {port}: {members}" '
+             f"-j {slot_chain(direction, port, fail_open, slots[0])}",
+             f"-j {pick_chain(direction, port)}"]
     for slot in slots:
         value, mask = ct_value(direction, slot)
-        lines.append(f"-A {chain} -m connmark --mark {value:#x}/{mask:#x} "
-                     f"-j NFQUEUE --queue-num {queue_number(port, slot, fail_open)}{bypass}")
+        lines.append(f"-m connmark --mark {value:#x}/{mask:#x} -j {slot_chain(direction, port, fail_open, slot)}")
     return lines
+
+
+def _slot_line(port: int, slot: int, fail_open: bool) -> str:
+    queue = queue_number(port, slot, fail_open)
+    return (f'-m comment --comment "flowsteer-member {port} {slot} queue {queue}" '
+            f"-j NFQUEUE --queue-num {queue}{' --queue-bypass' if fail_open else ''}")
+
+
+def _slot_queue(text: str) -> str | None:
+    found = _SLOT_COMMENT.search(text)
+    return found.group(0) if found else None
 
 
 def _matches(family: Family, direction: Direction, rule: Rule) -> str:
@@ -248,27 +359,15 @@ def _run(argv: list[str], text: str | None = None) -> subprocess.CompletedProces
         raise FlowsteerError(f"{argv[0]} is not installed; divert needs the iptables package") from None
 
 
-def _save(family: Family) -> list[str]:
+def _snapshot(family: Family) -> Snapshot:
     proc = _run([_TOOLS[family][0], "-c", "-t", "mangle"])
     if proc.returncode != 0:
         raise FlowsteerError(f"{_TOOLS[family][0]} failed: {proc.stderr.strip()}")
-    return proc.stdout.splitlines()
-
-
-def _present(family: Family) -> set[str]:
-    present = set()
-    for line in _save(family):
-        if line.startswith(":FS-DIV"):
-            present.add(line[1:].split()[0])
-        else:
-            for direction, hook in HOOKS.items():
-                if line.endswith(f"-A {hook} -j {rule_chain(direction)}"):
-                    present.add(f"JUMP:{hook}")
-    return present
+    return Snapshot.parse(proc.stdout.splitlines())
 
 
 def _restore(family: Family, text: str) -> None:
     tool = _TOOLS[family][1]
-    proc = _run([tool, "--noflush"], text)
+    proc = _run([tool, "--noflush", "--counters"], text)
     if proc.returncode != 0:
         raise FlowsteerError(f"{tool} refused the divert rules: {proc.stderr.strip()}")

@@ -15,10 +15,13 @@ _NETLINK_NETFILTER = 12
 def status() -> dict[str, Any]:
     """Returns the divert state of the calling thread's namespace as plain data.
 
-    ``rules``: text and matched packets/bytes. ``ports``: for each port with rules or sockets, the member
-    slots the rules were compiled for, and each bound socket (slot, netlink portid, owning pids) with the
-    kernel's counters summed over its queues (packets queued, held now, dropped because the queue was
-    full, dropped because the socket's buffer was full) and listed for each queue that saw packets.
+    ``rules``: text and matched packets/bytes (cumulative across rule changes and members coming and
+    going, until ``divert zero``). ``ports``: for each port with rules or sockets, the member slots the
+    rules were compiled for, ``member_packets`` (slot → packets the rules sent to that slot, cumulative
+    like the rule counters), and each bound socket (slot, netlink portid, owning pids, ``packets`` as in
+    ``member_packets``) with the kernel's counters of its current binding summed over its queues
+    (packets queued, held now, dropped because the queue was full, dropped because the socket's buffer
+    was full) and listed for each queue that saw packets.
     ``stale`` is true when the rules were compiled for other members than are bound now (a member died
     and nobody has recompiled yet).
     """
@@ -39,9 +42,13 @@ def status() -> dict[str, Any]:
                 mine = [q for q in queues.values() if q.portid == portid]
                 busy = [_queue(q) for q in mine if q.sequence or q.held or q.dropped or q.user_dropped]
                 sockets.append({"slot": slot, "exclusive": state.exclusive_portid is not None,
-                                "portid": portid, "pids": owners.get(portid, []), **_sum(mine),
+                                "portid": portid, "pids": owners.get(portid, []),
+                                "packets": installed.member_counters.get((port, slot), (0, 0))[0], **_sum(mine),
                                 "queues": busy})
+        member_packets = {slot: counts[0] for (p, slot), counts in sorted(installed.member_counters.items())
+                          if p == port}
         ports[port] = {"port": port, "compiled_members": compiled, "live_members": live,
+                       "member_packets": member_packets,
                        "stale": compiled != live and any(r.divert_port == port for r in installed.rules),
                        "queues": {"first": queue_number(port, 0, False), "first_fail_open":
                                   queue_number(port, 0, True)},

@@ -87,15 +87,51 @@ def test_port_states_tell_exclusive_from_group() -> None:
 def test_compiled_chains_cover_rules_members_and_cleanup() -> None:
     rules = [Rule.parse("in on eth0 proto tcp to any port 80 divert-packet port 7"),
              Rule.parse("out inet6 proto udp divert-packet port 7 fail-open")]
-    text = netfilter.compile_family("inet", rules, {7: (0, 2)}, {"FS-DIV-OUT-9"})
+    text = netfilter.compile_family("inet", rules, {7: (0, 2)}, netfilter.Snapshot({"FS-DIV-OUT-9": []}))
     assert "-I PREROUTING 1 -j FS-DIV-IN" in text and "-X FS-DIV-OUT-9" in text
     assert "-i eth0 -p tcp -m tcp --dport 80" in text
     assert "--hmark-mod 2" in text and f"--queue-num {queue_number(7, 2, False)}" in text
+    assert "-A FS-DIV-IN-7-S2 " in text and "FS-DIV-IN-7-S1" not in text  # member chains of live slots
     assert "udp" not in text  # the inet6-only rule is not in the IPv4 table
-    v6 = netfilter.compile_family("inet6", rules, {}, {"JUMP:PREROUTING", "JUMP:POSTROUTING"})
+    v6 = netfilter.compile_family("inet6", rules, {}, netfilter.Snapshot(jumps={"PREROUTING", "POSTROUTING"}))
     assert "-I PREROUTING" not in v6 and "--queue-bypass" in v6 and "HMARK" not in v6
-    gone = netfilter.compile_family("inet", [], {}, {"JUMP:PREROUTING", "FS-DIV-IN", "FS-DIV-IN-7"})
+    gone = netfilter.compile_family("inet", [], {}, netfilter.Snapshot({"FS-DIV-IN": [], "FS-DIV-IN-7": []},
+                                                                       {"PREROUTING"}))
     assert "-D PREROUTING -j FS-DIV-IN" in gone and "-X FS-DIV-IN-7" in gone
+    assert gone.index("-D PREROUTING") < gone.index("-X FS-DIV-IN")
+
+
+def test_recompiling_keeps_counters_unchanged_chains_and_member_chains() -> None:
+    rules = [Rule.parse("in proto udp divert-packet port 7"), Rule.parse("in proto tcp divert-packet port 7"),
+             Rule.parse("in proto udp divert-packet port 7")]
+    first = netfilter.compile_family("inet", rules, {7: (0,)}, netfilter.Snapshot())
+    installed = netfilter.Snapshot.parse(_as_saved(first, counts={"FS-DIV-IN": [5, 6, 7], "FS-DIV-IN-7-S0": [9]}))
+    again = netfilter.compile_family("inet", rules, {7: (0, 1)}, installed)
+    assert ":FS-DIV-IN " not in again and "-A FS-DIV-IN " not in again  # unchanged: not rewritten
+    assert ":FS-DIV-IN-7-S0 " not in again and "-A FS-DIV-IN-7-S1 " in again  # members: kept, new one made
+    changed = netfilter.compile_family("inet", rules[1:], {7: (0,)}, installed)
+    carried = [line.split(" -A ")[0] for line in changed.splitlines() if "-A FS-DIV-IN " in line]
+    assert carried == ["[0:0]", "[6:60]", "[5:50]"]  # skip line, then tcp and the first udp rule's counts
+    assert ":FS-DIV-IN-7-S0 " not in changed
+    left = netfilter.compile_family("inet", [], {}, installed)
+    assert "-X FS-DIV-IN-7-S0" in left
+
+
+def _as_saved(restore_input: str, counts: dict[str, list[int]]) -> list[str]:
+    """Returns what iptables-save -c would print after ``restore_input``, with given packet counts."""
+    out, seen = [], {}
+    for line in restore_input.splitlines():
+        if line.startswith(":"):
+            out.append(line)
+        elif "] -A " in line:
+            chain = line.split(" -A ")[1].split()[0]
+            index = seen.setdefault(chain, 0)
+            seen[chain] += 1
+            packets = counts.get(chain, [])[index - 1] if index and len(counts.get(chain, [])) >= index else 0
+            out.append(f"[{packets}:{packets * 10}] -A {line.split(' -A ', 1)[1]}")
+        elif line.startswith("-I "):
+            out.append(f"[0:0] -A {line.split()[1]} {' '.join(line.split()[3:])}")
+    return out
 
 
 def test_explain_reads_the_member_an_established_connection_is_pinned_to() -> None:

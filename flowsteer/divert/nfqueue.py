@@ -29,13 +29,13 @@ MSG_VERDICT = NFNL_SUBSYS_QUEUE << 8 | 1
 MSG_CONFIG = NFNL_SUBSYS_QUEUE << 8 | 2
 MSG_VERDICT_BATCH = NFNL_SUBSYS_QUEUE << 8 | 3
 
-NFQA_VERDICT_HDR = 2
+NFQA_VERDICT_HDR, NFQA_MARK = 2, 3
 NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV = 5, 6
 NFQA_PAYLOAD, NFQA_CAP_LEN = 10, 13
 NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
 CMD_BIND = 1
 COPY_PACKET = 2
-CFG_F_FAIL_OPEN, CFG_F_GSO = 1 << 0, 1 << 2
+CFG_F_FAIL_OPEN, CFG_F_CONNTRACK, CFG_F_GSO, CFG_F_UID_GID = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 
 NF_DROP, NF_ACCEPT, NF_REPEAT = 0, 1, 4
 """Verdicts: drop the packet, let it continue after the rule, or run the hook's rules on it again."""
@@ -70,6 +70,8 @@ class Delivery:
     outdev: int
     truncated: bool
     """True when the kernel held more bytes than it copied (``NFQA_CAP_LEN`` > payload length)."""
+    attrs: bytes = b""
+    """The message's attributes before the payload, as sent (see :mod:`flowsteer.divert.metadata`)."""
     deadline: float = 0.0
     """When the packet's hold time ends (set by the divert socket)."""
 
@@ -82,6 +84,8 @@ class Verdict:
     packet_id: int
     verdict: int
     payload: bytes | None = None
+    mark: int | None = None
+    """A new packet mark (None keeps the mark)."""
 
 
 class NfQueue:
@@ -121,17 +125,19 @@ class NfQueue:
         """Closes the socket; the kernel unbinds its queues and drops the packets they hold."""
         self.sock.close()
 
-    def bind(self, queue: int, *, fail_open: bool, maxlen: int) -> None:
+    def bind(self, queue: int, *, fail_open: bool, maxlen: int, conntrack: bool = False) -> None:
         """Binds ``queue`` to this socket and configures it (whole packets up to 64 KiB, GSO kept whole,
-        at most ``maxlen`` held, accept instead of drop on overflow when ``fail_open``).
+        uid/gid of local sockets, at most ``maxlen`` held, accept instead of drop on overflow when
+        ``fail_open``, the connection's state and id when ``conntrack``).
 
         Raises KernelError: EPERM when another socket holds the queue or without CAP_NET_ADMIN.
         """
-        flags = CFG_F_GSO | (CFG_F_FAIL_OPEN if fail_open else 0)
+        flags = (CFG_F_GSO | CFG_F_UID_GID | (CFG_F_FAIL_OPEN if fail_open else 0)
+                 | (CFG_F_CONNTRACK if conntrack else 0))
         attrs = (_attr(NFQA_CFG_CMD, struct.pack("!BBH", CMD_BIND, 0, 0))
                  + _attr(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_RANGE, COPY_PACKET))
                  + _attr(NFQA_CFG_QUEUE_MAXLEN, _U32.pack(maxlen))
-                 + _attr(NFQA_CFG_MASK, _U32.pack(CFG_F_GSO | CFG_F_FAIL_OPEN))
+                 + _attr(NFQA_CFG_MASK, _U32.pack(CFG_F_GSO | CFG_F_FAIL_OPEN | CFG_F_CONNTRACK | CFG_F_UID_GID))
                  + _attr(NFQA_CFG_FLAGS, _U32.pack(flags)))
         self._request(MSG_CONFIG, queue, attrs, f"binding queue {queue}")
 
@@ -174,15 +180,16 @@ class NfQueue:
             parts.append(_verdict_msg(MSG_VERDICT_BATCH, queue, NF_ACCEPT, upto, _VERDICT_SIZE))
             size += _VERDICT_SIZE
         for v in verdicts:
-            if v.payload is None:
+            if v.payload is None and v.mark is None:
                 parts.append(_verdict_msg(MSG_VERDICT, v.queue, v.verdict, v.packet_id, _VERDICT_SIZE))
                 size += _VERDICT_SIZE
             else:
-                alen = 4 + len(v.payload)
-                pad = -alen & 3
-                total = _VERDICT_SIZE + alen + pad
-                parts += [_verdict_msg(MSG_VERDICT, v.queue, v.verdict, v.packet_id, total),
-                          _ATTR.pack(alen, NFQA_PAYLOAD), v.payload, b"\0" * pad]
+                extra = b"" if v.mark is None else _ATTR.pack(8, NFQA_MARK) + _U32.pack(v.mark)
+                if v.payload is not None:
+                    alen = 4 + len(v.payload)
+                    extra += _ATTR.pack(alen, NFQA_PAYLOAD) + v.payload + b"\0" * (-alen & 3)
+                total = _VERDICT_SIZE + len(extra)
+                parts += [_verdict_msg(MSG_VERDICT, v.queue, v.verdict, v.packet_id, total), extra]
                 size += total
             if size > 1 << 20:
                 self._send(b"".join(parts))
@@ -240,7 +247,8 @@ class NfQueue:
                     return Delivery(queue, packet_id, payload, hook,
                                     _U32.unpack_from(buf, base + shape.indev_at)[0] if shape.indev_at else 0,
                                     _U32.unpack_from(buf, base + shape.outdev_at)[0] if shape.outdev_at else 0,
-                                    cap != 0 and _U32.unpack_from(buf, base + cap)[0] > len(payload))
+                                    cap != 0 and _U32.unpack_from(buf, base + cap)[0] > len(payload),
+                                    bytes(buf[base + 32:at]))
             shape = self._shape = _Shape.learn(buf, base, end)
         return Delivery(queue, packet_id, b"", hook, 0, 0, True)  # no payload attribute: nothing to show
 

@@ -8,8 +8,10 @@ a valid IP packet and recomputes the IPv4 header checksum and the TCP, UDP, ICMP
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from flowsteer.divert.metadata import Metadata, parse
 from flowsteer.errors import InvalidInput
 
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
@@ -142,6 +144,19 @@ def _pseudo_header(buf: bytearray, lay: Layout, segment_len: int) -> bytes:
     return bytes(buf[8:40]) + segment_len.to_bytes(4, "big") + bytes((0, 0, 0, lay.proto))
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where the kernel saw a packet it diverted: the netfilter hook (0 PREROUTING … 4 POSTROUTING), the
+    receiving and sending interface indexes (0 when none), the message's attributes (parsed lazily into
+    :class:`~flowsteer.divert.metadata.Metadata`) and how to name an interface index."""
+
+    hook: int
+    indev: int
+    outdev: int
+    attrs: bytes
+    names: Callable[[int], str]
+
+
 class Packet:
     """A parsed, writable view of one IP packet.
 
@@ -149,18 +164,132 @@ class Packet:
     InvalidInput when the bytes are not a valid IP packet. Field setters keep lengths consistent;
     checksums are recomputed when the packet is written back. ``direction`` (``"in"``/``"out"``),
     ``interface`` (receiving or sending interface name) and ``address`` (what ``recvfrom`` returned) are
-    filled in for packets read from a divert socket.
+    filled in for packets read from a divert socket, and so is the kernel's metadata, with the names
+    NetfilterQueue's packets use where they exist: ``hook``, ``indev``/``outdev``,
+    ``get_inint``/``get_outint``, ``physindev``/``physoutdev``, ``get_mark``/``set_mark``, ``mark``,
+    ``get_timestamp``, ``get_hw``, plus ``uid``, ``gid``, ``ct_state``, ``ct_id``, ``gso``,
+    ``checksum_not_ready`` and ``checksum_not_verified`` (see :class:`Metadata`; all of it is in
+    ``metadata``). A packet made from bytes has no origin: those fields read as empty (0, None, False).
     """
 
-    __slots__ = ("data", "direction", "interface", "address", "_layout")
+    __slots__ = ("data", "direction", "interface", "address", "origin", "new_mark", "_layout", "_meta")
 
     def __init__(self, data: bytes | bytearray, *, direction: str | None = None,
-                 interface: str | None = None, address: tuple[str, int] | None = None) -> None:
+                 interface: str | None = None, address: tuple[str, int] | None = None,
+                 origin: Origin | None = None) -> None:
         self.data = bytearray(data)
         self.direction = direction
         self.interface = interface
         self.address = address
+        self.origin = origin
+        self.new_mark: int | None = None
+        """The mark :meth:`set_mark` chose; written back with the packet."""
         self._layout: Layout | None = None
+        self._meta: Metadata | None = None
+
+    @property
+    def metadata(self) -> Metadata:
+        """Everything the kernel reported with the packet (parsed on first use)."""
+        if self._meta is None:
+            self._meta = Metadata() if self.origin is None else parse(self.origin.attrs)
+        return self._meta
+
+    @property
+    def hook(self) -> int | None:
+        """The netfilter hook that diverted the packet (0 PREROUTING, 4 POSTROUTING), None without origin."""
+        return None if self.origin is None else self.origin.hook
+
+    @property
+    def indev(self) -> int:
+        """The receiving interface's index (0 when none: outbound packets)."""
+        return 0 if self.origin is None else self.origin.indev
+
+    @property
+    def outdev(self) -> int:
+        """The sending interface's index (0 when none: inbound packets)."""
+        return 0 if self.origin is None else self.origin.outdev
+
+    @property
+    def physindev(self) -> int:
+        """The bridge port the packet came in on (0 when not bridged)."""
+        return self.metadata.physindev
+
+    @property
+    def physoutdev(self) -> int:
+        """The bridge port the packet goes out on (0 when not bridged)."""
+        return self.metadata.physoutdev
+
+    def get_inint(self, name: bool = False) -> int | str | None:
+        """Returns the receiving interface's index, or its name when ``name`` (None when there is none)."""
+        return self._ifname(self.indev) if name else self.indev
+
+    def get_outint(self, name: bool = False) -> int | str | None:
+        """Returns the sending interface's index, or its name when ``name`` (None when there is none)."""
+        return self._ifname(self.outdev) if name else self.outdev
+
+    def _ifname(self, index: int) -> str | None:
+        return self.origin.names(index) if index and self.origin is not None else None
+
+    @property
+    def mark(self) -> int:
+        """The packet mark: the one :meth:`set_mark` chose, else the mark the packet had when diverted."""
+        return self.metadata.mark if self.new_mark is None else self.new_mark
+
+    def get_mark(self) -> int:
+        """Returns :attr:`mark`."""
+        return self.mark
+
+    def set_mark(self, mark: int) -> None:
+        """Gives the packet a new mark, applied when it is written back (0..2**32-1).
+
+        Raises InvalidInput for a value out of range.
+        """
+        if isinstance(mark, bool) or not isinstance(mark, int) or not 0 <= mark <= 0xFFFFFFFF:
+            raise InvalidInput(f"mark {mark!r} is not an integer in 0..0xffffffff")
+        self.new_mark = mark
+
+    def get_timestamp(self) -> float:
+        """Returns when the packet was received (seconds since the epoch; 0.0 when the kernel had no time)."""
+        return self.metadata.timestamp
+
+    def get_hw(self) -> bytes | None:
+        """Returns the link-layer source address (None when the packet has no link-layer header)."""
+        return self.metadata.hw
+
+    @property
+    def uid(self) -> int | None:
+        """The uid of the local socket that sent (or receives) the packet, None when there is none."""
+        return self.metadata.uid
+
+    @property
+    def gid(self) -> int | None:
+        """The gid of the local socket that sent (or receives) the packet, None when there is none."""
+        return self.metadata.gid
+
+    @property
+    def ct_state(self) -> str | None:
+        """The connection's state (NEW, ESTABLISHED, RELATED, …_REPLY); see :class:`Metadata`."""
+        return self.metadata.ct_state
+
+    @property
+    def ct_id(self) -> int | None:
+        """The conntrack id of the packet's connection; see :class:`Metadata`."""
+        return self.metadata.ct_id
+
+    @property
+    def gso(self) -> bool:
+        """True for a GSO packet (larger than the MTU; the kernel segments it later)."""
+        return self.metadata.gso
+
+    @property
+    def checksum_not_ready(self) -> bool:
+        """True when the transport checksum is still to be filled in by offload (not valid yet)."""
+        return self.metadata.checksum_not_ready
+
+    @property
+    def checksum_not_verified(self) -> bool:
+        """True when nobody has verified the packet's transport checksum."""
+        return self.metadata.checksum_not_verified
 
     @property
     def layout(self) -> Layout:

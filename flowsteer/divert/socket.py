@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from flowsteer.divert import control, netfilter
 from flowsteer.divert.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Delivery, NfQueue, Verdict
-from flowsteer.divert.packet import Packet, finalize
+from flowsteer.divert.packet import Origin, Packet, finalize
 from flowsteer.divert.ports import SLOTS, port_state, queue_number
 from flowsteer.divert.rules import check_divert_port
 from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
@@ -86,13 +86,16 @@ class DivertSocket:
 
     ``hold_time`` bounds how long a read packet waits for ``sendto`` before it is dropped (seconds,
     0.001..60); ``queue_maxlen`` is how many packets the kernel holds for this socket per queue before
-    it drops (or, for fail-open rules, accepts) more; ``batch`` is how many packets one read fetches.
+    it drops (or, for fail-open rules, accepts) more; ``batch`` is how many packets one read fetches;
+    ``conntrack`` asks the kernel for each packet's connection state and id (it costs the kernel some
+    work per packet, so it is off unless asked for).
     Like a socket, it belongs to the network namespace of the thread that creates it: binding, closing and
     writing new packets act there whatever namespace the calling thread is in later.
     Raises InvalidInput for values out of range.
     """
 
-    def __init__(self, *, hold_time: float = 1.0, queue_maxlen: int = 1024, batch: int = 64) -> None:
+    def __init__(self, *, hold_time: float = 1.0, queue_maxlen: int = 1024, batch: int = 64,
+                 conntrack: bool = False) -> None:
         check_hold_time(hold_time)
         if not 1 <= queue_maxlen <= 1 << 20:
             raise InvalidInput(f"queue length {queue_maxlen} is not within 1..{1 << 20}")
@@ -101,6 +104,7 @@ class DivertSocket:
         self.hold_time = hold_time
         self.queue_maxlen = queue_maxlen
         self.batch = batch
+        self.conntrack = conntrack
         self.counters = Counters()
         self.port: int | None = None
         self.slot: int | None = None
@@ -141,7 +145,8 @@ class DivertSocket:
         connections may reach it (established ones stay where they are).
         Raises InvalidInput for a bad port or a second bind, KernelError with EADDRINUSE when the port
         is taken (by an exclusive socket, or by anyone when this socket is exclusive), ENOSPC when the
-        group has 32 members, PermissionDenied without CAP_NET_ADMIN.
+        group has 32 members, EOPNOTSUPP for ``conntrack=True`` on a kernel that cannot add conntrack
+        data, PermissionDenied without CAP_NET_ADMIN.
         """
         self._check_open()
         check_divert_port(port)
@@ -162,12 +167,16 @@ class DivertSocket:
                 for s in slots:
                     for fail_open in (False, True):
                         nfq.bind(queue_number(port, s, fail_open), fail_open=fail_open,
-                                 maxlen=self.queue_maxlen)
+                                 maxlen=self.queue_maxlen, conntrack=self.conntrack)
                 control.apply_locked()
             except FlowsteerError as exc:
                 nfq.close()
                 if exc.errno == errno.EPERM:
                     raise kernel_error(what, errno.EPERM, "needs CAP_NET_ADMIN") from None
+                if exc.errno == errno.EOPNOTSUPP and self.conntrack:
+                    raise kernel_error(what, errno.EOPNOTSUPP, "this kernel cannot add conntrack data to "
+                                       "queued packets (built without CONFIG_NETFILTER_NETLINK_GLUE_CT); "
+                                       "make the socket without conntrack=True") from None
                 raise
         self._nfq, self.port, self.slot = nfq, port, slot
 
@@ -186,13 +195,16 @@ class DivertSocket:
         return result
 
     def recv_packet(self) -> Packet:
-        """Like :meth:`recvfrom`, but returns a parsed :class:`Packet` carrying its address."""
+        """Like :meth:`recvfrom`, but returns a parsed :class:`Packet` carrying its address and the
+        kernel's metadata."""
         payload, address = self.recvfrom()
         delivery = self._held[address[1]]
         inbound = delivery.hook in _INBOUND_HOOKS
         ifindex = delivery.indev if inbound else delivery.outdev
         name = self._interface(ifindex, payload[0] >> 4 if payload else 4)[0] if ifindex else None
-        return Packet(payload, direction="in" if inbound else "out", interface=name, address=address)
+        origin = Origin(delivery.hook, delivery.indev, delivery.outdev, delivery.attrs, self._ifname)
+        return Packet(payload, direction="in" if inbound else "out", interface=name, address=address,
+                      origin=origin)
 
     def __iter__(self) -> Iterator[tuple[bytes, DivertAddress]]:
         """Yields ``(packet, address)`` until the socket would block or its timeout passes."""
@@ -236,7 +248,10 @@ class DivertSocket:
         or ``address`` names no held packet (already answered, or its hold time passed); nothing is sent
         then and a held packet stays held. Raises KernelError when the kernel refuses a new packet.
         """
-        raw = data.data if isinstance(data, Packet) else data
+        if isinstance(data, Packet):
+            raw, mark = data.data, data.new_mark
+        else:
+            raw, mark = data, None
         if type(address) is tuple and len(address) == 2 and type(address[1]) is int:
             tag = address[1]  # the common case, checked inline: this runs for every packet
         else:
@@ -247,20 +262,31 @@ class DivertSocket:
             if tag == 0:
                 return self._inject(finalize(raw))
             held = self._lookup(tag)
-        if raw is held.payload or raw == held.payload:
+        if mark is not None:
+            payload = None if raw == held.payload else self._changed(raw, held)
+            del self._held[tag]
+            self._verdicts.append(Verdict(held.queue, held.packet_id, NF_ACCEPT, payload, mark))
+            self.counters.modified += payload is not None
+            self.counters.accepted += payload is None
+        elif raw is held.payload or raw == held.payload:
             del self._held[tag]
             self._accepts.append(held)
         else:
-            if held.truncated:
-                raise InvalidInput("the packet was larger than the 65535 bytes copied to user space; "
-                                   "it can be written back only unchanged")
-            payload = finalize(raw)
+            payload = self._changed(raw, held)
             del self._held[tag]
             self._verdicts.append(Verdict(held.queue, held.packet_id, NF_ACCEPT, payload))
             self.counters.modified += 1
         if not self._ready or len(self._accepts) + len(self._verdicts) >= self.batch:
             self.flush()
         return len(raw)
+
+    @staticmethod
+    def _changed(raw: bytes | bytearray, held: Delivery) -> bytes:
+        """Returns changed bytes ready to replace a held packet; raises InvalidInput when they cannot."""
+        if held.truncated:
+            raise InvalidInput("the packet was larger than the 65535 bytes copied to user space; "
+                               "it can be written back only unchanged")
+        return finalize(raw)
 
     def drop(self, address: DivertAddress) -> None:
         """Drops the held packet ``address`` names now; raises InvalidInput when it names none."""
@@ -429,6 +455,9 @@ class DivertSocket:
                     name = str(ifindex)
                 known = self._interfaces[key] = (name, _interface_address(name, version))
         return known
+
+    def _ifname(self, ifindex: int) -> str:
+        return self._interface(ifindex, 4)[0]
 
     def _home(self) -> contextlib.AbstractContextManager[None]:
         """Runs the ``with`` block in the socket's network namespace."""

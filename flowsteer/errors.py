@@ -2,7 +2,9 @@
 
 Every error a user can provoke (bad input, missing privilege, missing kernel feature, a socket of the
 wrong kind) is a :class:`FlowsteerError` whose message names the problem; the command line prints the
-message, never a traceback. Errors that come from the kernel carry the errno it returned.
+message, never a traceback. Errors that come from the kernel carry the errno it returned. Each
+documented condition has its own class, the same in every hook, so callers test the class rather than
+``errno``; docs/errors.md lists them.
 """
 
 from __future__ import annotations
@@ -38,15 +40,30 @@ class KernelError(FlowsteerError):
 
 
 class PermissionDenied(KernelError):
-    """The kernel refused for lack of privilege (EPERM/EACCES)."""
+    """The kernel refused for lack of privilege (EPERM/EACCES); the message names what is missing."""
 
 
 class NotLoaded(FlowsteerError):
     """The requested hook's state is not present in this network namespace."""
 
 
+class AlreadyExists(FlowsteerError):
+    """What a command would create exists already (errno EEXIST)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno=errno_mod.EEXIST)
+
+
+class NotFound(FlowsteerError):
+    """What a command names (a binding, label, member, rule) does not exist (errno ENOENT)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno=errno_mod.ENOENT)
+
+
 class IncompatibleState(FlowsteerError):
-    """Pinned state was written by an incompatible flowsteer version; nothing was changed."""
+    """Pinned state was written by an incompatible flowsteer version (or is incomplete); nothing was
+    changed."""
 
 
 class InvalidInput(FlowsteerError):
@@ -55,6 +72,21 @@ class InvalidInput(FlowsteerError):
 
 class WrongSocket(FlowsteerError):
     """A socket handed to flowsteer is of a kind the hook cannot use; the message says why."""
+
+
+class UnsafePath(FlowsteerError):
+    """A directory on the way to flowsteer's pinned state could be changed by another user (a symbolic
+    link, a directory owned by another user or writable by group or others); nothing was done."""
+
+
+class MissingFeature(FlowsteerError):
+    """The running kernel lacks a feature a hook needs; the message names it and the first kernel that
+    has it."""
+
+
+class ToolFailed(FlowsteerError):
+    """An external program flowsteer runs (ip, iptables, conntrack) is missing or failed; the message
+    quotes its error output."""
 
 
 def kernel_error(operation: str, err: int, detail: str = "") -> KernelError:

@@ -25,7 +25,8 @@ bpffs_option = click.option(
 
 
 def reports_errors(fn: F) -> F:
-    """Turns a FlowsteerError raised by ``fn`` into ``flowsteer: error: …`` on stderr and exit status 1."""
+    """Turns a FlowsteerError (or a PermissionError no operation caught) raised by ``fn`` into one line,
+    ``flowsteer: error: …``, on stderr and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -33,6 +34,11 @@ def reports_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except FlowsteerError as exc:
             click.echo(f"flowsteer: error: {exc}", err=True)
+            sys.exit(1)
+        except PermissionError as exc:  # a refusal no operation named yet: still one line, never a traceback
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"flowsteer: error: permission denied{where}: run it as root or with the capabilities "
+                       "it needs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN for another namespace)", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import itertools
 import os
@@ -53,7 +54,8 @@ def identity(path: str | None = None) -> NetnsId:
 def _setns(fd: int, what: str) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
-        raise kernel_error(f"setns into {what}", err)
+        need = " (entering another network namespace needs CAP_SYS_ADMIN)" if err == errno.EPERM else ""
+        raise kernel_error(f"setns into {what}{need}", err)
 
 
 def resolve(name_or_path: str) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowsteer.errors import FlowsteerError, InvalidInput
-from flowsteer.kernel import bpffs
+from flowsteer.kernel import bpffs, capabilities
 from flowsteer.kernel import sockets as socks
 from flowsteer.kernel.libbpf import BPF_NOEXIST, BpfObject, Program
 from flowsteer.kernel.netns import NetnsId, entered, identity, locked
@@ -105,9 +105,10 @@ class Dispatcher:
     def load(self, group: int | None = None) -> str:
         """Loads and attaches the dispatcher; returns the state directory.
 
-        ``group`` (a gid) may read the pinned state; only the owner may change it. Raises FlowsteerError
-        (EEXIST) when already loaded, PermissionDenied without CAP_BPF/CAP_NET_ADMIN.
+        ``group`` (a gid) may read the pinned state; only the owner may change it. Raises AlreadyExists
+        when already loaded, PermissionDenied naming the capability without CAP_BPF/CAP_NET_ADMIN.
         """
+        capabilities.require("loading the dispatcher", "CAP_BPF", "CAP_NET_ADMIN")
         with self._inside() as ns, locked():
             create(self.root, ns, group)
             return state_dir(self.root, ns)

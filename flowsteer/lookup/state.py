@@ -22,7 +22,7 @@ import struct
 from collections.abc import Iterator
 
 from flowsteer import bpf as bpf_sources
-from flowsteer.errors import FlowsteerError, IncompatibleState, KernelError, NotLoaded
+from flowsteer.errors import AlreadyExists, IncompatibleState, KernelError, NotLoaded
 from flowsteer.kernel import bpffs
 from flowsteer.kernel.libbpf import (
     BPF_F_NO_PREALLOC, AttachType, BpfObject, Link, Map, MapType, Program,
@@ -51,9 +51,10 @@ def state_dir(root: str, netns: NetnsId) -> str:
 
 
 def require_loaded(root: str, netns: NetnsId) -> str:
-    """Returns the state directory of namespace ``netns``; raises NotLoaded when there is none."""
+    """Returns the state directory of namespace ``netns`` after checking the way to it (see
+    bpffs.walk); raises NotLoaded when there is none, UnsafePath when another user could change it."""
     directory = state_dir(root, netns)
-    if not os.path.isdir(directory):
+    if not bpffs.present(root, directory):
         raise NotLoaded(f"the lookup dispatcher is not loaded in this network namespace (no {directory}); "
                         "run `flowsteer load`")
     return directory
@@ -72,7 +73,7 @@ def remove(root: str, netns: NetnsId) -> None:
     else:
         with link:
             link.detach()  # synchronous; dropping the last reference alone would detach later
-    bpffs.remove_tree(directory)
+    bpffs.remove_tree(root, directory)
     bpffs.prune_empty(os.path.dirname(directory), root)
 
 
@@ -185,14 +186,13 @@ def open_object() -> BpfObject:
 def create(root: str, netns: NetnsId, gid: int | None) -> None:
     """Loads the dispatcher into the calling thread's namespace and pins its state atomically.
 
-    Raises FlowsteerError (EEXIST) when it is already loaded, KernelError when the kernel refuses.
-    The caller holds the namespace's writer lock.
+    Raises AlreadyExists when it is already loaded, KernelError when the kernel refuses, UnsafePath when
+    another user could change the way to the state. The caller holds the namespace's writer lock.
     """
     final = state_dir(root, netns)
-    if os.path.exists(final):
-        raise FlowsteerError(f"the lookup dispatcher is already loaded in this network namespace (state in "
-                             f"{final})", errno=errno.EEXIST)
-    bpffs.sweep_stale(os.path.dirname(final))
+    if bpffs.present(root, final):
+        raise AlreadyExists(f"the lookup dispatcher is already loaded in this network namespace (state in "
+                            f"{final})")
 
     def populate(tmp: str) -> None:
         with open_object() as obj:
@@ -209,7 +209,7 @@ def create(root: str, netns: NetnsId, gid: int | None) -> None:
                     Link.create(prog, nsfd, AttachType.SK_LOOKUP) as link:
                 link.pin(os.path.join(tmp, LINK))
 
-    bpffs.create_atomically(final, populate, gid=gid)
+    bpffs.create_atomically(root, final, populate, gid=gid)
 
 
 @contextlib.contextmanager

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flowsteer.errors import FlowsteerError, InvalidInput, WrongSocket, kernel_error
-from flowsteer.kernel import bpffs
+from flowsteer.errors import AlreadyExists, FlowsteerError, InvalidInput, WrongSocket, kernel_error
+from flowsteer.kernel import bpffs, capabilities
 from flowsteer.kernel import sockets as socks
 from flowsteer.kernel.libbpf import Program
 from flowsteer.kernel.netns import locked
@@ -106,14 +106,14 @@ class Group:
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[GroupState]:
-        with self._inside() as parent, state.open_state(os.path.join(parent, self.id.dirname), self.id) as st:
+        with self._inside() as parent, state.open_state(self.root, os.path.join(parent, self.id.dirname), self.id) as st:
             yield st
 
     @contextlib.contextmanager
     def _writing(self, publish: bool = True) -> Iterator[GroupState]:
         """Runs the block under the lock; then, with ``publish``, publishes the table the members make."""
         with self._inside() as parent, locked():
-            with state.open_state(os.path.join(parent, self.id.dirname), self.id) as st:
+            with state.open_state(self.root, os.path.join(parent, self.id.dirname), self.id) as st:
                 yield st
                 if publish:
                     _publish(st, st.policy())
@@ -125,19 +125,19 @@ class Group:
         """Creates the group with ``policy`` (default consistent) and no member; returns whether it did.
 
         With ``exist_ok`` an existing group is left as it is (policy included) and False is returned;
-        without it an existing group raises FlowsteerError (EEXIST). Raises InvalidInput when
+        without it an existing group raises AlreadyExists. Raises InvalidInput when
         ``table_size`` is not a prime from 3 to 65537.
         """
         check_size(table_size)
         with self._inside() as parent, locked():
-            bpffs.sweep_stale(parent)
             directory = os.path.join(parent, self.id.dirname)
-            if os.path.isdir(directory):
+            if bpffs.present(self.root, directory):
                 if exist_ok:
-                    state.open_state(directory, self.id).close()
+                    state.open_state(self.root, directory, self.id).close()
                     return False
-                raise FlowsteerError(f"group {self.id} already exists", errno=errno.EEXIST)
-            state.create(directory, self.id, policy or Policy(), table_size, seed)
+                raise AlreadyExists(f"group {self.id} already exists")
+            capabilities.require(f"creating group {self.id}", "CAP_BPF")
+            state.create(self.root, directory, self.id, policy or Policy(), table_size, seed)
             return True
 
     def destroy(self) -> None:
@@ -146,8 +146,8 @@ class Group:
         member closes). Raises NotLoaded when absent."""
         with self._inside() as parent, locked():
             directory = os.path.join(parent, self.id.dirname)
-            state.require_present(directory, self.id)
-            bpffs.remove_tree(directory)
+            state.require_present(self.root, directory, self.id)
+            bpffs.remove_tree(self.root, directory)
             bpffs.prune_empty(parent, self.root)
 
     @staticmethod
@@ -156,12 +156,12 @@ class Group:
         root = bpffs_root or bpffs.default_root()
         with bpffs.in_namespace(netns, root) as ns:
             parent = state.groups_dir(root, ns)
-        found = []
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(parent):
-                if "-tmp-" not in name:
-                    with state.open_state(os.path.join(parent, name)) as st:
-                        found.append(st.meta.group)
+            found = []
+            if bpffs.present(root, parent):
+                for name in os.listdir(parent):
+                    if not bpffs.is_temporary(name):
+                        with state.open_state(root, os.path.join(parent, name)) as st:
+                            found.append(st.meta.group)
         return sorted(found)
 
     # -- reading ----------------------------------------------------------------------------------------

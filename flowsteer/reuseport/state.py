@@ -219,9 +219,11 @@ def _decode_meta(raw: bytes) -> Meta:
     return Meta(GroupId(name, v6.ipv4_mapped or v6, port), size, seed)
 
 
-def create(directory: str, group: GroupId, policy: Policy, table_size: int, seed: int | None = None) -> None:
-    """Creates the group's state at ``directory``, complete or not at all, with ``policy`` active and no
-    member. Raises FlowsteerError (EEXIST) when it exists, KernelError when the kernel refuses."""
+def create(root: str, directory: str, group: GroupId, policy: Policy, table_size: int,
+           seed: int | None = None) -> None:
+    """Creates the group's state at ``directory`` below bpffs ``root``, complete or not at all, with
+    ``policy`` active and no member. Raises AlreadyExists when it exists, KernelError when the kernel
+    refuses, UnsafePath when another user could change the way to it."""
     chosen_seed = secrets.randbits(32) if seed is None else seed & 0xFFFFFFFF
 
     def populate(tmp: str) -> None:
@@ -241,23 +243,24 @@ def create(directory: str, group: GroupId, policy: Policy, table_size: int, seed
         with GroupState(tmp, maps) as st:
             st.publish(policy, [NO_MEMBER] * table_size)
 
-    bpffs.create_atomically(directory, populate)
+    bpffs.create_atomically(root, directory, populate)
 
 
-def require_present(directory: str, group: GroupId | None = None) -> None:
-    """Raises NotLoaded unless group state exists at ``directory``."""
-    if not os.path.isdir(directory):
+def require_present(root: str, directory: str, group: GroupId | None = None) -> None:
+    """Raises NotLoaded unless group state exists at ``directory`` below bpffs ``root``, UnsafePath when
+    another user could change the way to it (see bpffs.walk)."""
+    if not bpffs.present(root, directory):
         raise NotLoaded(f"no reuseport group {group or os.path.basename(directory)} here; a worker's join "
                         "or Group.create makes one")
 
 
-def open_state(directory: str, group: GroupId | None = None) -> GroupState:
-    """Opens the group state at ``directory``.
+def open_state(root: str, directory: str, group: GroupId | None = None) -> GroupState:
+    """Opens the group state at ``directory`` below bpffs ``root``.
 
     Raises NotLoaded when there is none, IncompatibleState when its maps differ from the compiled
     program's (another flowsteer version) or it belongs to another group than ``group``.
     """
-    require_present(directory, group)
+    require_present(root, directory, group)
     maps: dict[str, Map] = {}
     try:
         with BpfObject(object_path()) as obj:

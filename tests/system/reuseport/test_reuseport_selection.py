@@ -141,7 +141,7 @@ def state_dir(group: Group) -> str:
 
 def pinned(group: Group) -> GroupState:
     """Opens the group's pinned maps directly, bypassing the API's checks."""
-    return open_state(state_dir(group))
+    return open_state(group.root, state_dir(group))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,36 @@
+"""The calling thread's effective capabilities, so that a missing privilege is named before anything is
+tried (the kernel's own answer, EPERM, does not say which capability was missing)."""
+
+from __future__ import annotations
+
+import errno
+
+from flowsteer.errors import PermissionDenied
+
+# Bit numbers from linux/capability.h.
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_BPF": 39}
+
+
+def effective(status: str | None = None) -> set[str]:
+    """Returns the names (of those in CAPABILITIES) of the calling thread's effective capabilities, read
+    from ``status`` (the text of /proc/thread-self/status; read from there when None)."""
+    if status is None:
+        with open("/proc/thread-self/status", encoding="ascii") as f:
+            status = f.read()
+    mask = next(int(line.split(":", 1)[1], 16) for line in status.splitlines() if line.startswith("CapEff:"))
+    return {name for name, bit in CAPABILITIES.items() if mask >> bit & 1}
+
+
+def require(action: str, *needed: str, have: set[str] | None = None) -> None:
+    """Raises PermissionDenied (EPERM) naming what ``action`` needs when one of the capabilities
+    ``needed`` is not effective (``have``: the effective set, read from the kernel when None).
+
+    CAP_SYS_ADMIN stands in for CAP_BPF, as the kernel allows (and kernels before 5.8 require).
+    """
+    have = effective() if have is None else have
+    if "CAP_SYS_ADMIN" in have:
+        have = have | {"CAP_BPF"}
+    missing = [cap for cap in needed if cap not in have]
+    if missing:
+        raise PermissionDenied(f"{action} needs {' and '.join(needed)} (missing: {', '.join(missing)}); run it "
+                               "as root or give the process these capabilities", errno.EPERM)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import struct
 from collections.abc import Iterator
 
@@ -88,8 +89,11 @@ class LookupState:
     @classmethod
     def open(cls, root: str, netns: NetnsId, readonly: bool = False) -> "LookupState":
         """Opens the pinned state; raises NotLoaded when there is none, IncompatibleState when its ABI
-        version is not this flowsteer's."""
+        version is not this flowsteer's. A writer (not ``readonly``; it holds the namespace's writer
+        lock) first removes the temporary pins of writers that died."""
         directory = require_loaded(root, netns)
+        if not readonly:
+            bpffs.sweep_stale(root, directory)
         maps: dict[str, Map] = {}
         try:
             for name in (*MAPS, ACTIVE):
@@ -168,12 +172,22 @@ def new_trie() -> Map:
 
 
 def repin(obj: Map | Program | Link, path: str) -> None:
-    """Pins ``obj`` at ``path``, atomically replacing what was pinned there."""
+    """Pins ``obj`` at ``path``, atomically replacing what was pinned there, with the old pin's mode and
+    group (so the readers ``load --group`` allowed keep reading). A writer killed in between leaves a
+    temporary pin that the next writer removes (see LookupState.open)."""
     tmp = f"{path}-tmp-{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
     obj.pin(tmp)
-    os.rename(tmp, path)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            old = os.stat(path)
+            os.chown(tmp, -1, old.st_gid)
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def open_object() -> BpfObject:

@@ -21,8 +21,9 @@ from flowsteer.errors import FlowsteerError, IncompatibleState, InvalidInput, No
 from flowsteer.kernel import bpffs
 from flowsteer.kernel.libbpf import Map
 from flowsteer.kernel.netns import NamedNetns
-from flowsteer.lookup.bindings import Binding
+from flowsteer.lookup.bindings import Binding, encode_key, encode_value
 from flowsteer.lookup.dispatcher import Dispatcher
+from flowsteer.lookup.state import new_trie
 from tests.traffic import tcp_lands, tcp_listener
 
 FLOWSTEER = [sys.executable, "-m", "flowsteer"]
@@ -261,3 +262,29 @@ def test_commands_leave_no_directories_behind(netns: NamedNetns, bpffs_root: str
     assert "flowsteer" in os.listdir(bpffs_root)
     d.unload()
     assert sorted(os.listdir(bpffs_root)) == before
+
+
+def test_apply_keeps_the_read_group_that_load_gave(netns: NamedNetns, bpffs_root: str) -> None:
+    d = Dispatcher(bpffs_root=bpffs_root)
+    d.load(group=65534)
+    d.apply([B("svc", "tcp", "192.0.2.0/24", 80)])
+    st = os.stat(os.path.join(d.status()["state"], "bindings-active"))
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, 65534)
+    assert _as_user(65534, 65534, lambda: [str(x) for x in d.bindings()]) == \
+        "ok ['tcp 192.0.2.0/24 port 80 -> svc']"
+
+
+def test_the_next_writer_removes_temporary_pins_of_dead_writers(dispatcher: Dispatcher) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    state = dispatcher.status()["state"]
+    stale = os.path.join(state, f"bindings-active-tmp-{dead.pid}")
+    with new_trie() as trie:  # what a writer killed between pinning its new trie and the rename leaves
+        big = B("big", "udp", "2001:db8::/64", 53)
+        trie.update(encode_key(*big.selector), encode_value(1, big.mapped))
+        trie.pin(stale)
+    assert dispatcher.bindings() == []  # readers do not touch it (and are not confused by it)
+    assert os.path.exists(stale)
+    dispatcher.bind(B("svc", "tcp", "192.0.2.0/24", 80))
+    assert not os.path.exists(stale)
+    assert dispatcher.bindings() == [B("svc", "tcp", "192.0.2.0/24", 80)]

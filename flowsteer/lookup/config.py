@@ -24,6 +24,7 @@ import tomllib
 from typing import Any
 
 from flowsteer.errors import InvalidInput
+from flowsteer.files import read_input
 from flowsteer.lookup.bindings import Binding, parse_label, parse_port, parse_prefix, parse_protocol
 
 _KEYS = {"label", "protocol", "prefix", "prefixes", "port", "ports"}
@@ -32,13 +33,10 @@ _KEYS = {"label", "protocol", "prefix", "prefixes", "port", "ports"}
 def load_file(path: str) -> list[Binding]:
     """Returns the bindings in the TOML (``*.toml``) or JSON file at ``path``.
 
-    Raises InvalidInput naming the file, and the entry and field where it is wrong.
+    Raises InvalidInput naming the file, and the entry and field where it is wrong; also when it is not
+    a regular file or is larger than ``flowsteer.files.MAX_INPUT_BYTES`` (64 MiB).
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}", errno=exc.errno) from None
+    raw = read_input(path)
     return parse(raw.decode(errors="replace"), "json" if path.lower().endswith(".json") else "toml", path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import ipaddress
 import os
 import socket
 import struct
@@ -146,10 +147,13 @@ def require_steerable(sock: socket.socket, netns: NetnsId) -> SocketKind:
 def take_from_process(pid: int, protocol: str, ip: str, port: int) -> socket.socket:
     """Returns a duplicate of the socket of process ``pid`` bound to ``protocol ip:port``.
 
-    Raises FlowsteerError when the process has no such socket, KernelError when the kernel refuses access.
+    ``ip`` may name an IPv6 zone (``fe80::1%eth0`` or ``fe80::1%2``): then only a socket bound on that
+    interface matches. Raises InvalidInput when ``ip`` is no address or its interface is unknown in the
+    calling thread's namespace, FlowsteerError when the process has no such socket, KernelError when the
+    kernel refuses access.
     """
     want_type = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}[protocol]
-    want_ip = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    want_ip, want_zone = parse_scoped(ip)
     for target in socket_fds_of(pid):
         try:
             fd = pidfd_getfd(pid, target)
@@ -158,19 +162,40 @@ def take_from_process(pid: int, protocol: str, ip: str, port: int) -> socket.soc
                 continue
             raise
         sock = socket.socket(fileno=fd)
-        if _matches(sock, want_type, want_ip, port):
+        if _matches(sock, want_type, want_ip, want_zone, port):
             return sock
         sock.close()
     raise FlowsteerError(f"process {pid} has no {protocol} socket bound to {ip} port {port}")
 
 
-def _matches(sock: socket.socket, want_type: int, want_ip: bytes, port: int) -> bool:
+def parse_scoped(ip: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int | None]:
+    """Returns the address ``ip`` without its zone and the index of the zone's interface (None without a
+    zone); raises InvalidInput when ``ip`` is no address or names an interface the calling thread's
+    namespace does not have."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        raise InvalidInput(f"invalid address {ip!r}") from None
+    zone = getattr(addr, "scope_id", None)
+    if not zone:
+        return addr, None
+    bare = ipaddress.IPv6Address(ip.split("%", 1)[0])
+    if zone.isdigit():
+        return bare, int(zone)
+    try:
+        return bare, socket.if_nametoindex(zone)
+    except OSError:
+        raise InvalidInput(f"invalid address {ip!r}: no interface {zone!r} in this network namespace") from None
+
+
+def _matches(sock: socket.socket, want_type: int, want_ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+             want_zone: int | None, port: int) -> bool:
     if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != want_type:
         return False
-    host, bound_port = sock.getsockname()[:2]
-    if bound_port != port:
+    name = sock.getsockname()
+    if name[1] != port or (want_zone is not None and (sock.family != socket.AF_INET6 or name[3] != want_zone)):
         return False
-    got = socket.inet_pton(sock.family, host)
-    if len(got) == 16 and len(want_ip) == 4 and got[:12] == b"\0" * 10 + b"\xff\xff":
-        got = got[12:]
+    got = ipaddress.ip_address(name[0].split("%", 1)[0])  # a link-local name carries its zone
+    if isinstance(got, ipaddress.IPv6Address) and got.ipv4_mapped and want_ip.version == 4:
+        got = got.ipv4_mapped
     return got == want_ip

@@ -67,8 +67,12 @@ def parse_port(value: str | int) -> int:
 def parse_prefix(text: str) -> Network:
     """Returns the network for ``text`` (an address or CIDR prefix; a bare address is a /32 or /128).
 
-    Raises InvalidInput when it is not an address or prefix, or has host bits set.
+    Raises InvalidInput when it is not an address or prefix, has host bits set, or names an IPv6 zone
+    (``fe80::1%eth0``): a binding matches its addresses on every interface, so a zone would be ignored.
     """
+    if "%" in str(text):
+        raise InvalidInput(f"invalid prefix {text!r}: a binding cannot be limited to one interface zone; "
+                           "give the prefix without '%…' (it then matches on every interface)")
     try:
         return ipaddress.ip_network(str(text), strict=True)
     except ValueError as exc:

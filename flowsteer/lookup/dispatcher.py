@@ -221,14 +221,11 @@ class Dispatcher:
 
     def register_pid(self, pid: int, label: str, protocol: str, ip: str, port: int) -> list[DestinationStatus]:
         """Takes the socket bound to ``protocol ip:port`` from process ``pid`` (pidfd_getfd) and registers
-        it. Raises FlowsteerError when the process has no such socket, PermissionDenied when the kernel
-        does not allow taking it."""
+        it; ``ip`` may name an IPv6 zone (``fe80::1%eth0``) to pick the socket bound on that interface.
+        Raises InvalidInput for a bad address or unknown zone, FlowsteerError when the process has no such
+        socket, PermissionDenied when the kernel does not allow taking it."""
         protocol = b.parse_protocol(protocol)
         port = b.parse_port(port)
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError:
-            raise InvalidInput(f"invalid address {ip!r}") from None
         with entered(self.netns):
             sock = socks.take_from_process(pid, protocol, ip, port)
         with sock:

@@ -17,8 +17,11 @@ Outcome = Literal["pass", "assign", "drop"]
 
 
 def mapped_address(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv6Address:
-    """Returns ``address`` in the v4-mapped IPv6 space; raises ValueError when it is not an address."""
+    """Returns ``address`` in the v4-mapped IPv6 space; raises ValueError when it is not an address or
+    names an IPv6 zone (bindings have none)."""
     addr = ipaddress.ip_address(address)
+    if getattr(addr, "scope_id", None):
+        raise ValueError(f"{address}: bindings match addresses without an interface zone")
     if isinstance(addr, ipaddress.IPv4Address):
         return ipaddress.IPv6Address("::ffff:" + str(addr))
     return addr

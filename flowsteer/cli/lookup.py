@@ -238,7 +238,12 @@ def explain(netns: str | None, bpffs: str | None, as_json: bool, protocol: str, 
               help="Where to serve /metrics (port 0: any free port, printed on stderr).")
 @reports_errors
 def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
-    """Serve the dispatcher's counters for Prometheus until interrupted."""
+    """Serve the dispatcher's counters for Prometheus until interrupted.
+
+    The endpoint has no authentication and no TLS: anyone who can connect reads the counters (labels,
+    traffic counts). It listens on loopback unless --listen names another address; put a proxy with
+    authentication in front of it, or a firewall, before exposing it.
+    """
     from prometheus_client import start_http_server
     from prometheus_client.registry import CollectorRegistry
 
@@ -253,6 +258,9 @@ def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
         raise kernel_error(f"listen on {listen}", exc.errno or errno.EADDRNOTAVAIL) from None
     host = f"[{address}]" if ":" in address else address
     click.echo(f"serving metrics on http://{host}:{server.server_port}/metrics", err=True)
+    if not ipaddress.ip_address(address).is_loopback:
+        click.echo(f"flowsteer: warning: {address} is not a loopback address and the endpoint has no "
+                   "authentication: whoever can reach it reads the counters", err=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         signal.pause()

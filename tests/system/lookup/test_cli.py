@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from flowsteer.kernel.netns import NamedNetns
 from flowsteer.lookup.dispatcher import Dispatcher
@@ -99,3 +102,28 @@ def test_metrics_endpoint_serves_counters(netns: NamedNetns, dispatcher: Dispatc
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_metrics_listens_on_loopback_by_default_and_says_it_has_no_authentication(
+        netns: NamedNetns, dispatcher: Dispatcher) -> None:
+    assert "no authentication" in ok("metrics", "--help").replace("\n", " ")
+    server = subprocess.Popen([sys.executable, "-m", "flowsteer", "metrics"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        assert server.stderr.readline().strip() == "serving metrics on http://127.0.0.1:9464/metrics"
+        assert "flowsteer_lookup_up 1.0" in urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=10) \
+            .read().decode()
+        with pytest.raises(ConnectionRefusedError):  # 192.0.2.1 is local in the test namespace, but not served
+            socket.create_connection(("192.0.2.1", 9464), timeout=5).close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    elsewhere = subprocess.Popen([sys.executable, "-m", "flowsteer", "metrics", "--listen", "192.0.2.1:0"],
+                                 stderr=subprocess.PIPE, text=True)
+    try:
+        assert elsewhere.stderr is not None
+        elsewhere.stderr.readline()
+        assert "has no authentication" in elsewhere.stderr.readline()
+    finally:
+        elsewhere.terminate()
+        elsewhere.wait(timeout=10)

@@ -7,6 +7,7 @@ packages=(
     clang llvm libbpf-dev linux-libc-dev   # building the BPF objects
     libbpf1                                # the loader flowsteer.kernel.libbpf binds with ctypes
     iproute2 iptables nftables iputils-ping conntrack  # namespaces, divert rules, test traffic
+    tcpdump                                # reading back divert capture files in the tests
     libnetfilter-queue-dev                 # the C baseline of bench/divert.py and python NetfilterQueue
     python3-venv python3-dev gcc
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Any
 
@@ -11,6 +12,7 @@ import click
 from flowsteer.cli import main
 from flowsteer.cli.common import emit, json_option, netns_option, reports_errors, table
 from flowsteer.divert import control
+from flowsteer.divert.capture import capture
 from flowsteer.divert.conntrack import connection_mark
 from flowsteer.divert.model import Flow, explain as explain_flow
 from flowsteer.divert.rules import Rule
@@ -171,20 +173,24 @@ def _render_workers(e: dict[str, Any]) -> None:
 
 @divert.command("serve")
 @click.argument("handler")
-@click.option("--port", type=int, required=True, help="Divert port (1..1023).")
+@click.option("--port", type=int, required=True, help="Divert port.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (1..32).")
 @click.option("--hold-time", type=float, default=1.0, show_default=True,
               help="Seconds a packet waits for its verdict before it is dropped.")
 @click.option("--report-interval", type=float, default=None, help="Print counters every this many seconds.")
+@click.option("--capture", "capture_file", default=None, metavar="FILE.pcapng",
+              help="Also write every packet read to this pcapng file (FILE-N.pcapng per worker when several).")
 @netns_option
 @json_option
 @reports_errors
 def serve_cmd(handler: str, port: int, workers: int, hold_time: float, report_interval: float | None,
-              netns: str | None, as_json: bool) -> None:
+              capture_file: str | None, netns: str | None, as_json: bool) -> None:
     """Run HANDLER (module:function or file.py:function) on every packet diverted to --port.
 
     The handler gets a flowsteer.divert.Packet and returns it (or bytes) to write it back, or None to
-    drop it. Workers form one load-balancing group; a worker that dies is restarted. Stop with Ctrl-C.
+    drop it; a handler decorated with flowsteer.divert.batch_handler gets a list of packets and returns
+    a list of results. Workers form one load-balancing group; a worker that dies is restarted. Stop with
+    Ctrl-C.
     """
     function = load_handler(handler)
 
@@ -199,4 +205,28 @@ def serve_cmd(handler: str, port: int, workers: int, hold_time: float, report_in
         sys.stdout.flush()
 
     with entered(netns):
-        Supervisor(port, workers, function, hold_time=hold_time, events=event).run(report_every=report_interval)
+        Supervisor(port, workers, function, hold_time=hold_time, events=event,
+                   capture=capture_file).run(report_every=report_interval)
+
+
+@divert.command("capture")
+@click.option("--port", type=int, required=True, help="Divert port to capture.")
+@click.option("-w", "--write", "path", required=True, metavar="FILE.pcapng", help="pcapng file to write.")
+@click.option("--count", type=int, default=None, help="Stop after this many packets.")
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--group", is_flag=True, help="Join the port's load-balancing group (capture one member's share).")
+@netns_option
+@reports_errors
+def capture_cmd(port: int, path: str, count: int | None, duration: float | None, group: bool,
+                netns: str | None) -> None:
+    """Bind --port, write every packet diverted to it to a pcapng file (direction and interface
+    included; tcpdump -r and Wireshark read it) and pass it on unchanged. Stop with Ctrl-C.
+    """
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+
+    def ready() -> None:
+        click.echo(f"capturing divert port {port} to {path}", err=True)
+
+    with entered(netns):
+        captured = capture(port, path, count=count, seconds=duration, group=group, ready=ready)
+    click.echo(f"{captured} packets captured", err=True)

@@ -255,8 +255,8 @@ def compile_family(family: Family, rules: Sequence[Rule], members: Mapping[int, 
     for chain, lines in bodies.items():
         carried = _carried_counters(present.chains.get(chain, []))
         for line in lines:
-            rule = _RULE_COMMENT.search(line)
-            counts = carried.get(rule.group(2)) if rule else None
+            found = _RULE_COMMENT.search(line)
+            counts = carried.get(found.group(2)) if found else None
             packets, octets = counts.pop(0) if counts else (0, 0)
             out.append(f"[{packets}:{octets}] -A {chain} {line}")
     for direction, hook in HOOKS.items():

@@ -1,9 +1,11 @@
 """Run a packet handler as K worker processes forming one load-balancing group, and keep them running.
 
-A handler is ``handler(packet: Packet) -> Packet | bytes | None``: what it returns is written back, None
-drops the packet, an exception drops it and is counted. The supervisor forks the workers (each binds
-the port with SO_REUSEPORT_LB), restarts a worker that dies (after recompiling the rules so that the dead
-member's connections are re-pinned at once), and reports per-worker counters.
+A handler is ``handler(packet: Packet) -> Packet | bytes | None``, or a batch handler (marked with
+:func:`~flowsteer.divert.handling.batch_handler`) that takes a list of packets and returns one result per
+packet: what it returns is written back, None drops the packet, an exception drops it and is counted.
+The supervisor forks the workers (each binds the port with SO_REUSEPORT_LB), restarts a worker that
+dies (after recompiling the rules so that the dead member's connections are re-pinned at once), and
+reports per-worker counters.
 """
 
 from __future__ import annotations
@@ -17,23 +19,20 @@ import os
 import signal
 import socket
 import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any
 
 from flowsteer.divert import control
-from flowsteer.divert.packet import Packet
+from flowsteer.divert.handling import COUNTERS, BatchHandler, Handler, serve_packets
 from flowsteer.divert.ports import SLOTS
 from flowsteer.divert.rules import check_divert_port
 from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket, check_hold_time
-from flowsteer.errors import FlowsteerError, InvalidInput
+from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
 from flowsteer.kernel.process import die_with_parent
 from flowsteer.sdnotify import notify
 
-Handler = Callable[[Packet], Packet | bytes | bytearray | None]
-COUNTERS = ("received", "written", "dropped", "errors")
 _MP = multiprocessing.get_context("fork")
 _START_SECONDS = 30
 
@@ -80,15 +79,25 @@ class Supervisor:
     """Starts, watches and restarts the workers of one divert port.
 
     ``events`` is called with a dict for each event (``ready``, ``restarted``, ``report``, ``stopped``).
-    Raises InvalidInput for a bad port, worker count or hold time.
+    ``capture`` names a pcapng file every packet read is written to (one file per worker when there are
+    several: see :func:`capture_path`; a restarted worker appends a new section to its file).
+    Raises InvalidInput for a bad port, worker count or hold time, KernelError when a capture file cannot
+    be created.
     """
 
-    def __init__(self, port: int, workers: int, handler: Handler, *, hold_time: float = 1.0,
-                 events: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
+    def __init__(self, port: int, workers: int, handler: Handler | BatchHandler, *, hold_time: float = 1.0,
+                 events: Callable[[dict[str, Any]], None] = lambda event: None,
+                 capture: str | None = None) -> None:
         check_divert_port(port)
         check_hold_time(hold_time)
         if not 1 <= workers <= SLOTS:
             raise InvalidInput(f"workers {workers} is not within 1..{SLOTS}")
+        self.captures = [capture_path(capture, i, workers) if capture else None for i in range(workers)]
+        for path in filter(None, self.captures):
+            try:
+                open(path, "wb").close()  # noqa: SIM115 (created empty now, so that a bad path fails here)
+            except OSError as exc:
+                raise kernel_error(f"creating capture file {path}", exc.errno or 5) from None
         self.port, self.handler, self.hold_time, self.events = port, handler, hold_time, events
         self.workers = [WorkerInfo(i) for i in range(workers)]
         self._counters: SynchronizedArray[int] = _MP.Array("Q", workers * len(COUNTERS), lock=False)
@@ -147,7 +156,7 @@ class Supervisor:
             self._counters[base + i] = 0
         proc = _MP.Process(target=_worker, name=f"flowsteer-divert-{self.port}-{info.index}", daemon=True,
                            args=(info.index, self.port, self.handler, self.hold_time, self._counters,
-                                 self._bound_tx))
+                                 self._bound_tx, self.captures[info.index]))
         proc.start()
         self._procs[info.index] = proc
         info.pid = proc.pid or 0
@@ -187,13 +196,20 @@ class Supervisor:
         self._procs.clear()
 
 
-def _worker(index: int, port: int, handler: Handler, hold_time: float, counters: Any,
-            bound: Any) -> None:
+def capture_path(path: str, index: int, workers: int) -> str:
+    """Returns worker ``index``'s capture file: ``path`` itself with one worker, else ``stem-INDEX.ext``."""
+    if workers == 1:
+        return path
+    stem, dot, ext = path.rpartition(".") if "." in os.path.basename(path) else (path, "", "")
+    return f"{stem}-{index}{dot}{ext}"
+
+
+def _worker(index: int, port: int, handler: Handler | BatchHandler, hold_time: float, counters: Any,
+            bound: Any, capture: str | None) -> None:
     """A worker process: bind the group, run the handler on every packet until SIGTERM."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    base = index * len(COUNTERS)
     sock = DivertSocket(hold_time=hold_time)
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, 1)
@@ -202,28 +218,8 @@ def _worker(index: int, port: int, handler: Handler, hold_time: float, counters:
         bound.send((index, None, str(exc)))
         os._exit(1)
     bound.send((index, sock.slot, None))
-    received = written = dropped = errors = 0
     try:
-        while True:
-            packet = sock.recv_packet()
-            received += 1
-            try:
-                result = handler(packet)
-                if result is None:
-                    sock.drop(packet.address)  # type: ignore[arg-type]
-                    dropped += 1
-                else:
-                    sock.sendto(result, packet.address)  # type: ignore[arg-type]
-                    written += 1
-            except Exception:  # a handler bug drops that packet, never the worker
-                errors += 1
-                if errors <= 3:
-                    traceback.print_exc(file=sys.stderr)
-                with contextlib.suppress(InvalidInput):
-                    sock.drop(packet.address)  # type: ignore[arg-type]
-            counters[base] = received
-            counters[base + 1] = written
-            counters[base + 2] = dropped
-            counters[base + 3] = errors
+        with open(capture, "ab") if capture else contextlib.nullcontext() as out:
+            serve_packets(sock, handler, counters, index * len(COUNTERS), out)
     finally:
         sock.close()

@@ -29,7 +29,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 from flowsteer.divert import control, netfilter
@@ -110,6 +110,7 @@ class DivertSocket:
         self.slot: int | None = None
         self._lb = False
         self._closed = False
+        self._defer = False
         self._timeout: float | None = None
         self._nfq: NfQueue | None = None
         self._ready: deque[tuple[tuple[bytes, DivertAddress], Delivery]] = deque()
@@ -206,6 +207,53 @@ class DivertSocket:
         return Packet(payload, direction="in" if inbound else "out", interface=name, address=address,
                       origin=origin)
 
+    def recv_batch(self, limit: int | None = None) -> list[Packet]:
+        """Returns the packets waiting now as parsed :class:`Packet` objects (at least one: waits for the
+        first as :meth:`recvfrom` does, then takes at most ``limit``, default ``batch``, that need no
+        wait). Raises as :meth:`recvfrom`.
+        """
+        limit = self.batch if limit is None else limit
+        if limit < 1:
+            raise InvalidInput(f"batch limit {limit} is not positive")
+        packets = [self.recv_packet()]
+        while len(packets) < limit:
+            if not self._ready:
+                self._fill_now()
+                if not self._ready:
+                    break
+            packets.append(self.recv_packet())
+        return packets
+
+    def send_batch(self, results: Sequence[Packet | bytes | bytearray | None], packets: Sequence[Packet]) -> int:
+        """Answers a batch: ``results[i]`` is written back for ``packets[i]`` (a Packet or bytes), or the
+        packet is dropped when it is None; the verdicts leave in one send. Returns how many were written.
+
+        Raises InvalidInput when the lengths differ or a result is not a valid IP packet; the packets
+        answered before it are answered, the rest stay held.
+        """
+        if len(results) != len(packets):
+            raise InvalidInput(f"{len(results)} results for {len(packets)} packets")
+        written = 0
+        self._defer = True  # one send for the whole batch (or every ``batch`` verdicts)
+        try:
+            for result, packet in zip(results, packets, strict=True):
+                address = packet.address
+                if address is None:
+                    raise InvalidInput("a packet of the batch was not read from a divert socket")
+                if result is None:
+                    self.drop(address)
+                else:
+                    self.sendto(result, address)
+                    written += 1
+        finally:
+            self._defer = False
+            self.flush()
+        return written
+
+    def pending(self) -> int:
+        """Returns how many packets were fetched from the kernel and not yet returned by a read."""
+        return len(self._ready)
+
     def __iter__(self) -> Iterator[tuple[bytes, DivertAddress]]:
         """Yields ``(packet, address)`` until the socket would block or its timeout passes."""
         while True:
@@ -248,6 +296,7 @@ class DivertSocket:
         or ``address`` names no held packet (already answered, or its hold time passed); nothing is sent
         then and a held packet stays held. Raises KernelError when the kernel refuses a new packet.
         """
+        raw: bytes | bytearray
         if isinstance(data, Packet):
             raw, mark = data.data, data.new_mark
         else:
@@ -276,7 +325,7 @@ class DivertSocket:
             del self._held[tag]
             self._verdicts.append(Verdict(held.queue, held.packet_id, NF_ACCEPT, payload))
             self.counters.modified += 1
-        if not self._ready or len(self._accepts) + len(self._verdicts) >= self.batch:
+        if (not self._ready and not self._defer) or len(self._accepts) + len(self._verdicts) >= self.batch:
             self.flush()
         return len(raw)
 
@@ -296,7 +345,7 @@ class DivertSocket:
         del self._held[tag]
         self._verdicts.append(Verdict(delivery.queue, delivery.packet_id, NF_DROP))
         self.counters.dropped += 1
-        if not self._ready or len(self._accepts) + len(self._verdicts) >= self.batch:
+        if (not self._ready and not self._defer) or len(self._accepts) + len(self._verdicts) >= self.batch:
             self.flush()
 
     def flush(self) -> None:
@@ -420,6 +469,13 @@ class DivertSocket:
             else:
                 host = _UNSPECIFIED.get(version, "0.0.0.0")
             append(((payload, (host, d.queue << 32 | d.packet_id)), d))
+
+    def _fill_now(self) -> None:
+        """Fetches what is waiting without blocking (nothing when nothing is)."""
+        try:
+            self._fill(0.0)
+        except BlockingIOError:
+            pass
 
     def _lookup(self, tag: int) -> Delivery:
         held = self._held.get(tag)

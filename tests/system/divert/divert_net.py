@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from flowsteer.divert.packet import Packet
 from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertAddress, DivertSocket
@@ -201,3 +203,16 @@ class Pump:
                 if got >= count or left <= 0:
                     return found
                 self._cond.wait(left)
+
+
+def read_event(proc: subprocess.Popen[str], want: str, timeout: float = 20.0) -> dict[str, Any]:
+    """Returns the next JSON event ``want`` that ``divert serve --json`` prints, skipping others."""
+    assert proc.stdout is not None
+    while True:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        assert ready, f"no {want} event"
+        line = proc.stdout.readline()
+        assert line, f"serve exited before {want}"
+        event = json.loads(line)
+        if event["event"] == want:
+            return event  # type: ignore[no-any-return]

@@ -10,9 +10,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-from divert_net import Flows, Peer
+from divert_net import Flows, Peer, read_event
 
 from flowsteer.divert.socket import DivertSocket
 from flowsteer.kernel.netns import NamedNetns
@@ -70,23 +69,12 @@ def test_user_mistakes_are_errors_not_tracebacks(netns: NamedNetns) -> None:
 
 HANDLER = """
 import os
+import select
 def handle(packet):
     with open(os.environ["DIVERT_TEST_LOG"], "a") as f:
         f.write(f"{packet.sport} {os.getpid()}\\n")
     return packet
 """
-
-
-def read_event(proc: subprocess.Popen[str], want: str, timeout: float = 20.0) -> dict[str, Any]:
-    assert proc.stdout is not None
-    while True:
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        assert ready, f"no {want} event"
-        line = proc.stdout.readline()
-        assert line, f"serve exited before {want}"
-        event = json.loads(line)
-        if event["event"] == want:
-            return event
 
 
 def test_serve_runs_a_group_and_a_killed_workers_flows_are_taken_over(peer: Peer, netns: NamedNetns,

@@ -277,7 +277,10 @@ static __always_inline __u32 table_slot(const struct policy *pol, __u32 gen, con
 static __always_inline int payload_key(struct sk_reuseport_md *ctx, const struct policy *pol, struct key *k)
 {
 	__u32 offset = ctx->ip_protocol == IPPROTO_UDP ? 8 : 0;
-	__u32 len = pol->key_len;
+	/* key_len - 1, range-checked as one unsigned comparison on the very register that reaches the
+	 * helper (plus one): Linux 6.1's verifier learns no minimum of 1 from `len == 0` tests, and the
+	 * barrier keeps clang from folding `(key_len - 1) + 1` back into the unchecked key_len. */
+	__u64 len_minus_1 = (__u64)pol->key_len - 1;
 
 	if (ctx->ip_protocol == IPPROTO_TCP) {
 		__u8 doff;
@@ -286,9 +289,10 @@ static __always_inline int payload_key(struct sk_reuseport_md *ctx, const struct
 			return -1;
 		offset = (doff >> 4) * 4;
 	}
-	if (len < 1 || len > KEY_MAX || pol->key_offset > 0xffff)
+	barrier_var(len_minus_1);
+	if (len_minus_1 >= KEY_MAX || pol->key_offset > 0xffff)
 		return -1;
-	return bpf_skb_load_bytes(ctx, offset + pol->key_offset, k->bytes, len) ? -1 : 0;
+	return bpf_skb_load_bytes(ctx, offset + pol->key_offset, k->bytes, len_minus_1 + 1) ? -1 : 0;
 }
 
 static __always_inline int select_slot(struct sk_reuseport_md *ctx, __u32 slot)

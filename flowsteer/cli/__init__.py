@@ -8,7 +8,8 @@ import click
 
 # Subcommand groups imported only when used, so that the lookup commands (`flowsteer explain` …) start
 # without loading the other hooks. Each module registers its group on `main` when imported.
-_LAZY_GROUPS = {"divert": "flowsteer.cli.divert", "group": "flowsteer.cli.group"}
+_LAZY_GROUPS = {"divert": "flowsteer.cli.divert", "group": "flowsteer.cli.group",
+                "apply": "flowsteer.cli.hostfile", "export": "flowsteer.cli.hostfile"}
 
 
 class _LazyGroup(click.Group):
@@ -27,8 +28,9 @@ def main() -> None:
     """flowsteer decides which socket gets which traffic.
 
     \b
+    host file: apply FILE (--dry-run), export: every hook's configuration in one file
     lookup:    steer connections by protocol, prefix and port (BPF sk_lookup):
-               load, bind, apply, register, explain, status … (top-level commands)
+               load, bind, register, explain, status … (top-level commands)
     group:     pick the worker inside a SO_REUSEPORT group (BPF sk_reuseport)
     divert:    hand raw packets to Python and reinject them (NFQUEUE)
     """

@@ -12,6 +12,7 @@ from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, 
 from flowsteer.errors import InvalidInput
 from flowsteer.numbers import is_whole_number
 from flowsteer.reuseport import Flow, Group, Policy
+from flowsteer.reuseport.maglev import DEFAULT_SIZE
 from flowsteer.reuseport.spec import parse_slot
 
 
@@ -103,12 +104,49 @@ def weights(group_id: str, pairs: tuple[str, ...], as_json: bool, netns: str | N
     _changed(group_id, netns, bpffs, as_json, lambda g: g.set_weights(wanted) if wanted else None)
 
 
+def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--key-offset", type=click.IntRange(0), default=0, help="Policy key: where the key "
+                      "starts in the L4 payload (bytes).")(fn)
+    return click.option("--key-len", type=click.IntRange(0), default=0,
+                        help="Policy key: key length (1..20 bytes).")(fn)
+
+
+@group.command()
+@click.argument("group_id", metavar="GROUP")
+@click.argument("pairs", nargs=-1, metavar="[MEMBER=WEIGHT]...")
+@click.option("--policy", "name", type=click.Choice(Policy.NAMES), default="consistent", show_default=True)
+@_policy_options
+@click.option("--table-size", type=int, default=DEFAULT_SIZE, show_default=True,
+              help="Entries of the group's table (a prime from 3 to 65537).")
+@click.option("--exist-ok", is_flag=True, help="Succeed, changing nothing, when the group exists.")
+@json_option
+@_common
+def create(group_id: str, pairs: tuple[str, ...], name: str, key_offset: int, key_len: int, table_size: int,
+           exist_ok: bool, as_json: bool, netns: str | None, bpffs: str | None) -> None:
+    """Create GROUP with its policy and members' weights before any worker joins."""
+    chosen, wanted = Policy(name, key_offset, key_len), _parse_weights(pairs)
+    handle = Group(group_id, netns, bpffs)
+    if handle.create(chosen, table_size=table_size, exist_ok=exist_ok) and wanted:
+        handle.configure(chosen, wanted)
+    emit(handle.status(), as_json, _render_status)
+
+
+@group.command()
+@click.argument("group_id", metavar="GROUP")
+@click.option("--force", is_flag=True, help="Delete it even while members hold sockets (they keep serving "
+              "with the last table, unmanaged).")
+@_common
+def delete(group_id: str, force: bool, netns: str | None, bpffs: str | None) -> None:
+    """Delete GROUP's state; refused while members hold sockets unless --force."""
+    handle = Group(group_id, netns, bpffs)
+    handle.destroy(force=force)
+    click.echo(f"deleted group {handle.id}")
+
+
 @group.command()
 @click.argument("group_id", metavar="GROUP")
 @click.argument("name", type=click.Choice(Policy.NAMES))
-@click.option("--key-offset", type=click.IntRange(0), default=0, help="Policy key: where the key starts in "
-              "the L4 payload (bytes).")
-@click.option("--key-len", type=click.IntRange(0), default=0, help="Policy key: key length (1..20 bytes).")
+@_policy_options
 @json_option
 @_common
 def policy(group_id: str, name: str, key_offset: int, key_len: int, as_json: bool, netns: str | None,

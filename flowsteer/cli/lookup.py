@@ -130,23 +130,6 @@ _binding_command("unbind", "Remove the binding of PROTOCOL PREFIX port PORT to L
                  "unbound")
 
 
-@main.command()
-@netns_option
-@bpffs_option
-@json_option
-@click.argument("file", type=click.Path(dir_okay=False))
-@reports_errors
-def apply(netns: str | None, bpffs: str | None, as_json: bool, file: str) -> None:
-    """Replace the whole binding set with FILE's (TOML, or JSON if it ends in .json), atomically."""
-    from flowsteer.lookup import config
-
-    result = _dispatcher(netns, bpffs).apply(config.load_file(file))
-    data = {"total": result.total, "added": [x.to_dict() for x in result.added],
-            "removed": [x.to_dict() for x in result.removed]}
-    emit(data, as_json, lambda d: f"applied {d['total']} binding{'' if d['total'] == 1 else 's'}: "
-                                  f"{len(d['added'])} added, {len(d['removed'])} removed")
-
-
 def _render_registered(dests: list[DestinationStatus]) -> str:
     return "\n".join(f"registered socket {d.cookie} for {d.label} {d.family} {d.protocol}" for d in dests)
 

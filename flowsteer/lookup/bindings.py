@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,3 +168,21 @@ def encode_label(label: str) -> bytes:
 
 def decode_label(raw: bytes) -> str:
     return raw.rstrip(b"\0").decode()
+
+
+def check_set(wanted: Iterable[Binding]) -> set[Binding]:
+    """Returns ``wanted`` as a set a dispatcher can hold; raises InvalidInput when it binds one protocol,
+    prefix and port to two labels, or has more bindings or labels than the dispatcher holds."""
+    new = set(wanted)
+    by_selector: dict[tuple[str, ipaddress.IPv6Network, int], Binding] = {}
+    for x in new:
+        other = by_selector.setdefault(x.selector, x)
+        if other.label != x.label:
+            first, second = sorted((other.label, x.label))
+            raise InvalidInput(f"{x.protocol} {x.prefix} port {x.port} is bound to both {first!r} and "
+                               f"{second!r}")
+    if len(new) > MAX_BINDINGS:
+        raise InvalidInput(f"{len(new)} bindings, the dispatcher holds at most {MAX_BINDINGS}")
+    if len({x.label for x in new}) >= MAX_LABELS:
+        raise InvalidInput(f"more than {MAX_LABELS - 1} labels")
+    return new

@@ -36,27 +36,48 @@ def load_file(path: str) -> list[Binding]:
     Raises InvalidInput naming the file, and the entry and field where it is wrong; also when it is not
     a regular file or is larger than ``flowsteer.files.MAX_INPUT_BYTES`` (64 MiB).
     """
-    raw = read_input(path)
-    return parse(raw.decode(errors="replace"), "json" if path.lower().endswith(".json") else "toml", path)
+    return parse(read_file(path), file_format(path), path)
+
+
+def read_file(path: str) -> str:
+    """Returns the text of the configuration file at ``path``; raises InvalidInput when it cannot be read,
+    is not a regular file or is larger than ``flowsteer.files.MAX_INPUT_BYTES``."""
+    return read_input(path).decode(errors="replace")
+
+
+def file_format(path: str) -> str:
+    """Returns ``json`` for a path ending in ``.json`` (any case), else ``toml``."""
+    return "json" if path.lower().endswith(".json") else "toml"
+
+
+def decode(text: str, fmt: str, source: str) -> Any:
+    """Returns the document ``text`` in format ``toml`` or ``json``; raises InvalidInput naming ``source``
+    when it is not valid."""
+    try:
+        return json.loads(text) if fmt == "json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidInput(f"{source}: not valid {fmt.upper()}: {exc}") from None
 
 
 def parse(text: str, fmt: str, source: str = "<input>") -> list[Binding]:
     """Returns the bindings described by ``text`` in format ``toml`` or ``json``; raises InvalidInput."""
-    try:
-        doc = json.loads(text) if fmt == "json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise InvalidInput(f"{source}: not valid {fmt.upper()}: {exc}") from None
+    doc = decode(text, fmt, source)
     if not isinstance(doc, dict) or set(doc) - {"bindings"}:
         raise InvalidInput(f"{source}: expected a single top-level 'bindings' list")
-    entries = doc.get("bindings", [])
+    return parse_entries(doc.get("bindings", []), source)
+
+
+def parse_entries(entries: Any, where: str) -> list[Binding]:
+    """Returns the bindings of a ``bindings`` list; raises InvalidInput starting with ``where`` and naming
+    the entry (``binding entry N``) and field that are wrong."""
     if not isinstance(entries, list):
-        raise InvalidInput(f"{source}: 'bindings' must be a list of tables")
+        raise InvalidInput(f"{where}: 'bindings' must be a list of tables")
     out: list[Binding] = []
     for index, entry in enumerate(entries, 1):
         try:
             out.extend(_entry(entry))
         except InvalidInput as exc:
-            raise InvalidInput(f"{source}: binding entry {index}: {exc.message}") from None
+            raise InvalidInput(f"{where}: binding entry {index}: {exc.message}") from None
     return out
 
 

@@ -184,7 +184,7 @@ class Dispatcher:
         the old set or the new one. Raises InvalidInput when ``wanted`` binds one protocol, prefix and
         port to two labels or uses more labels than the dispatcher holds; nothing changes then.
         """
-        new = _validated_set(wanted)
+        new = b.check_set(wanted)
         with self._writing() as st:
             old = set(_read_bindings(st))
             try:
@@ -383,19 +383,3 @@ def _destinations(st: LookupState) -> list[DestinationStatus]:
                         totals[i] += v
                 found.append(DestinationStatus(label, fam, proto, _U64.unpack(raw)[0] if raw else None, *totals))
     return found
-
-
-def _validated_set(wanted: Iterable[Binding]) -> set[Binding]:
-    new = set(wanted)
-    by_selector: dict[tuple[str, ipaddress.IPv6Network, int], Binding] = {}
-    for x in new:
-        other = by_selector.setdefault(x.selector, x)
-        if other.label != x.label:
-            first, second = sorted((other.label, x.label))
-            raise InvalidInput(f"{x.protocol} {x.prefix} port {x.port} is bound to both {first!r} and "
-                               f"{second!r}")
-    if len(new) > b.MAX_BINDINGS:
-        raise InvalidInput(f"{len(new)} bindings, the dispatcher holds at most {b.MAX_BINDINGS}")
-    if len({x.label for x in new}) >= b.MAX_LABELS:
-        raise InvalidInput(f"more than {b.MAX_LABELS - 1} labels")
-    return new

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flowsteer.errors import AlreadyExists, FlowsteerError, InvalidInput, WrongSocket, kernel_error
+from flowsteer.errors import AlreadyExists, FlowsteerError, IncompatibleState, InvalidInput, WrongSocket, kernel_error
 from flowsteer.kernel import bpffs, capabilities
 from flowsteer.kernel import sockets as socks
 from flowsteer.kernel.libbpf import Program
@@ -140,13 +140,21 @@ class Group:
             state.create(self.root, directory, self.id, policy or Policy(), table_size, seed)
             return True
 
-    def destroy(self) -> None:
-        """Removes the group's state, also state an incompatible flowsteer version wrote; member sockets
-        keep working, picked by the kernel's hash from now on (the program stays attached until the last
-        member closes). Raises NotLoaded when absent."""
+    def destroy(self, *, force: bool = True) -> None:
+        """Removes the group's state, also state an incompatible flowsteer version wrote. Member sockets
+        keep working with the program and the last table they had (the kernel keeps both until the last
+        member closes), but nothing can change or show the group any more.
+
+        Without ``force``, a group whose members still hold sockets is refused with FlowsteerError
+        (EBUSY) naming them (state that cannot be read is removed all the same). Raises NotLoaded when
+        absent.
+        """
         with self._inside() as parent, locked():
             directory = os.path.join(parent, self.id.dirname)
             state.require_present(self.root, directory, self.id)
+            if not force:
+                with contextlib.suppress(IncompatibleState), state.open_state(self.root, directory, self.id) as st:
+                    _refuse_if_held(st, f"delete group {self.id}")
             bpffs.remove_tree(self.root, directory)
             bpffs.prune_empty(parent, self.root)
 
@@ -207,6 +215,24 @@ class Group:
 
     # -- changing ---------------------------------------------------------------------------------------
 
+    def configure(self, policy: Policy, weights: Mapping[int, int]) -> None:
+        """Makes ``policy`` and ``weights`` the group's whole configuration, in one atomic publish.
+
+        Members in ``weights`` get their weight (configured if they have not joined yet); a configured
+        member not in it keeps its place with weight 1 while it holds a socket, else it is forgotten.
+        Drained flags, sockets and key assignments stay as they are. Raises InvalidInput for a bad slot or
+        weight; nothing changes then.
+        """
+        checked = {parse_slot(s): check_weight(w) for s, w in weights.items()}
+        with self._writing(publish=False) as st:
+            for slot, member in st.members().items():
+                if slot not in checked:
+                    held = st.socket_cookie(slot) is not None
+                    st.set_member(slot, Member(1, member.flags, member.pid) if held else Member(0, 0, 0))
+            for slot, weight in checked.items():
+                _set_weight(st, slot, weight)
+            _publish(st, policy)
+
     def set_policy(self, policy: Policy) -> None:
         """Makes ``policy`` the group's policy (one atomic switch of policy and table)."""
         with self._writing(publish=False) as st:
@@ -217,12 +243,10 @@ class Group:
 
         Raises InvalidInput for a bad slot or weight; nothing changes then.
         """
-        checked = {parse_slot(s): _weight(w) for s, w in weights.items()}
+        checked = {parse_slot(s): check_weight(w) for s, w in weights.items()}
         with self._writing() as st:
             for slot, weight in checked.items():
-                old = st.member(slot)
-                flags = old.flags if old.configured else CONFIGURED | ABSENT
-                st.set_member(slot, Member(weight, flags, old.pid))
+                _set_weight(st, slot, weight)
 
     def drain(self, slot: int) -> None:
         """Stops new flows to member ``slot``; its TCP connections stay, its UDP flows keep reaching it.
@@ -265,7 +289,7 @@ class Group:
         this group or already a member, FlowsteerError (EBUSY) when another live socket holds the slot.
         """
         slot = parse_slot(slot)
-        chosen_weight = None if weight is None else _weight(weight)
+        chosen_weight = None if weight is None else check_weight(weight)
         _require_member_socket(self.id, sock)
         cookie = socks.cookie(sock)
         with self._writing() as st:
@@ -299,7 +323,8 @@ class Group:
         self._flag(slot, add=ABSENT)
 
 
-def _weight(value: int | str) -> int:
+def check_weight(value: int | str) -> int:
+    """Returns ``value`` as a member weight; raises InvalidInput unless it is a whole number 0..1000."""
     try:
         weight = int(value)
     except (TypeError, ValueError):
@@ -324,6 +349,21 @@ def _live(st: GroupState) -> tuple[dict[int, int], set[int]]:
     live = {slot for slot, m in members.items()
             if not m.drained and not m.absent and st.socket_cookie(slot) is not None}
     return weights, live
+
+
+def _set_weight(st: GroupState, slot: int, weight: int) -> None:
+    """Sets member ``slot``'s weight; a member not configured yet becomes configured and absent."""
+    old = st.member(slot)
+    st.set_member(slot, Member(weight, old.flags if old.configured else CONFIGURED | ABSENT, old.pid))
+
+
+def _refuse_if_held(st: GroupState, action: str) -> None:
+    """Raises FlowsteerError (EBUSY) naming the members that hold sockets, if any."""
+    held = [(slot, m.pid) for slot, m in sorted(st.members().items()) if st.socket_cookie(slot) is not None]
+    if held:
+        who = ", ".join(f"{slot} (pid {pid})" for slot, pid in held)
+        raise FlowsteerError(f"cannot {action}: member(s) {who} still hold sockets; stop those workers first "
+                             "or force it (their sockets then keep the last table, unmanaged)", errno=errno.EBUSY)
 
 
 def _publish(st: GroupState, policy: Policy) -> None:

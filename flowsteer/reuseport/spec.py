@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ def parse_slot(value: str | int) -> int:
     return slot
 
 
-@dataclass(frozen=True, order=True)
+@functools.total_ordering
+@dataclass(frozen=True)
 class GroupId:
     """A reuseport group: every socket bound with SO_REUSEPORT to ``protocol address:port``."""
 
@@ -46,6 +48,16 @@ class GroupId:
             raise InvalidInput(f"protocol {self.protocol!r} is not tcp or udp")
         if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise InvalidInput(f"port {self.port!r} is out of range (1..65535)")
+
+    def __lt__(self, other: object) -> bool:
+        """Orders by protocol, then IPv4 before IPv6, address and port (addresses of two families are not
+        comparable themselves)."""
+        if not isinstance(other, GroupId):
+            return NotImplemented
+        return self._order() < other._order()
+
+    def _order(self) -> tuple[str, int, int, int]:
+        return (self.protocol, self.address.version, int(self.address), self.port)
 
     @classmethod
     def parse(cls, text: str) -> "GroupId":

@@ -11,11 +11,12 @@ A restarted worker joins with the same slot and takes its place (and its share o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from dataclasses import dataclass
 
-from flowsteer.errors import kernel_error
+from flowsteer.errors import NotLoaded, kernel_error
 from flowsteer.kernel.netns import entered
 from flowsteer.reuseport.group import Group
 from flowsteer.reuseport.policy import Policy
@@ -34,8 +35,10 @@ class Membership:
 
     def detach(self) -> None:
         """Stops new flows to this member (it is marked absent); then close the socket, or let the server
-        that owns it close it. Detaching twice is harmless."""
-        self.group.detach(self.slot)
+        that owns it close it. Detaching twice is harmless, and so is detaching from a group that was
+        deleted meanwhile (``group delete --force``)."""
+        with contextlib.suppress(NotLoaded):
+            self.group.detach(self.slot)
 
     def leave(self) -> None:
         """Stops new flows to this member, then closes its socket: a TCP listener's queued connections

@@ -1,0 +1,192 @@
+"""The plan of an apply: what differs between the host's state and a host file, per hook.
+
+Pure logic: :func:`diff` compares two :class:`HostSpec` values (the current one as ``export`` reads it)
+and returns the changes that make the host match the file, plus the operations that carry them out.
+A hook the file has no section for is not in the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowsteer.errors import FlowsteerError
+from flowsteer.hostfile.spec import GroupSpec, HostSpec
+from flowsteer.lookup.bindings import Binding, sort_by_precedence
+from flowsteer.reuseport.spec import GroupId
+
+Held = Mapping[GroupId, tuple[tuple[int, int], ...]]
+"""Per group, the members that hold sockets now: ``(slot, pid)``."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One line of a plan: ``kind`` is add, remove or change; ``data`` the entry in the file's form (for a
+    change ``{"from": …, "to": …}``)."""
+
+    kind: str
+    text: str
+    data: Any
+
+
+@dataclass
+class HookPlan:
+    """The changes to one hook, and notes on how they are carried out (``load the dispatcher`` …)."""
+
+    hook: str
+    changes: list[Change] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.changes and not self.notes
+
+    def of(self, kind: str) -> list[Change]:
+        return [c for c in self.changes if c.kind == kind]
+
+    def summary(self) -> str:
+        """Returns ``N added, N removed, N changed``."""
+        return ", ".join(f"{len(self.of(k))} {word}" for k, word in
+                         (("add", "added"), ("remove", "removed"), ("change", "changed")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"added": [c.data for c in self.of("add")], "removed": [c.data for c in self.of("remove")],
+                "changed": [c.data for c in self.of("change")], "notes": self.notes}
+
+
+@dataclass
+class Plan:
+    """Everything an apply would do. ``hooks`` holds a plan for each hook the file owns."""
+
+    wanted: HostSpec
+    hooks: dict[str, HookPlan]
+    load_lookup: bool = False
+    remove_groups: list[GroupId] = field(default_factory=list)
+    create_groups: list[GroupSpec] = field(default_factory=list)
+    recreate_groups: list[GroupSpec] = field(default_factory=list)
+    configure_groups: list[GroupSpec] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return all(h.empty for h in self.hooks.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hooks": {name: h.to_dict() for name, h in self.hooks.items()},
+                "not_owned": [h for h in ("lookup", "reuseport", "divert") if h not in self.hooks]}
+
+
+def diff(current: HostSpec, wanted: HostSpec, held: Held, *, force: bool = False) -> Plan:
+    """Returns the plan that turns ``current`` into ``wanted``.
+
+    ``current.bindings`` is None when the dispatcher is not loaded. ``held`` says which groups have
+    members holding sockets: removing such a group, or changing its table size (the group must be made
+    anew), raises FlowsteerError (EBUSY) naming the group and its members unless ``force``.
+    """
+    plan = Plan(wanted, {})
+    if wanted.bindings is not None:
+        plan.hooks["lookup"] = _lookup(plan, current.bindings, wanted.bindings)
+    if wanted.groups is not None:
+        plan.hooks["reuseport"] = _reuseport(plan, current.groups or (), wanted.groups, held, force)
+    if wanted.rules is not None:
+        plan.hooks["divert"] = _divert(current.rules or (), wanted.rules)
+    return plan
+
+
+def _lookup(plan: Plan, current: frozenset[Binding] | None, wanted: frozenset[Binding]) -> HookPlan:
+    hook = HookPlan("lookup")
+    if current is None:
+        if not wanted:
+            return hook
+        plan.load_lookup = True
+        hook.notes.append("load the dispatcher (it is not loaded in this namespace)")
+    old = {x.selector: x for x in current or ()}
+    new = {x.selector: x for x in wanted}
+    for x in sort_by_precedence([new[s] for s in new.keys() - old.keys()]):
+        hook.changes.append(Change("add", str(x), x.to_dict()))
+    for x in sort_by_precedence([old[s] for s in old.keys() - new.keys()]):
+        hook.changes.append(Change("remove", str(x), x.to_dict()))
+    for x in sort_by_precedence([new[s] for s in new.keys() & old.keys() if new[s].label != old[s].label]):
+        before = old[x.selector]
+        hook.changes.append(Change("change", f"{before} (now {x.label})",
+                                   {"from": before.to_dict(), "to": x.to_dict()}))
+    return hook
+
+
+def _reuseport(plan: Plan, current: tuple[GroupSpec, ...], wanted: tuple[GroupSpec, ...], held: Held,
+               force: bool) -> HookPlan:
+    hook = HookPlan("reuseport")
+    old = {g.group: g for g in current}
+    new = {g.group: g for g in wanted}
+    for gid in sorted(old.keys() - new.keys()):
+        _refuse_if_held(gid, held, "remove it (it is not in the file)", force)
+        plan.remove_groups.append(gid)
+        hook.changes.append(Change("remove", describe_group(old[gid]), old[gid].to_dict()))
+    for gid in sorted(new.keys() - old.keys()):
+        plan.create_groups.append(new[gid])
+        hook.changes.append(Change("add", describe_group(new[gid]), new[gid].to_dict()))
+    for gid in sorted(new.keys() & old.keys()):
+        before, after = old[gid], _effective(new[gid], held)
+        if before == after:
+            continue
+        if before.table_size != after.table_size:
+            _refuse_if_held(gid, held, f"change its table size from {before.table_size} to {after.table_size} "
+                            "(the group is made anew)", force)
+            plan.recreate_groups.append(after)
+            hook.notes.append(f"make group {gid} anew (its table size changes)")
+        else:
+            plan.configure_groups.append(after)
+        hook.changes.append(Change("change", f"{describe_group(before)}  ->  {_group_settings(after)}",
+                                   {"from": before.to_dict(), "to": after.to_dict()}))
+    return hook
+
+
+def _effective(spec: GroupSpec, held: Held) -> GroupSpec:
+    """Returns ``spec`` as configuring it leaves the group: members holding sockets that the file does not
+    list keep their place with weight 1 (see Group.configure)."""
+    kept = {slot: 1 for slot, _pid in held.get(spec.group, ()) if slot not in spec.weights}
+    if not kept:
+        return spec
+    return dataclasses.replace(spec, weights=dict(sorted({**spec.weights, **kept}.items())))
+
+
+def _refuse_if_held(gid: GroupId, held: Held, action: str, force: bool) -> None:
+    members = held.get(gid, ())
+    if members and not force:
+        who = ", ".join(f"{slot} (pid {pid})" for slot, pid in members)
+        raise FlowsteerError(f"cannot {action}: group {gid} has members holding sockets: {who}; stop those "
+                             "workers first, keep the group in the file, or apply with --force (their "
+                             "sockets then keep the last table, unmanaged); nothing was changed",
+                             errno=errno.EBUSY)
+
+
+def describe_group(spec: GroupSpec) -> str:
+    """Returns ``group tcp:…:80 policy weighted weights 0=1 1=3`` (table size when not the default)."""
+    return f"group {spec.group} {_group_settings(spec)}"
+
+
+def _group_settings(spec: GroupSpec) -> str:
+    data = spec.to_dict()
+    words = [f"policy {spec.policy.describe()}"]
+    if spec.weights:
+        words.append("weights " + " ".join(f"{s}={w}" for s, w in spec.weights.items()))
+    if "table_size" in data:
+        words.append(f"table {spec.table_size}")
+    return " ".join(words)
+
+
+def _divert(current: tuple[Any, ...], wanted: tuple[Any, ...]) -> HookPlan:
+    hook = HookPlan("divert")
+    old, new = [str(r) for r in current], [str(r) for r in wanted]
+    if old == new:
+        return hook
+    for text in (Counter(new) - Counter(old)).elements():
+        hook.changes.append(Change("add", text, text))
+    for text in (Counter(old) - Counter(new)).elements():
+        hook.changes.append(Change("remove", text, text))
+    if Counter(old) == Counter(new):
+        hook.notes.append("reorder the rules (the first match wins)")
+    return hook

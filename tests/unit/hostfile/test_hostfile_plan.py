@@ -1,0 +1,125 @@
+"""The plan of an apply: added, removed and changed per hook, refusals for groups with live members."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flowsteer.errors import FlowsteerError
+from flowsteer.hostfile.plan import diff
+from flowsteer.hostfile.spec import GroupSpec, HostSpec, parse
+from flowsteer.lookup.bindings import Binding
+from flowsteer.reuseport.policy import Policy
+from flowsteer.reuseport.spec import GroupId
+
+B = Binding.parse
+G = GroupId.parse
+WEB = GroupSpec(G("tcp:192.0.2.1:8080"), Policy("weighted"), {0: 1, 1: 3})
+DNS = GroupSpec(G("udp:[2001:db8::1]:53"))
+
+
+def test_lookup_changes_are_matched_by_protocol_prefix_and_port() -> None:
+    current = HostSpec(bindings=frozenset({B("a", "tcp", "192.0.2.0/24", 80), B("b", "tcp", "198.51.100.0/24", 80)}))
+    wanted = HostSpec(bindings=frozenset({B("c", "tcp", "192.0.2.0/24", 80), B("d", "udp", "203.0.113.0/24", 0)}))
+    hook = diff(current, wanted, {}).hooks["lookup"]
+    assert [(c.kind, c.text) for c in hook.changes] == [
+        ("add", "udp 203.0.113.0/24 port any -> d"),
+        ("remove", "tcp 198.51.100.0/24 port 80 -> b"),
+        ("change", "tcp 192.0.2.0/24 port 80 -> a (now c)")]
+    assert hook.to_dict()["changed"] == [{"from": B("a", "tcp", "192.0.2.0/24", 80).to_dict(),
+                                          "to": B("c", "tcp", "192.0.2.0/24", 80).to_dict()}]
+    assert hook.summary() == "1 added, 1 removed, 1 changed"
+
+
+def test_an_ipv4_prefix_and_its_mapped_ipv6_spelling_are_the_same_binding() -> None:
+    current = HostSpec(bindings=frozenset({B("a", "tcp", "192.0.2.0/24", 80)}))
+    wanted = HostSpec(bindings=frozenset({B("a", "tcp", "::ffff:192.0.2.0/120", 80)}))
+    assert diff(current, wanted, {}).empty
+
+
+def test_an_unloaded_dispatcher_is_loaded_only_when_there_is_something_to_bind() -> None:
+    none_loaded = HostSpec(bindings=None)
+    assert diff(none_loaded, HostSpec(bindings=frozenset()), {}).empty
+    p = diff(none_loaded, HostSpec(bindings=frozenset({B("a", "tcp", "192.0.2.0/24", 80)})), {})
+    assert p.load_lookup and p.hooks["lookup"].notes and len(p.hooks["lookup"].of("add")) == 1
+
+
+def test_groups_are_added_removed_and_changed() -> None:
+    current = HostSpec(groups=(WEB, GroupSpec(G("tcp:192.0.2.2:80"))))
+    wanted = HostSpec(groups=(GroupSpec(WEB.group, Policy("consistent"), {0: 1, 1: 3}), DNS))
+    p = diff(current, wanted, {})
+    assert [c.kind for c in p.hooks["reuseport"].changes] == ["remove", "add", "change"]
+    assert p.remove_groups == [G("tcp:192.0.2.2:80")] and p.create_groups == [DNS]
+    assert [g.policy.name for g in p.configure_groups] == ["consistent"] and not p.recreate_groups
+    assert p.hooks["reuseport"].to_dict()["changed"][0]["to"]["policy"] == "consistent"
+
+
+def test_a_group_with_members_holding_sockets_is_not_removed_unless_forced() -> None:
+    held = {WEB.group: ((0, 4242), (1, 4243))}
+    with pytest.raises(FlowsteerError) as caught:
+        diff(HostSpec(groups=(WEB,)), HostSpec(groups=()), held)
+    assert caught.value.errno == errno.EBUSY
+    assert "group tcp:192.0.2.1:8080" in str(caught.value) and "0 (pid 4242), 1 (pid 4243)" in str(caught.value)
+    assert diff(HostSpec(groups=(WEB,)), HostSpec(groups=()), held, force=True).remove_groups == [WEB.group]
+    assert diff(HostSpec(groups=(WEB,)), HostSpec(groups=()), {}).remove_groups == [WEB.group]
+
+
+def test_a_new_table_size_makes_the_group_anew_which_live_members_prevent() -> None:
+    bigger = GroupSpec(WEB.group, WEB.policy, WEB.weights, 1021)
+    p = diff(HostSpec(groups=(WEB,)), HostSpec(groups=(bigger,)), {})
+    assert p.recreate_groups == [bigger] and not p.configure_groups and p.hooks["reuseport"].notes
+    with pytest.raises(FlowsteerError, match="table size from 65537 to 1021"):
+        diff(HostSpec(groups=(WEB,)), HostSpec(groups=(bigger,)), {WEB.group: ((0, 1),)})
+
+
+def test_a_changed_policy_with_live_members_is_fine() -> None:
+    held = {WEB.group: ((0, 1),)}
+    p = diff(HostSpec(groups=(WEB,)), HostSpec(groups=(GroupSpec(WEB.group, Policy("hash"), WEB.weights),)), held)
+    assert len(p.configure_groups) == 1
+
+
+def test_divert_rules_keep_their_order() -> None:
+    r1, r2 = "in proto udp to any port 53 divert-packet port 700", "out proto tcp divert-packet port 701"
+    current = parse(f"[divert]\nrules = ['{r1}', '{r2}']", "toml")
+    swapped = parse(f"[divert]\nrules = ['{r2}', '{r1}']", "toml")
+    p = diff(current, swapped, {})
+    assert not p.hooks["divert"].changes and p.hooks["divert"].notes == ["reorder the rules (the first match wins)"]
+    assert not p.empty
+    fewer = diff(current, parse(f"[divert]\nrules = ['{r2}', '{r2}']", "toml"), {}).hooks["divert"]
+    assert [(c.kind, c.text) for c in fewer.changes] == [("add", r2), ("remove", r1)]
+
+
+def test_hooks_without_a_section_are_not_planned() -> None:
+    current = HostSpec(bindings=frozenset({B("a", "tcp", "192.0.2.0/24", 80)}), groups=(WEB,), rules=())
+    p = diff(current, HostSpec(groups=(WEB,)), {})
+    assert list(p.hooks) == ["reuseport"] and p.empty
+    assert p.to_dict()["not_owned"] == ["lookup", "divert"]
+
+
+_bindings = st.frozensets(st.builds(
+    B, st.sampled_from(["a", "b"]), st.sampled_from(["tcp", "udp"]),
+    st.sampled_from(["192.0.2.0/24", "192.0.2.0/25", "2001:db8::/32"]), st.sampled_from([0, 80])), max_size=6)
+
+
+def _one_label_per_selector(bindings: frozenset[Binding]) -> frozenset[Binding]:
+    return frozenset({b.selector: b for b in sorted(bindings, key=str)}.values())
+
+
+@given(_bindings.map(_one_label_per_selector), _bindings.map(_one_label_per_selector))
+def test_the_plan_counts_add_up_and_is_empty_exactly_when_the_sets_agree(old: frozenset[Binding],
+                                                                         new: frozenset[Binding]) -> None:
+    p = diff(HostSpec(bindings=old), HostSpec(bindings=new), {})
+    assert p.empty == (old == new)
+    hook = p.hooks["lookup"]
+    assert len(old) + len(hook.of("add")) - len(hook.of("remove")) == len(new)
+    assert {c.data["to"]["label"] for c in hook.of("change")} <= {b.label for b in new}
+
+
+def test_members_holding_sockets_that_the_file_does_not_list_keep_weight_1_without_a_change() -> None:
+    group = GroupSpec(WEB.group, Policy("weighted"), {0: 1, 1: 3, 2: 1})
+    wanted = HostSpec(groups=(GroupSpec(WEB.group, Policy("weighted"), {0: 1, 1: 3}),))
+    assert diff(HostSpec(groups=(group,)), wanted, {WEB.group: ((2, 99),)}).empty
+    assert not diff(HostSpec(groups=(group,)), wanted, {}).empty  # absent member 2 would be forgotten

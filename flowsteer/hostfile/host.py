@@ -17,6 +17,7 @@ from flowsteer.hostfile.spec import GroupSpec, HostSpec
 from flowsteer.kernel.netns import entered, locked
 from flowsteer.lookup.dispatcher import Dispatcher
 from flowsteer.reuseport.group import Group
+from flowsteer.reuseport.spec import GroupId
 
 Progress = Callable[[str, int], None]
 """Called as ``progress(what, units)`` when a step starts; ``units`` is its share of :func:`work`."""
@@ -30,14 +31,15 @@ class Current:
     held: Held
 
 
-def read(netns: str | None = None, bpffs_root: str | None = None, hooks: tuple[str, ...] = ("lookup", "reuseport", "divert")) -> Current:
+def read(netns: str | None = None, bpffs_root: str | None = None,
+         hooks: tuple[str, ...] = ("lookup", "reuseport", "divert")) -> Current:
     """Returns the current state of ``hooks`` in namespace ``netns``.
 
     Bindings are None when the dispatcher is not loaded. Raises FlowsteerError when a hook's state cannot
     be read (no bpffs, state of another layout, iptables missing …).
     """
     bindings = groups = rules = None
-    held: dict = {}
+    held: dict[GroupId, tuple[tuple[int, int], ...]] = {}
     if "lookup" in hooks:
         try:
             bindings = frozenset(Dispatcher(netns, bpffs_root).bindings())
@@ -60,10 +62,11 @@ def read(netns: str | None = None, bpffs_root: str | None = None, hooks: tuple[s
 
 
 def _group(group: Group) -> tuple[GroupSpec, tuple[tuple[int, int], ...]]:
+    """Returns the group's configuration and its members holding sockets (slot, pid)."""
     status = group.status()
-    members = group.members()
-    spec = GroupSpec(group.id, group.policy(), {m.slot: m.weight for m in members}, status["table_size"])
-    return spec, tuple((m.slot, m.pid) for m in members if m.cookie is not None)
+    members = status["members"]
+    spec = GroupSpec(group.id, group.policy(), {m["member"]: m["weight"] for m in members}, status["table_size"])
+    return spec, tuple((m["member"], m["pid"]) for m in members if m["socket_cookie"] is not None)
 
 
 def plan(wanted: HostSpec, netns: str | None = None, bpffs_root: str | None = None, *,

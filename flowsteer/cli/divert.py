@@ -137,18 +137,20 @@ def status_cmd(netns: str | None, as_json: bool) -> None:
 @click.option("--dport", type=int, default=0, help="Destination port (tcp/udp).")
 @click.option("--on", "interface", default=None, help="Receiving (in) or sending (out) interface.")
 @click.option("--untracked", is_flag=True, help="The packet has no conntrack state.")
+@click.option("--reply", is_flag=True, help="The packet is a reply (its reverse opened the connection).")
 @click.option("--new", "new", is_flag=True, help="Answer for a new connection even if this one exists.")
 @netns_option
 @json_option
 @reports_errors
 def explain_cmd(direction: str, proto: str, src: str, dst: str, sport: int, dport: int,
-                interface: str | None, untracked: bool, new: bool, netns: str | None, as_json: bool) -> None:
+                interface: str | None, untracked: bool, reply: bool, new: bool, netns: str | None,
+                as_json: bool) -> None:
     """Say which rule, divert port and group member a packet reaches.
 
     For an established TCP/UDP connection the member it is pinned to (read from conntrack); otherwise
     where a new connection would go.
     """
-    flow = Flow(direction, proto, src, dst, sport, dport, interface, not untracked)  # type: ignore[arg-type]
+    flow = Flow(direction, proto, src, dst, sport, dport, interface, not untracked, reply)  # type: ignore[arg-type]
     with entered(netns):
         mark = None if new or untracked else connection_mark(flow)
         answer = explain_flow(flow, ct_mark=mark)

@@ -39,6 +39,9 @@ class Flow:
     """Receiving interface for ``in``, sending interface for ``out``; None matches only rules without one."""
     tracked: bool = True
     """False for packets without conntrack state (``INVALID`` or ``UNTRACKED``)."""
+    reply: bool = False
+    """True for a packet of a connection's reply direction (its reverse opened the connection): such
+    packets also match ``keep-state`` rules that matched the connection's first packet."""
 
     def __post_init__(self) -> None:
         if self.direction not in ("in", "out"):
@@ -97,7 +100,17 @@ def _fold(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
 
 
 def matches(rule: Rule, flow: Flow) -> bool:
-    """Returns True when ``rule`` diverts ``flow`` (ignoring rules before it)."""
+    """Returns True when ``rule`` diverts ``flow`` (ignoring rules before it): the packet matches the
+    rule, or it is a reply of a connection whose opening packet matched a ``keep-state`` rule."""
+    if rule.keep_state and flow.reply and flow.tracked:
+        other: Direction = "out" if flow.direction == "in" else "in"
+        opening = Flow(other, flow.proto, flow.dst, flow.src, flow.dport, flow.sport, flow.interface)
+        if _matches_packet(rule, opening):
+            return True
+    return _matches_packet(rule, flow)
+
+
+def _matches_packet(rule: Rule, flow: Flow) -> bool:
     addr_src, addr_dst = ipaddress.ip_address(flow.src), ipaddress.ip_address(flow.dst)
     family = "inet" if addr_src.version == 4 else "inet6"
     checks = (

@@ -7,8 +7,15 @@ those chains: the first packet of a new diverted connection leaves them with pac
 overwrites the whole mark while pinning the connection; see docs/divert.md):
 
 - ``FS-DIV-IN`` (jumped to first from PREROUTING) and ``FS-DIV-OUT`` (from POSTROUTING) hold the rules in
-  order; the first matching rule diverts. Packets written by flowsteer's raw socket carry
-  :data:`SKIP_MARK` and return at once, so writing a packet never diverts it again.
+  order; the first matching rule diverts (a ``keep-state`` rule also puts a line matching its
+  connections' replies in the other chain). Packets written by flowsteer's raw socket carry
+  :data:`SKIP_MARK`, frames injected as incoming get it from their link-layer source
+  (:data:`~flowsteer.divert.inject.SOURCE_MAC`), and both return at once, so writing a packet never
+  diverts it again.
+- Forwarded packets are diverted once: the ``in`` port chains flag the connection's direction
+  (:data:`DIVERTED_IN`), ``FS-DIV-FWD`` (from FORWARD) turns the flag into :data:`FORWARDED_AFTER_IN`
+  for forwarded ones, and ``FS-DIV-OUT`` sends such packets only through ``FS-DIV-OUT-TWICE``, which
+  holds the ``twice`` rules.
 - ``FS-DIV-<DIR>-<port>[-FO]`` queues a packet to the member its connection is pinned to: untracked
   packets to the first member; otherwise ``FS-DIV-<DIR>-<port>-PICK`` pins the connection first, unless
   its conntrack mark already names a live member for this direction: to the member the other direction
@@ -33,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowsteer.divert.inject import SOURCE_MAC
 from flowsteer.divert.ports import SLOTS, queue_number
 from flowsteer.divert.rules import Direction, Family, Rule
 from flowsteer.errors import FlowsteerError
@@ -46,8 +54,19 @@ HASH_SEED = 0x5EED0000
 
 HOOKS: dict[Direction, str] = {"in": "PREROUTING", "out": "POSTROUTING"}
 CT_SHIFT: dict[Direction, int] = {"in": 16, "out": 24}
-"""Each direction keeps its member choice in one byte of the conntrack mark: bit 7 set, bits 0-4 slot."""
+"""Each direction keeps its member choice in one byte of the conntrack mark: bit 7 set, bits 0-4 slot;
+bits 5 and 6 of each byte are the flags below."""
+CT_DIRS = ("ORIGINAL", "REPLY")
+DIVERTED_IN = {"ORIGINAL": 0x20 << 16, "REPLY": 0x40 << 16}
+"""Conntrack mark bit: this direction of the connection (original/reply) was diverted on the way in."""
+FORWARDED_AFTER_IN = {"ORIGINAL": 0x20 << 24, "REPLY": 0x40 << 24}
+"""Conntrack mark bit: this direction was diverted on the way in and is forwarded: out rules skip it."""
+FORWARD_CHAIN = "FS-DIV-FWD"
+TWICE_CHAIN = "FS-DIV-OUT-TWICE"
+JUMPS = {"PREROUTING": "FS-DIV-IN", "POSTROUTING": "FS-DIV-OUT", "FORWARD": FORWARD_CHAIN}
+"""Built-in chain → the flowsteer chain it jumps to first."""
 
+_ICMP: dict[Family, str] = {"inet": "icmp", "inet6": "ipv6-icmp"}
 _TOOLS: dict[Family, tuple[str, str]] = {"inet": ("iptables-save", "iptables-restore"),
                                          "inet6": ("ip6tables-save", "ip6tables-restore")}
 _RULE_COMMENT = re.compile(r'--comment "?flowsteer-rule (\d+): ([^"]*)"?')
@@ -60,7 +79,7 @@ _SLOT_CHAIN = re.compile(r"^FS-DIV-(IN|OUT)-(\d+)(-FO)?-S(\d+)$")
 def ct_value(direction: Direction, slot: int) -> tuple[int, int]:
     """Returns ``(value, mask)`` of the conntrack mark that pins a connection to ``slot`` in ``direction``."""
     shift = CT_SHIFT[direction]
-    return (0x80 | slot) << shift, 0xFF << shift
+    return (0x80 | slot) << shift, 0x9F << shift
 
 
 def hash_seed(port: int, slots: Sequence[int]) -> int:
@@ -114,7 +133,7 @@ class Snapshot:
     chains: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
     """FS-DIV chain → its lines (the text after ``-A CHAIN ``, packets, bytes)."""
     jumps: set[str] = field(default_factory=set)
-    """Hooks (PREROUTING, POSTROUTING) that jump to a flowsteer rule chain."""
+    """Built-in chains (of :data:`JUMPS`) that jump to their flowsteer chain."""
 
     @classmethod
     def parse(cls, lines: Sequence[str]) -> Snapshot:
@@ -134,9 +153,8 @@ class Snapshot:
             if chain.startswith("FS-DIV"):
                 snap.chains.setdefault(chain, []).append((rest, int(counts.group(1)), int(counts.group(2))))
             else:
-                for direction, hook in HOOKS.items():
-                    if chain == hook and rest == f"-j {rule_chain(direction)}":
-                        snap.jumps.add(hook)
+                if JUMPS.get(chain) and rest == f"-j {JUMPS[chain]}":
+                    snap.jumps.add(chain)
         return snap
 
 
@@ -198,7 +216,7 @@ def reset_counters() -> None:
     for family, (save, _restore_tool) in _TOOLS.items():
         tool = save.replace("-save", "")
         for chain in _snapshot(family).chains:
-            if chain in (rule_chain("in"), rule_chain("out")) or _SLOT_CHAIN.match(chain):
+            if chain in (rule_chain("in"), rule_chain("out"), TWICE_CHAIN) or _SLOT_CHAIN.match(chain):
                 proc = _run([tool, "-w", "-t", "mangle", "-Z", chain])
                 if proc.returncode != 0:
                     raise FlowsteerError(f"{tool} could not reset {chain}: {proc.stderr.strip()}")
@@ -218,23 +236,39 @@ def compile_family(family: Family, rules: Sequence[Rule], members: Mapping[int, 
     bodies: dict[str, list[str]] = {}
     keep: set[str] = set()
     if rules:
-        rule_lines: dict[Direction, list[str]] = {d: [] for d in HOOKS}
+        chains: dict[str, list[str]] = {rule_chain("in"): [], rule_chain("out"): [], TWICE_CHAIN: []}
         targets: dict[tuple[Direction, int], set[bool]] = {}
         for index, rule in mine:
+            comment = f'-m comment --comment "flowsteer-rule {index}: {rule}"'
             for direction in rule.directions():
-                target = port_chain(direction, rule.divert_port, rule.fail_open)
-                rule_lines[direction].append(f"{_matches(family, direction, rule)} "
-                                             f'-m comment --comment "flowsteer-rule {index}: {rule}" -j {target}')
-                targets.setdefault((direction, rule.divert_port), set()).add(rule.fail_open)
-        for direction, lines in rule_lines.items():
+                ways = [(direction, _matches(family, direction, rule))]
+                if rule.keep_state:  # the replies of what this rule matches, on the way the other direction
+                    other: Direction = "out" if direction == "in" else "in"
+                    ways.append((other, _state_matches(family, other, rule)))
+                for way, matches in ways:
+                    line = f"{matches} {comment} -j {port_chain(way, rule.divert_port, rule.fail_open)}"
+                    chains[rule_chain(way)].append(line)
+                    if way == "out" and rule.twice:
+                        chains[TWICE_CHAIN].append(line)
+                    targets.setdefault((way, rule.divert_port), set()).add(rule.fail_open)
+        chains[rule_chain("in")][:0] = [  # frames injected as incoming get the mark of written packets
+            f"-m mac --mac-source {SOURCE_MAC} -j MARK --set-xmark {SKIP_MARK:#x}/{SKIP_MASK:#x}",
+            f"-m mark --mark {SKIP_MARK:#x}/{SKIP_MASK:#x} -j RETURN"]
+        chains[rule_chain("out")][:0] = [
+            f"-m mark --mark {SKIP_MARK:#x}/{SKIP_MASK:#x} -j RETURN",
+            *(f"-m conntrack --ctdir {d} -m connmark --mark {FORWARDED_AFTER_IN[d]:#x}/{FORWARDED_AFTER_IN[d]:#x} "
+              + (f"-g {TWICE_CHAIN}" if chains[TWICE_CHAIN] else "-j RETURN") for d in CT_DIRS)]
+        if not chains[TWICE_CHAIN]:
+            del chains[TWICE_CHAIN]
+        for chain, lines in chains.items():
             digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
-            skip = (f"-m mark --mark {SKIP_MARK:#x}/{SKIP_MASK:#x} "
-                    f'-m comment --comment "flowsteer-digest {digest}" -j RETURN')
-            chain = rule_chain(direction)
             if present.chains.get(chain) and f"flowsteer-digest {digest}" in present.chains[chain][0][0]:
-                keep.add(chain)
+                keep.add(chain)  # unchanged: left alone, so its counters keep counting
             else:
-                bodies[chain] = [skip, *lines]
+                bodies[chain] = [f'-m comment --comment "flowsteer-digest {digest}"', *lines]
+        bodies[FORWARD_CHAIN] = [f"-m conntrack --ctdir {d} -m connmark --mark {DIVERTED_IN[d]:#x}/{DIVERTED_IN[d]:#x} "
+                                 f"-j CONNMARK --set-xmark {FORWARDED_AFTER_IN[d]:#x}/{FORWARDED_AFTER_IN[d]:#x}"
+                                 for d in CT_DIRS]
         for (direction, port), variants in sorted(targets.items()):
             slots = tuple(sorted(members.get(port, ())))
             if slots:
@@ -259,13 +293,13 @@ def compile_family(family: Family, rules: Sequence[Rule], members: Mapping[int, 
             counts = carried.get(found.group(2)) if found else None
             packets, octets = counts.pop(0) if counts else (0, 0)
             out.append(f"[{packets}:{octets}] -A {chain} {line}")
-    for direction, hook in HOOKS.items():
+    for hook, chain in JUMPS.items():
         if not rules and hook in present.jumps:
-            out.append(f"-D {hook} -j {rule_chain(direction)}")
+            out.append(f"-D {hook} -j {chain}")
     out += [f"-X {c}" for c in stale]
-    for direction, hook in HOOKS.items():
+    for hook, chain in JUMPS.items():
         if rules and hook not in present.jumps:
-            out.append(f"-I {hook} 1 -j {rule_chain(direction)}")
+            out.append(f"-I {hook} 1 -j {chain}")
     return "\n".join([*out, "COMMIT", ""])
 
 
@@ -308,11 +342,13 @@ def _return_if_pinned(direction: Direction, slots: tuple[int, ...]) -> list[str]
 
 def _port_lines(direction: Direction, port: int, fail_open: bool, slots: tuple[int, ...]) -> list[str]:
     bypass = " --queue-bypass" if fail_open else ""
+    flags = [f"-m conntrack --ctdir {d} -j CONNMARK --set-xmark {DIVERTED_IN[d]:#x}/{DIVERTED_IN[d]:#x}"
+             for d in CT_DIRS] if direction == "in" else []
     if not slots:
-        return [f'-m comment --comment "flowsteer-members {port}: " '
+        return [*flags, f'-m comment --comment "flowsteer-members {port}: " '
                 f"-j NFQUEUE --queue-num {queue_number(port, 0, fail_open)}{bypass}"]
     members = ",".join(map(str, slots))
-    lines = [f"-m conntrack --ctstate INVALID,UNTRACKED "
+    lines = [*flags, f"-m conntrack --ctstate INVALID,UNTRACKED "
              f'-m comment --comment "flowsteer-members {port}: {members}" '
              f"-j {slot_chain(direction, port, fail_open, slots[0])}",
              f"-j {pick_chain(direction, port)}"]
@@ -348,7 +384,22 @@ def _matches(family: Family, direction: Direction, rule: Rule) -> str:
         if rule.dst_port is not None:
             parts.append(f"--dport {rule.dst_port}")
     elif rule.proto != "any":
-        parts.append("-p icmp" if family == "inet" else "-p ipv6-icmp")
+        parts.append(f"-p {_ICMP[family]}")
+    return " ".join(parts)
+
+
+def _state_matches(family: Family, direction: Direction, rule: Rule) -> str:
+    """Matches for the replies of connections ``rule`` opened: their original direction is the rule's."""
+    parts: list[str] = []
+    if rule.interface:
+        parts.append(f"{'-i' if direction == 'in' else '-o'} {rule.interface}")
+    parts.append("-m conntrack --ctdir REPLY")
+    if rule.proto != "any":
+        parts.append(f"--ctproto {rule.proto if rule.proto in ('tcp', 'udp') else _ICMP[family]}")
+    for option, value in (("--ctorigsrc", rule.src), ("--ctorigdst", rule.dst),
+                          ("--ctorigsrcport", rule.src_port), ("--ctorigdstport", rule.dst_port)):
+        if value is not None:
+            parts.append(f"{option} {value}")
     return " ".join(parts)
 
 

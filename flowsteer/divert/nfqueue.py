@@ -74,6 +74,8 @@ class Delivery:
     """The message's attributes before the payload, as sent (see :mod:`flowsteer.divert.metadata`)."""
     deadline: float = 0.0
     """When the packet's hold time ends (set by the divert socket)."""
+    host: str = ""
+    """The address the divert socket gave with it (interface address inbound, unspecified outbound)."""
 
 
 @dataclass(slots=True)

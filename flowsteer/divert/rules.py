@@ -7,10 +7,12 @@ A rule sends the packets it matches to a divert port::
 Grammar (every part but ``divert-packet port N`` is optional; words in this order)::
 
     [in|out] [on IFACE] [inet|inet6] [proto tcp|udp|icmp|icmp6|any]
-    [from ADDR [port P]] [to ADDR [port P]] divert-packet port N [fail-open]
+    [from ADDR [port P]] [to ADDR [port P]] divert-packet port N [fail-open] [keep-state] [twice]
 
 ``ADDR`` is ``any``, an address or a prefix; ``P`` is a port or an inclusive range ``LO:HI`` (tcp and udp
 only). No direction means both directions; no family means both families unless an address fixes it.
+``keep-state`` also diverts the replies of the connections the rule matches (pf's state), to the same port
+and member; ``twice`` lets an ``out`` rule divert forwarded packets an ``in`` rule already diverted.
 :meth:`Rule.parse` and :func:`str` are inverses on canonical text.
 """
 
@@ -32,6 +34,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MIN_PORT = 1
 MAX_PORT = 1023
 """Divert ports are 1..1023: port, fail-open variant and member slot must fit a 16-bit queue number."""
+_OPTIONS = ("fail-open", "keep-state", "twice")
 
 _DIRECTIONS = ("in", "out")
 _FAMILIES = ("inet", "inet6")
@@ -83,6 +86,10 @@ class Rule:
     dst: Network | None = None
     dst_port: PortRange | None = None
     fail_open: bool = False
+    keep_state: bool = False
+    """Divert the replies of the connections this rule matches too (their other direction)."""
+    twice: bool = False
+    """In the out direction, divert also forwarded packets that an in rule diverted already."""
 
     def __post_init__(self) -> None:
         check_divert_port(self.divert_port)
@@ -135,8 +142,9 @@ class Rule:
                 if ports is not None:
                     words += ["port", str(ports)]
         words += ["divert-packet", "port", str(self.divert_port)]
-        if self.fail_open:
-            words.append("fail-open")
+        for option, on in zip(_OPTIONS, (self.fail_open, self.keep_state, self.twice), strict=True):
+            if on:
+                words.append(option)
         return " ".join(words)
 
 
@@ -194,12 +202,17 @@ class _Parser:
         port_word = self.take("a divert port")
         if not is_whole_number(port_word):
             raise InvalidInput(f"rule {self.text!r}: divert port {port_word!r} is not a number")
-        fail_open = self.accept("fail-open") is not None
+        options: set[str] = set()
+        while (option := self.accept(*_OPTIONS)) is not None:
+            if option in options:
+                raise InvalidInput(f"rule {self.text!r}: {option!r} given twice")
+            options.add(option)
         if self.peek() is not None:
             raise InvalidInput(f"rule {self.text!r}: unexpected {self.peek()!r}")
         return Rule(divert_port=int(port_word), direction=direction,  # type: ignore[arg-type]
                     interface=interface, family=family, proto=proto,  # type: ignore[arg-type]
-                    src=src, src_port=src_port, dst=dst, dst_port=dst_port, fail_open=fail_open)
+                    src=src, src_port=src_port, dst=dst, dst_port=dst_port, fail_open="fail-open" in options,
+                    keep_state="keep-state" in options, twice="twice" in options)
 
     def endpoint(self, key: str) -> tuple[Network | None, PortRange | None]:
         if self.accept(key) is None:

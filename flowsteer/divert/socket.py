@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 from flowsteer.divert import control, netfilter
+from flowsteer.divert.inject import inject_incoming, local_addresses
 from flowsteer.divert.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Delivery, NfQueue, Verdict
 from flowsteer.divert.packet import Origin, Packet, finalize
 from flowsteer.divert.ports import SLOTS, port_state, queue_number
@@ -46,6 +47,7 @@ SO_MARK = 36
 _SIOCGIFADDR = 0x8915
 _INBOUND_HOOKS = (0, 1, 2)  # PREROUTING, LOCAL_IN, FORWARD
 _UNSPECIFIED = {4: "0.0.0.0", 6: "::"}
+_UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "")
 _IF_CACHE_SECONDS = 1.0
 
 
@@ -73,6 +75,9 @@ class Counters:
     """New packets written."""
     requeued: int = 0
     """Returned to the rules when the socket closed before reading them (they reach the other members)."""
+    redirected: int = 0
+    """Written back with another address than they came with: the held packet was dropped and the bytes
+    written anew, as incoming on that address's interface or (unspecified address) as outgoing."""
 
 
 def check_hold_time(hold_time: float) -> None:
@@ -119,6 +124,8 @@ class DivertSocket:
         self._accepts: list[Delivery] = []
         self._interfaces: dict[tuple[int, int], tuple[str, str]] = {}
         self._interfaces_until = 0.0
+        self._addresses: dict[str, str] = {}
+        self._addresses_until = 0.0
         self._raw: dict[int, socket.socket] = {}
         self._netns = open("/proc/thread-self/ns/net", "rb")  # noqa: SIM115 (lives as long as the socket)
 
@@ -302,15 +309,18 @@ class DivertSocket:
         else:
             raw, mark = data, None
         if type(address) is tuple and len(address) == 2 and type(address[1]) is int:
-            tag = address[1]  # the common case, checked inline: this runs for every packet
+            host, tag = address  # the common case, checked inline: this runs for every packet
         else:
             tag = _tag(address)
+            host = address if isinstance(address, str) else address[0]  # type: ignore[assignment]
         held = self._held.get(tag)
         if held is None:
             self._check_open()
             if tag == 0:
-                return self._inject(finalize(raw))
+                return self._write_new(finalize(raw), host)
             held = self._lookup(tag)
+        if host != held.host:
+            return self._redirect(tag, held, raw, host)
         if mark is not None:
             payload = None if raw == held.payload else self._changed(raw, held)
             del self._held[tag]
@@ -328,6 +338,49 @@ class DivertSocket:
         if (not self._ready and not self._defer) or len(self._accepts) + len(self._verdicts) >= self.batch:
             self.flush()
         return len(raw)
+
+    def _redirect(self, tag: int, held: Delivery, raw: bytes | bytearray, host: str) -> int:
+        """Writes a held packet back the way ``host`` says (divert(4)): as incoming on the interface that
+        has address ``host``, or as outgoing for the unspecified address; the held original is dropped."""
+        sent = self._write_new(self._changed(raw, held), host)  # checksums too: offload may have left them
+        del self._held[tag]
+        self._verdicts.append(Verdict(held.queue, held.packet_id, NF_DROP))
+        self.counters.redirected += 1
+        if not self._ready and not self._defer:
+            self.flush()
+        return sent
+
+    def _write_new(self, packet: bytes, host: str) -> int:
+        """Writes a new packet: outgoing (routed) for an unspecified ``host``, else as incoming on the
+        interface with address ``host``. Raises InvalidInput when no interface has that address."""
+        if host in _UNSPECIFIED_HOSTS:
+            return self._inject(packet)
+        with self._home():
+            ifname = self._address_interface(host)
+            if ifname == "lo":  # a local packet: routed to a local address, it arrives on lo
+                return self._inject(packet)
+            try:
+                inject_incoming(packet, ifname, socket.if_nametoindex(ifname))
+            except OSError as exc:
+                raise kernel_error(f"finding interface {ifname}", exc.errno or errno.ENODEV) from None
+        self.counters.injected += 1
+        return len(packet)
+
+    def _address_interface(self, host: str) -> str:
+        """Returns the interface that has address ``host`` (cached for a second); raises InvalidInput."""
+        try:
+            host = str(ipaddress.ip_address(host))
+        except ValueError:
+            raise InvalidInput(f"{host!r} is not an IP address") from None
+        name = self._addresses.get(host)
+        if name is None and time.monotonic() > self._addresses_until:
+            self._addresses = local_addresses()
+            self._addresses_until = time.monotonic() + _IF_CACHE_SECONDS
+            name = self._addresses.get(host)
+        if name is None:
+            raise InvalidInput(f"{host!r} is neither the unspecified address nor an address of an interface "
+                               "in the socket's network namespace")
+        return name
 
     @staticmethod
     def _changed(raw: bytes | bytearray, held: Delivery) -> bytes:
@@ -468,6 +521,7 @@ class DivertSocket:
                 host = interface[1]
             else:
                 host = _UNSPECIFIED.get(version, "0.0.0.0")
+            d.host = host
             append(((payload, (host, d.queue << 32 | d.packet_id)), d))
 
     def _fill_now(self) -> None:

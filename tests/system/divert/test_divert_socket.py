@@ -76,7 +76,7 @@ def test_ipv6_inbound_address_and_write_back(peer: Peer) -> None:
         assert len(echoes) == 2 and {s.address[0] for s in echoes} == {peer.b6}
 
 
-def test_router_diverts_forwarded_traffic_in_and_out_on_two_ports_once_each(netns: NamedNetns) -> None:
+def test_router_diverts_forwarded_traffic_in_and_out_on_two_ports_with_twice(netns: NamedNetns) -> None:
     client, server = NamedNetns.create("fsc"), NamedNetns.create("fss")
     try:
         veth(client, "ca", netns, "ra")
@@ -88,7 +88,7 @@ def test_router_diverts_forwarded_traffic_in_and_out_on_two_ports_once_each(netn
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
             f.write("1")
         add("in on ra proto icmp divert-packet port 10")
-        add("out on rs proto icmp divert-packet port 11")
+        add("out on rs proto icmp divert-packet port 11 twice")  # twice: also after the in rule diverted
         add("in on ra proto icmp divert-packet port 12")  # never reached: the first match diverts
         with DivertSocket() as inbound, DivertSocket() as outbound, DivertSocket() as shadowed:
             inbound.bind(10)

@@ -110,8 +110,8 @@ def test_recompiling_keeps_counters_unchanged_chains_and_member_chains() -> None
     assert ":FS-DIV-IN " not in again and "-A FS-DIV-IN " not in again  # unchanged: not rewritten
     assert ":FS-DIV-IN-7-S0 " not in again and "-A FS-DIV-IN-7-S1 " in again  # members: kept, new one made
     changed = netfilter.compile_family("inet", rules[1:], {7: (0,)}, installed)
-    carried = [line.split(" -A ")[0] for line in changed.splitlines() if "-A FS-DIV-IN " in line]
-    assert carried == ["[0:0]", "[6:60]", "[5:50]"]  # skip line, then tcp and the first udp rule's counts
+    carried = [line.split(" -A ")[0] for line in changed.splitlines() if "-A FS-DIV-IN " in line and "rule" in line]
+    assert carried == ["[6:60]", "[5:50]"]  # the tcp and the first udp rule's counts
     assert ":FS-DIV-IN-7-S0 " not in changed
     left = netfilter.compile_family("inet", [], {}, installed)
     assert "-X FS-DIV-IN-7-S0" in left
@@ -125,9 +125,11 @@ def _as_saved(restore_input: str, counts: dict[str, list[int]]) -> list[str]:
             out.append(line)
         elif "] -A " in line:
             chain = line.split(" -A ")[1].split()[0]
-            index = seen.setdefault(chain, 0)
-            seen[chain] += 1
-            packets = counts.get(chain, [])[index - 1] if index and len(counts.get(chain, [])) >= index else 0
+            packets = 0
+            if "flowsteer-rule" in line or "flowsteer-member" in line:  # counted lines, in order
+                index = seen.setdefault(chain, 0)
+                seen[chain] += 1
+                packets = counts.get(chain, [])[index] if len(counts.get(chain, [])) > index else 0
             out.append(f"[{packets}:{packets * 10}] -A {line.split(' -A ', 1)[1]}")
         elif line.startswith("-I "):
             out.append(f"[0:0] -A {line.split()[1]} {' '.join(line.split()[3:])}")
@@ -146,3 +148,30 @@ def test_explain_reads_the_member_an_established_connection_is_pinned_to() -> No
     gone = netfilter.ct_value("in", 9)[0]  # slot 9 is not a member (any more)
     assert explain(flow, state, gone) == explain(flow, state)  # re-pinned like a new connection
 
+
+
+def test_keep_state_rules_match_the_replies_of_what_they_match() -> None:
+    rules = [Rule.parse("out on eth0 proto tcp to any port 80 divert-packet port 7 keep-state"),
+             Rule.parse("proto tcp divert-packet port 8")]
+    state = netfilter.Installed(rules=rules, members={7: (0,), 8: (0,)})
+    request = Flow("out", "tcp", "10.0.0.1", "10.9.9.9", 40000, 80, "eth0")
+    reply = Flow("in", "tcp", "10.9.9.9", "10.0.0.1", 80, 40000, "eth0", reply=True)
+    assert explain(request, state)["port"] == 7 and explain(reply, state)["port"] == 7
+    not_a_reply = Flow("in", "tcp", "10.9.9.9", "10.0.0.1", 80, 40000, "eth0")
+    assert explain(not_a_reply, state)["port"] == 8
+    elsewhere = Flow("in", "tcp", "10.9.9.9", "10.0.0.1", 80, 40000, "eth1", reply=True)
+    assert explain(elsewhere, state)["port"] == 8  # the rule's interface, the other way
+    text = netfilter.compile_family("inet", state.rules, {7: (0,)}, netfilter.Snapshot())
+    assert ("-A FS-DIV-IN -i eth0 -m conntrack --ctdir REPLY --ctproto tcp --ctorigdstport 80 "
+            '-m comment --comment "flowsteer-rule 0: ') in text
+
+
+def test_forwarded_packets_skip_out_rules_unless_twice() -> None:
+    rules = [Rule.parse("in proto udp divert-packet port 7"), Rule.parse("out proto udp divert-packet port 8 twice"),
+             Rule.parse("out proto tcp divert-packet port 9")]
+    text = netfilter.compile_family("inet", rules, {}, netfilter.Snapshot())
+    twice = [line for line in text.splitlines() if line.startswith("[0:0] -A FS-DIV-OUT-TWICE") and "rule" in line]
+    assert len(twice) == 1 and "port 8" in twice[0]
+    assert f"-g {netfilter.TWICE_CHAIN}" in text and "-I FORWARD 1 -j FS-DIV-FWD" in text
+    plain = netfilter.compile_family("inet", rules[:1], {}, netfilter.Snapshot())
+    assert netfilter.TWICE_CHAIN not in plain and "-m connmark --mark 0x20000000/0x20000000 -j RETURN" in plain

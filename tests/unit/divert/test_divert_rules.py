@@ -17,6 +17,8 @@ from flowsteer.errors import InvalidInput
     "out proto udp to 192.0.2.1 port 1000:2000 divert-packet port 1023",
     "inet6 proto icmp6 from 2001:db8::/32 divert-packet port 5",
     "in on veth+ proto udp from any port 53 divert-packet port 9",
+    "out proto tcp to any port 80 divert-packet port 700 keep-state",
+    "out on vc divert-packet port 8 fail-open keep-state twice",
 ])
 def test_canonical_rules_round_trip(text: str) -> None:
     rule = Rule.parse(text)
@@ -37,6 +39,8 @@ def test_families_follow_protocol_and_addresses() -> None:
     ("in", "divert-packet"),
     ("in on", "interface"),
     ("divert-packet port 0", "1..1023"),
+    ("divert-packet port 7 twice twice", "given twice"),
+    ("divert-packet port 7 keep-state bogus", "unexpected"),
     ("divert-packet port 1024", "1..1023"),
     ("divert-packet port x", "not a number"),
     ("divert-packet 7", "port N"),
@@ -93,6 +97,7 @@ def test_rule_shaped_word_soup_parses_or_is_refused(words: list[str]) -> None:
     src=st.sampled_from([None, ipaddress.ip_network("10.0.0.0/8")]),
     src_port=st.sampled_from([None, PortRange(1, 1), PortRange(10, 20)]),
     dst=st.sampled_from([None, ipaddress.ip_network("10.1.2.3/32")]),
-    dst_port=st.sampled_from([None, PortRange(443, 443)]), fail_open=st.booleans()))
+    dst_port=st.sampled_from([None, PortRange(443, 443)]), fail_open=st.booleans(), keep_state=st.booleans(),
+    twice=st.booleans()))
 def test_every_rule_survives_text(rule: Rule) -> None:
     assert Rule.parse(str(rule)) == rule

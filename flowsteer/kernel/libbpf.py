@@ -126,6 +126,7 @@ def _load_library() -> ctypes.CDLL:
         "bpf_map__value_size": (u32, [vp]),
         "bpf_map__max_entries": (u32, [vp]),
         "bpf_map__map_flags": (u32, [vp]),
+        "bpf_map__inner_map": (vp, [vp]),
         "bpf_program__fd": (i, [vp]),
         "bpf_program__set_expected_attach_type": (i, [vp, i]),
         "bpf_map_create": (i, [i, cp, u32, u32, u32, vp]),
@@ -234,12 +235,6 @@ class MapInfo:
     max_entries: int
     flags: int
     name: str
-
-    @property
-    def layout(self) -> tuple[int, int, int, int, int]:
-        """``(type, key size, value size, max entries, flags)``: what two maps must share to be
-        interchangeable."""
-        return (self.type, self.key_size, self.value_size, self.max_entries, self.flags)
 
 
 class Map(_Fd):
@@ -435,6 +430,11 @@ class Link(_Fd):
         return LinkInfo(raw.id, raw.prog_id)
 
 
+def _map_definition(ptr: int, name: str) -> MapInfo:
+    return MapInfo(_lib.bpf_map__type(ptr), 0, _lib.bpf_map__key_size(ptr), _lib.bpf_map__value_size(ptr),
+                   _lib.bpf_map__max_entries(ptr), _lib.bpf_map__map_flags(ptr), name)
+
+
 class BpfObject:
     """An ELF object file opened with libbpf, whose maps may reuse pinned maps before :meth:`load`.
 
@@ -489,9 +489,16 @@ class BpfObject:
 
     def map_spec(self, name: str) -> MapInfo:
         """Returns the definition of map ``name`` as compiled (id 0)."""
-        ptr = self._map_ptr(name)
-        return MapInfo(_lib.bpf_map__type(ptr), 0, _lib.bpf_map__key_size(ptr), _lib.bpf_map__value_size(ptr),
-                       _lib.bpf_map__max_entries(ptr), _lib.bpf_map__map_flags(ptr), name)
+        return _map_definition(self._map_ptr(name), name)
+
+    def inner_map_spec(self, name: str) -> MapInfo:
+        """Returns the definition of the inner map of map-in-map ``name`` as compiled (id 0). Only before
+        :meth:`load`: libbpf drops inner definitions when it loads. Raises FlowsteerError when ``name`` has
+        no inner definition."""
+        ptr = _lib.bpf_map__inner_map(self._map_ptr(name))
+        if not ptr:
+            raise FlowsteerError(f"map {name!r} of BPF object {self.path} has no inner map definition")
+        return _map_definition(ptr, f"{name}.inner")
 
     def reuse_map(self, name: str, existing: Map) -> None:
         """Makes map ``name`` use ``existing`` instead of creating a new one at load time."""

@@ -85,14 +85,14 @@ class Dispatcher:
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[LookupState]:
-        with self._inside() as ns, LookupState.open(self.root, ns, readonly=True) as st:
+        with self._inside() as ns, LookupState.open_in(self.root, ns, readonly=True) as st:
             yield st
 
     @contextlib.contextmanager
     def _checked(self) -> Iterator[tuple[LookupState, BpfObject]]:
         """Holds the writer lock; yields the state and the compiled object it was checked against."""
-        with self._inside() as ns, locked(), LookupState.open(self.root, ns) as st, open_object() as obj:
-            st.check_compatible(obj)
+        with self._inside() as ns, locked(), open_object() as obj, \
+                LookupState.open_in(self.root, ns, obj=obj) as st:
             yield st, obj
 
     @contextlib.contextmanager
@@ -185,11 +185,11 @@ class Dispatcher:
         port to two labels or uses more labels than the dispatcher holds; nothing changes then.
         """
         new = b.check_set(wanted)
-        with self._writing() as st:
+        with self._checked() as (st, obj):
             old = set(_read_bindings(st))
             try:
                 ids = {label: _ensure_label(st, label) for label in sorted({x.label for x in new})}
-                with new_trie() as trie:
+                with new_trie(obj) as trie:
                     for x in new:
                         trie.update(b.encode_key(*x.selector), b.encode_value(ids[x.label], x.mapped))
                     st.swap_in(trie)

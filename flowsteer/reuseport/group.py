@@ -113,7 +113,7 @@ class Group:
     def _writing(self, publish: bool = True) -> Iterator[GroupState]:
         """Runs the block under the lock; then, with ``publish``, publishes the table the members make."""
         with self._inside() as parent, locked():
-            with state.open_state(self.root, os.path.join(parent, self.id.dirname), self.id) as st:
+            with state.open_state(self.root, os.path.join(parent, self.id.dirname), self.id, locked=True) as st:
                 yield st
                 if publish:
                     _publish(st, st.policy())

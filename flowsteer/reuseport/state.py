@@ -1,37 +1,36 @@
 """A group's pinned state: the program and maps under ``<netns dir>/reuseport/<group>``, and their encoding.
 
-The directory is created complete or not at all (:func:`create`); :func:`open_state` refuses state whose
-layout differs from the compiled program's (IncompatibleState) before anything is written. A change of
-policy or table is published as a new generation: the inactive policy and table are written first, then
-one 32-bit write of ``active`` switches the program to them, so no packet sees half of a change.
-"""
+The directory is created complete or not at all (:func:`create`) and opened with its version and layouts
+checked (:func:`open_state`) by kernel.pinned, the mechanics every hook shares: state of another layout
+is refused (IncompatibleState) before anything is written. A change of policy or table is published as a
+new generation: the inactive policy and table are written first, then one 32-bit write of ``active``
+switches the program to them, so no packet sees half of a change."""
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import os
 import secrets
 import struct
 from dataclasses import dataclass
-from importlib import resources
 
 from flowsteer.errors import FlowsteerError, IncompatibleState, NotLoaded
 from flowsteer.kernel import bpffs
 from flowsteer.kernel.libbpf import BpfObject, Map, Program, possible_cpus
 from flowsteer.kernel.netns import NetnsId
+from flowsteer.kernel.pinned import PinnedState, StateSpec
 from flowsteer.reuseport.maglev import NO_MEMBER
 from flowsteer.reuseport.policy import Kind, Policy
 from flowsteer.reuseport.spec import MAX_MEMBERS, PROTOCOLS, GroupId
 
-VERSION = 1
 PROGRAM = "flowsteer_select"
 MAPS = ("meta", "members", "socks", "active", "policies", "table", "keys", "flows", "stats")
+SPEC = StateSpec("reuseport group", "reuseport.bpf.o", MAPS, version=1, sized_at_load=frozenset({"table"}))
 GLOBAL_COUNTERS = ("kernel", "dropped", "errors", "migrated", "key_hits", "flow_hits")
 
 CONFIGURED, DRAINED, ABSENT = 1, 2, 4
 
-_META = struct.Struct("=IIIIII16s")
+_META = struct.Struct("=IIIII16s")  # after the version record: protocol, port, table size, seed, pad, address
 _MEMBER = struct.Struct("=IIII")
 _POLICY = struct.Struct("=IIIIII")
 _U32 = struct.Struct("=I")
@@ -39,7 +38,7 @@ _U32 = struct.Struct("=I")
 
 def object_path() -> str:
     """Returns the path of the compiled program (built by `make bpf`)."""
-    return str(resources.files("flowsteer.bpf") / "reuseport.bpf.o")
+    return SPEC.object_path()
 
 
 def groups_dir(root: str, netns: NetnsId) -> str:
@@ -80,23 +79,13 @@ class Meta:
     seed: int
 
 
-class GroupState:
-    """Open handles on one group's pinned maps; close it (or use it as a context manager) when done."""
+class GroupState(PinnedState):
+    """Open handles on one group's pinned maps (see PinnedState); ``meta`` says which group it is.
+    Close it (or use it as a context manager) when done."""
 
-    def __init__(self, directory: str, maps: dict[str, Map]) -> None:
-        self.directory = directory
-        self.maps = maps
-        self.meta = _decode_meta(maps["meta"].lookup(_U32.pack(0)) or b"")
-
-    def close(self) -> None:
-        for m in self.maps.values():
-            m.close()
-
-    def __enter__(self) -> "GroupState":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __init__(self, spec: StateSpec, directory: str, maps: dict[str, Map], extra: dict[str, Map]) -> None:
+        super().__init__(spec, directory, maps, extra)
+        self.meta = _decode_meta(self.record())
 
     def program(self) -> Program:
         """Returns the group's loaded program."""
@@ -208,10 +197,7 @@ class GroupState:
 def _decode_meta(raw: bytes) -> Meta:
     if len(raw) != _META.size:
         raise IncompatibleState("the group's meta map has an unexpected layout; nothing was changed")
-    version, proto, port, size, seed, _, addr = _META.unpack(raw)
-    if version != VERSION:
-        raise IncompatibleState(f"the group's state has layout version {version}, this flowsteer writes "
-                                f"{VERSION}; remove the group and create it again")
+    proto, port, size, seed, _, addr = _META.unpack(raw)
     name = {v: k for k, v in PROTOCOLS.items()}.get(proto)
     if name is None:
         raise IncompatibleState(f"the group's state names protocol {proto}; nothing was changed")
@@ -223,64 +209,44 @@ def create(root: str, directory: str, group: GroupId, policy: Policy, table_size
            seed: int | None = None) -> None:
     """Creates the group's state at ``directory`` below bpffs ``root``, complete or not at all, with
     ``policy`` active and no member. Raises AlreadyExists when it exists, KernelError when the kernel
-    refuses, UnsafePath when another user could change the way to it."""
+    refuses, UnsafePath when another user could change the way to it. The caller holds the lock."""
     chosen_seed = secrets.randbits(32) if seed is None else seed & 0xFFFFFFFF
+    address = group.address
+    packed = (ipaddress.IPv6Address(f"::ffff:{address}") if address.version == 4 else address).packed
 
-    def populate(tmp: str) -> None:
-        with BpfObject(object_path()) as obj:
-            obj.set_max_entries("table", 2 * table_size)
-            obj.load()
-            for name in MAPS:
-                with obj.map(name) as m:
-                    m.pin(os.path.join(tmp, name))
-            with obj.program(PROGRAM) as prog:
-                prog.pin(os.path.join(tmp, "program"))
-        address = group.address
-        packed = (ipaddress.IPv6Address(f"::ffff:{address}") if address.version == 4 else address).packed
-        maps = {name: Map.open_pinned(os.path.join(tmp, name)) for name in MAPS}
-        maps["meta"].update(_U32.pack(0), _META.pack(VERSION, group.ipproto, group.port, table_size,
-                                                     chosen_seed, 0, packed))
-        with GroupState(tmp, maps) as st:
+    def populate(obj: BpfObject, tmp: str) -> None:
+        with obj.program(PROGRAM) as prog:
+            prog.pin(os.path.join(tmp, "program"))
+        with GroupState(SPEC, tmp, {name: obj.map(name) for name in MAPS}, {}) as st:
             st.publish(policy, [NO_MEMBER] * table_size)
 
-    bpffs.create_atomically(root, directory, populate)
+    SPEC.create(root, directory, populate, meta=_META.pack(group.ipproto, group.port, table_size, chosen_seed, 0,
+                                                           packed),
+                prepare=lambda obj: obj.set_max_entries("table", 2 * table_size))
+
+
+def _missing(directory: str, group: GroupId | None) -> str:
+    return (f"no reuseport group {group or os.path.basename(directory)} here; a worker's join or Group.create "
+            "makes one")
 
 
 def require_present(root: str, directory: str, group: GroupId | None = None) -> None:
     """Raises NotLoaded unless group state exists at ``directory`` below bpffs ``root``, UnsafePath when
     another user could change the way to it (see bpffs.walk)."""
     if not bpffs.present(root, directory):
-        raise NotLoaded(f"no reuseport group {group or os.path.basename(directory)} here; a worker's join "
-                        "or Group.create makes one")
+        raise NotLoaded(_missing(directory, group))
 
 
-def open_state(root: str, directory: str, group: GroupId | None = None) -> GroupState:
-    """Opens the group state at ``directory`` below bpffs ``root``.
+def open_state(root: str, directory: str, group: GroupId | None = None, locked: bool = False) -> GroupState:
+    """Opens the group state at ``directory`` below bpffs ``root`` (``locked``: the caller holds the
+    namespace's writer lock; see PinnedState.open).
 
-    Raises NotLoaded when there is none, IncompatibleState when its maps differ from the compiled
-    program's (another flowsteer version) or it belongs to another group than ``group``.
+    Raises NotLoaded when there is none, IncompatibleState when it is incomplete, its version or its
+    maps' layouts differ from the compiled program's (another flowsteer version), or it belongs to
+    another group than ``group``.
     """
-    require_present(root, directory, group)
-    maps: dict[str, Map] = {}
-    try:
-        with BpfObject(object_path()) as obj:
-            for name in MAPS:
-                try:
-                    maps[name] = Map.open_pinned(os.path.join(directory, name))
-                except FlowsteerError as exc:
-                    if exc.errno == errno.ENOENT:
-                        raise IncompatibleState(f"group state {directory} lacks map {name}; nothing was "
-                                                "changed") from None
-                    raise
-                want, have = obj.map_spec(name), maps[name].info()
-                if want.layout[:3] != have.layout[:3]:  # type and sizes; the table's length is set at load
-                    raise IncompatibleState(f"map {name} of group state {directory} has another layout than "
-                                            "this flowsteer's program; nothing was changed")
-        st = GroupState(directory, maps)
-    except BaseException:
-        for m in maps.values():
-            m.close()
-        raise
+    with SPEC.open_object() as obj:
+        st = GroupState.open(SPEC, root, directory, missing=_missing(directory, group), locked=locked, obj=obj)
     if group is not None and st.meta.group != group:
         st.close()
         raise IncompatibleState(f"state {directory} belongs to group {st.meta.group}, not {group}")

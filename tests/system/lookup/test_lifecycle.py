@@ -23,7 +23,7 @@ from flowsteer.kernel.libbpf import Map
 from flowsteer.kernel.netns import NamedNetns
 from flowsteer.lookup.bindings import Binding, encode_key, encode_value
 from flowsteer.lookup.dispatcher import Dispatcher
-from flowsteer.lookup.state import new_trie
+from flowsteer.lookup.state import new_trie, open_object
 from tests.traffic import tcp_lands, tcp_listener
 
 FLOWSTEER = [sys.executable, "-m", "flowsteer"]
@@ -279,7 +279,7 @@ def test_the_next_writer_removes_temporary_pins_of_dead_writers(dispatcher: Disp
     dead.wait()
     state = dispatcher.status()["state"]
     stale = os.path.join(state, f"bindings-active-tmp-{dead.pid}")
-    with new_trie() as trie:  # what a writer killed between pinning its new trie and the rename leaves
+    with open_object() as obj, new_trie(obj) as trie:  # what a writer killed before its rename leaves
         big = B("big", "udp", "2001:db8::/64", 53)
         trie.update(encode_key(*big.selector), encode_value(1, big.mapped))
         trie.pin(stale)

@@ -48,10 +48,11 @@ class NotLoaded(FlowsteerError):
 
 
 class AlreadyExists(FlowsteerError):
-    """What a command would create exists already (errno EEXIST)."""
+    """What a command would create or take exists already or is taken (errno EEXIST, or EBUSY for a
+    slot another socket holds)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, errno=errno_mod.EEXIST)
+    def __init__(self, message: str, *, errno: int = errno_mod.EEXIST) -> None:
+        super().__init__(message, errno=errno)
 
 
 class NotFound(FlowsteerError):

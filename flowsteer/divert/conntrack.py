@@ -6,7 +6,7 @@ import re
 import subprocess
 
 from flowsteer.divert.model import Flow
-from flowsteer.errors import FlowsteerError
+from flowsteer.errors import ToolFailed
 
 _MARK = re.compile(r"\bmark=(\d+)")
 
@@ -15,7 +15,7 @@ def connection_mark(flow: Flow) -> int | None:
     """Returns the conntrack mark of the TCP or UDP connection ``flow`` belongs to, in either direction.
 
     Returns None when the kernel tracks no such connection, or for other protocols. Raises
-    FlowsteerError when the ``conntrack`` tool is missing.
+    ToolFailed when the ``conntrack`` tool is missing.
     """
     if flow.proto not in ("tcp", "udp"):
         return None
@@ -26,7 +26,7 @@ def connection_mark(flow: Flow) -> int | None:
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, check=False)
         except FileNotFoundError:
-            raise FlowsteerError("conntrack is not installed; explaining established connections needs "
+            raise ToolFailed("conntrack is not installed; explaining established connections needs "
                                  "the conntrack package") from None
         found = _MARK.search(proc.stdout)
         if proc.returncode == 0 and found:

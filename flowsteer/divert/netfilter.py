@@ -43,7 +43,7 @@ from typing import Any
 from flowsteer.divert.inject import SOURCE_MAC
 from flowsteer.divert.ports import SLOTS, queue_number
 from flowsteer.divert.rules import Direction, Family, Rule
-from flowsteer.errors import FlowsteerError
+from flowsteer.errors import FlowsteerError, ToolFailed
 
 SKIP_MARK = 0xD1CE0000
 """Packet mark of packets flowsteer writes itself; the divert chains let them pass."""
@@ -195,7 +195,7 @@ def install(rules: Sequence[Rule], members: Mapping[int, Sequence[int]], previou
     state read before the change; it is reinstated in a family already changed when a later family
     fails. Counters survive: rule chains that do not change are not rewritten, rewritten ones carry each
     rule's counters over, and member counters live in chains that are never rewritten.
-    Raises FlowsteerError with iptables' message when the kernel refuses the rules.
+    Raises ToolFailed with iptables' message when the kernel refuses the rules.
     """
     done: list[Family] = []
     for family in _TOOLS:
@@ -211,7 +211,7 @@ def install(rules: Sequence[Rule], members: Mapping[int, Sequence[int]], previou
 def reset_counters() -> None:
     """Sets every rule and member counter of the current namespace to zero.
 
-    Raises FlowsteerError when iptables refuses.
+    Raises ToolFailed when iptables refuses.
     """
     for family, (save, _restore_tool) in _TOOLS.items():
         tool = save.replace("-save", "")
@@ -219,7 +219,7 @@ def reset_counters() -> None:
             if chain in (rule_chain("in"), rule_chain("out"), TWICE_CHAIN) or _SLOT_CHAIN.match(chain):
                 proc = _run([tool, "-w", "-t", "mangle", "-Z", chain])
                 if proc.returncode != 0:
-                    raise FlowsteerError(f"{tool} could not reset {chain}: {proc.stderr.strip()}")
+                    raise ToolFailed(f"{tool} could not reset {chain}: {proc.stderr.strip()}")
 
 
 def compile_family(family: Family, rules: Sequence[Rule], members: Mapping[int, Sequence[int]],
@@ -407,13 +407,13 @@ def _run(argv: list[str], text: str | None = None) -> subprocess.CompletedProces
     try:
         return subprocess.run(argv, input=text, capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        raise FlowsteerError(f"{argv[0]} is not installed; divert needs the iptables package") from None
+        raise ToolFailed(f"{argv[0]} is not installed; divert needs the iptables package") from None
 
 
 def _snapshot(family: Family) -> Snapshot:
     proc = _run([_TOOLS[family][0], "-c", "-t", "mangle"])
     if proc.returncode != 0:
-        raise FlowsteerError(f"{_TOOLS[family][0]} failed: {proc.stderr.strip()}")
+        raise ToolFailed(f"{_TOOLS[family][0]} failed: {proc.stderr.strip()}")
     return Snapshot.parse(proc.stdout.splitlines())
 
 
@@ -421,4 +421,4 @@ def _restore(family: Family, text: str) -> None:
     tool = _TOOLS[family][1]
     proc = _run([tool, "--noflush", "--counters"], text)
     if proc.returncode != 0:
-        raise FlowsteerError(f"{tool} refused the divert rules: {proc.stderr.strip()}")
+        raise ToolFailed(f"{tool} refused the divert rules: {proc.stderr.strip()}")

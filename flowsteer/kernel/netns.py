@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
+from flowsteer.errors import InvalidInput, ToolFailed, kernel_error
 
 if TYPE_CHECKING:
     import subprocess
@@ -123,7 +123,7 @@ class NamedNetns:
 
     @classmethod
     def create(cls, prefix: str = "fs", local_prefixes: Sequence[str] = ()) -> "NamedNetns":
-        """Creates a uniquely named namespace; raises FlowsteerError when ``ip netns add`` fails."""
+        """Creates a uniquely named namespace; raises ToolFailed when ``ip netns add`` fails."""
         name = f"{prefix}-{os.getpid()}-{next(_names)}"
         _ip(["netns", "add", name])
         ns = cls(name)
@@ -163,4 +163,4 @@ def _ip(argv: list[str], input: str | None = None) -> None:
 
     proc = subprocess.run(["ip", *argv], input=input, text=True, capture_output=True, check=False)
     if proc.returncode != 0:
-        raise FlowsteerError(f"ip {' '.join(argv)} failed: {proc.stderr.strip()}")
+        raise ToolFailed(f"ip {' '.join(argv)} failed: {proc.stderr.strip()}")

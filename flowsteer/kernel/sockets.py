@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from flowsteer.errors import FlowsteerError, InvalidInput, WrongSocket, kernel_error
+from flowsteer.errors import FlowsteerError, InvalidInput, NotFound, WrongSocket, kernel_error
 from flowsteer.kernel.netns import NetnsId
 
 SO_COOKIE = 57
@@ -149,7 +149,7 @@ def take_from_process(pid: int, protocol: str, ip: str, port: int) -> socket.soc
 
     ``ip`` may name an IPv6 zone (``fe80::1%eth0`` or ``fe80::1%2``): then only a socket bound on that
     interface matches. Raises InvalidInput when ``ip`` is no address or its interface is unknown in the
-    calling thread's namespace, FlowsteerError when the process has no such socket, KernelError when the
+    calling thread's namespace, NotFound when the process has no such socket, KernelError when the
     kernel refuses access.
     """
     want_type = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}[protocol]
@@ -165,7 +165,7 @@ def take_from_process(pid: int, protocol: str, ip: str, port: int) -> socket.soc
         if _matches(sock, want_type, want_ip, want_zone, port):
             return sock
         sock.close()
-    raise FlowsteerError(f"process {pid} has no {protocol} socket bound to {ip} port {port}")
+    raise NotFound(f"process {pid} has no {protocol} socket bound to {ip} port {port}")
 
 
 def parse_scoped(ip: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int | None]:

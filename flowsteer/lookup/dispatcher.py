@@ -9,7 +9,6 @@ and a writer killed at any point leaves the previous, consistent state in place.
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import os
 import socket
@@ -18,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flowsteer.errors import FlowsteerError, InvalidInput
+from flowsteer.errors import AlreadyExists, InvalidInput, NotFound
 from flowsteer.kernel import bpffs, capabilities
 from flowsteer.kernel import sockets as socks
 from flowsteer.kernel.libbpf import BPF_NOEXIST, BpfObject, Program
@@ -155,25 +154,24 @@ class Dispatcher:
         return b.sort_by_precedence(found)
 
     def bind(self, binding: Binding) -> None:
-        """Adds ``binding``. Raises FlowsteerError (EEXIST) when its protocol, prefix and port are bound
+        """Adds ``binding``. Raises AlreadyExists when its protocol, prefix and port are bound
         to another label; binding the same thing twice is not an error."""
         with self._writing() as st:
             current = _exact_label_id(st, binding)
             if current is not None:
                 if _label_names(st).get(current) == binding.label:
                     return
-                raise FlowsteerError(f"{binding.protocol} {binding.prefix} port {binding.port} is already "
-                                     f"bound to label {_label_names(st).get(current, '?')!r}; unbind it first",
-                                     errno=errno.EEXIST)
+                raise AlreadyExists(f"{binding.protocol} {binding.prefix} port {binding.port} is already "
+                                    f"bound to label {_label_names(st).get(current, '?')!r}; unbind it first")
             label_id = _ensure_label(st, binding.label)
             st.active.update(b.encode_key(*binding.selector), b.encode_value(label_id, binding.mapped))
 
     def unbind(self, binding: Binding) -> None:
-        """Removes ``binding``; raises FlowsteerError (ENOENT) when it is not bound to that label."""
+        """Removes ``binding``; raises NotFound when it is not bound to that label."""
         with self._writing() as st:
             current = _exact_label_id(st, binding)
             if current is None or current != _label_ids(st).get(binding.label):
-                raise FlowsteerError(f"no binding {binding}", errno=errno.ENOENT)
+                raise NotFound(f"no binding {binding}")
             st.active.delete(b.encode_key(*binding.selector))
             _collect_labels(st)
 
@@ -222,7 +220,7 @@ class Dispatcher:
     def register_pid(self, pid: int, label: str, protocol: str, ip: str, port: int) -> list[DestinationStatus]:
         """Takes the socket bound to ``protocol ip:port`` from process ``pid`` (pidfd_getfd) and registers
         it; ``ip`` may name an IPv6 zone (``fe80::1%eth0``) to pick the socket bound on that interface.
-        Raises InvalidInput for a bad address or unknown zone, FlowsteerError when the process has no such
+        Raises InvalidInput for a bad address or unknown zone, NotFound when the process has no such
         socket, PermissionDenied when the kernel does not allow taking it."""
         protocol = b.parse_protocol(protocol)
         port = b.parse_port(port)
@@ -234,12 +232,12 @@ class Dispatcher:
     def unregister(self, label: str, family: str | None = None, protocol: str | None = None) -> int:
         """Removes ``label``'s sockets (of one family/protocol when given); returns how many were removed.
 
-        Raises FlowsteerError (ENOENT) when the label is unknown.
+        Raises NotFound when the label is unknown.
         """
         with self._writing() as st:
             label_id = _label_ids(st).get(label)
             if label_id is None:
-                raise FlowsteerError(f"unknown label {label!r}", errno=errno.ENOENT)
+                raise NotFound(f"unknown label {label!r}")
             removed = 0
             for fam in FAMILIES if family is None else (family,):
                 for proto in b.PROTOCOLS if protocol is None else (protocol,):

@@ -286,7 +286,7 @@ class Group:
         member live (unless drained). On any failure nothing is changed.
 
         Raises WrongSocket (with the kernel's errno where it refused) when ``sock`` is not a socket of
-        this group or already a member, FlowsteerError (EBUSY) when another live socket holds the slot.
+        this group or already a member, AlreadyExists (EBUSY) when another live socket holds the slot.
         """
         slot = parse_slot(slot)
         chosen_weight = None if weight is None else check_weight(weight)
@@ -296,8 +296,8 @@ class Group:
             held = st.socket_cookie(slot)
             old = st.member(slot)
             if held is not None and held != cookie:
-                raise FlowsteerError(f"member {slot} of group {self.id} is held by another socket (cookie {held}, "
-                                     f"pid {old.pid}); it must leave first", errno=errno.EBUSY)
+                raise AlreadyExists(f"member {slot} of group {self.id} is held by another socket (cookie {held}, "
+                                    f"pid {old.pid}); it must leave first", errno=errno.EBUSY)
             try:
                 st.set_socket(slot, sock.fileno())
             except FlowsteerError as exc:

@@ -296,14 +296,18 @@ def sweep_stale(root: str, directory: str) -> None:
 
 
 def _sweep(dir_fd: int, shown: str) -> None:
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        names = os.listdir(fd)
-    finally:
-        os.close(fd)
-    for name in names:
-        if is_temporary(name):
-            if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-                shutil.rmtree(name, dir_fd=dir_fd)
-            else:
-                os.unlink(name, dir_fd=dir_fd)
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
+        for name in names:
+            if is_temporary(name):
+                if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=dir_fd)
+                else:
+                    os.unlink(name, dir_fd=dir_fd)
+    except PermissionError as exc:
+        raise kernel_error(f"change {shown}", exc.errno or errno.EACCES,
+                           "only root (or the user that created it) may change this state") from None

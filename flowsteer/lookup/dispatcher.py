@@ -114,8 +114,10 @@ class Dispatcher:
 
     def unload(self) -> None:
         """Detaches the dispatcher and removes its state (bindings, sockets, counters), also state that an
-        incompatible flowsteer version wrote. Raises NotLoaded when it is not loaded.
+        incompatible flowsteer version wrote. Raises NotLoaded when it is not loaded, PermissionDenied
+        naming the capability without CAP_BPF/CAP_NET_ADMIN.
         """
+        capabilities.require("unloading the dispatcher", "CAP_BPF", "CAP_NET_ADMIN")
         with self._inside() as ns, locked():
             remove(self.root, ns)
 
@@ -123,8 +125,10 @@ class Dispatcher:
         """Replaces the running program with the installed one, keeping bindings, sockets and counters.
 
         The new program is loaded against the pinned maps and swapped into the link atomically.
-        Returns the old and new program ids. Raises IncompatibleState when the layouts differ.
+        Returns the old and new program ids. Raises IncompatibleState when the layouts differ,
+        PermissionDenied naming the capability without CAP_BPF/CAP_NET_ADMIN.
         """
+        capabilities.require("upgrading the dispatcher", "CAP_BPF", "CAP_NET_ADMIN")
         with self._checked() as (st, obj), st.link() as link:
             old = link.info().prog_id
             for name in st.maps:

@@ -142,3 +142,18 @@ def test_a_failed_load_by_an_unprivileged_user_says_which_capability_and_creates
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "needs CAP_BPF and CAP_NET_ADMIN" in proc.stderr, proc.stderr
     assert sorted(os.listdir(bpffs_root)) == before
+
+
+@pytest.mark.parametrize("args", [("load",), ("unload",), ("upgrade",), ("bind", "x", "tcp", "192.0.2.0/24", "80"),
+                                  ("unbind", "x", "tcp", "192.0.2.0/24", "80"), ("unregister", "x"),
+                                  ("status",), ("group", "drain", "tcp:192.0.2.3:80", "0"),
+                                  ("load", "--netns", "/proc/1/ns/net")])
+def test_an_unprivileged_user_gets_one_line_naming_what_is_missing(
+        netns: NamedNetns, bpffs_root: str, args: tuple[str, ...]) -> None:
+    Dispatcher(bpffs_root=bpffs_root).load()
+    Group("tcp:192.0.2.3:80", bpffs_root=bpffs_root).create()
+    proc = flowsteer(*args, user=NOBODY, root=bpffs_root)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("flowsteer: error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(r"needs CAP_\w+|only root \(or the user that (created|loaded) it\) may change", proc.stderr), \
+        proc.stderr

@@ -27,8 +27,7 @@ from flowsteer.kernel import bpffs
 from flowsteer.kernel.netns import NamedNetns
 from flowsteer.reuseport import Flow, Group, GroupId, Policy, join, open_member_socket
 from flowsteer.reuseport.group import SO_ATTACH_REUSEPORT_EBPF
-from flowsteer.reuseport.restart import GroupPool, Load, PlainPool, Worker, rolling_restart
-from flowsteer.reuseport.traffic import random_flows, tcp_landing, udp_landing
+from flowsteer.testing.flows import random_flows, tcp_landing, udp_landing
 
 SO_DETACH_REUSEPORT_BPF = 68
 PREFIXES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "198.18.0.0/15")
@@ -138,29 +137,6 @@ def movement(flows: int) -> dict[str, float]:
     return out
 
 
-def restart_failures() -> dict[str, tuple[int, int]]:
-    """Returns (failed, succeeded) connections during a rolling restart of 4 workers under load."""
-    out = {}
-    for name, port in (("flowsteer", 7005), ("plain", 7006)):
-        gid = GroupId.parse(f"tcp:192.0.2.1:{port}")
-        if name == "flowsteer":
-            group = Group(gid)
-            group.create()
-            pool: GroupPool | PlainPool = GroupPool(group)
-        else:
-            pool = PlainPool(gid)
-        workers = {slot: Worker(pool.open(slot)) for slot in range(4)}
-        with Load(str(gid.address), port, clients=4) as load:
-            load.wait_for(200)
-            rolling_restart(pool, workers, queued=2)
-            load.wait_for(200)
-        for worker in workers.values():
-            worker.stop()
-            worker.listener.close()
-        out[name] = (len(load.failures), load.ok)
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller samples (a smoke run)")
@@ -183,9 +159,6 @@ def main() -> int:
             print(f"flows moved on {change} (one of 8): flowsteer {moved['flowsteer ' + change]:.3f} "
                   f"= {moved['flowsteer ' + change] * n:.2f}/N (target <= 1.2/N), plain SO_REUSEPORT "
                   f"{moved['plain ' + change]:.3f} = {moved['plain ' + change] * n:.2f}/N")
-        failures = restart_failures()
-        for name, (failed, ok) in failures.items():
-            print(f"rolling restart of 4 workers under load, {name}: {failed} failed of {failed + ok} connections")
     return 0
 
 

@@ -5,8 +5,8 @@
     kill -HUP <pid>                      # rolling restart: no connection fails, even under load
     flowsteer group show tcp:127.0.0.1:8080
 
-Each worker joins the group as its own member; the supervisor (flowsteer.reuseport.Supervisor) restarts
-them one by one on SIGHUP and stops them on SIGTERM or Ctrl-C.
+The supervisor (flowsteer.reuseport.supervisor) joins one socket per worker to the group, restarts the
+workers one by one on SIGHUP and stops them on SIGTERM or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -35,12 +35,11 @@ async def _handle(slot: int, reader: asyncio.StreamReader, writer: asyncio.Strea
 async def _serve(member: Membership) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    server = await asyncio.start_server(functools.partial(_handle, member.slot), sock=member.socket,
-                                        backlog=4096)
+    handle = functools.partial(_handle, member.slot)
+    servers = [await asyncio.start_server(handle, sock=sock, backlog=4096) for sock in member.sockets]
     await stop.wait()
-    member.detach()  # no new connections; closing the listener migrates the queued ones
-    server.close()
-    await server.wait_closed()
+    for server in servers:  # the supervisor drained the member; closing migrates the queued connections
+        server.close()
     handlers = asyncio.all_tasks() - {asyncio.current_task()}
     if handlers:  # finish the connections already accepted
         await asyncio.wait(handlers, timeout=10)

@@ -10,6 +10,7 @@ packages=(
     tcpdump                                # reading back divert capture files in the tests
     libnetfilter-queue-dev                 # the C baseline of bench/divert.py and python NetfilterQueue
     python3-venv python3-dev gcc
+    wrk                                    # load generator of the restart tests and bench/reuseport.py
 )
 
 missing=()

@@ -16,10 +16,11 @@ from flowsteer.divert.capture import capture
 from flowsteer.divert.conntrack import connection_mark
 from flowsteer.divert.model import Flow, explain as explain_flow
 from flowsteer.divert.rules import Rule
-from flowsteer.divert.serve import Supervisor, load_handler
+from flowsteer.divert.serve import load_handler, supervisor
 from flowsteer.divert.status import status as divert_status
 from flowsteer.kernel.netns import entered
 from flowsteer.numbers import is_whole_number
+from flowsteer.supervisor import Event
 
 
 @main.group()
@@ -191,24 +192,23 @@ def serve_cmd(handler: str, port: int, workers: int, hold_time: float, report_in
 
     The handler gets a flowsteer.divert.Packet and returns it (or bytes) to write it back, or None to
     drop it; a handler decorated with flowsteer.divert.batch_handler gets a list of packets and returns
-    a list of results. Workers form one load-balancing group; a worker that dies is restarted. Stop with
-    Ctrl-C.
+    a list of results. Workers form one load-balancing group; a worker that dies is replaced, SIGHUP
+    restarts them one by one. Stop with Ctrl-C or SIGTERM.
     """
     function = load_handler(handler)
 
-    def event(e: dict[str, Any]) -> None:
+    def event(e: Event) -> None:
         if as_json:
-            click.echo(json.dumps(e))
-        elif e["event"] == "restarted":
-            click.echo(f"worker {e['worker']} (pid {e['dead_pid']}) died with exit code {e['exitcode']}; "
-                       f"restarted as pid {e['pid']} in slot {e['slot']}")
+            click.echo(json.dumps(e.to_dict()))
+        elif "workers" in e.detail:
+            _render_workers(e.to_dict())
         else:
-            _render_workers(e)
+            click.echo(str(e))
         sys.stdout.flush()
 
     with entered(netns):
-        Supervisor(port, workers, function, hold_time=hold_time, events=event,
-                   capture=capture_file).run(report_every=report_interval)
+        supervisor(port, workers, function, hold_time=hold_time, capture=capture_file, events=event,
+                   report_every=report_interval).run()
 
 
 @divert.command("capture")

@@ -2,7 +2,8 @@
 
 - :func:`join` (a worker): become member K of a group and get a ready socket; ``Membership.leave()``.
 - :class:`Group` (a supervisor): members, policy, weights, drain/undrain, keys, ``explain``.
-- :class:`Supervisor`: runs a server as worker processes, one per member; rolling restarts on SIGHUP.
+- :func:`~flowsteer.reuseport.supervisor.supervisor`: runs a server as worker processes, one per member
+  (flowsteer's one :class:`flowsteer.supervisor.Supervisor`); restarts that fail no request.
 - :class:`Policy`: consistent, weighted, key or hash; :class:`Flow` and :func:`decide` model the program.
 """
 
@@ -10,8 +11,7 @@ from flowsteer.reuseport.group import Group, MemberStatus
 from flowsteer.reuseport.model import Decision, Flow, decide
 from flowsteer.reuseport.policy import Policy
 from flowsteer.reuseport.spec import GroupId
-from flowsteer.reuseport.supervisor import Supervisor
 from flowsteer.reuseport.worker import Membership, join, open_member_socket
 
-__all__ = ["Decision", "Flow", "Group", "GroupId", "MemberStatus", "Membership", "Policy", "Supervisor", "decide",
+__all__ = ["Decision", "Flow", "Group", "GroupId", "MemberStatus", "Membership", "Policy", "decide",
            "join", "open_member_socket"]

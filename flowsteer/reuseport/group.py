@@ -318,6 +318,16 @@ class Group:
                     st.clear_socket(slot)
                 raise
 
+    def record_pid(self, slot: int, pid: int) -> None:
+        """Records ``pid`` as the process serving member ``slot`` (a supervisor that joined the socket
+        itself names the worker it handed the socket to). Raises InvalidInput for an unconfigured slot."""
+        slot = parse_slot(slot)
+        with self._writing(publish=False) as st:
+            member = st.member(slot)
+            if not member.configured:
+                raise InvalidInput(f"group {self.id} has no member {slot}")
+            st.set_member(slot, Member(member.weight, member.flags, pid))
+
     def detach(self, slot: int) -> None:
         """Marks member ``slot`` absent so that it takes no new flow (call before closing its socket)."""
         self._flag(slot, add=ABSENT)

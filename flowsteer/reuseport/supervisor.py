@@ -1,168 +1,228 @@
-"""Run a server as worker processes of one group, and restart them one by one without failing a connection.
+"""Run a server as worker processes of one group, and restart them without failing a request.
 
-    def serve(member: Membership) -> None:      # runs in each worker process
-        asyncio.run(my_server(member.socket))    # returns after SIGTERM, once the server has closed
+    def serve(member: Membership) -> None:       # runs in each worker process
+        asyncio.run(my_server(member.sockets))    # return after SIGTERM, once the server has closed
 
-    Supervisor(Group("tcp:0.0.0.0:8080"), workers=4, serve=serve).run()
+    supervisor(Group("tcp:0.0.0.0:8080"), 4, serve).run()
 
-``run`` starts the workers and waits for signals: SIGHUP restarts every worker in turn, SIGTERM or SIGINT
-stops them all, and a worker that dies on its own (SIGCHLD) is replaced at once by a new one joining its
-slot. A restart of member K drains it, sends its worker SIGTERM (``serve`` must then close its server and
-return; connections still queued on its listener migrate to live members), starts a new worker that joins
-as K, and undrains K once it is ready.
+The supervisor (privileged) opens every member socket and joins it to the group; each worker gets its
+socket (and a probe listener, when probes are on) and may run as an unprivileged user: a worker never
+touches a BPF map. It is the one :class:`flowsteer.supervisor.Supervisor` with a :class:`GroupService`.
+
+How member K is restarted (SIGHUP restarts every member in turn; a worker that died or stopped answering
+its probe is restarted alone):
+
+- ``migrate`` (default): K is drained (no new flows) and the supervisor lets go of its copy of K's socket;
+  the worker gets SIGTERM, stops accepting and closes its listener, whose queued connections the group's
+  program migrates to live members; it finishes the connections it accepted within the drain deadline
+  (``stop_timeout``) and exits. A new socket joins as K, a new worker serves it, and once it is ready
+  (answered its probe) K is undrained.
+- ``handover``: K's new worker starts on the very same socket, and the old worker gets SIGTERM only once
+  the new one is ready; both accept from the one queue for a moment, the queue is never closed and the
+  group does not change.
+
+With ``offer`` the supervisor offers its member sockets at a Unix socket path
+(:mod:`flowsteer.supervisor.handover`): a new supervisor started with ``take_over`` set to that path
+(an upgrade of the supervisor itself) takes them, starts its workers on them and then lets the old one
+stop without draining anything.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
-from collections.abc import Callable, Sequence
-from multiprocessing.process import BaseProcess
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from flowsteer.errors import FlowsteerError
-from flowsteer.kernel.process import die_with_parent
+import click
+
+from flowsteer.errors import FlowsteerError, InvalidInput
+from flowsteer.kernel.netns import entered
 from flowsteer.reuseport.group import Group
 from flowsteer.reuseport.policy import Policy
-from flowsteer.reuseport.worker import Membership, join
-from flowsteer.sdnotify import notify
+from flowsteer.reuseport.worker import Membership, open_member_socket
+from flowsteer.supervisor import Event, Identity, Probe, Ready, Supervisor
+from flowsteer.supervisor.handover import Handover, Offer, take
+from flowsteer.supervisor.probe import Target
 
 Serve = Callable[[Membership], None]
-_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+RESTARTS = ("migrate", "handover")
 
 
-def _worker(group: Group, slot: int, serve: Serve, ready: multiprocessing.connection.Connection) -> None:
-    die_with_parent()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        member = join(group.id, slot, netns=group.netns, bpffs_root=group.root)
-    except FlowsteerError as exc:
-        ready.send(str(exc))
-        raise SystemExit(1) from None
-    ready.send("")
-    try:
-        serve(member)
-    finally:
-        member.leave()
+class GroupService:
+    """The workers of the members of ``group`` (created with ``policy`` when new), each running
+    ``serve(member)``; ``restart`` is ``migrate`` or ``handover`` (see the module docstring). With
+    ``probe`` each worker gets a probe listener on loopback (``member.probe``) to serve like its socket.
+    ``taken`` are member sockets taken over from a former supervisor (``done()`` is called once every
+    worker serves them); ``offer`` a path where this service offers its member sockets.
+    Raises InvalidInput for an unknown restart mode."""
 
-
-class Supervisor:
-    """Worker processes serving members 0..workers-1 of ``group`` (created with ``policy``, default
-    consistent, when it does not exist). A worker must join within ``ready_timeout`` seconds and stop within ``stop_timeout``
-    of its SIGTERM (else it is killed); ``report`` receives one line per event (default: nothing). A worker
-    that dies on its own is replaced by :meth:`run` as soon as the kernel reports its death."""
-
-    def __init__(self, group: Group, workers: int, serve: Serve, *, policy: Policy | None = None,
-                 ready_timeout: float = 10.0, stop_timeout: float = 30.0,
-                 report: Callable[[str], None] = lambda line: None) -> None:
-        if not 1 <= workers <= 256:
-            raise FlowsteerError(f"{workers} workers: a group has 1 to 256 members")
+    def __init__(self, group: Group, serve: Serve, *, policy: Policy | None = None, restart: str = "migrate",
+                 probe: bool = False, taken: Handover | None = None, offer: str | None = None) -> None:
+        if restart not in RESTARTS:
+            raise InvalidInput(f"restart {restart!r} is not one of {', '.join(RESTARTS)}")
         self.group = group
-        self.policy = policy
-        self.count = workers
         self.serve = serve
-        self.ready_timeout = ready_timeout
-        self.stop_timeout = stop_timeout
-        self.report = report
-        self.processes: dict[int, BaseProcess] = {}
-        self._context = multiprocessing.get_context("fork")
+        self.policy = policy
+        self.overlap = restart == "handover"
+        self.probing = probe
+        self.held: dict[int, socket.socket] = {}
+        self.probes: dict[int, socket.socket] = {}
+        self.targets: dict[int, Target] = {}
+        self.handed_over = False
+        self._taken = taken
+        self._offer_path = offer
+        self._offer: Offer | None = None
+        if taken is not None:
+            self.held = _slots_of(group, taken.sockets)
+        self._created = False
 
-    def _start(self, slot: int) -> None:
-        """Starts the worker of ``slot`` and returns once it has joined; raises FlowsteerError when it
-        could not join or did not report within ``ready_timeout``."""
-        receiver, sender = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_worker, args=(self.group, slot, self.serve, sender),
-                                        name=f"flowsteer-worker-{slot}")
-        process.start()
-        sender.close()
-        with receiver:
-            if not receiver.poll(self.ready_timeout):
-                process.kill()
-                raise FlowsteerError(f"worker {slot} did not join within {self.ready_timeout} s")
-            problem = receiver.recv()
-        if problem:
-            process.join()
-            raise FlowsteerError(f"worker {slot} could not join: {problem}")
-        self.processes[slot] = process
-        self.report(f"worker {slot} ready (pid {process.pid})")
+    def describe(self, workers: int) -> str:
+        return f"{workers} workers serving {self.group.id}"
 
-    def _end(self, slot: int) -> None:
-        """Sends the worker of ``slot`` SIGTERM and waits for it; kills it after ``stop_timeout``."""
-        process = self.processes.pop(slot)
-        if process.pid is not None and process.is_alive():
-            os.kill(process.pid, signal.SIGTERM)
-        process.join(self.stop_timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
-            self.report(f"worker {slot} did not stop within {self.stop_timeout} s and was killed")
+    def prepare(self, slot: int) -> None:
+        if not self._created:
+            self.group.create(self.policy, exist_ok=True)
+            self._created = True
+        if slot not in self.held:
+            with entered(self.group.netns):
+                sock = open_member_socket(self.group.id)
+            try:
+                self.group.attach(slot, sock)
+            except BaseException:
+                sock.close()
+                raise
+            self.held[slot] = sock
+        if self.probing:
+            with entered(self.group.netns):
+                listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(64)
+            self.probes[slot] = listener
+            self.targets[slot] = listener.getsockname()
 
-    def start(self) -> None:
-        """Creates the group if needed and starts every worker; returns once all have joined."""
-        self.group.create(self.policy, exist_ok=True)
-        for slot in range(self.count):
-            self._start(slot)
-            self.group.undrain(slot)
+    def run(self, slot: int, ready: Ready) -> None:
+        for other in (self.held, self.probes):
+            for key, sock in other.items():
+                if key != slot:
+                    sock.close()
+        member = Membership(self.group, slot, self.held[slot], self.probes.get(slot))
+        ready()
+        self.serve(member)
 
-    def restart(self) -> None:
-        """Restarts every worker in turn: drain, stop, start a new one, undrain."""
-        for slot in sorted(self.processes):
+    def started(self, slot: int, pid: int, detail: Mapping[str, Any]) -> None:
+        self.group.record_pid(slot, pid)
+        self.group.undrain(slot)
+        self._close_probe(slot)
+
+    def all_ready(self) -> None:
+        if self._taken is not None:
+            self._taken.done()
+        if self._offer_path is not None:
+            self._offer = Offer(self._offer_path, self._named, on_taken=self._handed_over)
+
+    def _named(self) -> dict[str, socket.socket]:
+        return {f"{self.group.id} {slot}": sock for slot, sock in self.held.items()}
+
+    def _handed_over(self) -> None:
+        self.handed_over = True
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def stopping(self, slot: int) -> None:
+        if not self.handed_over:  # a new supervisor serves the very same sockets now: leave them live
             self.group.drain(slot)
-            self._end(slot)
-            self._start(slot)
-            self.group.undrain(slot)
-        self.report("restart finished")
+        sock = self.held.pop(slot, None)
+        if sock is not None:
+            sock.close()
 
-    def revive(self) -> None:
-        """Replaces every worker that died on its own by a new one joining its slot (meanwhile the
-        slot had no socket: the program left its flows to the kernel's hash over the live members)."""
-        for slot, process in sorted(self.processes.items()):
-            if not process.is_alive():
-                del self.processes[slot]
-                self.report(f"worker {slot} died (exit code {process.exitcode}); starting a new one")
-                self._start(slot)
-                self.group.undrain(slot)
+    def ended(self, slot: int) -> None:
+        self._close_probe(slot)
 
-    def stop(self) -> None:
-        """Stops every worker (each leaves the group first) and waits for them."""
-        for slot in sorted(self.processes):
-            self.group.drain(slot)
-            self._end(slot)
-        self.report("stopped")
+    def _close_probe(self, slot: int) -> None:
+        probe = self.probes.pop(slot, None)
+        if probe is not None:
+            probe.close()
 
-    def run(self) -> None:
-        """Starts the workers, then serves signals until SIGTERM or SIGINT: SIGHUP restarts them, SIGCHLD
-        replaces a worker that died. Under systemd (``Type=notify``) it sends READY=1 once every worker
-        has joined and STOPPING=1 when a SIGTERM or SIGINT begins the stop."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        try:
-            self.start()
-            self.report("all workers ready")
-            notify(ready=True, status=f"{self.count} workers serving {self.group.id}")
-            while (signum := signal.sigwait(_SIGNALS)) not in (signal.SIGTERM, signal.SIGINT):
-                if signum == signal.SIGHUP:
-                    self.restart()
-                self.revive()  # SIGCHLD (also after a restart's own workers ended: then nothing to do)
-            notify(stopping=True)
-        finally:
-            self.stop()
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    def probe_target(self, slot: int) -> Target | None:
+        return self.targets.get(slot)
+
+    def status(self) -> dict[str, Any]:
+        return {"group": str(self.group.id)}
+
+    def close(self) -> None:
+        if self._offer is not None:
+            self._offer.close()
+        for sock in [*self.held.values(), *self.probes.values()]:
+            sock.close()
+        self.held.clear()
+        self.probes.clear()
+
+
+def _slots_of(group: Group, sockets: Mapping[str, socket.socket]) -> dict[int, socket.socket]:
+    """Returns the sockets named ``"GROUP SLOT"`` for ``group``, by slot; closes the others."""
+    found = {}
+    for name, sock in sockets.items():
+        spec, _, slot = name.rpartition(" ")
+        if spec == str(group.id) and slot.isdigit():
+            found[int(slot)] = sock
+        else:
+            sock.close()
+    if not found:
+        raise FlowsteerError(f"the handover holds no member socket of group {group.id}")
+    return found
+
+
+def supervisor(group: Group, workers: int, serve: Serve, *, policy: Policy | None = None,
+               restart: str = "migrate", identity: Identity | None = None, probe: Probe | None = None,
+               offer: str | None = None, take_over: str | None = None, ready_timeout: float = 10.0,
+               stop_timeout: float = 30.0, events: Callable[[Event], None] = lambda event: None) -> Supervisor:
+    """Returns the supervisor of ``workers`` workers serving members 0..workers-1 of ``group`` (see the
+    module docstring and :class:`GroupService`). With ``take_over`` the member sockets are taken from the
+    supervisor offering them at that path. Raises InvalidInput for a worker count outside 1..256,
+    FlowsteerError when nothing can be taken over."""
+    if not 1 <= workers <= 256:
+        raise InvalidInput(f"{workers} workers: a group has 1 to 256 members")
+    taken = None if take_over is None else take(take_over)
+    service = GroupService(group, serve, policy=policy, restart=restart, probe=probe is not None, taken=taken,
+                           offer=offer)
+    return Supervisor(service, workers, ready_timeout=ready_timeout, stop_timeout=stop_timeout,
+                      identity=identity, probe=probe, events=events)
 
 
 def main(serve: Serve, description: str, argv: Sequence[str] | None = None, policy: Policy | None = None) -> None:
-    """The command line of a supervised server: ``GROUP [--workers N]``; runs a :class:`Supervisor` that
-    reports its events on stdout (a new group gets ``policy``). A FlowsteerError ends it with the message
-    and exit status 1."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("group", help="PROTOCOL:ADDRESS:PORT, e.g. tcp:127.0.0.1:8080")
-    parser.add_argument("--workers", type=int, default=4, help="worker processes (members 0..N-1)")
-    args = parser.parse_args(argv)
-    try:
-        Supervisor(Group(args.group), args.workers, serve, policy=policy,
-                   report=functools.partial(print, flush=True)).run()
-    except FlowsteerError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    """The command line of a supervised server (``GROUP [--workers N] …``, see ``--help``): runs
+    :func:`supervisor` and prints its events on stdout (a new group gets ``policy``). A FlowsteerError
+    ends it with the message and exit status 1."""
+
+    @click.command(help=description)
+    @click.argument("group")
+    @click.option("--workers", type=int, default=4, show_default=True, help="Worker processes (members 0..N-1).")
+    @click.option("--restart", type=click.Choice(RESTARTS), default="migrate", show_default=True,
+                  help="How a member is restarted: migrate its queue, or hand its socket to the new worker.")
+    @click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+                  help="Seconds a stopping worker has to finish its connections before it is killed.")
+    @click.option("--ready-timeout", type=float, default=10.0, show_default=True,
+                  help="Seconds a new worker has to become ready.")
+    @click.option("--user", default=None, help="Run workers as USER[:GROUP], without capabilities.")
+    @click.option("--probe/--no-probe", default=False, help="Probe each worker over HTTP; replace one that stops answering.")
+    @click.option("--probe-interval", type=float, default=1.0, show_default=True, help="Seconds between probes.")
+    @click.option("--probe-failures", type=int, default=3, show_default=True,
+                  help="Failed probes in a row that make a worker unhealthy.")
+    @click.option("--offer", default=None, metavar="PATH", help="Offer the member sockets at this Unix socket.")
+    @click.option("--take-over", default=None, metavar="PATH",
+                  help="Take the member sockets from the supervisor offering them at PATH (an upgrade).")
+    def command(group: str, workers: int, restart: str, drain_timeout: float, ready_timeout: float,
+                user: str | None, probe: bool, probe_interval: float, probe_failures: int, offer: str | None,
+                take_over: str | None) -> None:
+        try:
+            identity = None if user is None else Identity.parse(*user.split(":", 1))
+            checks = Probe(interval=probe_interval, timeout=probe_interval, failures=probe_failures) if probe else None
+            supervisor(Group(group), workers, serve, policy=policy, restart=restart, identity=identity,
+                       probe=checks, offer=offer, take_over=take_over, ready_timeout=ready_timeout,
+                       stop_timeout=drain_timeout, events=functools.partial(print, flush=True)).run()
+        except FlowsteerError as exc:
+            raise SystemExit(f"error: {exc}") from None
+
+    command.main(args=list(argv) if argv is not None else None)

@@ -27,11 +27,21 @@ DEFAULT_BACKLOG = 4096
 
 @dataclass
 class Membership:
-    """A socket that is member ``slot`` of ``group``; :meth:`leave` (or the ``with`` block's end) ends it."""
+    """A socket that is member ``slot`` of ``group``; :meth:`leave` (or the ``with`` block's end) ends it.
+
+    A worker of a supervisor also gets ``probe``, a listener the supervisor sends health probes to (serve
+    it like the member socket: :attr:`sockets` holds both); the supervisor drains and detaches the member
+    itself, so such a worker needs no privilege and never calls :meth:`detach` or :meth:`leave`."""
 
     group: Group
     slot: int
     socket: socket.socket
+    probe: socket.socket | None = None
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets to serve: the member socket, and the probe listener when there is one."""
+        return [self.socket] if self.probe is None else [self.socket, self.probe]
 
     def detach(self) -> None:
         """Stops new flows to this member (it is marked absent); then close the socket, or let the server

@@ -107,8 +107,10 @@ def test_serve_runs_a_group_and_a_killed_workers_flows_are_taken_over(peer: Peer
             pass  # periodic per-worker counters; earlier reports may predate the round
         victim = pids[0]
         os.kill(victim, signal.SIGKILL)
-        restarted = read_event(serve, "restarted")
-        assert restarted["dead_pid"] == victim and restarted["pid"] != victim
+        died = read_event(serve, "worker-died")
+        assert died["pid"] == victim and died["slot"] == 0
+        restarted = read_event(serve, "worker-ready")
+        assert restarted["slot"] == 0 and restarted["pid"] != victim
         second = round_()
         for port, pid in first.items():
             if pid != victim:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 
 from flowsteer.kernel.netns import NamedNetns
 from flowsteer.reuseport import Group, Membership, Policy, join
+
+sys.path.insert(0, os.path.dirname(__file__))  # the tests import their helpers (rolling.py) from here
 
 MakeGroup = Callable[..., tuple[Group, dict[int, Membership]]]
 

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from flowsteer.reuseport import Group, GroupId, join, open_member_socket
-from flowsteer.reuseport.restart import GroupPool, Load, PlainPool, Worker, rolling_restart
-from flowsteer.reuseport.traffic import random_flows, tcp_landing, udp_landing
+from flowsteer.testing.flows import random_flows, tcp_landing, udp_landing
+from flowsteer.testing.load import Load
+from rolling import GroupPool, PlainPool, Worker, rolling_restart
 
 MakeGroup = Callable[..., Any]
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from flowsteer.cli import main
 from flowsteer.reuseport import Flow
-from flowsteer.reuseport.traffic import tcp_landing
+from flowsteer.testing.flows import tcp_landing
 
 MakeGroup = Callable[..., Any]
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from flowsteer.reuseport import Flow, Policy
-from flowsteer.reuseport.restart import accept_queue
-from flowsteer.reuseport.traffic import IPV6_FREEBIND, random_flows, tcp_landing, udp_landing
+from flowsteer.testing.load import accept_queue
+from flowsteer.testing.flows import IPV6_FREEBIND, random_flows, tcp_landing, udp_landing
 
 MakeGroup = Callable[..., Any]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flowsteer.reuseport import Group
-from flowsteer.reuseport.restart import Load
+from flowsteer.testing.load import Load
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 HTTP_GET = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"

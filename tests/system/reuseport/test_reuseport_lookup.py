@@ -20,7 +20,7 @@ from flowsteer.errors import FlowsteerError
 from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.dispatcher import Dispatcher
 from flowsteer.reuseport import open_member_socket
-from flowsteer.reuseport.traffic import random_flows, tcp_landing, udp_landing
+from flowsteer.testing.flows import random_flows, tcp_landing, udp_landing
 
 MakeGroup = Callable[..., Any]
 ANCHOR = 999

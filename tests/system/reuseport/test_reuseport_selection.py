@@ -18,7 +18,7 @@ from flowsteer.kernel.netns import identity
 from flowsteer.reuseport import Flow, Group, GroupId, join, open_member_socket
 from flowsteer.reuseport.policy import Policy
 from flowsteer.reuseport.state import MAPS, GroupState, groups_dir, open_state
-from flowsteer.reuseport.traffic import random_flows, tcp_landing, udp_landing
+from flowsteer.testing.flows import random_flows, tcp_landing, udp_landing
 
 MakeGroup = Callable[..., Any]
 

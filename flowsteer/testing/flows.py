@@ -1,6 +1,6 @@
 """Real test traffic for groups: open chosen flows and see which member socket received each one.
 
-Used by the demo, the benchmark and the system tests. Flows come from explicit client addresses and
+Flows come from explicit client addresses and
 ports (addresses of prefixes routed locally to ``lo``); TCP clients close with a reset so that no
 TIME_WAIT state blocks a 4-tuple from being used again. Waits are bounded: a flow nobody received within
 ``timeout`` is reported as ``"dropped"``, a refused TCP connection as ``"refused"``.

@@ -1,8 +1,7 @@
-"""Rolling restarts under load, for the demo, the benchmark and the system tests.
+"""Simulated rolling restarts under load, for the kernel-level system tests of queue migration.
 
 :class:`Worker` serves a TCP listener in a thread and can stop accepting (as a worker that shuts down
-does, leaving connections queued); :class:`Load` keeps clients connecting and counts failures;
-:func:`rolling_restart` replaces every worker in turn through a :class:`Pool`: :class:`GroupPool` for a
+does, leaving connections queued); :func:`rolling_restart` replaces every worker in turn through a :class:`Pool`: :class:`GroupPool` for a
 flowsteer group (drain, leave, join, undrain), :class:`PlainPool` for plain SO_REUSEPORT (close, open).
 """
 
@@ -10,7 +9,6 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import threading
 import time
 from typing import Protocol
@@ -18,12 +16,7 @@ from typing import Protocol
 from flowsteer.reuseport.group import Group
 from flowsteer.reuseport.spec import GroupId
 from flowsteer.reuseport.worker import Membership, join, open_member_socket
-
-
-def accept_queue(listener: socket.socket) -> int:
-    """Returns how many connections wait in ``listener``'s accept queue (TCP_INFO's tcpi_unacked)."""
-    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return int(struct.unpack_from("=I", info, 24)[0])
+from flowsteer.testing.load import accept_queue
 
 
 class Worker:
@@ -69,58 +62,6 @@ class Worker:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(2.0)
-
-
-class Load:
-    """``clients`` threads opening connections to ``address:port`` one after another: each sends
-    ``request`` and expects an answer starting with ``expect``. Counts successes and failures (reset,
-    refused, timeout, wrong answer)."""
-
-    def __init__(self, address: str, port: int, clients: int = 4, request: bytes = b"ping\n",
-                 expect: bytes = b"pong") -> None:
-        self.target = (address, port)
-        self.request = request
-        self.expect = expect
-        self.ok = 0
-        self.failures: list[str] = []
-        self._lock = threading.Condition()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def __enter__(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(5.0)
-
-    def _run(self) -> None:
-        family = socket.AF_INET6 if ":" in self.target[0] else socket.AF_INET
-        while not self._stop.is_set():
-            try:
-                with socket.socket(family, socket.SOCK_STREAM) as sock:
-                    sock.settimeout(3.0)
-                    sock.connect(self.target)
-                    sock.sendall(self.request)
-                    answer = sock.recv(len(self.expect), socket.MSG_WAITALL)
-                outcome = None if answer == self.expect else f"answer {answer!r}"
-            except OSError as exc:
-                outcome = type(exc).__name__
-            with self._lock:
-                if outcome is None:
-                    self.ok += 1
-                    self._lock.notify_all()
-                else:
-                    self.failures.append(outcome)
-
-    def wait_for(self, connections: int, timeout: float = 5.0) -> None:
-        """Returns once ``connections`` more connections succeeded (or ``timeout`` passed)."""
-        with self._lock:
-            goal = self.ok + connections
-            self._lock.wait_for(lambda: self.ok >= goal, timeout)
 
 
 class Pool(Protocol):

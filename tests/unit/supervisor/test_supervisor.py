@@ -1,0 +1,190 @@
+"""The one worker supervisor with a service made for the test: slots, readiness, replacement of a worker
+that dies, restarts in both orders, health probes, and the events of all of it (no privilege needed)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from flowsteer.errors import InvalidInput
+from flowsteer.supervisor import Event, Probe, Ready, Supervisor, WorkerError
+from flowsteer.supervisor.probe import Target
+
+
+class Service:
+    """Workers that answer "ok" on a probe listener of their own; records every call the supervisor makes."""
+
+    def __init__(self, overlap: bool = False, fail_slot: int | None = None) -> None:
+        self.overlap = overlap
+        self.fail_slot = fail_slot
+        self.calls: list[tuple[str, int]] = []
+        self.listeners: dict[int, socket.socket] = {}
+        self.targets: dict[int, Target] = {}
+
+    def describe(self, workers: int) -> str:
+        return f"{workers} test workers"
+
+    def prepare(self, slot: int) -> None:
+        self.calls.append(("prepare", slot))
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        self.listeners[slot] = listener
+        self.targets[slot] = listener.getsockname()
+
+    def run(self, slot: int, ready: Ready) -> None:
+        if slot == self.fail_slot:
+            raise InvalidInput("this slot cannot start")
+        listener = self.listeners[slot]
+        ready(answer="ok")
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(100)
+                conn.sendall(b"ok")
+
+    def started(self, slot: int, pid: int, detail: Mapping[str, Any]) -> None:
+        self.calls.append(("started", slot))
+        self.listeners[slot].close()  # the worker holds the listener now
+
+    def all_ready(self) -> None:
+        self.calls.append(("all_ready", -1))
+
+    def stopping(self, slot: int) -> None:
+        self.calls.append(("stopping", slot))
+
+    def ended(self, slot: int) -> None:
+        self.calls.append(("ended", slot))
+
+    def probe_target(self, slot: int) -> Target | None:
+        return self.targets[slot]
+
+    def status(self) -> dict[str, Any]:
+        return {"test": True}
+
+    def close(self) -> None:
+        self.calls.append(("close", -1))
+
+
+@pytest.fixture
+def events() -> list[Event]:
+    return []
+
+
+def make(service: Service, events: list[Event], **kwargs: Any) -> Supervisor:
+    return Supervisor(service, 2, ready_timeout=10, stop_timeout=5, events=events.append, **kwargs)
+
+
+@pytest.fixture
+def blocked() -> Iterator[None]:
+    """Blocks the supervisor's signals as run() does (the tests call its steps directly)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGHUP})
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def test_start_restart_and_stop_in_order(events: list[Event], blocked: None) -> None:
+    service = Service()
+    sup = make(service, events)
+    sup.start()
+    first = {slot: p.pid for slot, p in sup.processes.items()}
+    assert [str(e) for e in events][-1] == "all workers ready"
+    assert events[0].to_dict() == {"event": "worker-ready", "slot": 0, "pid": first[0], "answer": "ok"}
+    service.calls.clear()
+    sup.restart()
+    # stop first: the old worker of a slot ends before its new one is prepared
+    assert service.calls == [("stopping", 0), ("ended", 0), ("prepare", 0), ("started", 0),
+                             ("stopping", 1), ("ended", 1), ("prepare", 1), ("started", 1)]
+    assert not set(first.values()) & {p.pid for p in sup.processes.values()}
+    assert str(events[-1]) == "restart finished"
+    sup.stop()
+    assert events[-1].to_dict() == {"event": "stopped", "test": True}
+    assert sup.processes == {}
+
+
+def test_overlap_starts_the_new_worker_before_the_old_one_stops(events: list[Event], blocked: None) -> None:
+    service = Service(overlap=True)
+    sup = make(service, events)
+    sup.start()
+    old = sup.processes[1]
+    service.calls.clear()
+    sup.replace(1)
+    assert service.calls == [("prepare", 1), ("started", 1)]
+    assert not old.is_alive() and sup.processes[1].is_alive()
+    sup.stop()
+
+
+def test_a_worker_that_dies_is_replaced_in_its_slot(events: list[Event], blocked: None) -> None:
+    sup = make(Service(), events)
+    sup.start()
+    victim = sup.processes[1].pid
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    sup.processes[1].join()
+    sup.revive()
+    died = [e for e in events if e.kind == "worker-died"]
+    assert [(e.slot, e.pid, e.detail["exitcode"]) for e in died] == [(1, victim, -signal.SIGKILL)]
+    assert sup.processes[1].is_alive() and sup.processes[1].pid != victim
+    sup.stop()
+
+
+def test_a_worker_that_cannot_start_is_an_error_naming_it(events: list[Event], blocked: None) -> None:
+    service = Service(fail_slot=1)
+    sup = make(service, events)
+    with pytest.raises(WorkerError, match="worker 1 .* could not start: this slot cannot start"):
+        sup.start()
+    assert ("ended", 1) in service.calls
+    sup.stop()
+
+
+def test_a_frozen_worker_fails_its_probes_and_is_replaced(events: list[Event], blocked: None) -> None:
+    probe = Probe(request=b"?", expect=b"ok", interval=0.1, timeout=0.2, failures=2)
+    sup = make(Service(), events, probe=probe)
+    sup.start()
+    sup.check_health()
+    assert not [e for e in events if e.kind == "worker-unhealthy"]
+    frozen = sup.processes[0].pid
+    assert frozen is not None
+    os.kill(frozen, signal.SIGSTOP)
+    sup.check_health()  # one failure: not yet
+    assert sup.processes[0].pid == frozen
+    sup.check_health()
+    (unhealthy,) = [e for e in events if e.kind == "worker-unhealthy"]
+    assert (unhealthy.slot, unhealthy.pid, unhealthy.detail["failures"]) == (0, frozen, 2)
+    assert sup.processes[0].pid != frozen
+    assert probe.check({0: sup.service.probe_target(0)}) == set()  # type: ignore[dict-item]
+    sup.stop()
+
+
+def test_run_serves_signals_until_sigterm(events: list[Event]) -> None:
+    sup = make(Service(), events)
+    ran = threading.Event()
+
+    def signals() -> None:
+        ran.wait(10)
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if event.kind == "ready":
+            ran.set()
+        if event.kind == "restart-finished":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sup.events = on_event
+    thread = threading.Thread(target=signals)
+    thread.start()
+    sup.run()
+    thread.join()
+    assert [e.kind for e in events if "worker" not in e.kind] == ["ready", "restart-finished", "stopping", "stopped"]
+
+
+def test_probe_settings_are_checked() -> None:
+    with pytest.raises(InvalidInput, match="probe interval 0"):
+        Probe(interval=0)

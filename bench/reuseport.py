@@ -3,7 +3,9 @@
 1. connection rate with flowsteer's program attached against the same sockets without a program;
 2. balance of 100,000 UDP flows over 8 equal members (busiest member against the mean);
 3. fraction of TCP flows moved when one of 8 members is added or removed, against plain SO_REUSEPORT;
-4. failed connections during a rolling restart of 4 workers under load, against plain SO_REUSEPORT.
+4. restarts of real servers under wrk (``--restarts``): failed requests and requests/s while uvicorn and
+   gunicorn (4 workers) restart, with flowsteer's supervisor, with plain SO_REUSEPORT workers restarted
+   the same way, and with gunicorn's own HUP reload.
 
 Everything runs in a network namespace and a bpffs mount of its own, removed at the end.
 """
@@ -12,21 +14,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import importlib
 import os
 import platform
 import random
+import re
+import select
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 from flowsteer.kernel import bpffs
 from flowsteer.kernel.netns import NamedNetns
 from flowsteer.reuseport import Flow, Group, GroupId, Policy, join, open_member_socket
 from flowsteer.reuseport.group import SO_ATTACH_REUSEPORT_EBPF
+from flowsteer.reuseport.supervisor import GroupService
+from flowsteer.supervisor import Supervisor
 from flowsteer.testing.flows import random_flows, tcp_landing, udp_landing
 
 SO_DETACH_REUSEPORT_BPF = 68
@@ -137,10 +149,151 @@ def movement(flows: int) -> dict[str, float]:
     return out
 
 
+
+# -- restarts of real servers (issue 9 item 6) -------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+RESTART_WORKERS = 4
+_WRK = re.compile(r"(?P<requests>\d+) requests in|Socket errors: connect (?P<connect>\d+), read (?P<read>\d+), "
+                  r"write (?P<write>\d+), timeout (?P<timeout>\d+)|Non-2xx or 3xx responses: (?P<status>\d+)|"
+                  r"Requests/sec:\s+(?P<rate>[\d.]+)")
+
+
+class PlainService(GroupService):
+    """The recipes' workers on plain SO_REUSEPORT sockets (no group, no program), restarted the same way:
+    the old worker stops and closes its listener (the kernel resets what is queued on it), a new one opens
+    a new socket."""
+
+    def prepare(self, slot: int) -> None:
+        if slot not in self.held:
+            self.held[slot] = open_member_socket(self.group.id)
+
+    def started(self, slot: int, pid: int, detail: Mapping[str, Any]) -> None:
+        pass
+
+    def stopping(self, slot: int) -> None:
+        self.held.pop(slot).close()
+
+
+def serve_recipe(kind: str, spec: str) -> None:
+    """Runs ``kind`` (``flowsteer`` or ``plain``, ``-uvicorn``, ``-gunicorn`` or ``-gunicorn-uvicorn``) on
+    ``spec`` until SIGTERM, printing its events (the benchmark runs this in a process of its own)."""
+    steering, _, server = kind.partition("-")
+    sys.path.insert(0, str(EXAMPLES))
+    if server == "gunicorn-uvicorn":
+        os.environ["GUNICORN_WORKER"] = "uvicorn"
+    recipe = importlib.import_module("reuseport_uvicorn" if server == "uvicorn" else "reuseport_gunicorn")
+    service = (GroupService if steering == "flowsteer" else PlainService)(Group(spec), recipe.serve)
+    Supervisor(service, RESTART_WORKERS, events=functools.partial(print, flush=True)).run()
+
+
+def wrk(url: str, seconds: int, close: bool) -> subprocess.Popen[str]:
+    """Starts wrk (2 threads, 32 connections, 3 s timeout) against ``url`` for ``seconds``; returns the
+    Popen, whose output :func:`wrk_result` reads."""
+    header = ["-H", "Connection: close"] if close else []
+    return subprocess.Popen(["wrk", "-t2", "-c32", f"-d{seconds}s", "--timeout", "3s", *header, url],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def wrk_result(proc: subprocess.Popen[str]) -> tuple[int, int, float]:
+    """Returns (requests, failed requests, requests/s) from a finished wrk: failed are socket errors of
+    every kind and answers other than 2xx/3xx."""
+    out, _ = proc.communicate()
+    found: dict[str, float] = {}
+    for match in _WRK.finditer(out):
+        found.update({k: float(v) for k, v in match.groupdict().items() if v is not None})
+    failed = sum(int(found.get(k, 0)) for k in ("connect", "read", "write", "timeout", "status"))
+    return int(found["requests"]), failed, found["rate"]
+
+
+def _await(proc: subprocess.Popen[bytes], wanted: str, timeout: float = 60.0) -> None:
+    """Returns once ``proc`` (with unbuffered stdout, so select() sees every line) printed ``wanted``."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and select.select([proc.stdout], [], [], deadline - time.monotonic())[0]:
+        line = proc.stdout.readline().decode()
+        if not line:
+            break
+        if wanted in line:
+            return
+    raise RuntimeError(f"{wanted!r} not seen (exit status {proc.poll()})")
+
+
+def restart_run(kind: str, spec: str, close: bool, seconds: int) -> tuple[int, int, float]:
+    """One run: ``kind`` serves ``spec`` (4 workers), wrk runs ``seconds``; one second in, a SIGHUP
+    restarts every worker (for ``gunicorn-hup``: gunicorn's own reload). Returns wrk's (requests,
+    failed, requests/s)."""
+    gid = GroupId.parse(spec)
+    if kind.startswith("gunicorn-hup"):
+        worker = ["-k", "uvicorn.workers.UvicornWorker", "reuseport_uvicorn:app"] if kind.endswith("uvicorn") \
+            else ["reuseport_gunicorn:wsgi_app"]
+        server = subprocess.Popen(["gunicorn", "-w", str(RESTART_WORKERS), "-b", f"{gid.address}:{gid.port}",
+                                   "--chdir", str(EXAMPLES), "--log-level", "warning", *worker],
+                                  env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        ready = lambda: _await_http(str(gid.address), gid.port)  # noqa: E731
+        finished = None
+    else:
+        server = subprocess.Popen([sys.executable, __file__, "--serve", kind, spec], stdout=subprocess.PIPE, bufsize=0)
+        ready = lambda: _await(server, "all workers ready")  # noqa: E731
+        finished = "restart finished"
+    try:
+        ready()
+        load = wrk(f"http://{gid.address}:{gid.port}/", seconds, close)
+        time.sleep(1.0)  # a benchmark, not a test: the restart starts one second into the load
+        server.send_signal(signal.SIGHUP)
+        if finished:
+            _await(server, finished)
+            if load.poll() is not None:
+                raise RuntimeError(f"the restart outlasted wrk's {seconds} s: run longer")
+        return wrk_result(load)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _await_http(host: str, port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1) as conn:
+            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            if conn.recv(12).startswith(b"HTTP/1."):
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing answers on {host}:{port}")
+
+
+RESTART_KINDS = ("flowsteer-uvicorn", "plain-uvicorn", "gunicorn-hup-uvicorn",
+                 "flowsteer-gunicorn", "plain-gunicorn", "gunicorn-hup")
+
+
+def restarts(runs: int, seconds: int) -> None:
+    """Prints, per server, restart method and client kind, the failed requests of each of ``runs`` runs
+    and the median requests/s, side by side."""
+    for port, kind in enumerate(RESTART_KINDS, start=7100):
+        for close in (True, False):
+            results = [restart_run(kind, f"tcp:192.0.2.1:{port + 10 * run}", close, seconds)
+                       for run in range(runs)]
+            failed = [f for _, f, _ in results]
+            print(f"restart {kind:22} {'Connection: close' if close else 'keep-alive':17}: failed per run "
+                  f"{failed} of ~{statistics.median(r for r, _, _ in results):,.0f} requests; "
+                  f"median {statistics.median(x for _, _, x in results):,.0f} requests/s", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller samples (a smoke run)")
+    parser.add_argument("--restarts", action="store_true", help="only the restarts of real servers (wrk)")
+    parser.add_argument("--runs", type=int, default=10, help="runs of each restart row")
+    parser.add_argument("--seconds", type=int, default=8, help="wrk duration of each restart run")
+    parser.add_argument("--serve", nargs=2, metavar=("KIND", "GROUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        serve_recipe(*args.serve)
+        return 0
     if os.geteuid() != 0:
         print("bench/reuseport.py needs root (namespaces, BPF)", file=sys.stderr)
         return 1
@@ -148,6 +301,9 @@ def main() -> int:
     print(f"# reuseport benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{platform.node()}, kernel {platform.release()}, {os.cpu_count()} CPUs")
     with sandbox():
+        if args.restarts:
+            restarts(args.runs, args.seconds)
+            return 0
         plain_rate, prog_rate = connection_rate(rounds=5, flows_per_round=2000 // scale)
         print(f"connection rate: {prog_rate:,.0f}/s with the program, {plain_rate:,.0f}/s without: "
               f"ratio {prog_rate / plain_rate:.3f} (target >= 0.95)")

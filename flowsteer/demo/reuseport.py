@@ -24,11 +24,12 @@ HTTP = GroupId.parse("tcp:192.0.2.1:8000")
 RECIPE = Path(__file__).resolve().parents[2] / "examples" / "reuseport_uvicorn.py"
 
 
-def _await_line(proc: subprocess.Popen[str], wanted: str, timeout: float = 60.0) -> bool:
-    """Returns whether ``proc`` printed a line containing ``wanted`` within ``timeout`` seconds."""
+def _await_line(proc: subprocess.Popen[bytes], wanted: str, timeout: float = 60.0) -> bool:
+    """Returns whether ``proc`` printed a line containing ``wanted`` within ``timeout`` seconds (its stdout
+    is unbuffered, so select() sees every line)."""
     assert proc.stdout is not None
     while select.select([proc.stdout], [], [], timeout)[0]:
-        line = proc.stdout.readline()
+        line = proc.stdout.readline().decode()
         if not line:
             return False
         if wanted in line:
@@ -41,7 +42,7 @@ def _real_server_restart(root: str, base: list[str]) -> None:
         print(f"  (skipped: {RECIPE} is part of a clone of the repository, not of an installed package)")
         return
     proc = subprocess.Popen([sys.executable, str(RECIPE), str(HTTP), "--workers", "4", "--probe"],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "FLOWSTEER_BPFFS": root})
+                            stdout=subprocess.PIPE, bufsize=0, env={**os.environ, "FLOWSTEER_BPFFS": root})
     try:
         if not _await_line(proc, "all workers ready"):
             print("  the uvicorn recipe did not start (is uvicorn installed? make setup installs it)")

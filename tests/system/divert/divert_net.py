@@ -205,8 +205,9 @@ class Pump:
                 self._cond.wait(left)
 
 
-def read_event(proc: subprocess.Popen[str], want: str, timeout: float = 20.0) -> dict[str, Any]:
-    """Returns the next JSON event ``want`` that ``divert serve --json`` prints, skipping others."""
+def read_event(proc: subprocess.Popen[bytes], want: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Returns the next JSON event ``want`` that ``divert serve --json`` prints, skipping others.
+    ``proc.stdout`` must be unbuffered (``bufsize=0``): select() cannot see lines a buffered reader holds."""
     assert proc.stdout is not None
     while True:
         ready, _, _ = select.select([proc.stdout], [], [], timeout)

@@ -112,7 +112,7 @@ def test_serve_runs_a_batch_handler_and_captures_per_worker(peer: Peer, netns: N
     receiver.settimeout(5)
     serve = subprocess.Popen([*CLI, "divert", "serve", "--netns", netns.name, "--port", "9", "--workers", "2",
                               "--capture", str(tmp_path / "cap.pcapng"), "--json", f"{tmp_path}/handler.py:handle"],
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, bufsize=0)
     flows = Flows(peer, 20)
     try:
         read_event(serve, "ready")

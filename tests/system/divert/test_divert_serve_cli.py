@@ -88,7 +88,7 @@ def test_serve_runs_a_group_and_a_killed_workers_flows_are_taken_over(peer: Peer
     env = {**os.environ, "DIVERT_TEST_LOG": str(log)}
     argv = [*CLI, "divert", "serve", "--netns", netns.name, "--port", "9", "--workers", "2",
             "--report-interval", "0.2", "--json", f"{tmp_path}/handler.py:handle"]
-    serve = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+    serve = subprocess.Popen(argv, stdout=subprocess.PIPE, bufsize=0, env=env)
     flows = Flows(peer, 24)
     try:
         ready = read_event(serve, "ready")
@@ -131,7 +131,7 @@ def test_serve_runs_a_group_and_a_killed_workers_flows_are_taken_over(peer: Peer
 def test_workers_do_not_outlive_a_killed_supervisor(netns: NamedNetns, tmp_path: Path) -> None:
     (tmp_path / "handler.py").write_text("def handle(packet):\n    return packet\n")
     serve = subprocess.Popen([*CLI, "divert", "serve", "--netns", netns.name, "--port", "11", "--workers", "2",
-                              "--json", f"{tmp_path}/handler.py:handle"], stdout=subprocess.PIPE, text=True)
+                              "--json", f"{tmp_path}/handler.py:handle"], stdout=subprocess.PIPE, bufsize=0)
     try:
         pids = [w["pid"] for w in read_event(serve, "ready")["workers"]]
     finally:

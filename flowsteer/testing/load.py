@@ -45,14 +45,26 @@ class Load:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                with socket.socket(self.family, socket.SOCK_STREAM) as sock:
-                    sock.settimeout(3.0)
-                    sock.connect(self.target)
-                    sock.sendall(self.request)
-                    answer = sock.recv(len(self.expect), socket.MSG_WAITALL)
-                self._count(None if answer == self.expect else f"answer {answer!r}")
-            except OSError as exc:
+                with self._connect() as sock:
+                    self._exchange(sock)
+            except (OSError, ValueError) as exc:
                 self._count(type(exc).__name__)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(3.0)
+            sock.connect(self.target)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _exchange(self, sock: socket.socket) -> None:
+        """One connection's requests and answers (counted); raises OSError or ValueError on a failure."""
+        sock.sendall(self.request)
+        answer = sock.recv(len(self.expect), socket.MSG_WAITALL)
+        self._count(None if answer == self.expect else f"answer {answer!r}")
 
     def _count(self, failure: str | None) -> None:
         with self._lock:
@@ -79,21 +91,14 @@ class HttpLoad(Load):
         super().__init__(address, port, clients, b"GET / HTTP/1.1\r\nHost: load\r\n" + close + b"\r\n",
                          b"HTTP/1.1 200 ")
 
-    def _run(self) -> None:
+    def _exchange(self, sock: socket.socket) -> None:
+        stream = sock.makefile("rb")
         while not self._stop.is_set():
-            try:
-                with socket.socket(self.family, socket.SOCK_STREAM) as sock:
-                    sock.settimeout(3.0)
-                    sock.connect(self.target)
-                    stream = sock.makefile("rb")
-                    while not self._stop.is_set():
-                        sock.sendall(self.request)
-                        status, keep = _read_response(stream)
-                        self._count(None if status.startswith(self.expect) else f"answer {status!r}")
-                        if not keep:
-                            break
-            except (OSError, ValueError) as exc:
-                self._count(type(exc).__name__)
+            sock.sendall(self.request)
+            status, keep = _read_response(stream)
+            self._count(None if status.startswith(self.expect) else f"answer {status!r}")
+            if not keep:
+                return
 
 
 def _read_response(stream: io.BufferedReader) -> tuple[bytes, bool]:

@@ -165,17 +165,19 @@ def test_a_frozen_worker_fails_its_probes_and_is_replaced(events: list[Event], b
 def test_run_serves_signals_until_sigterm(events: list[Event]) -> None:
     sup = make(Service(), events)
     ran = threading.Event()
+    main = threading.get_ident()
 
     def signals() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGCHLD})
         ran.wait(10)
-        os.kill(os.getpid(), signal.SIGHUP)
+        signal.pthread_kill(main, signal.SIGHUP)  # to the main thread, which waits for it
 
     def on_event(event: Event) -> None:
         events.append(event)
         if event.kind == "ready":
             ran.set()
         if event.kind == "restart-finished":
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pthread_kill(main, signal.SIGTERM)
 
     sup.events = on_event
     thread = threading.Thread(target=signals)

@@ -110,8 +110,15 @@ def test_a_new_supervisor_takes_the_sockets_over_without_a_failed_request(netns:
         assert group.status()["counters"]["migrated"] == 0  # no queue was closed
 
 
-def test_a_take_over_with_nothing_offered_is_an_error(netns: object, bpffs_root: str, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "reuseport_asyncio.py"), "tcp:192.0.2.74:8104",
-                           "--take-over", str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize(("args", "message"), [
+    (("--take-over", "{tmp}/none"), "error: no socket handover offered at"),
+    (("--user", "no-such-user-x"), "error: no user 'no-such-user-x'"),
+    (("--workers", "0"), "error: 0 workers: a group has 1 to 256 members"),
+])
+def test_command_line_mistakes_are_errors(netns: object, bpffs_root: str, tmp_path: Path, args: tuple[str, ...],
+                                          message: str) -> None:
+    argv = [arg.format(tmp=tmp_path) for arg in args]
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "reuseport_asyncio.py"), "tcp:192.0.2.74:8104", *argv],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("error: no socket handover offered at") and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(message) and "Traceback" not in proc.stderr

@@ -7,19 +7,20 @@ right now and installs them; so whoever changes anything also brings membership 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from flowsteer.divert import netfilter
-from flowsteer.divert.ports import port_states
+from flowsteer.divert.ports import QueueStats, allocate_block, bound_queues, port_states, queue_owner
 from flowsteer.divert.rules import Rule
 from flowsteer.errors import InvalidInput
 from flowsteer.kernel.netns import locked
 
 
-def live_members(exclude_portid: int | None = None) -> dict[int, tuple[int, ...]]:
+def live_members(blocks: Mapping[int, int], queues: Mapping[int, QueueStats],
+                 exclude_portid: int | None = None) -> dict[int, tuple[int, ...]]:
     """Returns divert port → live member slots, leaving out the member with netlink ``exclude_portid``."""
     out: dict[int, tuple[int, ...]] = {}
-    for port, state in port_states().items():
+    for port, state in port_states(blocks, queues).items():
         if state.exclusive_portid is not None:
             out[port] = () if state.exclusive_portid == exclude_portid else (0,)
         else:
@@ -27,16 +28,31 @@ def live_members(exclude_portid: int | None = None) -> dict[int, tuple[int, ...]
     return out
 
 
-def apply_locked(rules: Sequence[Rule] | None = None, *, exclude_portid: int | None = None) -> netfilter.Installed:
+def apply_locked(rules: Sequence[Rule] | None = None, *, exclude_portid: int | None = None,
+                 claim: tuple[int, int] | None = None, previous: netfilter.Installed | None = None
+                 ) -> netfilter.Installed:
     """Installs ``rules`` (default: the installed ones) for the live members; the caller holds the lock.
 
-    Returns the state as installed. Raises FlowsteerError when netfilter refuses; nothing changes then.
+    Every port with rules or bound sockets keeps its queue block (``claim``: a ``(port, block)`` a socket
+    is binding now), ports with rules but no block get one, the others give theirs up. ``previous`` is
+    the installed state if the caller has just read it. Returns the state as installed. Raises
+    FlowsteerError when netfilter refuses (nothing changes then), KernelError ENOSPC when no queue block
+    is free.
     """
-    previous = netfilter.read()
+    previous = netfilter.read() if previous is None else previous
     chosen = list(previous.rules if rules is None else rules)
-    members = live_members(exclude_portid)
-    netfilter.install(chosen, members, previous)
-    return netfilter.Installed(chosen, {p: members.get(p, ()) for p in {r.divert_port for r in chosen}})
+    queues = bound_queues()
+    blocks = dict(previous.blocks)
+    if claim is not None:
+        blocks[claim[0]] = claim[1]
+    wanted = {r.divert_port for r in chosen}
+    held = {owner[0] for q in queues.values() if q.portid != exclude_portid and (owner := queue_owner(q.queue))}
+    blocks = {p: b for p, b in blocks.items() if p in wanted or b in held}
+    for port in sorted(wanted - set(blocks)):
+        blocks[port] = allocate_block(port, blocks, queues)
+    members = live_members(blocks, queues, exclude_portid)
+    netfilter.install(chosen, members, blocks, previous)
+    return netfilter.Installed(chosen, {p: members.get(p, ()) for p in wanted}, blocks=blocks)
 
 
 def rules() -> list[Rule]:

@@ -32,10 +32,11 @@ def divert_metrics() -> dict[str, list[dict[str, Any]]]:
     members = [{"port": port, "slot": slot, "packets": packets, "bytes": octets}
                for (port, slot), (packets, octets) in sorted(installed.member_counters.items())]
     queues = []
+    ports = {block: port for port, block in installed.blocks.items()}
     for q in sorted(bound_queues().values(), key=lambda q: q.queue):
         owner = queue_owner(q.queue)
-        if owner is not None:
-            queues.append({"port": owner[0], "slot": owner[1], "fail_open": owner[2], "queue": q.queue,
+        if owner is not None and owner[0] in ports:
+            queues.append({"port": ports[owner[0]], "slot": owner[1], "fail_open": owner[2], "queue": q.queue,
                            "queued": q.sequence, "held": q.held, "queue_full_drops": q.dropped,
                            "socket_full_drops": q.user_dropped})
     return {"rules": rules, "members": members, "queues": queues}

@@ -175,7 +175,7 @@ def explain(flow: Flow, state: netfilter.Installed | None = None, ct_mark: int |
             answer.update(slot=members[index_],
                           reason=f"new connections: HMARK hash picks member {index_} of {len(members)}")
         if answer["slot"] is not None:
-            answer["queue"] = queue_number(rule.divert_port, answer["slot"], rule.fail_open)
+            answer["queue"] = queue_number(state.blocks[rule.divert_port], answer["slot"], rule.fail_open)
         return answer
     return {"diverted": False, "reason": "no rule matches"}
 

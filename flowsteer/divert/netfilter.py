@@ -63,6 +63,8 @@ FORWARDED_AFTER_IN = {"ORIGINAL": 0x20 << 24, "REPLY": 0x40 << 24}
 """Conntrack mark bit: this direction was diverted on the way in and is forwarded: out rules skip it."""
 FORWARD_CHAIN = "FS-DIV-FWD"
 TWICE_CHAIN = "FS-DIV-OUT-TWICE"
+PORTS_CHAIN = "FS-DIV-PORTS"
+"""Holds the port → queue block map in comments (IPv4 table only); nothing jumps to it."""
 JUMPS = {"PREROUTING": "FS-DIV-IN", "POSTROUTING": "FS-DIV-OUT", "FORWARD": FORWARD_CHAIN}
 """Built-in chain → the flowsteer chain it jumps to first."""
 
@@ -73,6 +75,7 @@ _RULE_COMMENT = re.compile(r'--comment "?flowsteer-rule (\d+): ([^"]*)"?')
 _MEMBER_COMMENT = re.compile(r'--comment "?flowsteer-members (\d+): ([0-9,]*)"?')
 _COUNTERS = re.compile(r"^\[(\d+):(\d+)\] ")
 _SLOT_COMMENT = re.compile(r'--comment "?flowsteer-member (\d+) (\d+) queue (\d+)"?')
+_BLOCK_COMMENT = re.compile(r'--comment "?flowsteer-port (\d+): block (\d+)"?')
 _SLOT_CHAIN = re.compile(r"^FS-DIV-(IN|OUT)-(\d+)(-FO)?-S(\d+)$")
 
 
@@ -121,6 +124,8 @@ class Installed:
     """Divert port → member slots the port chains were compiled for."""
     counters: dict[int, tuple[int, int]] = field(default_factory=dict)
     """Rule index (0-based, as in ``rules``) → (packets, bytes) matched, over families and directions."""
+    blocks: dict[int, int] = field(default_factory=dict)
+    """Divert port → its queue block (see :mod:`.ports`), for every port with rules or sockets."""
     member_counters: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
     """(divert port, member slot) → (packets, bytes) queued to that slot, over families, directions and
     fail-open variants; kept when the member leaves and counted on when the slot is taken again."""
@@ -176,6 +181,9 @@ def read() -> Installed:
                 if members:
                     slots = members.group(2)
                     state.members[int(members.group(1))] = tuple(int(s) for s in slots.split(",") if s)
+                block = _BLOCK_COMMENT.search(text)
+                if block:
+                    state.blocks[int(block.group(1))] = int(block.group(2))
                 if slot_chain:
                     _add(state.member_counters, (int(slot_chain.group(2)), int(slot_chain.group(4))),
                          packets, octets)
@@ -188,22 +196,25 @@ def _add(table: dict[Any, tuple[int, int]], key: object, packets: int, octets: i
     table[key] = (old[0] + packets, old[1] + octets)
 
 
-def install(rules: Sequence[Rule], members: Mapping[int, Sequence[int]], previous: Installed) -> None:
+def install(rules: Sequence[Rule], members: Mapping[int, Sequence[int]], blocks: Mapping[int, int],
+            previous: Installed) -> None:
     """Replaces flowsteer's chains so that they implement ``rules`` for the given member slots.
 
-    ``members`` maps each divert port to its live slots (ports not in it have none). ``previous`` is the
-    state read before the change; it is reinstated in a family already changed when a later family
-    fails. Counters survive: rule chains that do not change are not rewritten, rewritten ones carry each
-    rule's counters over, and member counters live in chains that are never rewritten.
+    ``members`` maps each divert port to its live slots (ports not in it have none), ``blocks`` each port
+    with rules or sockets to its queue block. ``previous`` is the state read before the change; it is
+    reinstated in a family already changed when a later family fails. Counters survive: rule chains that
+    do not change are not rewritten, rewritten ones carry each rule's counters over, and member counters
+    live in chains that are never rewritten.
     Raises ToolFailed with iptables' message when the kernel refuses the rules.
     """
     done: list[Family] = []
     for family in _TOOLS:
         try:
-            _restore(family, compile_family(family, rules, members, _snapshot(family)))
+            _restore(family, compile_family(family, rules, members, blocks, _snapshot(family)))
         except FlowsteerError:
             for changed in done:
-                _restore(changed, compile_family(changed, previous.rules, previous.members, _snapshot(changed)))
+                _restore(changed, compile_family(changed, previous.rules, previous.members, previous.blocks,
+                                                 _snapshot(changed)))
             raise
         done.append(family)
 
@@ -223,7 +234,7 @@ def reset_counters() -> None:
 
 
 def compile_family(family: Family, rules: Sequence[Rule], members: Mapping[int, Sequence[int]],
-                   present: Snapshot) -> str:
+                   blocks: Mapping[int, int], present: Snapshot) -> str:
     """Returns the ``iptables-restore --noflush --counters`` input installing ``rules`` for one family.
 
     ``present`` is what is installed now: chains no longer needed are deleted, the jumps are added or
@@ -235,6 +246,9 @@ def compile_family(family: Family, rules: Sequence[Rule], members: Mapping[int, 
     mine = [(i, r) for i, r in enumerate(rules) if family in r.families()]
     bodies: dict[str, list[str]] = {}
     keep: set[str] = set()
+    if blocks and family == "inet":
+        bodies[PORTS_CHAIN] = [f'-m comment --comment "flowsteer-port {port}: block {block}"'
+                               for port, block in sorted(blocks.items())]
     if rules:
         chains: dict[str, list[str]] = {rule_chain("in"): [], rule_chain("out"): [], TWICE_CHAIN: []}
         targets: dict[tuple[Direction, int], set[bool]] = {}
@@ -275,10 +289,10 @@ def compile_family(family: Family, rules: Sequence[Rule], members: Mapping[int, 
                 bodies[pick_chain(direction, port)] = _pick_lines(direction, port, slots)
             for fail_open in sorted(variants):
                 chain = port_chain(direction, port, fail_open)
-                bodies[chain] = _port_lines(direction, port, fail_open, slots)
+                bodies[chain] = _port_lines(direction, port, fail_open, slots, blocks[port])
                 for slot in range(SLOTS):
                     member = slot_chain(direction, port, fail_open, slot)
-                    line = _slot_line(port, slot, fail_open)
+                    line = _slot_line(port, slot, fail_open, blocks[port])
                     existing = present.chains.get(member)
                     if existing and _slot_queue(existing[0][0]) == _slot_queue(line):
                         keep.add(member)
@@ -340,13 +354,13 @@ def _return_if_pinned(direction: Direction, slots: tuple[int, ...]) -> list[str]
     return lines
 
 
-def _port_lines(direction: Direction, port: int, fail_open: bool, slots: tuple[int, ...]) -> list[str]:
+def _port_lines(direction: Direction, port: int, fail_open: bool, slots: tuple[int, ...], block: int) -> list[str]:
     bypass = " --queue-bypass" if fail_open else ""
     flags = [f"-m conntrack --ctdir {d} -j CONNMARK --set-xmark {DIVERTED_IN[d]:#x}/{DIVERTED_IN[d]:#x}"
              for d in CT_DIRS] if direction == "in" else []
     if not slots:
         return [*flags, f'-m comment --comment "flowsteer-members {port}: " '
-                f"-j NFQUEUE --queue-num {queue_number(port, 0, fail_open)}{bypass}"]
+                f"-j NFQUEUE --queue-num {queue_number(block, 0, fail_open)}{bypass}"]
     members = ",".join(map(str, slots))
     lines = [*flags, f"-m conntrack --ctstate INVALID,UNTRACKED "
              f'-m comment --comment "flowsteer-members {port}: {members}" '
@@ -358,8 +372,8 @@ def _port_lines(direction: Direction, port: int, fail_open: bool, slots: tuple[i
     return lines
 
 
-def _slot_line(port: int, slot: int, fail_open: bool) -> str:
-    queue = queue_number(port, slot, fail_open)
+def _slot_line(port: int, slot: int, fail_open: bool, block: int) -> str:
+    queue = queue_number(block, slot, fail_open)
     return (f'-m comment --comment "flowsteer-member {port} {slot} queue {queue}" '
             f"-j NFQUEUE --queue-num {queue}{' --queue-bypass' if fail_open else ''}")
 

@@ -1,9 +1,13 @@
 """Divert ports on NFQUEUE numbers, and who holds them, read from the kernel.
 
-A divert port ``p`` (1..1023) owns 64 queue numbers: ``queue(p, slot, fail_open) = ((fail_open * 1024) + p)
-* 32 + slot`` for member slots 0..31, one queue per slot for fail-closed rules and one for fail-open rules
-(the fail-open queue is configured to accept on overflow). The kernel lets one netlink socket bind a
-queue number, so the binding table in ``/proc/net/netfilter/nfnetlink_queue`` *is* the membership table:
+Divert ports are 1..65535, queue numbers 16 bits: a divert port in use (with rules or sockets) is given a
+*block* ``b`` (1..1023) of 64 queue numbers, ``queue(b, slot, fail_open) = ((fail_open * 1024) + b) * 32
++ slot`` for member slots 0..31, one queue per slot for fail-closed rules and one for fail-open rules
+(the fail-open queue is configured to accept on overflow). A port gets the block of its own number when
+it is 1..1023 and free, else the highest free block (so that ports above 1023 rarely take a low port's
+own); the port → block map is kept in the kernel with the rules (:mod:`.netfilter`). The kernel lets one
+netlink socket bind a queue number, so the binding table in ``/proc/net/netfilter/nfnetlink_queue`` *is*
+the membership table:
 
 - an exclusive socket (no load-balancing option) holds all 64 queues of its port;
 - a load-balancing member holds the two queues of one slot; the group's members are the slots bound.
@@ -11,29 +15,50 @@ queue number, so the binding table in ``/proc/net/netfilter/nfnetlink_queue`` *i
 
 from __future__ import annotations
 
+import errno
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flowsteer.divert.rules import MAX_PORT, check_divert_port
+from flowsteer.divert.rules import check_divert_port
+from flowsteer.errors import kernel_error
 
 SLOTS = 32
 """Members in a load-balancing group (FreeBSD's DIVCBLBGROUP_SIZE)."""
+BLOCKS = 1023
+"""Queue blocks 1..1023: at most this many divert ports can be in use at once."""
 
 _PROC_QUEUES = "/proc/thread-self/net/netfilter/nfnetlink_queue"
 
 
-def queue_number(port: int, slot: int, fail_open: bool) -> int:
-    """Returns the NFQUEUE number of ``slot`` of divert ``port`` for fail-open or fail-closed rules."""
-    return ((int(fail_open) * (MAX_PORT + 1)) + port) * SLOTS + slot
+def queue_number(block: int, slot: int, fail_open: bool) -> int:
+    """Returns the NFQUEUE number of ``slot`` of queue ``block`` for fail-open or fail-closed rules."""
+    return ((int(fail_open) * (BLOCKS + 1)) + block) * SLOTS + slot
 
 
 def queue_owner(queue: int) -> tuple[int, int, bool] | None:
-    """Returns ``(port, slot, fail_open)`` for a queue number inside the divert space, else None."""
-    block, slot = divmod(queue, SLOTS)
-    fail_open, port = divmod(block, MAX_PORT + 1)
-    if fail_open > 1 or port == 0:
+    """Returns ``(block, slot, fail_open)`` for a queue number inside the divert space, else None."""
+    number, slot = divmod(queue, SLOTS)
+    fail_open, block = divmod(number, BLOCKS + 1)
+    if fail_open > 1 or block == 0:
         return None
-    return port, slot, bool(fail_open)
+    return block, slot, bool(fail_open)
+
+
+def allocate_block(port: int, blocks: Mapping[int, int], queues: Mapping[int, QueueStats]) -> int:
+    """Returns a free queue block for divert ``port``: its own number when that is free, else the highest
+    free one (free: in no port's entry of ``blocks`` and none of its queues bound).
+
+    Raises KernelError with ENOSPC when all blocks are in use.
+    """
+    used = set(blocks.values()) | {owner[0] for q in queues if (owner := queue_owner(q)) is not None}
+    if port <= BLOCKS and port not in used:
+        return port
+    for block in range(BLOCKS, 0, -1):
+        if block not in used:
+            return block
+    raise kernel_error(f"giving divert port {port} its queues", errno.ENOSPC,
+                       f"at most {BLOCKS} divert ports can be in use at once")
 
 
 @dataclass(frozen=True)
@@ -82,14 +107,16 @@ def bound_queues() -> dict[int, QueueStats]:
     return out
 
 
-def port_states(queues: dict[int, QueueStats] | None = None) -> dict[int, PortState]:
-    """Returns the state of every divert port with at least one bound queue (from ``queues`` if given)."""
+def port_states(blocks: Mapping[int, int], queues: Mapping[int, QueueStats] | None = None) -> dict[int, PortState]:
+    """Returns the state of every divert port (of the port → block map ``blocks``) with at least one bound
+    queue (from ``queues`` if given)."""
     queues = bound_queues() if queues is None else queues
+    ports = {block: port for port, block in blocks.items()}
     holders: dict[int, dict[int, int]] = defaultdict(dict)
     for q in queues.values():
         owner = queue_owner(q.queue)
-        if owner is not None and not owner[2]:
-            holders[owner[0]][owner[1]] = q.portid
+        if owner is not None and not owner[2] and owner[0] in ports:
+            holders[ports[owner[0]]][owner[1]] = q.portid
     states = {}
     for port, members in holders.items():
         portids = list(members.values())
@@ -98,7 +125,7 @@ def port_states(queues: dict[int, QueueStats] | None = None) -> dict[int, PortSt
     return states
 
 
-def port_state(port: int, queues: dict[int, QueueStats] | None = None) -> PortState:
+def port_state(port: int, blocks: Mapping[int, int], queues: Mapping[int, QueueStats] | None = None) -> PortState:
     """Returns the state of one divert port (nobody holding it is a state with no members)."""
     check_divert_port(port)
-    return port_states(queues).get(port, PortState(port, None, {}))
+    return port_states(blocks, queues).get(port, PortState(port, None, {}))

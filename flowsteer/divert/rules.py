@@ -32,8 +32,8 @@ Proto = Literal["tcp", "udp", "icmp", "icmp6", "any"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MIN_PORT = 1
-MAX_PORT = 1023
-"""Divert ports are 1..1023: port, fail-open variant and member slot must fit a 16-bit queue number."""
+MAX_PORT = 65535
+"""Divert ports have their own 16-bit number space (natd uses 8668)."""
 _OPTIONS = ("fail-open", "keep-state", "twice")
 
 _DIRECTIONS = ("in", "out")

@@ -36,7 +36,7 @@ from flowsteer.divert import control, netfilter
 from flowsteer.divert.inject import inject_incoming, local_addresses
 from flowsteer.divert.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Delivery, NfQueue, Verdict
 from flowsteer.divert.packet import Origin, Packet, finalize
-from flowsteer.divert.ports import SLOTS, port_state, queue_number
+from flowsteer.divert.ports import SLOTS, allocate_block, bound_queues, port_state, queue_number
 from flowsteer.divert.rules import check_divert_port
 from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
 from flowsteer.kernel.netns import entered, locked
@@ -146,22 +146,25 @@ class DivertSocket:
         return int(self._lb)
 
     def bind(self, port: int) -> None:
-        """Binds divert ``port`` (1..1023) in the socket's network namespace.
+        """Binds divert ``port`` (1..65535) in the socket's network namespace.
 
         Without SO_REUSEPORT_LB the socket must be alone on the port; with it, it joins the port's
         load-balancing group in the lowest free slot, and the rules are recompiled so that new
         connections may reach it (established ones stay where they are).
         Raises InvalidInput for a bad port or a second bind, KernelError with EADDRINUSE when the port
         is taken (by an exclusive socket, or by anyone when this socket is exclusive), ENOSPC when the
-        group has 32 members, EOPNOTSUPP for ``conntrack=True`` on a kernel that cannot add conntrack
-        data, PermissionDenied without CAP_NET_ADMIN.
+        group has 32 members or 1023 other divert ports are in use, EOPNOTSUPP for ``conntrack=True`` on
+        a kernel that cannot add conntrack data, PermissionDenied without CAP_NET_ADMIN.
         """
         self._check_open()
         check_divert_port(port)
         if self._nfq is not None:
             raise InvalidInput(f"socket is already bound to divert port {self.port}")
         with self._home(), locked():
-            state = port_state(port)
+            installed = netfilter.read()
+            queues = bound_queues()
+            block = installed.blocks.get(port) or allocate_block(port, installed.blocks, queues)
+            state = port_state(port, {**installed.blocks, port: block}, queues)
             what = f"binding divert port {port}"
             if state.exclusive_portid is not None or (state.members and not self._lb):
                 raise kernel_error(what, errno.EADDRINUSE, "the port is taken; every socket sharing a "
@@ -174,9 +177,9 @@ class DivertSocket:
             try:
                 for s in slots:
                     for fail_open in (False, True):
-                        nfq.bind(queue_number(port, s, fail_open), fail_open=fail_open,
+                        nfq.bind(queue_number(block, s, fail_open), fail_open=fail_open,
                                  maxlen=self.queue_maxlen, conntrack=self.conntrack)
-                control.apply_locked()
+                control.apply_locked(claim=(port, block), previous=installed)
             except FlowsteerError as exc:
                 nfq.close()
                 if exc.errno == errno.EPERM:

@@ -28,7 +28,7 @@ def status() -> dict[str, Any]:
     installed = netfilter.read()
     queues = bound_queues()
     owners = _netlink_owners()
-    states = port_states(queues)
+    states = port_states(installed.blocks, queues)
     ports: dict[int, dict[str, Any]] = {}
     for port in sorted({r.divert_port for r in installed.rules} | set(states)):
         state = states.get(port)
@@ -50,12 +50,17 @@ def status() -> dict[str, Any]:
         ports[port] = {"port": port, "compiled_members": compiled, "live_members": live,
                        "member_packets": member_packets,
                        "stale": compiled != live and any(r.divert_port == port for r in installed.rules),
-                       "queues": {"first": queue_number(port, 0, False), "first_fail_open":
-                                  queue_number(port, 0, True)},
+                       "queues": _first_queues(installed.blocks.get(port)),
                        "sockets": sockets}
     rules = [{"rule": i + 1, "text": str(r), "packets": installed.counters.get(i, (0, 0))[0],
               "bytes": installed.counters.get(i, (0, 0))[1]} for i, r in enumerate(installed.rules)]
     return {"rules": rules, "ports": list(ports.values())}
+
+
+def _first_queues(block: int | None) -> dict[str, int | None]:
+    if block is None:
+        return {"block": None, "first": None, "first_fail_open": None}
+    return {"block": block, "first": queue_number(block, 0, False), "first_fail_open": queue_number(block, 0, True)}
 
 
 def _queue(q: QueueStats) -> dict[str, Any]:

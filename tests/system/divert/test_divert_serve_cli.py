@@ -59,7 +59,7 @@ def test_user_mistakes_are_errors_not_tracebacks(netns: NamedNetns) -> None:
                  ("del", "--netns", netns.name, "3"),
                  ("explain", "--direction", "in", "--proto", "udp", "--src", "x", "--dst", "198.18.0.1"),
                  ("serve", "--netns", netns.name, "--port", "7", "no_such_module:handle"),
-                 ("serve", "--netns", netns.name, "--port", "2000", "os:getpid"),
+                 ("serve", "--netns", netns.name, "--port", "65536", "os:getpid"),
                  ("serve", "--netns", netns.name, "--port", "7", "--workers", "33", "os:getpid"),
                  ("serve", "--netns", netns.name, "--port", "7", "--hold-time", "0", "os:getpid")):
         proc = run(*args)

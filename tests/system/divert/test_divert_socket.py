@@ -361,3 +361,34 @@ def test_a_socket_acts_in_the_namespace_it_was_made_in(peer: Peer) -> None:
     elsewhere.close()
     first.close()
     assert control.netfilter.read().members == {7: ()}
+
+
+def test_divert_ports_span_16_bits_and_give_their_queues_back(peer: Peer) -> None:
+    add("in proto udp to any port 5000 divert-packet port 8668")
+    add("in proto udp to any port 5001 divert-packet port 65535")
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind((peer.b4, 5000))
+    receiver.settimeout(5)
+    sender = peer.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        with bound(8668) as natd, bound(65535) as top, bound(1):
+            blocks = control.netfilter.read().blocks
+            assert (blocks[8668], blocks[65535], blocks[1]) == (1023, 1022, 1)  # distinct queue blocks
+            for sock in (natd, top):
+                sock.settimeout(5)
+            sender.sendto(b"natd", (peer.b4, 5000))
+            data, address = natd.recvfrom()
+            natd.sendto(data, address)
+            assert receiver.recv(10) == b"natd"
+            sender.sendto(b"top", (peer.b4, 5001))
+            assert Packet(top.recvfrom()[0]).payload == b"top"
+            with pytest.raises(FlowsteerError) as taken:
+                bound(8668)
+            assert taken.value.errno == errno.EADDRINUSE
+        for text in ("in proto udp to any port 5000 divert-packet port 8668",
+                     "in proto udp to any port 5001 divert-packet port 65535"):
+            control.delete(Rule.parse(text))
+        assert control.netfilter.read().blocks == {}  # no rules, no sockets: the blocks are free again
+    finally:
+        receiver.close()
+        sender.close()

@@ -14,7 +14,7 @@ from flowsteer.errors import InvalidInput
 @pytest.mark.parametrize("text", [
     "in on veth0 inet proto tcp from 10.0.0.0/8 to any port 80 divert-packet port 700 fail-open",
     "divert-packet port 1",
-    "out proto udp to 192.0.2.1 port 1000:2000 divert-packet port 1023",
+    "out proto udp to 192.0.2.1 port 1000:2000 divert-packet port 8668",
     "inet6 proto icmp6 from 2001:db8::/32 divert-packet port 5",
     "in on veth+ proto udp from any port 53 divert-packet port 9",
     "out proto tcp to any port 80 divert-packet port 700 keep-state",
@@ -38,10 +38,10 @@ def test_families_follow_protocol_and_addresses() -> None:
     ("", "divert-packet"),
     ("in", "divert-packet"),
     ("in on", "interface"),
-    ("divert-packet port 0", "1..1023"),
+    ("divert-packet port 0", "1..65535"),
     ("divert-packet port 7 twice twice", "given twice"),
     ("divert-packet port 7 keep-state bogus", "unexpected"),
-    ("divert-packet port 1024", "1..1023"),
+    ("divert-packet port 65536", "1..65535"),
     ("divert-packet port x", "not a number"),
     ("divert-packet 7", "port N"),
     ("proto icmp to any port 5 divert-packet port 3", "tcp or udp"),
@@ -92,7 +92,7 @@ def test_rule_shaped_word_soup_parses_or_is_refused(words: list[str]) -> None:
 
 
 @given(st.builds(
-    Rule, divert_port=st.integers(1, 1023), direction=st.sampled_from([None, "in", "out"]),
+    Rule, divert_port=st.integers(1, 65535), direction=st.sampled_from([None, "in", "out"]),
     interface=st.sampled_from([None, "veth0", "eth+"]), proto=st.sampled_from(["tcp", "udp"]),
     src=st.sampled_from([None, ipaddress.ip_network("10.0.0.0/8")]),
     src_port=st.sampled_from([None, PortRange(1, 1), PortRange(10, 20)]),

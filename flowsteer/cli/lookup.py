@@ -221,7 +221,7 @@ def explain(netns: str | None, bpffs: str | None, as_json: bool, protocol: str, 
               help="Where to serve /metrics (port 0: any free port, printed on stderr).")
 @reports_errors
 def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
-    """Serve the dispatcher's counters for Prometheus until interrupted.
+    """Serve the dispatcher's and the divert rules' counters for Prometheus until interrupted.
 
     The endpoint has no authentication and no TLS: anyone who can connect reads the counters (labels,
     traffic counts). It listens on loopback unless --listen names another address; put a proxy with
@@ -230,11 +230,13 @@ def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
     from prometheus_client import start_http_server
     from prometheus_client.registry import CollectorRegistry
 
+    from flowsteer.divert.metrics import DivertCollector
     from flowsteer.lookup.metrics import LookupCollector
 
     address, port = parse_endpoint(listen)
     registry = CollectorRegistry()
     registry.register(LookupCollector(_dispatcher(netns, bpffs)))
+    registry.register(DivertCollector(netns))
     try:
         server, _thread = start_http_server(port, addr=address, registry=registry)
     except OSError as exc:

@@ -93,7 +93,8 @@ def inject_incoming(packet: bytes, ifname: str, ifindex: int) -> None:
     ctx = ctypes.create_string_buffer(struct.pack("=IIIIII", 0, len(frame), 0, ifindex, 0, 0), 24)
     attr = struct.pack("=IIIIQQIIIIQQIII", _program(), 0, len(frame), 0, ctypes.addressof(data), 0, 1, 0,
                        24, 0, ctypes.addressof(ctx), 0, _BPF_F_TEST_XDP_LIVE_FRAMES, 0, 0)
-    _bpf(_BPF_PROG_TEST_RUN, attr.ljust(80, b"\0"), f"injecting a packet as incoming on {ifname}")
+    _bpf(_BPF_PROG_TEST_RUN, attr.ljust(80, b"\0"),
+         f"injecting a packet as incoming on {ifname} (an XDP live-frames test run, Linux 5.18+)")
 
 
 _SIOCGIFCONF = 0x8912

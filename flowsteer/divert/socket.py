@@ -38,7 +38,7 @@ from flowsteer.divert.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Delivery, Nf
 from flowsteer.divert.packet import Origin, Packet, finalize
 from flowsteer.divert.ports import SLOTS, allocate_block, bound_queues, port_state, queue_number
 from flowsteer.divert.rules import check_divert_port
-from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
+from flowsteer.errors import FlowsteerError, InvalidInput, MissingFeature, kernel_error
 from flowsteer.kernel.netns import entered, locked
 
 SO_REUSEPORT_LB = 0x00010000
@@ -153,8 +153,9 @@ class DivertSocket:
         connections may reach it (established ones stay where they are).
         Raises InvalidInput for a bad port or a second bind, KernelError with EADDRINUSE when the port
         is taken (by an exclusive socket, or by anyone when this socket is exclusive), ENOSPC when the
-        group has 32 members or 1023 other divert ports are in use, EOPNOTSUPP for ``conntrack=True`` on
-        a kernel that cannot add conntrack data, PermissionDenied without CAP_NET_ADMIN.
+        group has 32 members or 1023 other divert ports are in use, MissingFeature (EOPNOTSUPP) for
+        ``conntrack=True`` on a kernel that cannot add conntrack data, PermissionDenied without
+        CAP_NET_ADMIN.
         """
         self._check_open()
         check_divert_port(port)
@@ -185,9 +186,10 @@ class DivertSocket:
                 if exc.errno == errno.EPERM:
                     raise kernel_error(what, errno.EPERM, "needs CAP_NET_ADMIN") from None
                 if exc.errno == errno.EOPNOTSUPP and self.conntrack:
-                    raise kernel_error(what, errno.EOPNOTSUPP, "this kernel cannot add conntrack data to "
-                                       "queued packets (built without CONFIG_NETFILTER_NETLINK_GLUE_CT); "
-                                       "make the socket without conntrack=True") from None
+                    raise MissingFeature(f"{what}: this kernel cannot add conntrack data to queued packets "
+                                         "(built without CONFIG_NETFILTER_NETLINK_GLUE_CT, which Debian's "
+                                         "kernels have); make the socket without conntrack=True",
+                                         errno=errno.EOPNOTSUPP) from None
                 raise
         self._nfq, self.port, self.slot = nfq, port, slot
 

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import urllib.request
 
 from divert_net import Flows, Peer, Pump, bound, group
 
@@ -97,3 +98,25 @@ def test_member_counters_count_per_slot_across_members_leaving_and_joining(peer:
         flows.close()
         for s in socks:
             s.close()
+
+
+def test_flowsteer_metrics_serves_the_divert_counters(peer: Peer, netns: NamedNetns) -> None:
+    control.add(Rule.parse("proto udp to any port 9999 divert-packet port 700"))
+    server = subprocess.Popen([*CLI, "metrics", "--netns", netns.name, "--listen", "127.0.0.1:0"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        with bound(700) as sock, Pump([sock]) as pump:
+            send_udp(peer, 3)
+            assert len(pump.wait_for(3)) == 3
+            assert server.stderr is not None
+            line = server.stderr.readline()
+            assert "serving metrics on http://" in line, line
+            with netns.entered(), urllib.request.urlopen(line.split()[-1], timeout=10) as reply:
+                body = reply.read().decode()
+        assert "flowsteer_divert_up 1.0" in body
+        assert ('flowsteer_divert_rule_packets_total{port="700",rule="1",'
+                'text="proto udp to any port 9999 divert-packet port 700"} 3.0') in body
+        assert 'flowsteer_divert_member_packets_total{port="700",slot="0"} 3.0' in body
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

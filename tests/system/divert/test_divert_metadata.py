@@ -17,7 +17,7 @@ from divert_net import Peer
 from flowsteer.divert import control
 from flowsteer.divert.rules import Rule
 from flowsteer.divert.socket import DivertSocket
-from flowsteer.errors import KernelError
+from flowsteer.errors import MissingFeature
 from flowsteer.kernel.netns import NamedNetns
 
 SO_TIMESTAMPNS, UDP_SEGMENT = 35, 103
@@ -60,7 +60,7 @@ def test_inbound_and_reply_metadata_and_set_mark(peer: Peer, netns: NamedNetns) 
     try:
         conntrack = kernel_adds_conntrack_data()
         if not conntrack:
-            with DivertSocket(conntrack=True) as sock, pytest.raises(KernelError, match="GLUE_CT") as refused:
+            with DivertSocket(conntrack=True) as sock, pytest.raises(MissingFeature, match="GLUE_CT") as refused:
                 sock.bind(7)
             assert refused.value.errno == errno.EOPNOTSUPP
         with DivertSocket(conntrack=conntrack) as sock:

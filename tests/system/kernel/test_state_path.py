@@ -3,6 +3,7 @@ refused by name, and failed commands leave nothing behind (issue 7, item 5)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -13,8 +14,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from flowsteer.errors import UnsafePath
+from flowsteer.errors import KernelError, UnsafePath, kernel_error
 from flowsteer.kernel import bpffs
+from flowsteer.kernel.libbpf import BpfObject
 from flowsteer.kernel.netns import NamedNetns, identity
 from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.dispatcher import Dispatcher
@@ -157,3 +159,18 @@ def test_an_unprivileged_user_gets_one_line_naming_what_is_missing(
     assert proc.stderr.startswith("flowsteer: error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert re.search(r"needs CAP_\w+|only root \(or the user that (created|loaded) it\) may change", proc.stderr), \
         proc.stderr
+
+
+def test_a_failed_load_by_root_leaves_nothing_behind(netns: NamedNetns, bpffs_root: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    before = sorted(os.listdir(bpffs_root))
+
+    def refuse(self: BpfObject) -> None:
+        raise kernel_error(f"load BPF object {os.path.basename(self.path)}", errno.EINVAL, "refused by the test")
+
+    monkeypatch.setattr(BpfObject, "load", refuse)
+    with pytest.raises(KernelError, match="refused by the test"):
+        Dispatcher(bpffs_root=bpffs_root).load()
+    with pytest.raises(KernelError, match="refused by the test"):
+        Group("tcp:192.0.2.3:80", bpffs_root=bpffs_root).create()
+    assert sorted(os.listdir(bpffs_root)) == before

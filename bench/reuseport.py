@@ -187,18 +187,19 @@ def serve_recipe(kind: str, spec: str) -> None:
     Supervisor(service, RESTART_WORKERS, events=functools.partial(print, flush=True)).run()
 
 
-def wrk(url: str, seconds: int, close: bool) -> subprocess.Popen[str]:
-    """Starts wrk (2 threads, 32 connections, 3 s timeout) against ``url`` for ``seconds``; returns the
-    Popen, whose output :func:`wrk_result` reads."""
+def wrk(url: str, close: bool) -> subprocess.Popen[str]:
+    """Starts wrk (2 threads, 32 connections, 3 s timeout) against ``url``; it runs until SIGINT (at most
+    10 minutes), then :func:`wrk_result` reads its report."""
     header = ["-H", "Connection: close"] if close else []
-    return subprocess.Popen(["wrk", "-t2", "-c32", f"-d{seconds}s", "--timeout", "3s", *header, url],
+    return subprocess.Popen(["wrk", "-t2", "-c32", "-d600s", "--timeout", "3s", *header, url],
                             stdout=subprocess.PIPE, text=True)
 
 
 def wrk_result(proc: subprocess.Popen[str]) -> tuple[int, int, float]:
-    """Returns (requests, failed requests, requests/s) from a finished wrk: failed are socket errors of
-    every kind and answers other than 2xx/3xx."""
-    out, _ = proc.communicate()
+    """Stops wrk (SIGINT: it reports what it measured) and returns (requests, failed requests,
+    requests/s): failed are socket errors of every kind and answers other than 2xx/3xx."""
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
     found: dict[str, float] = {}
     for match in _WRK.finditer(out):
         found.update({k: float(v) for k, v in match.groupdict().items() if v is not None})
@@ -219,32 +220,31 @@ def _await(proc: subprocess.Popen[bytes], wanted: str, timeout: float = 60.0) ->
     raise RuntimeError(f"{wanted!r} not seen (exit status {proc.poll()})")
 
 
-def restart_run(kind: str, spec: str, close: bool, seconds: int) -> tuple[int, int, float]:
-    """One run: ``kind`` serves ``spec`` (4 workers), wrk runs ``seconds``; one second in, a SIGHUP
-    restarts every worker (for ``gunicorn-hup``: gunicorn's own reload). Returns wrk's (requests,
-    failed, requests/s)."""
+def restart_run(kind: str, spec: str, close: bool, settle: float) -> tuple[int, int, float]:
+    """One run: ``kind`` serves ``spec`` (4 workers) under wrk; ``settle`` seconds in, a SIGHUP restarts
+    every worker (``gunicorn-hup``: gunicorn's own reload); wrk stops ``settle`` seconds after the last
+    old worker is gone. Returns wrk's (requests, failed, requests/s)."""
     gid = GroupId.parse(spec)
     if kind.startswith("gunicorn-hup"):
-        worker = ["-k", "uvicorn.workers.UvicornWorker", "reuseport_uvicorn:app"] if kind.endswith("uvicorn") \
+        app = ["-k", "uvicorn.workers.UvicornWorker", "reuseport_uvicorn:app"] if kind.endswith("uvicorn") \
             else ["reuseport_gunicorn:wsgi_app"]
-        server = subprocess.Popen(["gunicorn", "-w", str(RESTART_WORKERS), "-b", f"{gid.address}:{gid.port}",
-                                   "--chdir", str(EXAMPLES), "--log-level", "warning", *worker],
-                                  env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
-        ready = lambda: _await_http(str(gid.address), gid.port)  # noqa: E731
-        finished = None
+        server = subprocess.Popen([str(Path(sys.executable).with_name("gunicorn")), "-w", str(RESTART_WORKERS),
+                                   "-b", f"{gid.address}:{gid.port}", "--chdir", str(EXAMPLES),
+                                   "--log-level", "warning", *app])
+        _await_http(str(gid.address), gid.port)
     else:
         server = subprocess.Popen([sys.executable, __file__, "--serve", kind, spec], stdout=subprocess.PIPE, bufsize=0)
-        ready = lambda: _await(server, "all workers ready")  # noqa: E731
-        finished = "restart finished"
+        _await(server, "all workers ready")
     try:
-        ready()
-        load = wrk(f"http://{gid.address}:{gid.port}/", seconds, close)
-        time.sleep(1.0)  # a benchmark, not a test: the restart starts one second into the load
+        load = wrk(f"http://{gid.address}:{gid.port}/", close)
+        time.sleep(settle)  # a benchmark, not a test: load before and after the restart
+        old = _children(server.pid)
         server.send_signal(signal.SIGHUP)
-        if finished:
-            _await(server, finished)
-            if load.poll() is not None:
-                raise RuntimeError(f"the restart outlasted wrk's {seconds} s: run longer")
+        if kind.startswith("gunicorn-hup"):
+            _await_replaced(server.pid, old)
+        else:
+            _await(server, "restart finished", timeout=300)
+        time.sleep(settle)
         return wrk_result(load)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -253,6 +253,22 @@ def restart_run(kind: str, spec: str, close: bool, seconds: int) -> tuple[int, i
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def _await_replaced(pid: int, old: set[int], timeout: float = 300.0) -> None:
+    """Returns once process ``pid`` has RESTART_WORKERS children and none of ``old`` is among them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = _children(pid)
+        if len(now) == RESTART_WORKERS and not now & old:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"gunicorn {pid} did not replace its workers within {timeout} s")
 
 
 def _await_http(host: str, port: int, timeout: float = 30.0) -> None:
@@ -270,13 +286,13 @@ RESTART_KINDS = ("flowsteer-uvicorn", "plain-uvicorn", "gunicorn-hup-uvicorn",
                  "flowsteer-gunicorn", "plain-gunicorn", "gunicorn-hup")
 
 
-def restarts(runs: int, seconds: int) -> None:
+def restarts(runs: int, settle: float) -> None:
     """Prints, per server, restart method and client kind, the failed requests of each of ``runs`` runs
     and the median requests/s, side by side."""
-    for port, kind in enumerate(RESTART_KINDS, start=7100):
-        for close in (True, False):
-            results = [restart_run(kind, f"tcp:192.0.2.1:{port + 10 * run}", close, seconds)
-                       for run in range(runs)]
+    for k, kind in enumerate(RESTART_KINDS):
+        for close in (True, False):  # a port of its own for every run: no TIME_WAIT of an earlier run in the way
+            results = [restart_run(kind, f"tcp:192.0.2.1:{7100 + 2 * len(RESTART_KINDS) * run + 2 * k + close}",
+                                   close, settle) for run in range(runs)]
             failed = [f for _, f, _ in results]
             print(f"restart {kind:22} {'Connection: close' if close else 'keep-alive':17}: failed per run "
                   f"{failed} of ~{statistics.median(r for r, _, _ in results):,.0f} requests; "
@@ -288,7 +304,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller samples (a smoke run)")
     parser.add_argument("--restarts", action="store_true", help="only the restarts of real servers (wrk)")
     parser.add_argument("--runs", type=int, default=10, help="runs of each restart row")
-    parser.add_argument("--seconds", type=int, default=8, help="wrk duration of each restart run")
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds of load before and after each restart")
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "GROUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -302,7 +318,7 @@ def main() -> int:
           f"{platform.node()}, kernel {platform.release()}, {os.cpu_count()} CPUs")
     with sandbox():
         if args.restarts:
-            restarts(args.runs, args.seconds)
+            restarts(args.runs, args.settle)
             return 0
         plain_rate, prog_rate = connection_rate(rounds=5, flows_per_round=2000 // scale)
         print(f"connection rate: {prog_rate:,.0f}/s with the program, {plain_rate:,.0f}/s without: "

@@ -65,6 +65,8 @@ class Application(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         for key, value in self.options.items():
             self.cfg.set(key, value)
+        if "control_socket_disable" in self.cfg.settings:  # newer gunicorn: no control socket per arbiter
+            self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Any:
         return self.application

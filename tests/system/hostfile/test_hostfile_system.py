@@ -15,7 +15,7 @@ from flowsteer.errors import NotLoaded
 from flowsteer.kernel.netns import NamedNetns
 from flowsteer.lookup.dispatcher import Dispatcher
 from flowsteer.reuseport import Group, join
-from tests.traffic import tcp_lands, tcp_listener
+from flowsteer.testing.sockets import tcp_lands, tcp_listener
 
 EXAMPLE = Path(__file__).parents[3] / "examples" / "host.toml"
 WEB = "tcp:192.0.2.1:8080"

@@ -13,7 +13,7 @@ import pytest
 
 from flowsteer.kernel.netns import NamedNetns
 from flowsteer.lookup.dispatcher import Dispatcher
-from tests.traffic import tcp_lands, tcp_listener
+from flowsteer.testing.sockets import tcp_lands, tcp_listener
 
 
 def flowsteer(*args: str, ns: NamedNetns | None = None) -> subprocess.CompletedProcess[str]:

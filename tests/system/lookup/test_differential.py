@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.dispatcher import Dispatcher
 from flowsteer.lookup.model import decide
-from tests.traffic import tcp_lands, tcp_listener, udp_lands, udp_socket
+from flowsteer.testing.sockets import tcp_lands, tcp_listener, udp_lands, udp_socket
 
 LABELS = ["a", "b", "c", "d"]
 WITH_SOCKETS = LABELS[:3]  # "d" never gets sockets: its bindings drop

@@ -24,7 +24,7 @@ from flowsteer.kernel.netns import NamedNetns
 from flowsteer.lookup.bindings import Binding, encode_key, encode_value
 from flowsteer.lookup.dispatcher import Dispatcher
 from flowsteer.lookup.state import new_trie, open_object
-from tests.traffic import tcp_lands, tcp_listener
+from flowsteer.testing.sockets import tcp_lands, tcp_listener
 
 FLOWSTEER = [sys.executable, "-m", "flowsteer"]
 

@@ -13,7 +13,7 @@ from flowsteer.errors import FlowsteerError, WrongSocket
 from flowsteer.kernel.netns import NamedNetns
 from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.dispatcher import Dispatcher
-from tests.traffic import tcp_lands, tcp_listener, udp_socket
+from flowsteer.testing.sockets import tcp_lands, tcp_listener, udp_socket
 
 FLOWSTEER = [sys.executable, "-m", "flowsteer"]
 

@@ -9,7 +9,7 @@ import pytest
 from flowsteer.errors import FlowsteerError
 from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.dispatcher import Dispatcher
-from tests.traffic import tcp_lands, tcp_listener, udp_lands, udp_socket
+from flowsteer.testing.sockets import tcp_lands, tcp_listener, udp_lands, udp_socket
 
 
 def bind(d: Dispatcher, label: str, proto: str, prefix: str, port: int) -> None:

@@ -1,4 +1,4 @@
-"""Real-traffic helpers for system tests: listeners, and "where did this connection/datagram land?".
+"""Listeners and sockets, and "which of these sockets did this connection or datagram land on?".
 
 Timeouts are short and bounded: a dropped SYN or datagram shows up as ``"dropped"`` after ``timeout``.
 """

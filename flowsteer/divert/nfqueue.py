@@ -54,6 +54,9 @@ _VERDICT_SIZE = _VERDICT.size
 _ATTR = struct.Struct("=HH")
 _U32 = struct.Struct("!I")
 _ERR = struct.Struct("=i")
+_MSG_WAITFORONE = 0x10000
+"""Blocks for the first message only (then the call takes what is there)."""
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 
 @dataclass(slots=True)
@@ -118,6 +121,7 @@ class NfQueue:
         self._buf = bytearray(_BUFSIZE)
         self._ring: _Ring | None = None
         self._shape: _Shape | None = None
+        self._rcvtimeo = 0
 
     def fileno(self) -> int:
         """Returns the socket's file descriptor (readable when packets are waiting)."""
@@ -143,19 +147,27 @@ class NfQueue:
                  + _attr(NFQA_CFG_FLAGS, _U32.pack(flags)))
         self._request(MSG_CONFIG, queue, attrs, f"binding queue {queue}")
 
-    def receive(self, limit: int) -> list[Delivery]:
-        """Returns up to ``limit`` packets that are waiting, without blocking (an empty list when none).
+    def receive(self, limit: int, wait: float | None = 0.0) -> list[Delivery]:
+        """Returns up to ``limit`` packets, waiting at most ``wait`` seconds for the first (None: as long
+        as it takes; 0: not at all) and not at all for the others (an empty list when none came).
 
-        Reads up to :data:`RING` messages per ``recvmmsg`` call. Raises KernelError when the socket fails.
+        Reads up to :data:`RING` messages per ``recvmmsg`` call; a wait is the first call itself blocking
+        (``SO_RCVTIMEO``), so a lone packet costs one system call. Raises KernelError when the socket
+        fails.
         """
         out, self._backlog = self._backlog[:limit], self._backlog[limit:]
         if self._ring is None:
             self._ring = _Ring()
         ring = self._ring
         fd = self.sock.fileno()
+        flags = _MSG_DONTWAIT
+        if wait != 0 and not out:
+            self._set_rcvtimeo(wait)
+            flags = _MSG_WAITFORONE
         while len(out) < limit:
             want = min(RING, limit - len(out))
-            got = _recvmmsg(fd, ring.headers, want, socket.MSG_DONTWAIT, None)
+            got = _recvmmsg(fd, ring.headers, want, flags, None)
+            flags = _MSG_DONTWAIT
             if got < 0:
                 err = ctypes.get_errno()
                 if err in (errno.EAGAIN, errno.EINTR):
@@ -169,6 +181,18 @@ class NfQueue:
             if got < want:
                 break
         return out
+
+    def accept(self, queue: int, packet_id: int) -> None:
+        """Accepts one packet. Raises KernelError when the kernel refuses the send."""
+        self._send(_verdict_msg(MSG_VERDICT, queue, NF_ACCEPT, packet_id, _VERDICT_SIZE))
+
+    def _set_rcvtimeo(self, wait: float | None) -> None:
+        """Makes a blocking receive give up after ``wait`` seconds (None: never)."""
+        micros = 0 if wait is None else max(1, int(wait * 1e6))
+        if micros != self._rcvtimeo:
+            timeval = struct.pack("ll", *divmod(micros, 1000000))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            self._rcvtimeo = micros
 
     def send_verdicts(self, verdicts: list[Verdict], batch_upto: dict[int, int]) -> None:
         """Sends ``verdicts`` and, for each ``queue: id`` in ``batch_upto``, one batch accept of every
@@ -206,6 +230,7 @@ class NfQueue:
             raise kernel_error("sending verdicts", exc.errno or errno.EIO) from None
 
     def _request(self, mtype: int, queue: int, attrs: bytes, what: str) -> None:
+        self._set_rcvtimeo(None)  # wait for the kernel's answer however long it takes
         self._seq += 1
         seq = self._seq
         body = struct.pack("!BBH", socket.AF_UNSPEC, 0, queue) + attrs

@@ -24,7 +24,6 @@ import contextlib
 import errno
 import fcntl
 import ipaddress
-import select
 import socket
 import struct
 import time
@@ -413,6 +412,9 @@ class DivertSocket:
         verdicts, accepts = self._verdicts, self._accepts
         self._verdicts, self._accepts = [], []
         self.counters.accepted += len(accepts)
+        if not verdicts and len(accepts) == 1:  # a lone packet (low rate): one plain verdict, at once
+            self._nfq.accept(accepts[0].queue, accepts[0].packet_id)
+            return
         oldest_held: dict[int, int] = {}
         for delivery in self._held.values():
             oldest_held.setdefault(delivery.queue, delivery.packet_id)
@@ -496,10 +498,11 @@ class DivertSocket:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._expire()
-            fetched = nfq.receive(self.batch)
-            if fetched:
-                break
-            self.flush()
+            if self._verdicts or self._accepts or timeout == 0:
+                fetched = nfq.receive(self.batch)
+                if fetched:
+                    break
+                self.flush()  # answer everything before waiting
             wait = self._until_expiry()
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -508,7 +511,9 @@ class DivertSocket:
                         raise BlockingIOError(errno.EAGAIN, "no diverted packet is waiting")
                     raise TimeoutError("no diverted packet arrived in time")
                 wait = left if wait is None else min(wait, left)
-            select.select([nfq.fileno()], [], [], wait)
+            fetched = nfq.receive(self.batch, wait)
+            if fetched:
+                break
         now = time.monotonic()
         if now > self._interfaces_until:
             self._interfaces.clear()

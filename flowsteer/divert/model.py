@@ -164,7 +164,7 @@ def explain(flow: Flow, state: netfilter.Installed | None = None, ct_mark: int |
                                   "port": rule.divert_port, "fail_open": rule.fail_open,
                                   "members": list(members)}
         if not members:
-            answer.update(slot=None, queue=None,
+            answer.update(slot=None,
                           reason="no socket is bound: " + ("accepted (fail-open)" if rule.fail_open else "dropped"))
         elif not flow.tracked:
             answer.update(slot=members[0], reason="untracked packets go to the first member")
@@ -174,8 +174,9 @@ def explain(flow: Flow, state: netfilter.Installed | None = None, ct_mark: int |
             index_ = hmark_index(flow, len(members), netfilter.hash_seed(rule.divert_port, members))
             answer.update(slot=members[index_],
                           reason=f"new connections: HMARK hash picks member {index_} of {len(members)}")
-        if answer["slot"] is not None:
-            answer["queue"] = queue_number(state.blocks[rule.divert_port], answer["slot"], rule.fail_open)
+        block = state.blocks.get(rule.divert_port)  # (none only for rules installed before ports had blocks)
+        answer["queue"] = None if answer["slot"] is None or block is None else \
+            queue_number(block, answer["slot"], rule.fail_open)
         return answer
     return {"diverted": False, "reason": "no rule matches"}
 

@@ -540,7 +540,7 @@ def report(results: dict[str, Any]) -> str:
             ("none: >= 1% loss at a tenth of the flood rate" if best is None else "")
         lines.append(f"| {r['consumer']} | {r['size']} B | {r['offered']:,.0f} | {r['pps']:,} | {r['loss']:.1%} | "
                      f"{held} | {cpu} | {r['p50_us']:.1f} / {r['p99_us']:.1f} us | {added} |")
-    lines += ["", *(f"- {k}: **{v}x**" for k, v in results["ratios"].items())]
+    lines += ["", *(f"- {k}: **{v}{'' if ' us' in k else 'x'}**" for k, v in results["ratios"].items())]
     return "\n".join(lines)
 
 

@@ -1,9 +1,7 @@
 # flowsteer: `make demo` and `make test` set up everything they need (apt packages, .venv, BPF objects).
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
-ARCH      := $(shell uname -m)
 CLANG     ?= clang
-BPF_CFLAGS := -O2 -g -target bpf -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu
 BPF_SRC   := $(wildcard flowsteer/bpf/*.bpf.c)
 BPF_OBJ   := $(BPF_SRC:.c=.o)
 
@@ -13,14 +11,15 @@ all: setup
 
 setup: $(VENV)/.installed bpf
 
-$(VENV)/.installed: pyproject.toml scripts/bootstrap.sh
+$(VENV)/.installed: pyproject.toml setup.py scripts/bootstrap.sh scripts/apt-install.sh
 	VENV=$(VENV) scripts/bootstrap.sh
 	touch $@
 
 bpf: $(VENV)/.installed $(BPF_OBJ)
 
-flowsteer/bpf/%.bpf.o: flowsteer/bpf/%.bpf.c $(wildcard flowsteer/bpf/*.h) | $(VENV)/.installed
-	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+# scripts/build_bpf.py holds the compiler flags; the wheel build (setup.py) uses it too
+flowsteer/bpf/%.bpf.o: flowsteer/bpf/%.bpf.c $(wildcard flowsteer/bpf/*.h) scripts/build_bpf.py | $(VENV)/.installed
+	CLANG=$(CLANG) $(PY) scripts/build_bpf.py $< $@
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian-based machine lacks for flowsteer: system packages (apt, only the missing
-# ones) and the Python virtual environment. Idempotent; `make` calls it through a stamp file.
+# ones; scripts/apt-install.sh waits for other apt users and repairs an interrupted dpkg) and the Python
+# virtual environment. Idempotent; `make` calls it through a stamp file.
 set -euo pipefail
 
 packages=(
@@ -11,22 +12,9 @@ packages=(
     libnetfilter-queue-dev                 # the C baseline of bench/divert.py and python NetfilterQueue
     python3-venv python3-dev gcc
     wrk                                    # load generator of the restart tests and bench/reuseport.py
+    systemd                                # systemd-analyze: the shipped units are verified by a test
 )
-
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    if [[ $(id -u) -ne 0 ]]; then
-        echo "bootstrap: missing system packages: ${missing[*]} (run as root, or install them)" >&2
-        exit 1
-    fi
-    echo "bootstrap: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+"$(dirname "$0")/apt-install.sh" "${packages[@]}"
 
 venv=${VENV:-.venv}
 if [[ ! -x $venv/bin/python ]]; then

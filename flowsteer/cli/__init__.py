@@ -6,6 +6,8 @@ import importlib
 
 import click
 
+from flowsteer import __version__
+
 # Subcommand groups imported only when used, so that the lookup commands (`flowsteer explain` …) start
 # without loading the other hooks. Each module registers its group on `main` when imported.
 _LAZY_GROUPS = {"divert": "flowsteer.cli.divert", "group": "flowsteer.cli.group",
@@ -23,7 +25,7 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="flowsteer")
+@click.version_option(__version__, prog_name="flowsteer", message="%(prog)s %(version)s")
 def main() -> None:
     """flowsteer decides which socket gets which traffic.
 
@@ -37,7 +39,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from flowsteer.cli import lookup  # noqa: F401  (registers the lookup commands on main)
+    from flowsteer.cli import lookup, version  # noqa: F401  (register their commands on main)
 
 
 _register()

@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 from flowsteer.errors import FlowsteerError, kernel_error
 
@@ -145,6 +145,8 @@ def _load_library() -> ctypes.CDLL:
         "bpf_link_update": (i, [i, i, vp]),
         "bpf_link_detach": (i, [i]),
         "libbpf_num_possible_cpus": (i, []),
+        "libbpf_major_version": (u32, []),
+        "libbpf_minor_version": (u32, []),
         "libbpf_set_print": (vp, [_PRINT_FN]),
     }
     for name, (restype, argtypes) in signatures.items():
@@ -154,7 +156,22 @@ def _load_library() -> ctypes.CDLL:
     return lib
 
 
-_lib = _load_library()
+class _Unavailable:
+    """Stands for libbpf when it cannot be loaded, so that importing this module still works (and with it
+    every command that needs no BPF, such as ``flowsteer version``): any use raises the loading error."""
+
+    def __init__(self, error: FlowsteerError) -> None:
+        self.message = error.message
+
+    def __getattr__(self, name: str) -> Any:
+        raise FlowsteerError(self.message)
+
+
+_lib: Any
+try:
+    _lib = _load_library()
+except FlowsteerError as exc:
+    _lib = _Unavailable(exc)
 _libc = ctypes.CDLL(None)
 _libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
 
@@ -170,7 +187,8 @@ def _capture_print(level: int, fmt: bytes, args: int) -> int:
     return 0
 
 
-_lib.libbpf_set_print(_capture_print)
+if not isinstance(_lib, _Unavailable):
+    _lib.libbpf_set_print(_capture_print)
 
 
 def _check(ret: int, operation: str) -> int:
@@ -184,6 +202,11 @@ def _log_tail() -> str:
     lines: list[str] = getattr(_log, "lines", None) or []
     useful = [line for line in lines if line]
     return " | ".join(useful[-6:])
+
+
+def version() -> str:
+    """Returns the version of the libbpf flowsteer loaded, as ``MAJOR.MINOR``."""
+    return f"{_lib.libbpf_major_version()}.{_lib.libbpf_minor_version()}"
 
 
 def possible_cpus() -> int:

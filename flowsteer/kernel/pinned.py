@@ -26,9 +26,9 @@ import stat
 import struct
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Self
 
+from flowsteer import bpf
 from flowsteer.errors import IncompatibleState, KernelError, NotLoaded, PermissionDenied
 from flowsteer.kernel import bpffs
 from flowsteer.kernel.libbpf import BpfObject, Link, Map, MapInfo, MapType, Program
@@ -90,8 +90,8 @@ class StateSpec:
     sized_at_load: frozenset[str] = frozenset()
 
     def object_path(self) -> str:
-        """Returns the path of the compiled object (built by ``make bpf``)."""
-        return str(resources.files("flowsteer.bpf") / self.object_name)
+        """Returns the path of the installed compiled object; raises FlowsteerError when it is missing."""
+        return bpf.object_path(self.object_name)
 
     def open_object(self) -> BpfObject:
         """Opens the compiled object without loading it (the caller closes it)."""

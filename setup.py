@@ -1,0 +1,61 @@
+"""Build hooks of the flowsteer package (the metadata is in pyproject.toml).
+
+- ``build_py`` also compiles ``flowsteer/bpf/*.bpf.c`` with clang (scripts/build_bpf.py): into the
+  build tree for a wheel, in place for an editable install. So a wheel carries the BPF objects and
+  installs on machines without clang; the sdist carries only the sources.
+- ``bdist_wheel`` tags the wheel ``py3-none-linux_<machine>``: the Python code is version-neutral, the
+  BPF objects are compiled for the build machine's byte order.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import sysconfig
+
+from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
+from setuptools.command.build_py import build_py
+from setuptools.errors import ExecError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("build_bpf", os.path.join(HERE, "scripts", "build_bpf.py"))
+assert _spec is not None and _spec.loader is not None
+build_bpf = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_bpf)
+
+
+class BuildPyWithBpf(build_py):
+    """build_py that also compiles the BPF objects (and lists them among its outputs)."""
+
+    def _objects(self) -> list[tuple[str, str]]:
+        """Returns (source, object) pairs; objects go to the build tree, or next to the sources when
+        the install is editable."""
+        target = HERE if self.editable_mode else self.build_lib
+        return [(source, os.path.join(target, "flowsteer", "bpf", os.path.basename(source)[:-2] + ".o"))
+                for source in sorted(glob.glob(os.path.join(HERE, "flowsteer", "bpf", "*.bpf.c")))]
+
+    def run(self) -> None:
+        super().run()
+        for source, output in self._objects():
+            os.makedirs(os.path.dirname(output), exist_ok=True)
+            try:
+                build_bpf.compile_object(source, output)
+            except build_bpf.BuildError as exc:
+                raise ExecError(str(exc)) from None
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outputs = super().get_outputs(include_bytecode)
+        return outputs if self.editable_mode else [*outputs, *(obj for _, obj in self._objects())]
+
+
+class PlatformWheel(bdist_wheel):
+    """A wheel for any Python 3 on this machine's platform (the BPF objects are not portable)."""
+
+    def get_tag(self) -> tuple[str, str, str]:
+        python, abi, _ = super().get_tag()
+        return python, abi, sysconfig.get_platform().replace("-", "_").replace(".", "_")
+
+
+setup(cmdclass={"build_py": BuildPyWithBpf, "bdist_wheel": PlatformWheel})

@@ -5,7 +5,7 @@ CLANG     ?= clang
 BPF_SRC   := $(wildcard flowsteer/bpf/*.bpf.c)
 BPF_OBJ   := $(BPF_SRC:.c=.o)
 
-.PHONY: all setup bpf test unit demo bench clean
+.PHONY: all setup bpf test unit demo bench dist clean
 
 all: setup
 
@@ -35,5 +35,10 @@ bench: setup
 	$(PY) bench/reuseport.py
 	$(PY) bench/divert.py
 
+# dist/: the sdist (sources) and the wheel (with the compiled BPF objects), built with the .venv's setuptools
+dist: setup
+	$(PY) -m build --no-isolation --outdir dist
+
 clean:
 	rm -f flowsteer/bpf/*.bpf.o
+	rm -rf build dist

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import flowsteer
-from tests.traffic import tcp_lands, tcp_listener
+from flowsteer.testing.sockets import tcp_lands, tcp_listener
 
 REPO = Path(__file__).resolve().parents[2]
 OBJECTS = ("lookup.bpf.o", "reuseport.bpf.o")

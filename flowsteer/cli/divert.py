@@ -30,7 +30,7 @@ def divert() -> None:
     \b
     Rules (pf-like, first match wins):
       [in|out] [on IFACE] [inet|inet6] [proto tcp|udp|icmp|icmp6|any]
-      [from ADDR [port P]] [to ADDR [port P]] divert-packet port N [fail-open]
+      [from ADDR [port P]] [to ADDR [port P]] divert-packet port N [fail-open] [keep-state] [twice]
     """
 
 

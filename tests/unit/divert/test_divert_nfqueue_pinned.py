@@ -1,0 +1,353 @@
+"""nfnetlink_queue messages checked against wire bytes built here from the UAPI layouts, field by field.
+
+The messages below are written with explicit offsets and byte orders (``struct nlmsghdr`` native,
+``struct nfgenmsg`` with a big-endian queue number, attributes with native headers and big-endian
+values, as linux/netfilter/nfnetlink_queue.h says), not with the code under test; the constants
+themselves are checked against the kernel headers in tests/unit/test_shared_constants.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+import pytest
+
+from flowsteer.divert import nfqueue
+from flowsteer.divert.nfqueue import Delivery, NfQueue, Verdict
+from flowsteer.errors import KernelError, PermissionDenied
+
+NLMSG_ERROR, MSG_PACKET, MSG_CONFIG = 2, (3 << 8) | 0, (3 << 8) | 2
+MSG_VERDICT, MSG_VERDICT_BATCH = (3 << 8) | 1, (3 << 8) | 3
+PACKET_HDR, MARK, INDEV, OUTDEV, HWADDR, PAYLOAD, CAP_LEN = 1, 3, 5, 6, 9, 10, 13
+
+
+def nlattr(atype: int, data: bytes) -> bytes:
+    """``struct nlattr`` (u16 length incl. header, u16 type; native order) + data, padded to 4."""
+    return (4 + len(data)).to_bytes(2, "little") + atype.to_bytes(2, "little") + data + bytes(-len(data) % 4)
+
+
+def nlmsg(mtype: int, body: bytes, flags: int = 0, seq: int = 0, pid: int = 0) -> bytes:
+    """``struct nlmsghdr``: u32 length, u16 type, u16 flags, u32 seq, u32 pid (native order)."""
+    return struct.pack("<IHHII", 16 + len(body), mtype, flags, seq, pid) + body
+
+
+def packet_msg(queue: int, packet_id: int, hook: int, payload: bytes | None, *attrs: bytes) -> bytes:
+    nfgen = bytes([socket.AF_INET, 0]) + queue.to_bytes(2, "big")
+    head = nlattr(PACKET_HDR, packet_id.to_bytes(4, "big") + (0x0800).to_bytes(2, "big") + bytes([hook]))
+    tail = nlattr(PAYLOAD, payload) if payload is not None else b""
+    return nlmsg(MSG_PACKET, nfgen + head + b"".join(attrs) + tail)
+
+
+def u32(atype: int, value: int) -> bytes:
+    return nlattr(atype, value.to_bytes(4, "big"))
+
+
+def ack(seq: int, error: int = 0) -> bytes:
+    return nlmsg(NLMSG_ERROR, struct.pack("<i", error) + nlmsg(MSG_CONFIG, b"")[:16], seq=seq)
+
+
+def fresh() -> NfQueue:
+    q = NfQueue.__new__(NfQueue)
+    q.verdict_errors, q._shape, q._seq, q._backlog, q._ring = 0, None, 0, [], None
+    q._buf = bytearray(nfqueue.SLOT)
+    return q
+
+
+def parse(q: NfQueue, msg: bytes, base: int = 0, received: int | None = None) -> Delivery | None:
+    buf = bytearray(base + nfqueue.SLOT)
+    buf[base:base + len(msg)] = msg
+    return q._parse(buf, base, len(msg) if received is None else received)
+
+
+# --- parsing packet messages -----------------------------------------------------------------------
+
+INBOUND = packet_msg(0xFFFE, 0xFFFFFFFE, 0, b"\x45inbound", u32(MARK, 9), u32(INDEV, 0x01020304),
+                     nlattr(HWADDR, bytes(12)), u32(CAP_LEN, 10))
+OUTBOUND = packet_msg(1, 0, 4, b"\x60out", u32(OUTDEV, 65535))
+FORWARD = packet_msg(65535, 7, 2, b"\x45fw", u32(INDEV, 3), u32(OUTDEV, 4), u32(CAP_LEN, 4))
+
+
+@pytest.mark.parametrize("msg, want", [
+    (INBOUND, Delivery(0xFFFE, 0xFFFFFFFE, b"\x45inbound", 0, 0x01020304, 0, True)),
+    (OUTBOUND, Delivery(1, 0, b"\x60out", 4, 0, 65535, False)),
+    (FORWARD, Delivery(65535, 7, b"\x45fw", 2, 3, 4, True)),
+])
+def test_packet_messages_parse_to_exact_fields(msg: bytes, want: Delivery) -> None:
+    assert parse(fresh(), msg) == want
+    warm = fresh()
+    for other in (INBOUND, OUTBOUND, FORWARD, msg, msg):  # with the shape of the message before
+        parse(warm, other)
+    assert parse(warm, msg) == want
+    assert parse(fresh(), msg, base=nfqueue.SLOT) == want  # a message in a later ring slot
+
+
+def test_cap_len_equal_to_the_payload_is_not_truncation() -> None:
+    msg = packet_msg(3, 1, 1, b"\x45abcd", u32(CAP_LEN, 5))
+    assert parse(fresh(), msg) == Delivery(3, 1, b"\x45abcd", 1, 0, 0, False)
+
+
+def test_an_empty_payload() -> None:
+    assert parse(fresh(), packet_msg(3, 1, 1, b"")) == Delivery(3, 1, b"", 1, 0, 0, False)
+
+
+def test_a_message_without_payload_shows_nothing_and_is_truncated() -> None:
+    msg = packet_msg(3, 9, 1, None, u32(INDEV, 2))
+    assert parse(fresh(), msg) == Delivery(3, 9, b"", 1, 0, 0, True)
+
+
+def test_a_message_cut_short_by_the_receive_shows_nothing() -> None:
+    msg = packet_msg(3, 9, 1, b"\x45" + bytes(100), u32(INDEV, 2))
+    q = fresh()
+    parse(q, msg)  # learn the shape
+    assert parse(q, msg, received=len(msg) - 4) == Delivery(3, 9, b"", 1, 0, 0, True)
+    assert parse(fresh(), msg, received=len(msg) - 4) == Delivery(3, 9, b"", 1, 0, 0, True)
+
+
+def test_a_malformed_attribute_ends_the_walk() -> None:
+    broken = packet_msg(3, 9, 1, None) + (2).to_bytes(2, "little") + MARK.to_bytes(2, "little") + nlattr(PAYLOAD, b"x")
+    broken = len(broken).to_bytes(4, "little") + broken[4:]
+    assert parse(fresh(), broken) == Delivery(3, 9, b"", 1, 0, 0, True)
+
+
+def test_other_messages_are_not_packets_and_errors_are_counted() -> None:
+    q = fresh()
+    assert parse(q, ack(5)) is None and q.verdict_errors == 0
+    assert parse(q, ack(5, -errno.ENOENT)) is None and q.verdict_errors == 1
+    assert parse(q, nlmsg(MSG_VERDICT, bytes(16))) is None and q.verdict_errors == 1
+
+
+# --- verdicts --------------------------------------------------------------------------------------
+
+
+class FakeSocket:
+    def __init__(self, replies: list[bytes] | None = None, fail: OSError | None = None) -> None:
+        self.sent: list[bytes] = []
+        self.replies = replies or []
+        self.fail = fail
+
+    def send(self, data: bytes) -> int:
+        if self.fail:
+            raise self.fail
+        self.sent.append(data)
+        return len(data)
+
+    def recv_into(self, buf: bytearray, size: int) -> int:
+        if not self.replies:
+            raise OSError(errno.EAGAIN, "nothing")
+        reply = self.replies.pop(0)
+        buf[:len(reply)] = reply
+        return len(reply)
+
+
+def with_socket(sock: FakeSocket) -> NfQueue:
+    q = fresh()
+    q.sock = sock  # type: ignore[assignment]
+    return q
+
+
+def verdict_bytes(mtype: int, queue: int, verdict: int, packet_id: int, payload: bytes | None = None) -> bytes:
+    """nlmsghdr + nfgenmsg + NFQA_VERDICT_HDR (be32 verdict, be32 id) [+ NFQA_PAYLOAD]."""
+    body = bytes([socket.AF_UNSPEC, 0]) + queue.to_bytes(2, "big")
+    body += nlattr(2, verdict.to_bytes(4, "big") + packet_id.to_bytes(4, "big"))
+    if payload is not None:
+        body += nlattr(PAYLOAD, payload)
+    return nlmsg(mtype, body, flags=1)
+
+
+def test_verdict_messages_are_the_wire_bytes() -> None:
+    sock = FakeSocket()
+    with_socket(sock).send_verdicts(
+        [Verdict(65535, 0xFFFFFFFF, 0), Verdict(7, 6, 1, b"\x45abc"), Verdict(1, 2, 4, b"\x45abcdefg"),
+         Verdict(2, 3, 1, b"")],
+        {32: 99, 65535: 0})
+    assert sock.sent == [
+        verdict_bytes(MSG_VERDICT_BATCH, 32, 1, 99) + verdict_bytes(MSG_VERDICT_BATCH, 65535, 1, 0)
+        + verdict_bytes(MSG_VERDICT, 65535, 0, 0xFFFFFFFF) + verdict_bytes(MSG_VERDICT, 7, 1, 6, b"\x45abc")
+        + verdict_bytes(MSG_VERDICT, 1, 4, 2, b"\x45abcdefg") + verdict_bytes(MSG_VERDICT, 2, 1, 3, b"")]
+
+
+def test_nothing_to_say_sends_nothing() -> None:
+    sock = FakeSocket()
+    with_socket(sock).send_verdicts([], {})
+    assert sock.sent == []
+
+
+def test_verdicts_are_split_after_one_mebibyte() -> None:
+    sock = FakeSocket()
+    # 32768 plain verdicts are exactly 1 MiB: the send happens after the next one makes it more
+    with_socket(sock).send_verdicts([Verdict(1, i, 1) for i in range(32770)], {})
+    assert [len(s) for s in sock.sent] == [32769 * 32, 32]
+    assert sock.sent[1] == verdict_bytes(MSG_VERDICT, 1, 1, 32769)
+
+
+def test_large_payload_verdicts_are_split_too() -> None:
+    sock = FakeSocket()
+    payload = b"\x45" + bytes(59999)
+    with_socket(sock).send_verdicts([Verdict(1, i, 1, payload) for i in range(20)], {5: 1})
+    one = len(verdict_bytes(MSG_VERDICT, 1, 1, 0, payload))
+    assert one == 32 + 4 + 60000
+    assert [len(s) for s in sock.sent] == [32 + 18 * one, 2 * one]
+    assert sock.sent[0].startswith(verdict_bytes(MSG_VERDICT_BATCH, 5, 1, 1))
+
+
+@pytest.mark.parametrize("err, cls, code", [(OSError(errno.ENOBUFS, "full"), KernelError, errno.ENOBUFS),
+                                            (OSError("no errno"), KernelError, errno.EIO),
+                                            (PermissionError(errno.EPERM, "no"), PermissionDenied, errno.EPERM)])
+def test_a_refused_send_names_it(err: OSError, cls: type, code: int) -> None:
+    with pytest.raises(KernelError) as exc:
+        with_socket(FakeSocket(fail=err)).send_verdicts([Verdict(1, 1, 1)], {})
+    assert type(exc.value) is cls and exc.value.errno == code and exc.value.message == "sending verdicts"
+
+
+# --- binding a queue -------------------------------------------------------------------------------
+
+
+def config_bytes(queue: int, seq: int, maxlen: int, flags: int) -> bytes:
+    body = bytes([socket.AF_UNSPEC, 0]) + queue.to_bytes(2, "big")
+    body += nlattr(1, bytes([1, 0, 0, 0]))                               # NFQA_CFG_CMD: BIND, pf 0
+    body += nlattr(2, (0xFFFF).to_bytes(4, "big") + bytes([2]))          # NFQA_CFG_PARAMS: range, COPY_PACKET
+    body += nlattr(3, maxlen.to_bytes(4, "big"))                         # NFQA_CFG_QUEUE_MAXLEN
+    body += nlattr(4, (1 | 4).to_bytes(4, "big"))                        # NFQA_CFG_MASK: FAIL_OPEN | GSO
+    body += nlattr(5, flags.to_bytes(4, "big"))                          # NFQA_CFG_FLAGS
+    return nlmsg(MSG_CONFIG, body, flags=1 | 4, seq=seq)
+
+
+def test_bind_sends_the_config_message_and_waits_for_its_ack() -> None:
+    sock = FakeSocket([ack(7), INBOUND, ack(1)])  # an ack of another request and a packet come first
+    q = with_socket(sock)
+    q.bind(65535, fail_open=True, maxlen=1024)
+    assert sock.sent == [config_bytes(65535, 1, 1024, 1 | 4)]
+    assert q._backlog == [parse(fresh(), INBOUND)]
+    sock.replies = [ack(2)]
+    q.bind(32, fail_open=False, maxlen=0xFFFFFFFF)
+    assert sock.sent[1] == config_bytes(32, 2, 0xFFFFFFFF, 4)
+
+
+@pytest.mark.parametrize("error, cls", [(-errno.EPERM, PermissionDenied), (-errno.EINVAL, KernelError)])
+def test_a_refused_bind_names_the_queue_and_errno(error: int, cls: type) -> None:
+    with pytest.raises(KernelError) as exc:
+        with_socket(FakeSocket([ack(1, error)])).bind(5, fail_open=False, maxlen=1)
+    assert type(exc.value) is cls and exc.value.errno == -error and exc.value.message == "binding queue 5"
+
+
+def test_a_failed_request_send_or_receive_names_the_queue() -> None:
+    with pytest.raises(KernelError) as exc:
+        with_socket(FakeSocket(fail=OSError(errno.ENOBUFS, "x"))).bind(6, fail_open=False, maxlen=1)
+    assert (exc.value.message, exc.value.errno) == ("binding queue 6", errno.ENOBUFS)
+    with pytest.raises(KernelError) as exc:
+        with_socket(FakeSocket([])).bind(6, fail_open=False, maxlen=1)
+    assert (exc.value.message, exc.value.errno) == ("binding queue 6", errno.EAGAIN)
+
+
+# --- receiving (recvmmsg over a datagram socket pair stands in for netlink) ---------------------------
+
+
+@pytest.fixture
+def pair() -> tuple[NfQueue, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    q = fresh()
+    q.sock = a
+    yield q, b
+    a.close()
+    b.close()
+
+
+def test_receive_returns_what_is_waiting_up_to_the_limit(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    assert q.receive(10) == []
+    for i in range(3):
+        peer.send(packet_msg(4, i, 0, b"\x45" + bytes([i]), u32(INDEV, 1)))
+    peer.send(ack(9))
+    got = q.receive(2)
+    assert got == [Delivery(4, i, b"\x45" + bytes([i]), 0, 1, 0, False) for i in range(2)]
+    assert q.receive(10) == [Delivery(4, 2, b"\x45\x02", 0, 1, 0, False)]
+    assert q.receive(10) == []
+
+
+def test_receive_reads_more_than_one_ring(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    for i in range(nfqueue.RING + 6):
+        peer.send(packet_msg(4, i, 0, b"\x45"))
+    got = q.receive(1000)
+    assert [d.packet_id for d in got] == list(range(nfqueue.RING + 6))
+
+
+def test_receive_returns_the_backlog_first(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    early = [Delivery(1, i, b"", 0, 0, 0, True) for i in range(3)]
+    q._backlog = list(early)
+    peer.send(packet_msg(4, 9, 0, b"\x45"))
+    assert q.receive(2) == early[:2]
+    assert q.receive(5) == [early[2], Delivery(4, 9, b"\x45", 0, 0, 0, False)]
+
+
+def test_a_failing_receive_names_it(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, _peer = pair
+    q.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # not connected: ENOTCONN
+    try:
+        with pytest.raises(KernelError) as exc:
+            q.receive(1)
+        assert (exc.value.message, exc.value.errno) == ("receiving diverted packets", errno.ENOTCONN)
+    finally:
+        q.sock.close()
+
+
+# --- the real netlink socket (no privilege needed to open it) ---------------------------------------
+
+
+def test_the_socket_is_a_netfilter_netlink_socket() -> None:
+    q = NfQueue(rcvbuf=1 << 20)
+    try:
+        assert (q.sock.family, q.sock.proto, q.sock.type & 0xF) == (socket.AF_NETLINK, 12, socket.SOCK_RAW)
+        assert q.sock.get_inheritable() is False
+        assert q.portid == q.sock.getsockname()[0] != 0
+        assert q.fileno() == q.sock.fileno()
+        assert q.sock.getsockopt(270, 5) == 1  # NETLINK_NO_ENOBUFS
+        if os.geteuid() == 0:  # SO_RCVBUFFORCE / SO_SNDBUFFORCE: the kernel doubles what it is given
+            assert q.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 << 20
+            assert q.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 8 << 20
+        assert (q.verdict_errors, q._seq, q._backlog, len(q._buf)) == (0, 0, [], nfqueue.SLOT)
+    finally:
+        q.close()
+    assert q.sock.fileno() == -1
+
+
+def test_the_default_receive_buffer_is_8_mib() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can force the buffer size")
+    q = NfQueue()
+    try:
+        assert q.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 16 << 20
+    finally:
+        q.close()
+
+
+def test_a_socket_that_cannot_be_made_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> socket.socket:
+        raise OSError(errno.EAFNOSUPPORT, "no netlink")
+    monkeypatch.setattr(nfqueue.socket, "socket", refuse)
+    with pytest.raises(KernelError) as exc:
+        NfQueue()
+    assert (exc.value.message, exc.value.errno) == ("opening a netfilter netlink socket", errno.EAFNOSUPPORT)
+
+
+def test_a_socket_that_cannot_be_set_up_is_closed_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[socket.socket] = []
+    real = socket.socket
+
+    class Refusing(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+        def bind(self, address: object) -> None:
+            raise OSError(errno.EADDRINUSE, "taken")
+
+    monkeypatch.setattr(nfqueue.socket, "socket", Refusing)
+    with pytest.raises(KernelError) as exc:
+        NfQueue()
+    assert (exc.value.message, exc.value.errno) == ("setting up the netfilter netlink socket", errno.EADDRINUSE)
+    assert made[0].fileno() == -1

@@ -1,0 +1,328 @@
+"""Exact values and edge values of bindings, binding files and the lookup model.
+
+These pin behaviour that the round-trip and property tests cannot see (an encoder and decoder that agree
+with each other on a wrong value, a message shared by two errors); `make mutate` measures them.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+
+import pytest
+
+from flowsteer.errors import InvalidInput
+from flowsteer.lookup import bindings as b
+from flowsteer.lookup.bindings import Binding
+from flowsteer.lookup.config import load_file, parse
+from flowsteer.lookup.model import Decision, Destination, decide, mapped_address, matching
+
+LABEL_HELP = "use 1-63 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
+
+
+def message(exc: pytest.ExceptionInfo[InvalidInput]) -> str:
+    assert type(exc.value) is InvalidInput
+    return str(exc.value)
+
+
+# --- bindings: parsing --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [5, None, b"web"])
+def test_a_label_that_is_not_text_is_refused(value: object) -> None:
+    with pytest.raises(InvalidInput) as exc:
+        b.parse_label(value)  # type: ignore[arg-type]
+    assert message(exc) == f"invalid label {value!r}: {LABEL_HELP}"
+
+
+def test_label_message_is_exact() -> None:
+    with pytest.raises(InvalidInput) as exc:
+        b.parse_label("-x")
+    assert message(exc) == f"invalid label '-x': {LABEL_HELP}"
+
+
+@pytest.mark.parametrize("text, want", [("tcp", "tcp"), ("TCP", "tcp"), ("Udp", "udp")])
+def test_protocols_are_case_insensitive(text: str, want: str) -> None:
+    assert b.parse_protocol(text) == want
+
+
+def test_protocol_message_is_exact() -> None:
+    with pytest.raises(InvalidInput) as exc:
+        b.parse_protocol("SCTP")
+    assert message(exc) == "invalid protocol 'SCTP': use tcp or udp"
+
+
+@pytest.mark.parametrize("value, want", [(0, 0), (1, 1), (65535, 65535), ("0", 0), ("65535", 65535), ("080", 80)])
+def test_ports_at_the_edges_are_accepted(value: str | int, want: int) -> None:
+    assert b.parse_port(value) == want
+
+
+@pytest.mark.parametrize("value", [-1, 65536, "65536", "-1", False, True, 8.0, None, "", "²"])
+def test_port_message_is_exact(value: object) -> None:
+    with pytest.raises(InvalidInput) as exc:
+        b.parse_port(value)  # type: ignore[arg-type]
+    assert message(exc) == f"invalid port {value!r}: use a number from 0 (every port) to 65535"
+
+
+def test_prefix_message_is_exact() -> None:
+    with pytest.raises(InvalidInput) as exc:
+        b.parse_prefix("192.0.2.1/24")
+    assert message(exc) == "invalid prefix '192.0.2.1/24': 192.0.2.1/24 has host bits set"
+
+
+@pytest.mark.parametrize("text", ["2001:db8::1/128", "::/0", "0.0.0.0/0", "192.0.2.255/32"])
+def test_edge_prefixes_are_accepted(text: str) -> None:
+    assert b.parse_prefix(text) == ipaddress.ip_network(text)
+
+
+# --- bindings: the v4-mapped space -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v4, v6", [
+    ("192.0.2.0/24", "::ffff:192.0.2.0/120"),
+    ("0.0.0.0/0", "::ffff:0:0/96"),
+    ("255.255.255.255/32", "::ffff:255.255.255.255/128"),
+])
+def test_ipv4_prefixes_map_to_exact_v6_prefixes(v4: str, v6: str) -> None:
+    assert b.to_mapped(ipaddress.ip_network(v4)) == ipaddress.IPv6Network(v6)
+    assert b.from_mapped(ipaddress.IPv6Network(v6)) == ipaddress.ip_network(v4)
+
+
+@pytest.mark.parametrize("v6", ["2001:db8::/32", "2001:db8::1/128", "::/0", "::fffe:0:0/95", "::fffe:0:0/96"])
+def test_ipv6_prefixes_stay_as_they_are(v6: str) -> None:
+    net = ipaddress.IPv6Network(v6)
+    assert b.to_mapped(net) is net
+    assert b.from_mapped(net) == net
+
+
+# --- bindings: the binding itself ------------------------------------------------------------------
+
+
+def test_binding_parse_validates_every_field() -> None:
+    binding = Binding.parse("web", "TCP", "192.0.2.0/24", "443")
+    assert binding == Binding("web", "tcp", ipaddress.ip_network("192.0.2.0/24"), 443)
+    assert binding.mapped == ipaddress.IPv6Network("::ffff:192.0.2.0/120")
+    assert binding.selector == ("tcp", ipaddress.IPv6Network("::ffff:192.0.2.0/120"), 443)
+    assert binding.precedence() == (-120, 0)
+    assert Binding.parse("web", "udp", "2001:db8::/32", 0).precedence() == (-32, 1)
+    assert binding.to_dict() == {"label": "web", "protocol": "tcp", "prefix": "192.0.2.0/24", "port": 443}
+    assert str(binding) == "tcp 192.0.2.0/24 port 443 -> web"
+    assert str(Binding.parse("dns", "udp", "2001:db8::53", 0)) == "udp 2001:db8::53/128 port any -> dns"
+
+
+def test_ties_are_ordered_by_protocol_address_port_and_label() -> None:
+    make = Binding.parse
+    ordered = [make("z", "tcp", "192.0.2.0/24", 80), make("z", "tcp", "198.51.100.0/24", 80),
+               make("a", "tcp", "198.51.100.0/24", 81), make("a", "udp", "192.0.2.0/24", 80),
+               make("a", "udp", "192.0.2.0/24", 0), make("b", "udp", "192.0.2.0/24", 0)]
+    # (labels a and b cannot share a selector in one set; the order must still be total)
+    for shuffled in (ordered[::-1], ordered[2:] + ordered[:2], ordered[1::2] + ordered[::2]):
+        assert b.sort_by_precedence(shuffled) == ordered
+
+
+# --- bindings: kernel encoding against independently built bytes -----------------------------------
+
+
+def test_key_bytes_are_the_kernels_struct() -> None:
+    mapped = b.to_mapped(ipaddress.ip_network("192.0.2.0/24"))
+    want = ((32 + 120).to_bytes(4, "little") + bytes([6, 0]) + (443).to_bytes(2, "little")
+            + bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 0]))
+    assert b.encode_key("tcp", mapped, 443) == want
+    assert b.decode_key(want) == ("tcp", mapped, 443)
+
+
+def test_key_of_a_host_route_and_the_highest_port() -> None:
+    mapped = ipaddress.IPv6Network("2001:db8::1/128")
+    want = (160).to_bytes(4, "little") + bytes([17, 0]) + b"\xff\xff" + mapped.network_address.packed
+    assert b.encode_key("udp", mapped, 65535) == want
+    assert b.decode_key(want) == ("udp", mapped, 65535)
+
+
+def test_key_of_everything() -> None:
+    want = (32).to_bytes(4, "little") + bytes([6, 0, 0, 0]) + bytes(16)
+    assert b.encode_key("tcp", ipaddress.IPv6Network("::/0"), 0) == want
+    assert b.decode_key(want) == ("tcp", ipaddress.IPv6Network("::/0"), 0)
+
+
+@pytest.mark.parametrize("bits, proto", [(31, 6), (161, 6), (160, 7), (32, 0), (32, 16), (32, 18)])
+def test_foreign_keys_are_refused_exactly(bits: int, proto: int) -> None:
+    raw = bits.to_bytes(4, "little") + bytes([proto, 0, 0, 0]) + bytes(16)
+    with pytest.raises(InvalidInput) as exc:
+        b.decode_key(raw)
+    assert message(exc) == f"binding key {raw.hex()} is not flowsteer's"
+
+
+def test_value_and_label_bytes() -> None:
+    mapped = ipaddress.IPv6Network("::ffff:192.0.2.0/120")
+    assert b.encode_value(7, mapped) == (7).to_bytes(4, "little") + (120).to_bytes(4, "little")
+    assert b.decode_value(b.encode_value(7, mapped)) == (7, 120)
+    assert b.encode_label("web") == b"web" + bytes(61)
+    assert len(b.encode_label("x" * 63)) == 64
+    assert b.decode_label(b"web" + bytes(61)) == "web"
+
+
+# --- binding files ---------------------------------------------------------------------------------
+
+ENTRY = {"label": "a", "protocol": "tcp", "prefix": "192.0.2.0/24", "port": 1}
+
+
+def parse_json(doc: object, source: str = "f.json") -> list[Binding]:
+    return parse(json.dumps(doc), "json", source)
+
+
+def refused(text: str, fmt: str = "json", source: str = "f.json") -> str:
+    with pytest.raises(InvalidInput) as exc:
+        parse(text, fmt, source)
+    return message(exc)
+
+
+def test_entries_expand_prefixes_times_ports_in_order() -> None:
+    entry = {"label": "dns", "protocol": "UDP", "prefixes": ["192.0.2.1", "2001:db8::1"], "ports": [53, "5353"]}
+    make = Binding.parse
+    assert parse_json({"bindings": [entry]}) == [
+        make("dns", "udp", "192.0.2.1", 53), make("dns", "udp", "192.0.2.1", 5353),
+        make("dns", "udp", "2001:db8::1", 53), make("dns", "udp", "2001:db8::1", 5353)]
+
+
+def test_no_bindings_at_all() -> None:
+    assert parse_json({}) == []
+    assert parse_json({"bindings": []}) == []
+    assert parse("", "toml") == []
+
+
+@pytest.mark.parametrize("doc, why", [
+    ([], "expected a single top-level 'bindings' list"),
+    ({"bindings": [], "other": 1}, "expected a single top-level 'bindings' list"),
+    ({"bindings": {"a": 1}}, "'bindings' must be a list of tables"),
+    ({"bindings": [ENTRY, 3]}, "binding entry 2: must be a table with label, protocol, prefix(es) and port(s)"),
+    ({"bindings": [ENTRY | {"zz": 1, "aa": 2}]}, "binding entry 1: unknown field(s) aa, zz"),
+    ({"bindings": [{k: v for k, v in ENTRY.items() if k != "protocol"}]}, "binding entry 1: missing field 'protocol'"),
+    ({"bindings": [{k: v for k, v in ENTRY.items() if k != "port"}]},
+     "binding entry 1: give exactly one of 'port' or 'ports'"),
+    ({"bindings": [ENTRY | {"ports": [2]}]}, "binding entry 1: give exactly one of 'port' or 'ports'"),
+    ({"bindings": [{k: v for k, v in ENTRY.items() if k != "prefix"}]},
+     "binding entry 1: give exactly one of 'prefix' or 'prefixes'"),
+    ({"bindings": [ENTRY | {"prefixes": ["192.0.2.1"]}]},
+     "binding entry 1: give exactly one of 'prefix' or 'prefixes'"),
+    ({"bindings": [{k: v for k, v in ENTRY.items() if k != "port"} | {"ports": 5}]},
+     "binding entry 1: 'ports' must be a non-empty list"),
+    ({"bindings": [{k: v for k, v in ENTRY.items() if k != "port"} | {"ports": []}]},
+     "binding entry 1: 'ports' must be a non-empty list"),
+    ({"bindings": [ENTRY | {"port": 65536}]},
+     "binding entry 1: invalid port 65536: use a number from 0 (every port) to 65535"),
+    ({"bindings": [ENTRY | {"label": "-"}]}, f"binding entry 1: invalid label '-': {LABEL_HELP}"),
+])
+def test_file_errors_are_exact(doc: object, why: str) -> None:
+    assert refused(json.dumps(doc)) == f"f.json: {why}"
+
+
+def test_syntax_errors_name_the_format_and_source() -> None:
+    assert refused("{", "json", "x.json").startswith("x.json: not valid JSON: ")
+    assert refused("[[bindings", "toml", "y.toml").startswith("y.toml: not valid TOML: ")
+    with pytest.raises(InvalidInput) as exc:
+        parse("[", "json")
+    assert message(exc).startswith("<input>: not valid JSON: ")
+
+
+def test_load_file_reads_toml_and_json_by_suffix(tmp_path: object) -> None:
+    import pathlib
+    root = pathlib.Path(str(tmp_path))
+    (root / "b.JSON").write_text(json.dumps({"bindings": [ENTRY]}))
+    (root / "b.toml").write_bytes(b"# caf\xe9 (latin-1, not UTF-8)\n[[bindings]]\nlabel='a'\nprotocol='tcp'\n"
+                                  b"prefix='192.0.2.0/24'\nport=1\n")
+    want = [Binding.parse("a", "tcp", "192.0.2.0/24", 1)]
+    assert load_file(str(root / "b.JSON")) == want
+    assert load_file(str(root / "b.toml")) == want
+
+
+def test_an_unreadable_file_names_the_path_and_errno() -> None:
+    with pytest.raises(InvalidInput) as exc:
+        load_file("/nonexistent/bindings.toml")
+    assert exc.value.message == "cannot read /nonexistent/bindings.toml"
+    assert exc.value.errno == errno.ENOENT
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+
+def test_mapped_addresses() -> None:
+    assert mapped_address("192.0.2.1") == ipaddress.IPv6Address("::ffff:192.0.2.1")
+    assert mapped_address(ipaddress.ip_address("2001:db8::1")) == ipaddress.IPv6Address("2001:db8::1")
+
+
+def test_matching_filters_protocol_port_and_address() -> None:
+    make = Binding.parse
+    candidates = [make("a", "udp", "192.0.2.0/24", 53), make("b", "tcp", "192.0.2.0/24", 54),
+                  make("c", "tcp", "192.0.2.0/24", 0), make("d", "tcp", "192.0.2.0/25", 53),
+                  make("e", "tcp", "198.51.100.0/24", 53), make("f", "tcp", "192.0.2.1", 53)]
+    assert matching(candidates, "tcp", "192.0.2.1", 53) == [candidates[5], candidates[3], candidates[2]]
+
+
+def test_a_port_zero_binding_matches_every_port_and_port_65535() -> None:
+    anyport = Binding.parse("any", "tcp", "2001:db8::/32", 0)
+    decision = decide([anyport], {("any", "ipv6", "tcp"): 9}, "tcp", "2001:db8::5", 65535)
+    assert (decision.outcome, decision.binding, decision.port) == ("assign", anyport, 65535)
+
+
+def test_assign_decision_is_exact() -> None:
+    host = Binding.parse("web", "tcp", "192.0.2.1", 0)
+    wide = Binding.parse("all", "tcp", "192.0.2.0/24", 443)
+    decision = decide([wide, host], {("web", "ipv4", "tcp"): 42, ("web", "ipv6", "tcp"): 1}, "TCP", "192.0.2.1",
+                      "443")
+    assert decision == Decision("tcp", "192.0.2.1", 443, "assign", host, Destination("web", "ipv4", "tcp", 42),
+                                [host, wide])
+    assert decision.reason == ("binding tcp 192.0.2.1/32 port any -> web matches and beats "
+                               "tcp 192.0.2.0/24 port 443 -> all by its longer prefix; the packet goes to the "
+                               "socket of label 'web' (cookie 42)")
+    assert decision.to_dict() == {
+        "protocol": "tcp", "address": "192.0.2.1", "port": 443, "outcome": "assign",
+        "binding": host.to_dict(), "label": "web", "socket_cookie": 42,
+        "contenders": [host.to_dict(), wide.to_dict()], "reason": decision.reason}
+
+
+def test_drop_decision_is_exact() -> None:
+    only = Binding.parse("dns", "udp", "2001:db8::/32", 53)
+    decision = decide([only], {("dns", "ipv4", "udp"): 5, ("dns", "ipv6", "tcp"): 6}, "udp", "2001:db8::1", 53)
+    assert decision.outcome == "drop"
+    assert decision.destination == Destination("dns", "ipv6", "udp", None)
+    assert decision.family_name == "ipv6"
+    assert decision.reason == ("binding udp 2001:db8::/32 port 53 -> dns matches, but label 'dns' has no ipv6 udp "
+                               "socket: the packet is dropped")
+    assert decision.to_dict()["socket_cookie"] is None
+
+
+def test_specific_port_reason() -> None:
+    specific = Binding.parse("web", "tcp", "192.0.2.0/24", 80)
+    anyport = Binding.parse("proxy", "tcp", "192.0.2.0/24", 0)
+    decision = decide([anyport, specific], {}, "tcp", "192.0.2.3", 80)
+    assert decision.reason == ("binding tcp 192.0.2.0/24 port 80 -> web matches and beats "
+                               "tcp 192.0.2.0/24 port any -> proxy by its specific port, but label 'web' has no "
+                               "ipv4 tcp socket: the packet is dropped")
+
+
+def test_pass_decision_is_exact() -> None:
+    decision = decide([Binding.parse("a", "tcp", "192.0.2.0/24", 0)], {}, "udp", "192.0.2.1", 0)
+    assert decision == Decision("udp", "192.0.2.1", 0, "pass", None, None, [])
+    assert decision.reason == "no binding matches: the normal socket lookup continues"
+    assert decision.to_dict() == {"protocol": "udp", "address": "192.0.2.1", "port": 0, "outcome": "pass",
+                                  "binding": None, "label": None, "socket_cookie": None, "contenders": [],
+                                  "reason": decision.reason}
+
+
+def test_labels_ending_in_any_character_decode() -> None:
+    for label in ("BOX", "x0", "a.b:c-d_X"):
+        assert b.decode_label(b.encode_label(label)) == label
+
+
+def test_file_errors_name_the_file(tmp_path: object) -> None:
+    import pathlib
+    path = pathlib.Path(str(tmp_path)) / "b.toml"
+    path.write_text("[[bindings]\n")
+    with pytest.raises(InvalidInput) as exc:
+        load_file(str(path))
+    assert message(exc).startswith(f"{path}: not valid TOML: ")
+    path.write_text("[[bindings]]\nlabel = 'a'\n")
+    with pytest.raises(InvalidInput) as exc:
+        load_file(str(path))
+    assert message(exc) == f"{path}: binding entry 1: missing field 'protocol'"

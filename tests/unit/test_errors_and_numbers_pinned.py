@@ -1,0 +1,48 @@
+"""Exact messages, classes and attributes of flowsteer's errors, and the one whole-number reader."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from flowsteer.errors import FlowsteerError, InvalidInput, KernelError, PermissionDenied, kernel_error
+from flowsteer.numbers import is_whole_number
+
+
+def test_an_error_without_errno_is_its_message() -> None:
+    err = InvalidInput("port 70000 is out of range")
+    assert (str(err), err.message, err.errno, err.args) == ("port 70000 is out of range",) * 2 + (None,) + (
+        ("port 70000 is out of range",),)
+
+
+def test_an_error_with_errno_names_it() -> None:
+    err = FlowsteerError("cannot read x", errno=errno.ENOENT)
+    assert err.errno == errno.ENOENT and err.message == "cannot read x"
+    assert str(err) == "cannot read x: ENOENT (No such file or directory)"
+
+
+def test_an_unknown_errno_is_shown_as_its_number() -> None:
+    assert str(FlowsteerError("odd", errno=4095)) == "odd: 4095 (Unknown error 4095)"
+
+
+def test_kernel_errors_name_the_operation_and_detail() -> None:
+    err = kernel_error("map update", errno.E2BIG, "too many")
+    assert type(err) is KernelError
+    assert (err.operation, err.message, err.errno) == ("map update", "map update: too many", errno.E2BIG)
+    plain = KernelError("attach", errno.EINVAL)
+    assert (plain.operation, plain.message, str(plain)) == ("attach", "attach", "attach: EINVAL (Invalid argument)")
+
+
+@pytest.mark.parametrize("err, cls", [(errno.EPERM, PermissionDenied), (errno.EACCES, PermissionDenied),
+                                      (errno.ENOENT, KernelError), (errno.EBUSY, KernelError)])
+def test_kernel_error_picks_the_class(err: int, cls: type) -> None:
+    made = kernel_error("load", err, "why")
+    assert type(made) is cls
+    assert (made.operation, made.errno, made.message) == ("load", err, "load: why")
+
+
+@pytest.mark.parametrize("text, whole", [("0", True), ("65535", True), ("007", True), ("", False), ("²", False),
+                                         ("٣", False), ("1.5", False), ("-1", False), (" 1", False), ("a", False)])
+def test_whole_numbers(text: str, whole: bool) -> None:
+    assert is_whole_number(text) is whole

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import flowsteer.bpf
-from flowsteer.divert import nfqueue, packet
+from flowsteer.divert import metadata, nfqueue, packet
 from flowsteer.kernel import libbpf
 from flowsteer.lookup import bindings, dispatcher
 from flowsteer.lookup import state as lookup_state
@@ -167,6 +167,8 @@ UAPI_HEADERS = """
 #include <linux/netfilter.h>
 #include <linux/netfilter/nfnetlink.h>
 #include <linux/netfilter/nfnetlink_queue.h>
+#include <linux/netfilter/nfnetlink_conntrack.h>
+#include <linux/netfilter/nf_conntrack_common.h>
 """
 
 
@@ -198,6 +200,9 @@ def test_nfqueue_wire_constants_are_the_kernels() -> None:
         "NFQNL_COPY_PACKET": n.COPY_PACKET,
         "NFQA_CFG_F_FAIL_OPEN": n.CFG_F_FAIL_OPEN,
         "NFQA_CFG_F_GSO": n.CFG_F_GSO,
+        "NFQA_CFG_F_CONNTRACK": n.CFG_F_CONNTRACK,
+        "NFQA_CFG_F_UID_GID": n.CFG_F_UID_GID,
+        "NFQA_MARK": n.NFQA_MARK,
         "NF_DROP": n.NF_DROP,
         "NF_ACCEPT": n.NF_ACCEPT,
         "NF_REPEAT": n.NF_REPEAT,
@@ -220,6 +225,28 @@ def test_nfqueue_wire_constants_are_the_kernels() -> None:
         "+ __builtin_offsetof(struct nfqnl_msg_packet_hdr, hook)": 18 + struct.calcsize("!H4xIxx"),
         "NFQA_PACKET_HDR": 1,
     }
+    _check_with_clang(UAPI_HEADERS, facts, [])
+
+
+def test_packet_metadata_numbers_are_the_kernels() -> None:
+    m = metadata
+    facts = {
+        "NFQA_MARK": m.NFQA_MARK, "NFQA_TIMESTAMP": m.NFQA_TIMESTAMP, "NFQA_HWADDR": m.NFQA_HWADDR,
+        "NFQA_IFINDEX_PHYSINDEV": m.NFQA_PHYSINDEV, "NFQA_IFINDEX_PHYSOUTDEV": m.NFQA_PHYSOUTDEV,
+        "NFQA_CT": m.NFQA_CT, "NFQA_CT_INFO": m.NFQA_CT_INFO, "NFQA_SKB_INFO": m.NFQA_SKB_INFO,
+        "NFQA_UID": m.NFQA_UID, "NFQA_GID": m.NFQA_GID, "CTA_ID": m.CTA_ID,
+        "NFQA_SKB_CSUMNOTREADY": m.SKB_CSUM_NOT_READY, "NFQA_SKB_GSO": m.SKB_GSO,
+        "NFQA_SKB_CSUM_NOTVERIFIED": m.SKB_CSUM_NOT_VERIFIED,
+        "sizeof(struct nfqnl_msg_packet_timestamp)": m._TIMESTAMP.size,
+        "__builtin_offsetof(struct nfqnl_msg_packet_hw, hw_addr)": 4,
+        "NF_INET_NUMHOOKS": len(m.HOOK_NAMES),
+    }
+    for value, name in m.CT_STATES.items():
+        facts[f"IP_CT_{name}"] = value
+    kernel_hooks = ["NF_INET_PRE_ROUTING", "NF_INET_LOCAL_IN", "NF_INET_FORWARD", "NF_INET_LOCAL_OUT",
+                    "NF_INET_POST_ROUTING"]
+    assert m.HOOK_NAMES == ("prerouting", "input", "forward", "output", "postrouting")
+    facts |= {hook: value for value, hook in enumerate(kernel_hooks)}
     _check_with_clang(UAPI_HEADERS, facts, [])
 
 

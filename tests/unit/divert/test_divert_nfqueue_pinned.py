@@ -64,16 +64,17 @@ def parse(q: NfQueue, msg: bytes, base: int = 0, received: int | None = None) ->
 
 # --- parsing packet messages -----------------------------------------------------------------------
 
-INBOUND = packet_msg(0xFFFE, 0xFFFFFFFE, 0, b"\x45inbound", u32(MARK, 9), u32(INDEV, 0x01020304),
-                     nlattr(HWADDR, bytes(12)), u32(CAP_LEN, 10))
+IN_ATTRS = u32(MARK, 9) + u32(INDEV, 0x01020304) + nlattr(HWADDR, bytes(12)) + u32(CAP_LEN, 10)
+INBOUND = packet_msg(0xFFFE, 0xFFFFFFFE, 0, b"\x45inbound", IN_ATTRS)
 OUTBOUND = packet_msg(1, 0, 4, b"\x60out", u32(OUTDEV, 65535))
-FORWARD = packet_msg(65535, 7, 2, b"\x45fw", u32(INDEV, 3), u32(OUTDEV, 4), u32(CAP_LEN, 4))
+FW_ATTRS = u32(INDEV, 3) + u32(OUTDEV, 4) + u32(CAP_LEN, 4)
+FORWARD = packet_msg(65535, 7, 2, b"\x45fw", FW_ATTRS)
 
 
 @pytest.mark.parametrize("msg, want", [
-    (INBOUND, Delivery(0xFFFE, 0xFFFFFFFE, b"\x45inbound", 0, 0x01020304, 0, True)),
-    (OUTBOUND, Delivery(1, 0, b"\x60out", 4, 0, 65535, False)),
-    (FORWARD, Delivery(65535, 7, b"\x45fw", 2, 3, 4, True)),
+    (INBOUND, Delivery(0xFFFE, 0xFFFFFFFE, b"\x45inbound", 0, 0x01020304, 0, True, IN_ATTRS)),
+    (OUTBOUND, Delivery(1, 0, b"\x60out", 4, 0, 65535, False, u32(OUTDEV, 65535))),
+    (FORWARD, Delivery(65535, 7, b"\x45fw", 2, 3, 4, True, FW_ATTRS)),
 ])
 def test_packet_messages_parse_to_exact_fields(msg: bytes, want: Delivery) -> None:
     assert parse(fresh(), msg) == want
@@ -86,7 +87,7 @@ def test_packet_messages_parse_to_exact_fields(msg: bytes, want: Delivery) -> No
 
 def test_cap_len_equal_to_the_payload_is_not_truncation() -> None:
     msg = packet_msg(3, 1, 1, b"\x45abcd", u32(CAP_LEN, 5))
-    assert parse(fresh(), msg) == Delivery(3, 1, b"\x45abcd", 1, 0, 0, False)
+    assert parse(fresh(), msg) == Delivery(3, 1, b"\x45abcd", 1, 0, 0, False, u32(CAP_LEN, 5))
 
 
 def test_an_empty_payload() -> None:
@@ -148,10 +149,13 @@ def with_socket(sock: FakeSocket) -> NfQueue:
     return q
 
 
-def verdict_bytes(mtype: int, queue: int, verdict: int, packet_id: int, payload: bytes | None = None) -> bytes:
-    """nlmsghdr + nfgenmsg + NFQA_VERDICT_HDR (be32 verdict, be32 id) [+ NFQA_PAYLOAD]."""
+def verdict_bytes(mtype: int, queue: int, verdict: int, packet_id: int, payload: bytes | None = None,
+                  mark: int | None = None) -> bytes:
+    """nlmsghdr + nfgenmsg + NFQA_VERDICT_HDR (be32 verdict, be32 id) [+ NFQA_MARK] [+ NFQA_PAYLOAD]."""
     body = bytes([socket.AF_UNSPEC, 0]) + queue.to_bytes(2, "big")
     body += nlattr(2, verdict.to_bytes(4, "big") + packet_id.to_bytes(4, "big"))
+    if mark is not None:
+        body += u32(MARK, mark)
     if payload is not None:
         body += nlattr(PAYLOAD, payload)
     return nlmsg(mtype, body, flags=1)
@@ -167,6 +171,15 @@ def test_verdict_messages_are_the_wire_bytes() -> None:
         verdict_bytes(MSG_VERDICT_BATCH, 32, 1, 99) + verdict_bytes(MSG_VERDICT_BATCH, 65535, 1, 0)
         + verdict_bytes(MSG_VERDICT, 65535, 0, 0xFFFFFFFF) + verdict_bytes(MSG_VERDICT, 7, 1, 6, b"\x45abc")
         + verdict_bytes(MSG_VERDICT, 1, 4, 2, b"\x45abcdefg") + verdict_bytes(MSG_VERDICT, 2, 1, 3, b"")]
+
+
+def test_verdicts_with_a_new_mark() -> None:
+    sock = FakeSocket()
+    with_socket(sock).send_verdicts([Verdict(3, 4, 1, None, 0xFFFFFFFF), Verdict(3, 5, 1, b"\x45ab", 0),
+                                     Verdict(3, 6, 0, b"\x45", None)], {})
+    assert sock.sent == [verdict_bytes(MSG_VERDICT, 3, 1, 4, mark=0xFFFFFFFF)
+                         + verdict_bytes(MSG_VERDICT, 3, 1, 5, b"\x45ab", mark=0)
+                         + verdict_bytes(MSG_VERDICT, 3, 0, 6, b"\x45")]
 
 
 def test_nothing_to_say_sends_nothing() -> None:
@@ -210,7 +223,7 @@ def config_bytes(queue: int, seq: int, maxlen: int, flags: int) -> bytes:
     body += nlattr(1, bytes([1, 0, 0, 0]))                               # NFQA_CFG_CMD: BIND, pf 0
     body += nlattr(2, (0xFFFF).to_bytes(4, "big") + bytes([2]))          # NFQA_CFG_PARAMS: range, COPY_PACKET
     body += nlattr(3, maxlen.to_bytes(4, "big"))                         # NFQA_CFG_QUEUE_MAXLEN
-    body += nlattr(4, (1 | 4).to_bytes(4, "big"))                        # NFQA_CFG_MASK: FAIL_OPEN | GSO
+    body += nlattr(4, (1 | 2 | 4 | 8).to_bytes(4, "big"))                # NFQA_CFG_MASK: FAIL_OPEN .. UID_GID
     body += nlattr(5, flags.to_bytes(4, "big"))                          # NFQA_CFG_FLAGS
     return nlmsg(MSG_CONFIG, body, flags=1 | 4, seq=seq)
 
@@ -219,11 +232,14 @@ def test_bind_sends_the_config_message_and_waits_for_its_ack() -> None:
     sock = FakeSocket([ack(7), INBOUND, ack(1)])  # an ack of another request and a packet come first
     q = with_socket(sock)
     q.bind(65535, fail_open=True, maxlen=1024)
-    assert sock.sent == [config_bytes(65535, 1, 1024, 1 | 4)]
+    assert sock.sent == [config_bytes(65535, 1, 1024, 1 | 4 | 8)]  # FAIL_OPEN, GSO, UID_GID
     assert q._backlog == [parse(fresh(), INBOUND)]
     sock.replies = [ack(2)]
     q.bind(32, fail_open=False, maxlen=0xFFFFFFFF)
-    assert sock.sent[1] == config_bytes(32, 2, 0xFFFFFFFF, 4)
+    assert sock.sent[1] == config_bytes(32, 2, 0xFFFFFFFF, 4 | 8)
+    sock.replies = [ack(3)]
+    q.bind(33, fail_open=False, maxlen=1, conntrack=True)
+    assert sock.sent[2] == config_bytes(33, 3, 1, 2 | 4 | 8)  # CONNTRACK
 
 
 @pytest.mark.parametrize("error, cls", [(-errno.EPERM, PermissionDenied), (-errno.EINVAL, KernelError)])
@@ -262,8 +278,8 @@ def test_receive_returns_what_is_waiting_up_to_the_limit(pair: tuple[NfQueue, so
         peer.send(packet_msg(4, i, 0, b"\x45" + bytes([i]), u32(INDEV, 1)))
     peer.send(ack(9))
     got = q.receive(2)
-    assert got == [Delivery(4, i, b"\x45" + bytes([i]), 0, 1, 0, False) for i in range(2)]
-    assert q.receive(10) == [Delivery(4, 2, b"\x45\x02", 0, 1, 0, False)]
+    assert got == [Delivery(4, i, b"\x45" + bytes([i]), 0, 1, 0, False, u32(INDEV, 1)) for i in range(2)]
+    assert q.receive(10) == [Delivery(4, 2, b"\x45\x02", 0, 1, 0, False, u32(INDEV, 1))]
     assert q.receive(10) == []
 
 

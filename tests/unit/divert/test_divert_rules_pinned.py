@@ -245,3 +245,8 @@ def test_bound_queues_reads_the_kernels_table(tmp_path: Path, monkeypatch: pytes
     assert port_state(1) == PortState(1, None, {0: 4242})
     monkeypatch.setattr(ports, "_PROC_QUEUES", str(tmp_path / "absent"))
     assert ports.bound_queues() == {}
+
+
+def test_one_socket_holding_two_slots_counts_as_exclusive() -> None:
+    queues = {q.queue: q for q in (stats(queue_number(9, 0, False), 5), stats(queue_number(9, 1, False), 5))}
+    assert port_states(queues) == {9: PortState(9, 5, {})}

@@ -313,3 +313,18 @@ def test_a_group_port_must_be_an_int() -> None:
     with pytest.raises(InvalidInput) as exc:
         GroupId("tcp", ipaddress.IPv4Address("192.0.2.1"), "80")  # type: ignore[arg-type]
     assert message(exc) == "port '80' is out of range (1..65535)"
+
+
+def test_a_flow_has_no_payload_unless_given() -> None:
+    assert Flow.parse("udp", "192.0.2.1:1", "192.0.2.2:2").payload == b""
+
+
+def test_no_key_lookup_without_a_whole_key() -> None:
+    class StrictView(DictView):
+        def key_slot(self, key: bytes) -> int | None:
+            assert isinstance(key, bytes) and len(key) == KEY_MAX, key
+            return super().key_slot(key)
+
+    short = Flow("udp", V4.client, 1, V4.server, 2, b"\x01")
+    view = StrictView(Policy("key", 1, 4), [1] * 7, {1})
+    assert decide(short, view).reason == "table"

@@ -46,3 +46,15 @@ def test_kernel_error_picks_the_class(err: int, cls: type) -> None:
                                          ("٣", False), ("1.5", False), ("-1", False), (" 1", False), ("a", False)])
 def test_whole_numbers(text: str, whole: bool) -> None:
     assert is_whole_number(text) is whole
+
+
+def test_already_exists_and_not_found_carry_their_errno() -> None:
+    from flowsteer.errors import AlreadyExists, NotFound
+    taken = AlreadyExists("group tcp:192.0.2.1:80 exists")
+    assert (str(taken), taken.message, taken.errno) == (
+        "group tcp:192.0.2.1:80 exists: EEXIST (File exists)", "group tcp:192.0.2.1:80 exists", errno.EEXIST)
+    busy = AlreadyExists("slot 3 is taken", errno=errno.EBUSY)
+    assert (busy.message, busy.errno) == ("slot 3 is taken", errno.EBUSY)
+    missing = NotFound("no member 4")
+    assert (str(missing), missing.message, missing.errno) == (
+        "no member 4: ENOENT (No such file or directory)", "no member 4", errno.ENOENT)

@@ -22,7 +22,7 @@ import pytest
 
 import flowsteer.bpf
 from flowsteer.divert import metadata, nfqueue, packet
-from flowsteer.kernel import libbpf
+from flowsteer.kernel import libbpf, pinned
 from flowsteer.lookup import bindings, dispatcher
 from flowsteer.lookup import state as lookup_state
 from flowsteer.reuseport import maglev, policy, spec
@@ -79,19 +79,14 @@ def test_lookup_program_agrees_with_python() -> None:
         "LABEL_LEN": bindings.LABEL_LEN,
         "MAX_LABELS": bindings.MAX_LABELS,
         "MAX_BINDINGS": bindings.MAX_BINDINGS,
-        "ABI_VERSION": lookup_state.ABI_VERSION,
+        "ABI_VERSION": lookup_state.SPEC.version,
         # the LPM prefix length counts the bits of the fields between it and the address
         "(__builtin_offsetof(struct binding_key, addr) - sizeof(__u32)) * 8": bindings._KEY_BITS_BEFORE_ADDR,
-        "BPF_MAP_TYPE_LPM_TRIE": lookup_state.TRIE_LAYOUT[0],
-        "sizeof(struct binding_key)": lookup_state.TRIE_LAYOUT[1],
-        "sizeof(struct binding_value)": lookup_state.TRIE_LAYOUT[2],
-        "MAX_BINDINGS ": lookup_state.TRIE_LAYOUT[3],
-        "BPF_F_NO_PREALLOC": lookup_state.TRIE_LAYOUT[4],
     }
     facts |= _layout("binding_key", bindings._KEY, ["prefixlen", "protocol", "pad", "port", "addr"])
     facts |= _layout("binding_value", bindings._VALUE, ["label_id", "prefixlen"])
     facts |= _layout("counters", dispatcher._COUNTERS, ["lookups", "misses", "errors"])
-    facts |= _layout("meta", lookup_state._META, ["abi_version", "pad"])
+    facts |= _layout("meta", struct.Struct(pinned.VERSION_RECORD.format + "I"), ["abi_version", "pad"])
     _bpf("lookup.bpf.c", facts)
 
 
@@ -112,8 +107,8 @@ def test_reuseport_program_agrees_with_python() -> None:
         facts[f"STAT_{name.upper()}"] = spec.MAX_MEMBERS + i
     facts |= _layout("policy", reuseport_state._POLICY,
                      ["kind", "seed", "table_size", "key_offset", "key_len", "weighted"])
-    facts |= _layout("meta", reuseport_state._META,
-                     ["version", "protocol", "port", "table_size", "seed", "pad", "address"])
+    meta = struct.Struct(pinned.VERSION_RECORD.format + reuseport_state._META.format.lstrip("=@"))
+    facts |= _layout("meta", meta, ["version", "protocol", "port", "table_size", "seed", "pad", "address"])
     facts |= _layout("member", reuseport_state._MEMBER, ["weight", "flags", "pid", "pad"])
     flow_fmt = struct.Struct("=16s16sHH")
     flow = Flow("udp", ipaddress.ip_address("192.0.2.1"), 4660, ipaddress.ip_address("192.0.2.2"), 53)
@@ -123,12 +118,20 @@ def test_reuseport_program_agrees_with_python() -> None:
     _bpf("reuseport.bpf.c", facts)
 
 
+def _shape(info: libbpf.MapInfo) -> tuple[int, int, int, int]:
+    return (info.type, info.key_size, info.value_size, info.max_entries)
+
+
 def _map_specs(obj_name: str) -> dict[str, tuple[int, int, int, int]]:
     path = BPF_DIR / obj_name
     if not path.exists():
         pytest.fail(f"{path} is missing: run `make bpf` first")
     with libbpf.BpfObject(str(path)) as obj:
-        return {name: obj.map_spec(name).layout[:4] for name in obj.map_names() if not name.startswith(".")}
+        specs = {name: _shape(obj.map_spec(name)) for name in obj.map_names() if not name.startswith(".")}
+        if obj_name == "lookup.bpf.o":
+            inner = obj.inner_map_spec("bindings")
+            specs["bindings.inner"] = (*_shape(inner), inner.flags)  # type: ignore[assignment]
+        return specs
 
 
 def test_compiled_lookup_maps_have_the_python_encodings() -> None:
@@ -137,8 +140,10 @@ def test_compiled_lookup_maps_have_the_python_encodings() -> None:
     assert maps["labels"] == (t.HASH, bindings.LABEL_LEN, 4, bindings.MAX_LABELS)
     assert maps["sockets"] == (t.SOCKMAP, 4, 8, bindings.MAX_LABELS * 4)
     assert maps["counters"] == (t.PERCPU_ARRAY, 4, dispatcher._COUNTERS.size, bindings.MAX_LABELS * 4)
-    assert maps["meta"] == (t.ARRAY, 4, lookup_state._META.size, 1)
+    assert maps["meta"] == (t.ARRAY, 4, pinned.VERSION_RECORD.size + 4, 1)
     assert maps["bindings"][:2] == (t.ARRAY_OF_MAPS, 4)
+    assert maps["bindings.inner"] == (t.LPM_TRIE, bindings._KEY.size, bindings._VALUE.size, bindings.MAX_BINDINGS,
+                                      libbpf.BPF_F_NO_PREALLOC)
     # the largest destination index the Python side computes fits the SOCKMAP and the counters
     assert dispatcher.destination_index(bindings.MAX_LABELS - 1, "ipv6", "udp") == bindings.MAX_LABELS * 4 - 1
 
@@ -147,7 +152,7 @@ def test_compiled_reuseport_maps_have_the_python_encodings() -> None:
     maps = _map_specs("reuseport.bpf.o")
     t = libbpf.MapType
     flow = Flow("udp", ipaddress.ip_address("2001:db8::1"), 1, ipaddress.ip_address("2001:db8::2"), 2)
-    assert maps["meta"] == (t.ARRAY, 4, reuseport_state._META.size, 1)
+    assert maps["meta"] == (t.ARRAY, 4, pinned.VERSION_RECORD.size + reuseport_state._META.size, 1)
     assert maps["members"] == (t.ARRAY, 4, reuseport_state._MEMBER.size, spec.MAX_MEMBERS)
     assert maps["socks"] == (t.REUSEPORT_SOCKARRAY, 4, 8, spec.MAX_MEMBERS)
     assert maps["active"] == (t.ARRAY, 4, 4, 1)

@@ -177,3 +177,42 @@ def test_an_outbound_packet_reads_its_own_byte_first() -> None:
 def test_explain_reads_the_installed_state_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(netfilter, "read", lambda: netfilter.Installed(rules=RULES, members={7: (2,)}))
     assert explain(DNS)["slot"] == 2
+
+
+KEEP = Rule.parse("in on eth0 proto tcp to 192.0.2.2 port 80 divert-packet port 5 keep-state")
+REPLY = Flow("out", "tcp", "192.0.2.2", "192.0.2.1", 80, 1234, "eth0", reply=True)
+
+
+def test_keep_state_diverts_the_replies_of_matched_connections() -> None:
+    assert matches(KEEP, REPLY)
+    assert matches(KEEP, Flow("in", "tcp", "192.0.2.1", "192.0.2.2", 1234, 80, "eth0"))
+
+
+@pytest.mark.parametrize("flow", [
+    Flow("out", "tcp", "192.0.2.2", "192.0.2.1", 80, 1234, "eth0"),                         # not a reply
+    Flow("out", "tcp", "192.0.2.2", "192.0.2.1", 80, 1234, "eth0", tracked=False, reply=True),  # untracked
+    Flow("out", "tcp", "192.0.2.2", "192.0.2.1", 81, 1234, "eth0", reply=True),            # other connection
+    Flow("out", "tcp", "192.0.2.2", "192.0.2.1", 80, 1234, "eth1", reply=True),            # other interface
+    Flow("out", "udp", "192.0.2.2", "192.0.2.1", 80, 1234, "eth0", reply=True),            # other protocol
+    Flow("out", "tcp", "192.0.2.1", "192.0.2.2", 1234, 80, "eth0", reply=True),            # same way round
+])
+def test_keep_state_diverts_nothing_else(flow: Flow) -> None:
+    assert not matches(KEEP, flow)
+
+
+def test_replies_need_keep_state() -> None:
+    plain = Rule.parse("in on eth0 proto tcp to 192.0.2.2 port 80 divert-packet port 5")
+    assert not matches(plain, REPLY)
+
+
+def test_an_out_rule_keeps_the_state_of_in_replies() -> None:
+    rule = Rule.parse("out proto udp to any port 53 divert-packet port 5 keep-state")
+    assert matches(rule, Flow("in", "udp", "198.51.100.1", "192.0.2.1", 53, 4000, reply=True))
+    assert not matches(rule, Flow("in", "udp", "198.51.100.1", "192.0.2.1", 4000, 53, reply=True))
+
+
+def test_an_outbound_packet_follows_its_inbound_pin() -> None:
+    state = netfilter.Installed(rules=[Rule.parse("divert-packet port 7")], members={7: (1, 2)})
+    flow = Flow("out", "udp", "192.0.2.1", "192.0.2.2", 1, 2)
+    got = explain(flow, state, ct_mark=0x82 << 16)
+    assert (got["slot"], got["reason"]) == (2, "established connection follows its other direction to member slot 2")

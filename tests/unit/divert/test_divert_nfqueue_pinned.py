@@ -138,7 +138,7 @@ class FakeSocket:
     def recv_into(self, buf: bytearray, size: int) -> int:
         if not self.replies:
             raise OSError(errno.EAGAIN, "nothing")
-        reply = self.replies.pop(0)
+        reply = self.replies.pop(0)[:min(size, len(buf))]
         buf[:len(reply)] = reply
         return len(reply)
 
@@ -300,6 +300,26 @@ def test_receive_returns_the_backlog_first(pair: tuple[NfQueue, socket.socket]) 
     assert q.receive(5) == [early[2], Delivery(4, 9, b"\x45", 0, 0, 0, False)]
 
 
+def test_receive_takes_no_more_than_the_limit_after_the_backlog(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    q._backlog = [Delivery(1, i, b"", 0, 0, 0, True) for i in range(2)]
+    for i in range(5):
+        peer.send(packet_msg(4, i, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(3)] == [0, 1, 0]
+    assert [d.packet_id for d in q.receive(10)] == [1, 2, 3, 4]
+
+
+def test_a_message_longer_than_a_slot_is_not_read_past_it(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    filler = nlattr(HWADDR, bytes(3000))  # attributes the parser passes over make the message longer
+    big = packet_msg(4, 1, 0, b"\x45" + bytes(65000), filler, filler)
+    assert len(big) > nfqueue.SLOT
+    peer.send(big)
+    peer.send(packet_msg(4, 2, 0, b"\x45small"))
+    assert q.receive(2) == [Delivery(4, 1, b"", 0, 0, 0, True), Delivery(4, 2, b"\x45small", 0, 0, 0, False)]
+
+
 def test_a_failing_receive_names_it(pair: tuple[NfQueue, socket.socket]) -> None:
     q, _peer = pair
     q.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # not connected: ENOTCONN
@@ -329,6 +349,36 @@ def test_the_socket_is_a_netfilter_netlink_socket() -> None:
     finally:
         q.close()
     assert q.sock.fileno() == -1
+
+
+def test_two_sockets_get_their_own_port_ids_and_no_multicast_groups() -> None:
+    a, b = NfQueue(), NfQueue()
+    try:
+        assert a.portid != b.portid
+        assert a.sock.getsockopt(270, 9, 4) == b""  # NETLINK_LIST_MEMBERSHIPS: none
+        assert a.receive(4) == []  # nothing queued: the ring is made, nothing is read
+        assert a._parse(bytearray(packet_msg(3, 1, 1, b"\x45")), 0, len(packet_msg(3, 1, 1, b"\x45"))) == \
+            Delivery(3, 1, b"\x45", 1, 0, 0, False)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_socket_without_privilege_keeps_its_default_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.socket
+
+    class Unprivileged(real):  # type: ignore[misc, valid-type]
+        def setsockopt(self, level: int, opt: int, value: object, *rest: object) -> None:
+            if level == socket.SOL_SOCKET and opt in (32, 33):  # SO_SNDBUFFORCE, SO_RCVBUFFORCE
+                raise PermissionError(errno.EPERM, "not root")
+            super().setsockopt(level, opt, value, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nfqueue.socket, "socket", Unprivileged)
+    q = NfQueue()
+    try:
+        assert q.sock.getsockopt(270, 5) == 1
+    finally:
+        q.close()
 
 
 def test_the_default_receive_buffer_is_8_mib() -> None:

@@ -359,3 +359,17 @@ def test_the_view_keeps_what_recvfrom_said() -> None:
     p = Packet(bytearray(ipv4(17, udp(b""))), direction="out", interface="eth0", address=("0.0.0.0", 0))
     assert (p.direction, p.interface, p.address) == ("out", "eth0", ("0.0.0.0", 0))
     assert Packet(b"").direction is None and Packet(b"").interface is None and Packet(b"").address is None
+
+
+def test_interfaces_by_index_or_name() -> None:
+    from flowsteer.divert.packet import Origin
+    p = Packet(ipv4(17, udp(b"")), origin=Origin(4, 0, 7, b"", lambda i: f"if{i}"))
+    assert (p.get_outint(), p.get_outint(True), p.get_inint(), p.get_inint(True)) == (7, "if7", 0, None)
+    q = Packet(ipv4(17, udp(b"")), origin=Origin(0, 5, 0, b"", lambda i: f"if{i}"))
+    assert (q.get_inint(), q.get_inint(True), q.get_outint(), q.get_outint(True)) == (5, "if5", 0, None)
+
+
+def test_mark_zero_is_a_mark() -> None:
+    p = Packet(ipv4(17, udp(b"")))
+    p.set_mark(0)
+    assert (p.new_mark, p.mark) == (0, 0)

@@ -250,3 +250,29 @@ def test_bound_queues_reads_the_kernels_table(tmp_path: Path, monkeypatch: pytes
 def test_one_socket_holding_two_slots_counts_as_exclusive() -> None:
     queues = {q.queue: q for q in (stats(queue_number(9, 0, False), 5), stats(queue_number(9, 1, False), 5))}
     assert port_states(queues) == {9: PortState(9, 5, {})}
+
+
+# --- rule options ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, canonical", [
+    ("fail-open", "fail-open"), ("keep-state", "keep-state"), ("twice", "twice"),
+    ("twice keep-state fail-open", "fail-open keep-state twice"), ("keep-state twice", "keep-state twice")])
+def test_options_parse_in_any_order_and_print_in_one(options: str, canonical: str) -> None:
+    rule = Rule.parse(f"out divert-packet port 5 {options}")
+    assert (rule.fail_open, rule.keep_state, rule.twice) == tuple(o in options for o in
+                                                                   ("fail-open", "keep-state", "twice"))
+    assert str(rule) == f"out divert-packet port 5 {canonical}"
+
+
+@pytest.mark.parametrize("options, twice", [("fail-open fail-open", "fail-open"),
+                                            ("keep-state twice keep-state", "keep-state"),
+                                            ("twice twice", "twice")])
+def test_an_option_given_twice_is_refused_exactly(options: str, twice: str) -> None:
+    text = f"divert-packet port 5 {options}"
+    assert refused(text) == f"rule {text!r}: {twice!r} given twice"
+
+
+def test_options_default_off() -> None:
+    rule = Rule.parse("divert-packet port 5")
+    assert (rule.fail_open, rule.keep_state, rule.twice) == (False, False, False)

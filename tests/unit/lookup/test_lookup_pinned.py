@@ -326,3 +326,71 @@ def test_file_errors_name_the_file(tmp_path: object) -> None:
     with pytest.raises(InvalidInput) as exc:
         load_file(str(path))
     assert message(exc) == f"{path}: binding entry 1: missing field 'protocol'"
+
+
+# --- whole binding sets ----------------------------------------------------------------------------
+
+
+def test_a_valid_set_is_returned_as_a_set() -> None:
+    make = Binding.parse
+    many = [make("a", "tcp", "192.0.2.0/24", 80), make("a", "tcp", "192.0.2.0/24", 80),
+            make("b", "udp", "192.0.2.0/24", 80), make("c", "tcp", "192.0.2.0/24", 0)]
+    assert b.check_set(iter(many)) == set(many)
+    assert b.check_set([]) == set()
+
+
+def test_one_selector_for_two_labels_is_refused_exactly() -> None:
+    make = Binding.parse
+    for pair in ([make("zeta", "tcp", "192.0.2.0/24", 80), make("alpha", "tcp", "192.0.2.0/24", 80)],
+                 [make("alpha", "tcp", "192.0.2.0/24", 80), make("zeta", "tcp", "192.0.2.0/24", 80)]):
+        with pytest.raises(InvalidInput) as exc:
+            b.check_set(pair)
+        assert message(exc) == "tcp 192.0.2.0/24 port 80 is bound to both 'alpha' and 'zeta'"
+
+
+def test_set_limits_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    make = Binding.parse
+    three = [make(label, "tcp", f"192.0.2.{i}", 80) for i, label in enumerate(("a", "b", "a"))]
+    monkeypatch.setattr(b, "MAX_BINDINGS", 3)
+    monkeypatch.setattr(b, "MAX_LABELS", 3)
+    assert b.check_set(three) == set(three)  # 3 bindings, 2 labels: at the limits
+    with pytest.raises(InvalidInput) as exc:
+        b.check_set(three + [make("a", "udp", "192.0.2.9", 80)])
+    assert message(exc) == "4 bindings, the dispatcher holds at most 3"
+    with pytest.raises(InvalidInput) as exc:
+        b.check_set(three[:2] + [make("c", "tcp", "192.0.2.9", 80)])
+    assert message(exc) == "more than 2 labels"
+
+
+# --- the parts of the file reader ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, fmt", [("b.json", "json"), ("B.JSON", "json"), ("b.toml", "toml"),
+                                       ("json", "toml"), ("b.json.toml", "toml"), ("b", "toml")])
+def test_file_formats(path: str, fmt: str) -> None:
+    from flowsteer.lookup.config import file_format
+    assert file_format(path) == fmt
+
+
+def test_decode_and_parse_entries_name_where() -> None:
+    from flowsteer.lookup.config import decode, parse_entries
+    assert decode('{"a": [1]}', "json", "s") == {"a": [1]}
+    assert decode("a = [1]", "toml", "s") == {"a": [1]}
+    with pytest.raises(InvalidInput) as exc:
+        decode("a = ", "toml", "host.toml")
+    assert message(exc).startswith("host.toml: not valid TOML: ")
+    assert parse_entries([ENTRY], "w") == [Binding.parse("a", "tcp", "192.0.2.0/24", 1)]
+    with pytest.raises(InvalidInput) as exc:
+        parse_entries([ENTRY, {}], "host.toml [lookup]")
+    assert message(exc) == "host.toml [lookup]: binding entry 2: missing field 'label'"
+    with pytest.raises(InvalidInput) as exc:
+        parse_entries("x", "host.toml [lookup]")
+    assert message(exc) == "host.toml [lookup]: 'bindings' must be a list of tables"
+
+
+def test_read_file_replaces_bytes_that_are_not_utf8(tmp_path: object) -> None:
+    import pathlib
+    from flowsteer.lookup.config import read_file
+    path = pathlib.Path(str(tmp_path)) / "x.toml"
+    path.write_bytes(b"caf\xe9\n")
+    assert read_file(str(path)) == "caf\ufffd\n"

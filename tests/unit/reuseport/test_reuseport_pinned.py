@@ -328,3 +328,13 @@ def test_no_key_lookup_without_a_whole_key() -> None:
     short = Flow("udp", V4.client, 1, V4.server, 2, b"\x01")
     view = StrictView(Policy("key", 1, 4), [1] * 7, {1})
     assert decide(short, view).reason == "table"
+
+
+def test_groups_order_by_protocol_family_address_and_port() -> None:
+    ordered = [GroupId.parse(t) for t in ("tcp:192.0.2.1:80", "tcp:192.0.2.1:81", "tcp:192.0.2.2:1",
+                                          "tcp:[::1]:1", "tcp:[2001:db8::1]:1", "udp:192.0.2.1:1")]
+    assert sorted(reversed(ordered)) == ordered
+    assert ordered[0] < ordered[1] and not ordered[1] < ordered[0] and not ordered[0] < ordered[0]
+    assert ordered[3] > ordered[2] and ordered[0] <= ordered[0]
+    with pytest.raises(TypeError):
+        ordered[0] < "tcp:192.0.2.1:80"  # noqa: B015

@@ -25,10 +25,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min", type=float, default=90.0, help="lowest acceptable score per module, in percent")
     parser.add_argument("--survivors", action="store_true", help="list the mutants that were not caught")
+    parser.add_argument("--markdown", action="store_true", help="print the table in Markdown (for docs/testing.md)")
     args = parser.parse_args()
     modules = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
     failing = 0
-    print(f"{'module':32} {'mutants':>7} {'caught':>6} {'timeout':>7} {'alive':>5} {'score':>6}")
+    row = "| {} | {} | {} | {} | {} | {} |" if args.markdown else "{:32} {:>7} {:>6} {:>7} {:>5} {:>6}"
+    print(row.format("module", "mutants", "caught", "timeout", "alive", "score"))
+    if args.markdown:
+        print("|---|---:|---:|---:|---:|---:|")
     missed: list[str] = []
     for module in modules:
         meta = Path("mutants") / f"{module}.meta"
@@ -39,7 +43,7 @@ def main() -> int:
         total = len(status)
         score = 100.0 * caught / total if total else 0.0
         name = module.removeprefix("flowsteer/")
-        print(f"{name:32} {total:7} {caught:6} {counts['timeout']:7} {total - caught:5} {score:5.1f}%")
+        print(row.format(name, total, caught, counts["timeout"], total - caught, f"{score:.1f}%"))
         missed += [f"{n}: {s}" for n, s in sorted(status.items()) if s not in CAUGHT]
         if not total or score < args.min:
             failing += 1

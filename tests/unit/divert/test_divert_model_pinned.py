@@ -109,6 +109,7 @@ RULES = [Rule.parse("in proto udp to any port 53 divert-packet port 7"),
          Rule.parse("proto udp divert-packet port 8 fail-open"),
          Rule.parse("proto tcp divert-packet port 9")]
 DNS = Flow("in", "udp", "192.0.2.1", "192.0.2.2", 4000, 53)
+BLOCKS = {7: 1000, 8: 8, 9: 9}  # port 7 has another queue block than its own number
 
 
 def answer(rule: int, text: str, port: int, fail_open: bool, members: list[int], slot: int | None,
@@ -118,16 +119,16 @@ def answer(rule: int, text: str, port: int, fail_open: bool, members: list[int],
 
 
 def test_a_new_connection_is_hashed_over_the_members() -> None:
-    state = netfilter.Installed(rules=RULES, members={7: (1, 4, 9)})
+    state = netfilter.Installed(rules=RULES, members={7: (1, 4, 9)}, blocks=BLOCKS)
     index = hmark_index(DNS, 3, netfilter.hash_seed(7, (1, 4, 9)))
     slot = (1, 4, 9)[index]
     assert explain(DNS, state) == answer(1, "in proto udp to any port 53 divert-packet port 7", 7, False, [1, 4, 9],
-                                         slot, queue_number(7, slot, False),
+                                         slot, queue_number(1000, slot, False),
                                          f"new connections: HMARK hash picks member {index} of 3")
 
 
 def test_untracked_packets_go_to_the_first_member_of_a_fail_open_port() -> None:
-    state = netfilter.Installed(rules=RULES, members={8: (3, 5)})
+    state = netfilter.Installed(rules=RULES, members={8: (3, 5)}, blocks=BLOCKS)
     flow = Flow("out", "udp", "192.0.2.1", "192.0.2.2", 4000, 53, tracked=False)
     assert explain(flow, state) == answer(2, "proto udp divert-packet port 8 fail-open", 8, True, [3, 5], 3,
                                           queue_number(8, 3, True), "untracked packets go to the first member")
@@ -137,13 +138,13 @@ def test_untracked_packets_go_to_the_first_member_of_a_fail_open_port() -> None:
                                                         (3, 9, False, "no socket is bound: dropped")])
 def test_no_member_drops_or_accepts(rule: int, port: int, fail_open: bool, why: str) -> None:
     flow = Flow("out", "udp" if port == 8 else "tcp", "192.0.2.1", "192.0.2.2", 1, 2)
-    assert explain(flow, netfilter.Installed(rules=RULES, members={8: ()})) == \
+    assert explain(flow, netfilter.Installed(rules=RULES, members={8: ()}, blocks=BLOCKS)) == \
         answer(rule, str(RULES[rule - 1]), port, fail_open, [], None, None, why)
 
 
 def test_nothing_matches() -> None:
     flow = Flow("in", "icmp", "192.0.2.1", "192.0.2.2")
-    assert explain(flow, netfilter.Installed(rules=RULES)) == {"diverted": False, "reason": "no rule matches"}
+    assert explain(flow, netfilter.Installed(rules=RULES, blocks=BLOCKS)) == {"diverted": False, "reason": "no rule matches"}
 
 
 @pytest.mark.parametrize("mark, slot, why", [
@@ -155,27 +156,27 @@ def test_nothing_matches() -> None:
 ])
 def test_established_connections_stay_pinned(mark: int, slot: int, why: str) -> None:
     members = (0, 3, 5, 31) if slot != 3 or mark & (0x9F << 16) != 0x9F << 16 else (0, 3, 5)
-    state = netfilter.Installed(rules=RULES, members={7: members})
+    state = netfilter.Installed(rules=RULES, members={7: members}, blocks=BLOCKS)
     got = explain(DNS, state, ct_mark=mark)
-    assert (got["slot"], got["queue"], got["reason"]) == (slot, queue_number(7, slot, False), why)
+    assert (got["slot"], got["queue"], got["reason"]) == (slot, queue_number(1000, slot, False), why)
 
 
 @pytest.mark.parametrize("mark", [0, 0x05 << 16, 0x86 << 16, 0x86 << 8, 0x86])
 def test_marks_that_pin_nothing_fall_back_to_the_hash(mark: int) -> None:
-    state = netfilter.Installed(rules=RULES, members={7: (1, 4, 5)})
+    state = netfilter.Installed(rules=RULES, members={7: (1, 4, 5)}, blocks=BLOCKS)
     assert explain(DNS, state, ct_mark=mark) == explain(DNS, state)
     assert explain(DNS, state)["reason"].startswith("new connections")
 
 
 def test_an_outbound_packet_reads_its_own_byte_first() -> None:
-    state = netfilter.Installed(rules=[Rule.parse("divert-packet port 7")], members={7: (1, 2)})
+    state = netfilter.Installed(rules=[Rule.parse("divert-packet port 7")], members={7: (1, 2)}, blocks={7: 7})
     flow = Flow("out", "udp", "192.0.2.1", "192.0.2.2", 1, 2)
     got = explain(flow, state, ct_mark=0x81 << 16 | 0x82 << 24)
     assert (got["slot"], got["reason"]) == (2, "established connection is pinned to member slot 2")
 
 
 def test_explain_reads_the_installed_state_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(netfilter, "read", lambda: netfilter.Installed(rules=RULES, members={7: (2,)}))
+    monkeypatch.setattr(netfilter, "read", lambda: netfilter.Installed(rules=RULES, members={7: (2,)}, blocks=BLOCKS))
     assert explain(DNS)["slot"] == 2
 
 
@@ -212,7 +213,7 @@ def test_an_out_rule_keeps_the_state_of_in_replies() -> None:
 
 
 def test_an_outbound_packet_follows_its_inbound_pin() -> None:
-    state = netfilter.Installed(rules=[Rule.parse("divert-packet port 7")], members={7: (1, 2)})
+    state = netfilter.Installed(rules=[Rule.parse("divert-packet port 7")], members={7: (1, 2)}, blocks={7: 7})
     flow = Flow("out", "udp", "192.0.2.1", "192.0.2.2", 1, 2)
     got = explain(flow, state, ct_mark=0x82 << 16)
     assert (got["slot"], got["reason"]) == (2, "established connection follows its other direction to member slot 2")

@@ -67,17 +67,17 @@ def test_ranges_out_of_order_or_bounds_are_refused_exactly(low: int, high: int) 
 # --- rules: validation -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("port", [1, 1023])
+@pytest.mark.parametrize("port", [1, 1023, 1024, 65535])
 def test_divert_ports_at_the_edges(port: int) -> None:
     assert check_divert_port(port) == port
     assert Rule(port).divert_port == port
 
 
-@pytest.mark.parametrize("port", [0, 1024, -1, True, "5", 5.0, None])
+@pytest.mark.parametrize("port", [0, 65536, -1, True, "5", 5.0, None])
 def test_bad_divert_ports_are_refused_exactly(port: object) -> None:
     with pytest.raises(InvalidInput) as exc:
         check_divert_port(port)
-    assert str(exc.value) == f"divert port {port!r} is not an integer in 1..1023"
+    assert str(exc.value) == f"divert port {port!r} is not an integer in 1..65535"
 
 
 @pytest.mark.parametrize("kwargs, why", [
@@ -177,8 +177,8 @@ def test_parse_errors_are_exact(text: str, why: str) -> None:
 
 
 @pytest.mark.parametrize("text, why", [
-    ("divert-packet port 0", "divert port 0 is not an integer in 1..1023"),
-    ("divert-packet port 1024", "divert port 1024 is not an integer in 1..1023"),
+    ("divert-packet port 0", "divert port 0 is not an integer in 1..65535"),
+    ("divert-packet port 65536", "divert port 65536 is not an integer in 1..65535"),
     ("proto icmp to any port 5 divert-packet port 5", "ports need proto tcp or udp"),
     ("proto tcp to any port 5:4 divert-packet port 5", "port range 5:4 is not within 0..65535 in order"),
     ("proto tcp to any port 1:2:3 divert-packet port 5", "port '1:2:3' is not a number or a range LO:HI"),
@@ -222,18 +222,20 @@ def test_port_states_from_bound_queues() -> None:
         stats(queue_number(6, 7, False), 12),  # a group of one
         stats(queue_number(8, 0, True), 13),  # a fail-open queue alone holds nothing
         stats(5, 14)]}  # a queue outside the divert space
-    assert port_states(queues) == {3: PortState(3, 77, {}), 4: PortState(4, None, {2: 10, 5: 11}),
-                                   6: PortState(6, None, {7: 12})}
-    assert port_state(3, queues).live_slots == (0,)
-    assert port_state(4, queues).live_slots == (2, 5)
-    assert port_state(8, queues) == PortState(8, None, {})
-    assert port_state(8, queues).live_slots == ()
+    blocks = {3: 3, 4000: 4, 6: 6, 8: 8}  # port -> queue block; block 5's queue belongs to no port
+    queues[queue_number(5, 0, False)] = stats(queue_number(5, 0, False), 15)
+    assert port_states(blocks, queues) == {3: PortState(3, 77, {}), 4000: PortState(4000, None, {2: 10, 5: 11}),
+                                           6: PortState(6, None, {7: 12})}
+    assert port_state(3, blocks, queues).live_slots == (0,)
+    assert port_state(4000, blocks, queues).live_slots == (2, 5)
+    assert port_state(8, blocks, queues) == PortState(8, None, {})
+    assert port_state(8, blocks, queues).live_slots == ()
 
 
 def test_port_state_checks_the_port() -> None:
     with pytest.raises(InvalidInput) as exc:
-        port_state(0, {})
-    assert str(exc.value) == "divert port 0 is not an integer in 1..1023"
+        port_state(0, {}, {})
+    assert str(exc.value) == "divert port 0 is not an integer in 1..65535"
 
 
 def test_bound_queues_reads_the_kernels_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,14 +244,14 @@ def test_bound_queues_reads_the_kernels_table(tmp_path: Path, monkeypatch: pytes
     table.write_text("   32  4242     3 2 65535     5     6    99 1\n32800 4242 0 2 65535 0 0 7 1\n")
     monkeypatch.setattr(ports, "_PROC_QUEUES", str(table))
     assert ports.bound_queues() == {32: QueueStats(32, 4242, 3, 5, 6, 99), 32800: QueueStats(32800, 4242, 0, 0, 0, 7)}
-    assert port_state(1) == PortState(1, None, {0: 4242})
+    assert port_state(1, {1: 1}) == PortState(1, None, {0: 4242})
     monkeypatch.setattr(ports, "_PROC_QUEUES", str(tmp_path / "absent"))
     assert ports.bound_queues() == {}
 
 
 def test_one_socket_holding_two_slots_counts_as_exclusive() -> None:
     queues = {q.queue: q for q in (stats(queue_number(9, 0, False), 5), stats(queue_number(9, 1, False), 5))}
-    assert port_states(queues) == {9: PortState(9, 5, {})}
+    assert port_states({9: 9}, queues) == {9: PortState(9, 5, {})}
 
 
 # --- rule options ------------------------------------------------------------------------------------
@@ -276,3 +278,30 @@ def test_an_option_given_twice_is_refused_exactly(options: str, twice: str) -> N
 def test_options_default_off() -> None:
     rule = Rule.parse("divert-packet port 5")
     assert (rule.fail_open, rule.keep_state, rule.twice) == (False, False, False)
+
+
+def test_a_port_gets_its_own_block_when_free_else_the_highest_free() -> None:
+    from flowsteer.divert.ports import allocate_block
+    assert allocate_block(7, {}, {}) == 7
+    assert allocate_block(1023, {}, {}) == 1023
+    assert allocate_block(1024, {}, {}) == 1023
+    assert allocate_block(8668, {5: 1023}, {}) == 1022
+    assert allocate_block(7, {9000: 7}, {}) == 1023
+    bound = {queue_number(7, 3, True): stats(queue_number(7, 3, True), 1),
+             queue_number(1023, 0, False): stats(queue_number(1023, 0, False), 2)}
+    assert allocate_block(7, {}, bound) == 1022
+    assert allocate_block(1, {}, {5: stats(5, 1)}) == 1  # queue 5 is outside the divert space
+
+
+def test_no_free_block_is_enospc() -> None:
+    import errno
+
+    from flowsteer.divert.ports import allocate_block
+    from flowsteer.errors import KernelError
+    every = {1000 + b: b for b in range(1, 1024)}
+    with pytest.raises(KernelError) as exc:
+        allocate_block(5, every, {})
+    assert type(exc.value) is KernelError and exc.value.errno == errno.ENOSPC
+    assert exc.value.message == "giving divert port 5 its queues: at most 1023 divert ports can be in use at once"
+    del every[1001]
+    assert allocate_block(5, every, {}) == 1

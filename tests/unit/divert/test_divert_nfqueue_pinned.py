@@ -51,7 +51,7 @@ def ack(seq: int, error: int = 0) -> bytes:
 
 def fresh() -> NfQueue:
     q = NfQueue.__new__(NfQueue)
-    q.verdict_errors, q._shape, q._seq, q._backlog, q._ring = 0, None, 0, [], None
+    q.verdict_errors, q._shape, q._seq, q._backlog, q._ring, q._rcvtimeo = 0, None, 0, [], None, 0
     q._buf = bytearray(nfqueue.SLOT)
     return q
 
@@ -126,6 +126,7 @@ def test_other_messages_are_not_packets_and_errors_are_counted() -> None:
 class FakeSocket:
     def __init__(self, replies: list[bytes] | None = None, fail: OSError | None = None) -> None:
         self.sent: list[bytes] = []
+        self.options: list[tuple[int, int, object]] = []
         self.replies = replies or []
         self.fail = fail
 
@@ -134,6 +135,9 @@ class FakeSocket:
             raise self.fail
         self.sent.append(data)
         return len(data)
+
+    def setsockopt(self, level: int, opt: int, value: object) -> None:
+        self.options.append((level, opt, value))
 
     def recv_into(self, buf: bytearray, size: int) -> int:
         if not self.replies:
@@ -318,6 +322,57 @@ def test_a_message_longer_than_a_slot_is_not_read_past_it(pair: tuple[NfQueue, s
     peer.send(big)
     peer.send(packet_msg(4, 2, 0, b"\x45small"))
     assert q.receive(2) == [Delivery(4, 1, b"", 0, 0, 0, True), Delivery(4, 2, b"\x45small", 0, 0, 0, False)]
+
+
+class Recording:
+    """A socket whose receive timeouts are recorded as set (the kernel rounds what it reports back)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.timeouts = sock, []  # type: list[tuple[int, int]]
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def setsockopt(self, level: int, opt: int, value: bytes) -> None:
+        assert (level, opt) == (socket.SOL_SOCKET, socket.SO_RCVTIMEO)
+        self.timeouts.append(struct.unpack("ll", value))
+        self.sock.setsockopt(level, opt, value)
+
+
+def test_a_waiting_receive_blocks_with_a_receive_timeout(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    rec = Recording(q.sock)
+    q.sock = rec  # type: ignore[assignment]
+    assert q.receive(1, wait=0.002) == []
+    assert q.receive(1, wait=1e-9) == []  # never 0, which means forever
+    peer.send(packet_msg(4, 1, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(1, wait=2.5)] == [1]  # a packet is there: no waiting
+    assert q.receive(1) == []  # no wait: the timeout is not touched
+    peer.send(packet_msg(4, 2, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(1, wait=0.003)] == [2]
+    assert q.receive(1, wait=0.003) == []  # the same timeout is not set again
+    q._backlog = [Delivery(1, 9, b"", 0, 0, 0, True)]
+    peer.send(packet_msg(4, 3, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(5, wait=7.0)] == [9, 3]  # with a backlog: no waiting
+    assert rec.timeouts == [(0, 2000), (0, 1), (2, 500000), (0, 3000)]
+    q.sock = rec.sock
+
+
+def test_a_request_waits_for_its_answer_without_timeout() -> None:
+    sock = FakeSocket([ack(1)])
+    q = with_socket(sock)
+    q._rcvtimeo = 5
+    q.bind(1, fail_open=False, maxlen=1)
+    assert sock.options == [(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))]
+    sock.replies = [ack(2)]
+    q.bind(2, fail_open=False, maxlen=1)
+    assert len(sock.options) == 1  # already without timeout
+
+
+def test_accept_sends_one_plain_verdict() -> None:
+    sock = FakeSocket()
+    with_socket(sock).accept(65535, 0xFFFFFFFF)
+    assert sock.sent == [verdict_bytes(MSG_VERDICT, 65535, 1, 0xFFFFFFFF)]
 
 
 def test_a_failing_receive_names_it(pair: tuple[NfQueue, socket.socket]) -> None:

@@ -2,7 +2,8 @@
 
 Reads the module list from ``[tool.mutmut] only_mutate`` in pyproject.toml and each module's results from
 ``mutants/<path>.meta`` (written by ``mutmut run``). A mutant counts as caught when a test failed on it
-or it timed out; survivors, mutants no test reached and mutants not run count against the score.
+or it timed out; survivors and mutants no test reached ("alive") and mutants not run (an interrupted run)
+count against the score.
 Usage: ``python scripts/mutation_report.py [--min PERCENT] [--survivors]``; exits 1 when a module scores
 below ``--min`` or has no results.
 """
@@ -29,10 +30,10 @@ def main() -> int:
     args = parser.parse_args()
     modules = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
     failing = 0
-    row = "| {} | {} | {} | {} | {} | {} |" if args.markdown else "{:32} {:>7} {:>6} {:>7} {:>5} {:>6}"
-    print(row.format("module", "mutants", "caught", "timeout", "alive", "score"))
+    row = "| {} | {} | {} | {} | {} | {} | {} |" if args.markdown else "{:32} {:>7} {:>6} {:>7} {:>5} {:>7} {:>6}"
+    print(row.format("module", "mutants", "caught", "timeout", "alive", "not run", "score"))
     if args.markdown:
-        print("|---|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|")
     missed: list[str] = []
     for module in modules:
         meta = Path("mutants") / f"{module}.meta"
@@ -43,7 +44,8 @@ def main() -> int:
         total = len(status)
         score = 100.0 * caught / total if total else 0.0
         name = module.removeprefix("flowsteer/")
-        print(row.format(name, total, caught, counts["timeout"], total - caught, f"{score:.1f}%"))
+        not_run = counts["not checked"]
+        print(row.format(name, total, caught, counts["timeout"], total - caught - not_run, not_run, f"{score:.1f}%"))
         missed += [f"{n}: {s}" for n, s in sorted(status.items()) if s not in CAUGHT]
         if not total or score < args.min:
             failing += 1

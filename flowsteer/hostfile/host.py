@@ -42,7 +42,7 @@ def read(netns: str | None = None, bpffs_root: str | None = None,
     held: dict[GroupId, tuple[tuple[int, int], ...]] = {}
     if "lookup" in hooks:
         try:
-            bindings = frozenset(Dispatcher(netns, bpffs_root).bindings())
+            bindings = Dispatcher(netns, bpffs_root).binding_set()
         except NotLoaded:
             bindings = None
     if "reuseport" in hooks:

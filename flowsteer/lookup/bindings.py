@@ -89,10 +89,9 @@ def to_mapped(network: Network) -> ipaddress.IPv6Network:
 
 def from_mapped(network: ipaddress.IPv6Network) -> Network:
     """Inverse of :func:`to_mapped` for prefixes inside ``::ffff:0:0/96`` of length ≥ 96."""
-    if network.prefixlen >= 96 and network.subnet_of(_V4_MAPPED):
-        v4 = network.network_address.ipv4_mapped
-        assert v4 is not None
-        return ipaddress.IPv4Network((v4, network.prefixlen - 96))
+    base = int(network.network_address)
+    if network.prefixlen >= 96 and base >> 32 == 0xFFFF:  # inside ::ffff:0:0/96 (integers: much faster)
+        return ipaddress.IPv4Network((base & 0xFFFFFFFF, network.prefixlen - 96))
     return network
 
 

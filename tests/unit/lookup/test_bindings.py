@@ -86,3 +86,15 @@ def test_precedence_longest_prefix_then_specific_port() -> None:
     v6_wide = Binding.parse("e", "tcp", "2001:db8::/32", 80)
     ordered = b.sort_by_precedence([v6_wide, wide_any, wide80, host, narrow_any])
     assert ordered == [host, narrow_any, wide80, wide_any, v6_wide]
+
+
+near_mapped = st.builds(lambda hi, lo, n: ipaddress.IPv6Network(((hi << 32 | lo) >> (128 - n) << (128 - n) if n else 0, n)),
+                        st.sampled_from([0xFFFF, 0xFFFE, 0x1FFFF, 0]), st.integers(0, 2**32 - 1), st.integers(0, 128))
+
+
+@given(st.one_of(v6_networks, v4_networks.map(b.to_mapped), near_mapped))
+def test_from_mapped_converts_exactly_the_prefixes_inside_the_v4_mapped_space(network: ipaddress.IPv6Network) -> None:
+    inside = network.prefixlen >= 96 and network.subnet_of(ipaddress.IPv6Network("::ffff:0:0/96"))
+    result = b.from_mapped(network)
+    assert (result.version == 4) == inside
+    assert (b.to_mapped(result) if inside else result) == network

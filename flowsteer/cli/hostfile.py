@@ -44,17 +44,14 @@ def _render(p: Plan, dry_run: bool) -> str:
 
 
 @contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[host.Progress | None]:
+def _progress(enabled: bool) -> Iterator[host.Progress | None]:
     """Yields a progress callback that redraws one status line on stderr, or None when not ``enabled``."""
-    if not enabled or total == 0:
+    if not enabled:
         yield None
         return
-    done = [0, 0]  # units finished, units of the running step
 
-    def step(what: str, units: int) -> None:
-        done[0] += done[1]
-        done[1] = units
-        sys.stderr.write(f"\r\x1b[K[{100 * done[0] // total:3d}%] {what}")
+    def step(what: str, done: int, total: int) -> None:
+        sys.stderr.write(f"\r\x1b[K[{100 * done // max(total, 1):3d}%] {what}")
         sys.stderr.flush()
 
     try:
@@ -82,7 +79,7 @@ def apply(netns: str | None, bpffs: str | None, as_json: bool, dry_run: bool, fo
     wanted = load(file)
     p = host.plan(wanted, netns, bpffs, force=force)
     if not dry_run and not p.empty:
-        with _progress(sys.stderr.isatty() and not as_json, host.work(p)) as progress:
+        with _progress(sys.stderr.isatty() and not as_json) as progress:
             host.execute(p, netns, bpffs, force=force, progress=progress)
     data: dict[str, Any] = {"file": file, "dry_run": dry_run, "changed": not dry_run and not p.empty,
                             "totals": {name: _size(p, name) for name in p.hooks}, **p.to_dict()}

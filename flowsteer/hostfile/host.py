@@ -8,10 +8,12 @@ replaced in one netfilter transaction per address family. Hooks are changed one 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flowsteer.errors import NotLoaded
+from flowsteer.divert.rules import Rule
+from flowsteer.errors import FlowsteerError, NotLoaded
 from flowsteer.hostfile.plan import Held, Plan, diff
 from flowsteer.hostfile.spec import GroupSpec, HostSpec
 from flowsteer.kernel.netns import entered, locked
@@ -19,8 +21,10 @@ from flowsteer.lookup.dispatcher import Dispatcher
 from flowsteer.reuseport.group import Group
 from flowsteer.reuseport.spec import GroupId
 
-Progress = Callable[[str, int], None]
-"""Called as ``progress(what, units)`` when a step starts; ``units`` is its share of :func:`work`."""
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(what, done, total)`` when a step starts: units of work done before it, of all."""
+Step = tuple[str, int, Callable[[], object]]
+"""A step of an apply: what it does, its units of work, and the call that does it."""
 
 
 @dataclass(frozen=True)
@@ -81,60 +85,66 @@ def plan(wanted: HostSpec, netns: str | None = None, bpffs_root: str | None = No
     return diff(current.spec, wanted, current.held, force=force)
 
 
-def work(p: Plan) -> int:
-    """Returns the units of work of ``p`` for a progress display (one per binding written, group changed
-    and rule set installed)."""
-    units = 0
-    if "lookup" in p.hooks and not p.hooks["lookup"].empty:
-        units += len(p.wanted.bindings or ()) + 1
-    units += len(p.remove_groups) + len(p.create_groups) + len(p.recreate_groups) + len(p.configure_groups)
-    if "divert" in p.hooks and not p.hooks["divert"].empty:
-        units += 1
-    return units
-
-
 def execute(p: Plan, netns: str | None = None, bpffs_root: str | None = None, *, force: bool = False,
             progress: Progress | None = None) -> None:
     """Carries out plan ``p`` in namespace ``netns``: hook by hook, each hook's part atomically.
 
-    Raises FlowsteerError when the kernel refuses a step; the hooks before it are then applied and the
-    rest are unchanged (the message says which step failed).
+    Raises FlowsteerError naming the step when the kernel refuses it (with the kernel's errno); the
+    steps before it are then applied and the rest are unchanged.
     """
-    report = progress or (lambda what, units: None)
+    todo = _steps(p, netns, bpffs_root, force)
+    total, done = sum(units for _, units, _ in todo), 0
+    for index, (what, units, run) in enumerate(todo):
+        if progress is not None:
+            progress(what, done, total)
+        try:
+            run()
+        except FlowsteerError as exc:
+            before = "the steps before it were applied" if index else "nothing was changed"
+            raise FlowsteerError(f"{what}: {exc.message} ({before}, the rest is unchanged)",
+                                 errno=exc.errno) from None
+        done += units
+
+
+def _steps(p: Plan, netns: str | None, bpffs_root: str | None, force: bool) -> list[Step]:
+    """Returns the steps of plan ``p`` in order, each with its units of work (one per binding written)."""
+    out: list[Step] = []
     lookup = p.hooks.get("lookup")
     if lookup is not None and not lookup.empty:
         dispatcher = Dispatcher(netns, bpffs_root)
+        wanted = p.wanted.bindings or frozenset()
         if p.load_lookup:
-            report("lookup: load the dispatcher", 1)
-            dispatcher.load()
-        else:
-            report("lookup: check the dispatcher", 1)
-        report(f"lookup: write {len(p.wanted.bindings or ())} bindings", len(p.wanted.bindings or ()))
-        dispatcher.apply(p.wanted.bindings or ())
+            out.append(("lookup: load the dispatcher", 1, dispatcher.load))
+        out.append((f"lookup: write {len(wanted)} binding{'' if len(wanted) == 1 else 's'}", len(wanted) + 1, lambda: dispatcher.apply(wanted)))
+
+    def group(gid: GroupId) -> Group:
+        return Group(gid, netns, bpffs_root)
+
     for gid in p.remove_groups:
-        report(f"reuseport: remove group {gid}", 1)
-        Group(gid, netns, bpffs_root).destroy(force=force)
+        out.append((f"reuseport: remove group {gid}", 1, functools.partial(group(gid).destroy, force=force)))
     for spec in p.recreate_groups:
-        report(f"reuseport: make group {spec.group} anew", 1)
-        Group(spec.group, netns, bpffs_root).destroy(force=force)
-        _create(spec, netns, bpffs_root)
-    for spec in p.create_groups:
-        report(f"reuseport: create group {spec.group}", 1)
-        _create(spec, netns, bpffs_root)
+        out.append((f"reuseport: remove group {spec.group} to make it anew", 1,
+                    functools.partial(group(spec.group).destroy, force=force)))
+    for spec in (*p.recreate_groups, *p.create_groups):
+        out.append((f"reuseport: create group {spec.group}", 1, functools.partial(_create, group(spec.group), spec)))
     for spec in p.configure_groups:
-        report(f"reuseport: configure group {spec.group}", 1)
-        Group(spec.group, netns, bpffs_root).configure(spec.policy, spec.weights)
+        out.append((f"reuseport: configure group {spec.group}", 1,
+                    functools.partial(group(spec.group).configure, spec.policy, spec.weights)))
     divert = p.hooks.get("divert")
     if divert is not None and not divert.empty:
-        from flowsteer.divert import control
-
-        report(f"divert: install {len(p.wanted.rules or ())} rules", 1)
-        with entered(netns), locked():
-            control.apply_locked(p.wanted.rules or ())
+        rules = p.wanted.rules or ()
+        out.append((f"divert: install {len(rules)} rule{'' if len(rules) == 1 else 's'}", 1, lambda: _install_rules(rules, netns)))
+    return out
 
 
-def _create(spec: GroupSpec, netns: str | None, bpffs_root: str | None) -> None:
-    group = Group(spec.group, netns, bpffs_root)
+def _install_rules(rules: tuple[Rule, ...], netns: str | None) -> None:
+    from flowsteer.divert import control  # imported only when divert is used
+
+    with entered(netns), locked():
+        control.apply_locked(rules)
+
+
+def _create(group: Group, spec: GroupSpec) -> None:
     group.create(spec.policy, table_size=spec.table_size)
     if spec.weights:
         group.configure(spec.policy, spec.weights)

@@ -55,6 +55,14 @@ class AlreadyExists(FlowsteerError):
         super().__init__(message, errno=errno)
 
 
+class InUse(FlowsteerError):
+    """What a command would remove or make anew is in use (a reuseport group whose members hold
+    sockets); nothing was changed (errno EBUSY)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno=errno_mod.EBUSY)
+
+
 class NotFound(FlowsteerError):
     """What a command names (a binding, label, member, rule) does not exist (errno ENOENT)."""
 

@@ -89,8 +89,8 @@ def execute(p: Plan, netns: str | None = None, bpffs_root: str | None = None, *,
             progress: Progress | None = None) -> None:
     """Carries out plan ``p`` in namespace ``netns``: hook by hook, each hook's part atomically.
 
-    Raises FlowsteerError naming the step when the kernel refuses it (with the kernel's errno); the
-    steps before it are then applied and the rest are unchanged.
+    When a step fails, its FlowsteerError (same class and errno) propagates with the step named in its
+    message; the steps before it are then applied and the rest are unchanged.
     """
     todo = _steps(p, netns, bpffs_root, force)
     total, done = sum(units for _, units, _ in todo), 0
@@ -99,10 +99,11 @@ def execute(p: Plan, netns: str | None = None, bpffs_root: str | None = None, *,
             progress(what, done, total)
         try:
             run()
-        except FlowsteerError as exc:
+        except FlowsteerError as exc:  # the same error (class, errno), its message saying where
             before = "the steps before it were applied" if index else "nothing was changed"
-            raise FlowsteerError(f"{what}: {exc.message} ({before}, the rest is unchanged)",
-                                 errno=exc.errno) from None
+            exc.message = f"{what}: {exc.message} ({before}, the rest is unchanged)"
+            exc.args = (exc.message,)
+            raise
         done += units
 
 

@@ -8,13 +8,12 @@ A hook the file has no section for is not in the plan.
 from __future__ import annotations
 
 import dataclasses
-import errno
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowsteer.errors import FlowsteerError
+from flowsteer.errors import InUse
 from flowsteer.hostfile.spec import GroupSpec, HostSpec
 from flowsteer.lookup.bindings import Binding, sort_by_precedence
 from flowsteer.reuseport.spec import GroupId
@@ -84,7 +83,7 @@ def diff(current: HostSpec, wanted: HostSpec, held: Held, *, force: bool = False
 
     ``current.bindings`` is None when the dispatcher is not loaded. ``held`` says which groups have
     members holding sockets: removing such a group, or changing its table size (the group must be made
-    anew), raises FlowsteerError (EBUSY) naming the group and its members unless ``force``.
+    anew), raises InUse (EBUSY) naming the group and its members unless ``force``.
     """
     plan = Plan(wanted, {})
     if wanted.bindings is not None:
@@ -157,10 +156,9 @@ def _refuse_if_held(gid: GroupId, held: Held, action: str, force: bool) -> None:
     members = held.get(gid, ())
     if members and not force:
         who = ", ".join(f"{slot} (pid {pid})" for slot, pid in members)
-        raise FlowsteerError(f"cannot {action}: group {gid} has members holding sockets: {who}; stop those "
-                             "workers first, keep the group in the file, or apply with --force (their "
-                             "sockets then keep the last table, unmanaged); nothing was changed",
-                             errno=errno.EBUSY)
+        raise InUse(f"cannot {action}: group {gid} has members holding sockets: {who}; stop those workers "
+                    "first, keep the group in the file, or apply with --force (their sockets then keep the "
+                    "last table, unmanaged); nothing was changed")
 
 
 def describe_group(spec: GroupSpec) -> str:

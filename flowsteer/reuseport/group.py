@@ -17,7 +17,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flowsteer.errors import AlreadyExists, FlowsteerError, IncompatibleState, InvalidInput, WrongSocket, kernel_error
+from flowsteer.errors import (
+    AlreadyExists, FlowsteerError, IncompatibleState, InUse, InvalidInput, WrongSocket, kernel_error,
+)
 from flowsteer.kernel import bpffs, capabilities
 from flowsteer.kernel import sockets as socks
 from flowsteer.kernel.libbpf import Program
@@ -145,8 +147,8 @@ class Group:
         keep working with the program and the last table they had (the kernel keeps both until the last
         member closes), but nothing can change or show the group any more.
 
-        Without ``force``, a group whose members still hold sockets is refused with FlowsteerError
-        (EBUSY) naming them (state that cannot be read is removed all the same). Raises NotLoaded when
+        Without ``force``, a group whose members still hold sockets is refused with InUse (EBUSY) naming
+        them (state that cannot be read is removed all the same). Raises NotLoaded when
         absent.
         """
         with self._inside() as parent, locked():
@@ -368,12 +370,12 @@ def _set_weight(st: GroupState, slot: int, weight: int) -> None:
 
 
 def _refuse_if_held(st: GroupState, action: str) -> None:
-    """Raises FlowsteerError (EBUSY) naming the members that hold sockets, if any."""
+    """Raises InUse (EBUSY) naming the members that hold sockets, if any."""
     held = [(slot, m.pid) for slot, m in sorted(st.members().items()) if st.socket_cookie(slot) is not None]
     if held:
         who = ", ".join(f"{slot} (pid {pid})" for slot, pid in held)
-        raise FlowsteerError(f"cannot {action}: member(s) {who} still hold sockets; stop those workers first "
-                             "or force it (their sockets then keep the last table, unmanaged)", errno=errno.EBUSY)
+        raise InUse(f"cannot {action}: member(s) {who} still hold sockets; stop those workers first or "
+                    "force it (their sockets then keep the last table, unmanaged)")
 
 
 def _publish(st: GroupState, policy: Policy) -> None:

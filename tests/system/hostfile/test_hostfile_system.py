@@ -229,7 +229,6 @@ def test_progress_is_shown_on_a_terminal_only(netns: NamedNetns, bpffs_root: str
 
 
 def test_a_step_the_kernel_refuses_is_named_and_the_steps_before_it_stay(netns: NamedNetns, bpffs_root: str) -> None:
-    from flowsteer.errors import FlowsteerError
     from flowsteer.hostfile import execute
     from flowsteer.hostfile.plan import diff
     from flowsteer.hostfile.spec import parse
@@ -237,7 +236,7 @@ def test_a_step_the_kernel_refuses_is_named_and_the_steps_before_it_stay(netns: 
     wanted = parse(f'[[reuseport.groups]]\ngroup = "{WEB}"\n[[lookup.bindings]]\nlabel = "a"\nprotocol = "tcp"\n'
                    'prefix = "192.0.2.0/24"\nport = 80\n', "toml")
     believed_loaded = diff(type(wanted)(bindings=frozenset(), groups=()), wanted, {})  # but it is not loaded
-    with pytest.raises(FlowsteerError) as caught:
+    with pytest.raises(NotLoaded) as caught:
         execute(believed_loaded)
     assert str(caught.value).startswith("lookup: write 1 binding: the lookup dispatcher is not loaded")
     assert "(nothing was changed, the rest is unchanged)" in str(caught.value)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flowsteer.errors import FlowsteerError
+from flowsteer.errors import InUse
 from flowsteer.hostfile.plan import diff
 from flowsteer.hostfile.spec import GroupSpec, HostSpec, parse
 from flowsteer.lookup.bindings import Binding
@@ -59,7 +59,7 @@ def test_groups_are_added_removed_and_changed() -> None:
 
 def test_a_group_with_members_holding_sockets_is_not_removed_unless_forced() -> None:
     held = {WEB.group: ((0, 4242), (1, 4243))}
-    with pytest.raises(FlowsteerError) as caught:
+    with pytest.raises(InUse) as caught:
         diff(HostSpec(groups=(WEB,)), HostSpec(groups=()), held)
     assert caught.value.errno == errno.EBUSY
     assert "group tcp:192.0.2.1:8080" in str(caught.value) and "0 (pid 4242), 1 (pid 4243)" in str(caught.value)
@@ -71,7 +71,7 @@ def test_a_new_table_size_makes_the_group_anew_which_live_members_prevent() -> N
     bigger = GroupSpec(WEB.group, WEB.policy, WEB.weights, 1021)
     p = diff(HostSpec(groups=(WEB,)), HostSpec(groups=(bigger,)), {})
     assert p.recreate_groups == [bigger] and not p.configure_groups and p.hooks["reuseport"].notes
-    with pytest.raises(FlowsteerError, match="table size from 65537 to 1021"):
+    with pytest.raises(InUse, match="table size from 65537 to 1021"):
         diff(HostSpec(groups=(WEB,)), HostSpec(groups=(bigger,)), {WEB.group: ((0, 1),)})
 
 

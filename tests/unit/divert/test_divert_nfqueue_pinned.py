@@ -358,6 +358,15 @@ def test_a_waiting_receive_blocks_with_a_receive_timeout(pair: tuple[NfQueue, so
     q.sock = rec.sock
 
 
+def test_a_first_wait_of_one_microsecond_is_set(pair: tuple[NfQueue, socket.socket]) -> None:
+    q = NfQueue()  # as made, not as the fixture sets it up
+    q.close()
+    rec = Recording(pair[0].sock)
+    q.sock = rec  # type: ignore[assignment]
+    assert q.receive(1, wait=1e-6) == []
+    assert rec.timeouts == [(0, 1)]
+
+
 def test_a_request_waits_for_its_answer_without_timeout() -> None:
     sock = FakeSocket([ack(1)])
     q = with_socket(sock)

@@ -5,7 +5,7 @@ CLANG     ?= clang
 BPF_SRC   := $(wildcard flowsteer/bpf/*.bpf.c)
 BPF_OBJ   := $(BPF_SRC:.c=.o)
 
-.PHONY: all setup bpf test unit demo bench dist mutate clean
+.PHONY: all setup bpf test unit kernel-smoke test-kernels demo bench dist mutate clean
 
 all: setup
 
@@ -21,8 +21,19 @@ bpf: $(VENV)/.installed $(BPF_OBJ)
 flowsteer/bpf/%.bpf.o: flowsteer/bpf/%.bpf.c $(wildcard flowsteer/bpf/*.h) scripts/build_bpf.py | $(VENV)/.installed
 	CLANG=$(CLANG) $(PY) scripts/build_bpf.py $< $@
 
+# the whole suite on this kernel, then the kernel smoke under Debian 12's 6.1 in a VM
 test: setup
 	$(PY) -m pytest -q
+	scripts/test-kernels.sh --smoke 6.1
+
+# boot, load and attach every program, one real connection or packet per hook, under KERNELS in VMs
+KERNELS ?= 6.1
+kernel-smoke: setup
+	scripts/test-kernels.sh --smoke $(KERNELS)
+
+# the whole system suite under each kernel in a VM (about 20 minutes per kernel without KVM)
+test-kernels: setup
+	scripts/test-kernels.sh $(if $(filter command line,$(origin KERNELS)),$(KERNELS),6.1 6.12 5.10)
 
 unit: setup
 	$(PY) -m pytest -q tests/unit

@@ -32,10 +32,13 @@ class FlowsteerError(Exception):
 
 
 class KernelError(FlowsteerError):
-    """A system call or libbpf operation failed; ``operation`` says which."""
+    """A system call or libbpf operation failed; ``operation`` says which. ``log`` holds libbpf's whole
+    log of the operation (for a program the kernel refused, the verifier's log), uncut; the message
+    quotes only its last lines."""
 
-    def __init__(self, operation: str, err: int, detail: str = "") -> None:
+    def __init__(self, operation: str, err: int, detail: str = "", log: str = "") -> None:
         self.operation = operation
+        self.log = log
         super().__init__(f"{operation}{': ' + detail if detail else ''}", errno=err)
 
 
@@ -98,7 +101,7 @@ class ToolFailed(FlowsteerError):
     quotes its error output."""
 
 
-def kernel_error(operation: str, err: int, detail: str = "") -> KernelError:
+def kernel_error(operation: str, err: int, detail: str = "", log: str = "") -> KernelError:
     """Returns the :class:`KernelError` subclass that fits ``err`` for ``operation``."""
     cls = PermissionDenied if err in (errno_mod.EPERM, errno_mod.EACCES) else KernelError
-    return cls(operation, err, detail)
+    return cls(operation, err, detail, log)

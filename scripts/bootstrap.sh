@@ -13,6 +13,7 @@ packages=(
     python3-venv python3-dev gcc
     wrk                                    # load generator of the restart tests and bench/reuseport.py
     systemd                                # systemd-analyze: the shipped units are verified by a test
+    qemu-system-x86 busybox-static         # VMs of other kernels (scripts/test-kernels.sh, virtme-ng)
 )
 "$(dirname "$0")/apt-install.sh" "${packages[@]}"
 
@@ -21,4 +22,4 @@ if [[ ! -x $venv/bin/python ]]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e '.[test,bench]'
+"$venv/bin/python" -m pip install -q -e '.[test,bench,kernels]'

@@ -26,7 +26,10 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="flowsteer", message="%(prog)s %(version)s")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="On a kernel refusal, print libbpf's whole log (the verifier's, for a program) too.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """flowsteer decides which socket gets which traffic.
 
     \b
@@ -36,6 +39,7 @@ def main() -> None:
     group:     pick the worker inside a SO_REUSEPORT group (BPF sk_reuseport)
     divert:    hand raw packets to Python and reinject them (NFQUEUE)
     """
+    ctx.meta["flowsteer.verbose"] = verbose
 
 
 def _register() -> None:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from flowsteer.errors import FlowsteerError
+from flowsteer.errors import FlowsteerError, KernelError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,13 +26,17 @@ bpffs_option = click.option(
 
 def reports_errors(fn: F) -> F:
     """Turns a FlowsteerError (or a PermissionError no operation caught) raised by ``fn`` into one line,
-    ``flowsteer: error: …``, on stderr and exit status 1."""
+    ``flowsteer: error: …``, on stderr and exit status 1; under ``flowsteer --verbose`` a kernel refusal's
+    whole libbpf log (the verifier's) comes first."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except FlowsteerError as exc:
+            ctx = click.get_current_context(silent=True)
+            if isinstance(exc, KernelError) and exc.log and ctx and ctx.meta.get("flowsteer.verbose"):
+                click.echo(exc.log, err=True)
             click.echo(f"flowsteer: error: {exc}", err=True)
             sys.exit(1)
         except PermissionError as exc:  # a refusal no operation named yet: still one line, never a traceback

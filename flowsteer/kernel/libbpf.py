@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
-from flowsteer.errors import FlowsteerError, kernel_error
+from flowsteer.errors import FlowsteerError, KernelError, kernel_error
 
 
 class MapType(enum.IntEnum):
@@ -173,17 +173,25 @@ try:
 except FlowsteerError as exc:
     _lib = _Unavailable(exc)
 _libc = ctypes.CDLL(None)
-_libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+_libc.vasprintf.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_void_p]
+_libc.free.argtypes = [ctypes.c_void_p]
 
 
 @_PRINT_FN
 def _capture_print(level: int, fmt: bytes, args: int) -> int:
-    # libbpf hands us a printf format and a va_list; vsnprintf formats it so errors can quote libbpf.
-    buf = ctypes.create_string_buffer(1024)
-    _libc.vsnprintf(buf, len(buf), fmt, args)
+    # libbpf hands us a printf format and a va_list, which can be consumed once: vasprintf formats the
+    # whole message (a verifier log runs to megabytes) into memory it allocates, so nothing is cut.
     lines: list[str] | None = getattr(_log, "lines", None)
-    if lines is not None:
-        lines.append(buf.value.decode(errors="replace").rstrip())
+    if lines is None:
+        return 0
+    text = ctypes.c_void_p()
+    if _libc.vasprintf(ctypes.byref(text), fmt, args) < 0:
+        lines.append("(a libbpf message could not be formatted: out of memory)")
+        return 0
+    try:
+        lines.extend(ctypes.string_at(text.value).decode(errors="replace").rstrip().splitlines())
+    finally:
+        _libc.free(text)
     return 0
 
 
@@ -192,16 +200,18 @@ if not isinstance(_lib, _Unavailable):
 
 
 def _check(ret: int, operation: str) -> int:
-    """Returns ``ret`` when non-negative; raises the KernelError for ``-ret`` otherwise."""
+    """Returns ``ret`` when non-negative; raises the KernelError for ``-ret`` otherwise, carrying
+    libbpf's whole log of the operation (``log``) and its last lines in the message."""
     if ret < 0:
-        raise kernel_error(operation, -ret, _log_tail())
+        raise _failure(operation, -ret)
     return ret
 
 
-def _log_tail() -> str:
-    lines: list[str] = getattr(_log, "lines", None) or []
-    useful = [line for line in lines if line]
-    return " | ".join(useful[-6:])
+def _failure(operation: str, err: int) -> KernelError:
+    lines = [line for line in getattr(_log, "lines", None) or [] if line.strip()]
+    # the verifier's reason is at the end of its log, before libbpf's closing marker and summary
+    reason = [line for line in lines if not line.startswith("-- END PROG LOAD LOG --")]
+    return kernel_error(operation, err, " | ".join(line.strip() for line in reason[-6:]), log="\n".join(lines))
 
 
 def version() -> str:
@@ -472,8 +482,7 @@ class BpfObject:
         try:
             ptr = _lib.bpf_object__open_file(path.encode(), None)
             if not ptr:
-                raise kernel_error(f"open BPF object {path}", ctypes.get_errno() or errno_mod.EINVAL,
-                                   _log_tail())
+                raise _failure(f"open BPF object {path}", ctypes.get_errno() or errno_mod.EINVAL)
         finally:
             _log.lines = None
         self._ptr: int | None = ptr

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +77,37 @@ def test_load_failure_quotes_libbpf(tmp_path: object) -> None:
     with pytest.raises(KernelError) as exc:
         BpfObject(bogus)
     assert "libbpf" in str(exc.value) and exc.value.errno is not None
+
+
+REJECTED_PROGRAM = r"""
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+SEC("socket")
+int long_then_bad(struct __sk_buff *skb)
+{
+    volatile __u64 acc = skb->len;
+#pragma clang loop unroll(full)
+    for (int i = 0; i < 150; i++)
+        acc = acc * 3 + i;
+    return *(int *)(long)acc;  /* a scalar used as a pointer: the verifier refuses it at the end */
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def test_verifier_log_reaches_the_error_uncut(tmp_path: object) -> None:
+    source = os.path.join(str(tmp_path), "rejected.bpf.c")
+    obj_path = os.path.join(str(tmp_path), "rejected.bpf.o")
+    with open(source, "w") as f:
+        f.write(REJECTED_PROGRAM)
+    build = Path(__file__).resolve().parents[3] / "scripts" / "build_bpf.py"  # the project's compiler flags
+    subprocess.run([sys.executable, str(build), source, obj_path], check=True)
+    with BpfObject(obj_path) as obj, pytest.raises(KernelError) as exc:
+        obj.load()
+    log = exc.value.log
+    # the log runs far past the 1,024 bytes a fixed buffer kept, and its end (the reason) is there
+    assert len(log) > 4096
+    assert log.count("\n") > 300
+    assert "R0 invalid mem access 'scalar'" in log or "invalid mem access" in log
+    assert "invalid mem access" in str(exc.value)  # the one-line message names the reason
+    assert exc.value.errno == errno.EACCES

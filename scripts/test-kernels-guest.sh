@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs inside the VM that scripts/test-kernels.sh boots (virtme-ng: the host's root file system over 9p,
+# this kernel): a private /tmp, then the smoke or the system suite with the checkout's .venv. The last
+# line is the marker the host script reads, since virtme-ng's console fallback loses the exit code.
+#
+# usage: scripts/test-kernels-guest.sh smoke|suite [pytest arguments...]   (smoke: the tests to run)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=$1; shift
+mount -t tmpfs tmpfs /tmp          # the host's /tmp is shared read-only; tests need a writable one
+# compile the checkout's modules once per boot into the private /tmp (over 9p every import is slow),
+# and give each test the headroom an emulated CPU needs
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=/tmp/pycache PYTEST_ADDOPTS="--color=no --timeout=900 --tb=short"
+echo "guest kernel $(uname -r)"
+# the smoke's tests are named on the command line by the host script; the suite is tests/system
+[[ $mode == smoke ]] || set -- tests/system "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+echo "FLOWSTEER-GUEST-RESULT $?"

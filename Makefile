@@ -3,7 +3,8 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 CLANG     ?= clang
 BPF_SRC   := $(wildcard flowsteer/bpf/*.bpf.c)
-BPF_OBJ   := $(BPF_SRC:.c=.o)
+# reuseport-select: reuseport.bpf.c without queue migration, for kernels before 5.14 (build_bpf.VARIANTS)
+BPF_OBJ   := $(BPF_SRC:.c=.o) flowsteer/bpf/reuseport-select.bpf.o
 
 .PHONY: all setup bpf test unit kernel-smoke test-kernels demo bench dist mutate clean
 
@@ -19,6 +20,9 @@ bpf: $(VENV)/.installed $(BPF_OBJ)
 
 # scripts/build_bpf.py holds the compiler flags; the wheel build (setup.py) uses it too
 flowsteer/bpf/%.bpf.o: flowsteer/bpf/%.bpf.c $(wildcard flowsteer/bpf/*.h) scripts/build_bpf.py | $(VENV)/.installed
+	CLANG=$(CLANG) $(PY) scripts/build_bpf.py $< $@
+
+flowsteer/bpf/reuseport-select.bpf.o: flowsteer/bpf/reuseport.bpf.c $(wildcard flowsteer/bpf/*.h) scripts/build_bpf.py | $(VENV)/.installed
 	CLANG=$(CLANG) $(PY) scripts/build_bpf.py $< $@
 
 # the whole suite on this kernel, then the kernel smoke under Debian 12's 6.1 in a VM

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 import sysconfig
@@ -29,25 +28,24 @@ _spec.loader.exec_module(build_bpf)
 class BuildPyWithBpf(build_py):
     """build_py that also compiles the BPF objects (and lists them among its outputs)."""
 
-    def _objects(self) -> list[tuple[str, str]]:
-        """Returns (source, object) pairs; objects go to the build tree, or next to the sources when
-        the install is editable."""
+    def _objects(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        """Returns (source, object, defines) triples; objects go to the build tree, or next to the
+        sources when the install is editable."""
         target = HERE if self.editable_mode else self.build_lib
-        return [(source, os.path.join(target, "flowsteer", "bpf", os.path.basename(source)[:-2] + ".o"))
-                for source in sorted(glob.glob(os.path.join(HERE, "flowsteer", "bpf", "*.bpf.c")))]
+        return build_bpf.objects(os.path.join(HERE, "flowsteer", "bpf"), os.path.join(target, "flowsteer", "bpf"))
 
     def run(self) -> None:
         super().run()
-        for source, output in self._objects():
+        for source, output, defines in self._objects():
             os.makedirs(os.path.dirname(output), exist_ok=True)
             try:
-                build_bpf.compile_object(source, output)
+                build_bpf.compile_object(source, output, defines)
             except build_bpf.BuildError as exc:
                 raise ExecError(str(exc)) from None
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         outputs = super().get_outputs(include_bytecode)
-        return outputs if self.editable_mode else [*outputs, *(obj for _, obj in self._objects())]
+        return outputs if self.editable_mode else [*outputs, *(obj for _, obj, _ in self._objects())]
 
 
 class PlatformWheel(bdist_wheel):

@@ -26,8 +26,10 @@ done
 ((${#kernels[@]})) || kernels=(6.1)
 
 # The tests each kind of run starts in the guest: the smoke is one test per hook that loads and attaches
-# that hook's programs and sends real traffic through them (reuseport's includes the migration path).
+# that hook's programs and sends real traffic through them (reuseport's includes the migration path),
+# and flowsteer doctor, which loads every program this kernel gets.
 smoke_tests=(
+    "tests/system/test_doctor.py::test_every_hook_can_work_here"
     "tests/system/lookup/test_steering.py::test_two_services_share_port_80_on_disjoint_prefixes"
     "tests/system/reuseport/test_reuseport_differential.py::test_migrated_connections_land_where_the_model_says[tcp:192.0.2.12:9003-192.0.2.12-198.51.100.0/24]"
     "tests/system/divert/test_divert_socket.py::test_inbound_packet_not_written_back_is_dropped_and_written_back_passes"

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from flowsteer.kernel import bpffs
+from flowsteer.kernel import bpffs, features
 from flowsteer.kernel.netns import NamedNetns
 
 LOCAL_PREFIXES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/33")
@@ -29,6 +29,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     item.add_marker(pytest.mark.xfail(reason="CI must run as root", strict=True, run=False))
                 else:
                     item.add_marker(pytest.mark.skip(reason="system tests need root"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # @pytest.mark.kernel_feature(FEATURE): skipped, naming the feature and its first release, on a kernel
+    # without it (make test-kernels runs the suite under such kernels)
+    for mark in item.iter_markers("kernel_feature"):
+        feature = mark.args[0]
+        if os.geteuid() == 0 and not features.present(feature):
+            pytest.skip(features.missing_message(feature, "this test"))
 
 
 @pytest.fixture

@@ -14,6 +14,9 @@
  *   otherwise:                            that slot; UDP flows are remembered in `flows`
  *   a selection the kernel refuses:       SK_PASS without selection (counted as an error)
  *
+ * Built with FLOWSTEER_SELECT_ONLY (reuseport-select.bpf.o), the program has no migration branch and
+ * is loaded with attach type SELECT: kernels before 5.14 know neither migrating_sk nor SELECT_OR_MIGRATE.
+ *
  * h is murmur3's 32-bit mixing over the big-endian words of the client address, the server address and
  * (client port << 16 | server port), seeded per group. IPv4 addresses are hashed as one word each, also
  * when they reach an IPv6 socket as v4-mapped addresses.
@@ -238,6 +241,7 @@ static __always_inline int flow_of_skb(struct sk_reuseport_md *ctx, struct flow 
 	return 0;
 }
 
+#ifndef FLOWSTEER_SELECT_ONLY
 /* The flow of a request or connection leaving a closing listener (seen from the server side). */
 static __always_inline int flow_of_sock(struct bpf_sock *sk, struct flow *f)
 {
@@ -259,6 +263,7 @@ static __always_inline int flow_of_sock(struct bpf_sock *sk, struct flow *f)
 	f->server_port = sk->src_port;
 	return 0;
 }
+#endif
 
 /* The slot the table gives the flow: a member, NO_MEMBER, or NO_MEMBER when the table is unreadable. */
 static __always_inline __u32 table_slot(const struct policy *pol, __u32 gen, const struct flow *f)
@@ -313,14 +318,17 @@ static __always_inline int kernel_pick(void)
 	return SK_PASS;
 }
 
+#ifdef FLOWSTEER_SELECT_ONLY
+SEC("sk_reuseport")
+#else
 SEC("sk_reuseport/migrate")
+#endif
 int flowsteer_select(struct sk_reuseport_md *ctx)
 {
 	struct flow f = {};
 	struct policy *pol;
 	__u32 zero = 0, gen, slot;
 	__u32 *active_gen, *remembered;
-	struct bpf_sock *migrating;
 	int udp = ctx->ip_protocol == IPPROTO_UDP;
 
 	active_gen = bpf_map_lookup_elem(&active, &zero);
@@ -331,7 +339,9 @@ int flowsteer_select(struct sk_reuseport_md *ctx)
 	if (!pol || pol->kind == POLICY_HASH)
 		return kernel_pick();
 
-	migrating = ctx->migrating_sk;
+#ifndef FLOWSTEER_SELECT_ONLY
+	struct bpf_sock *migrating = ctx->migrating_sk;
+
 	if (migrating) {
 		if (flow_of_sock(migrating, &f))
 			return kernel_pick();
@@ -340,6 +350,7 @@ int flowsteer_select(struct sk_reuseport_md *ctx)
 			return kernel_pick();
 		return SK_PASS;
 	}
+#endif
 
 	if (flow_of_skb(ctx, &f))
 		return kernel_pick();

@@ -11,6 +11,7 @@ duplicates, so they outlive the object.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import errno as errno_mod
@@ -91,6 +92,11 @@ class _ObjGetOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("file_flags", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
 
 
+class _ProgLoadOpts(ctypes.Structure):
+    # the head of struct bpf_prog_load_opts; libbpf reads ``sz`` and treats the fields after it as zero
+    _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_uint32), ("expected_attach_type", ctypes.c_uint32)]
+
+
 class _MapCreateOpts(ctypes.Structure):
     _fields_ = [
         ("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
@@ -148,6 +154,8 @@ def _load_library() -> ctypes.CDLL:
         "libbpf_major_version": (u32, []),
         "libbpf_minor_version": (u32, []),
         "libbpf_set_print": (vp, [_PRINT_FN]),
+        "libbpf_probe_bpf_prog_type": (i, [i, vp]),
+        "bpf_prog_load": (i, [i, cp, cp, vp, sz, vp]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -199,6 +207,16 @@ if not isinstance(_lib, _Unavailable):
     _lib.libbpf_set_print(_capture_print)
 
 
+@contextlib.contextmanager
+def _capturing_log() -> Iterator[None]:
+    """Collects libbpf's messages in this thread while the block runs (for _failure to quote)."""
+    _log.lines = []
+    try:
+        yield
+    finally:
+        _log.lines = None
+
+
 def _check(ret: int, operation: str) -> int:
     """Returns ``ret`` when non-negative; raises the KernelError for ``-ret`` otherwise, carrying
     libbpf's whole log of the operation (``log``) and its last lines in the message."""
@@ -217,6 +235,28 @@ def _failure(operation: str, err: int) -> KernelError:
 def version() -> str:
     """Returns the version of the libbpf flowsteer loaded, as ``MAJOR.MINOR``."""
     return f"{_lib.libbpf_major_version()}.{_lib.libbpf_minor_version()}"
+
+
+def probe_prog_type(prog_type: ProgType) -> bool:
+    """Returns whether the running kernel loads programs of ``prog_type`` (libbpf's probe loads a
+    minimal one). Raises KernelError when the probe itself fails (no privilege, say)."""
+    return bool(_check(_lib.libbpf_probe_bpf_prog_type(int(prog_type), None), f"probe program type {prog_type.name}"))
+
+
+def prog_load(prog_type: ProgType, name: str, instructions: bytes,
+              attach_type: AttachType | None = None) -> "Program":
+    """Loads the raw ``instructions`` (8 bytes each) as a GPL program of ``prog_type`` and returns it.
+
+    For feature probes that a compiled object cannot express. Raises KernelError (the verifier's log on
+    it) when the kernel refuses.
+    """
+    if len(instructions) % 8:
+        raise ValueError("BPF instructions are 8 bytes each")
+    opts = _ProgLoadOpts(ctypes.sizeof(_ProgLoadOpts), 0, int(attach_type or 0))
+    with _capturing_log():
+        fd = _lib.bpf_prog_load(int(prog_type), name.encode(), b"GPL", instructions, len(instructions) // 8,
+                                ctypes.byref(opts))
+        return Program(_check(fd, f"load program {name}"))
 
 
 def possible_cpus() -> int:
@@ -478,13 +518,10 @@ class BpfObject:
     def __init__(self, path: str) -> None:
         if not os.path.exists(path):
             raise FlowsteerError(f"BPF object {path} is missing; build it with `make bpf`")
-        _log.lines = []
-        try:
+        with _capturing_log():
             ptr = _lib.bpf_object__open_file(path.encode(), None)
             if not ptr:
                 raise _failure(f"open BPF object {path}", ctypes.get_errno() or errno_mod.EINVAL)
-        finally:
-            _log.lines = None
         self._ptr: int | None = ptr
         self.path = path
 
@@ -547,11 +584,8 @@ class BpfObject:
 
     def load(self) -> None:
         """Creates the maps and loads the programs; raises KernelError with the verifier's words."""
-        _log.lines = []
-        try:
+        with _capturing_log():
             _check(_lib.bpf_object__load(self._ptr), f"load BPF object {os.path.basename(self.path)}")
-        finally:
-            _log.lines = None
 
     def map(self, name: str) -> Map:
         """Returns an independent handle on loaded map ``name``."""

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Self
 
 from flowsteer import bpf
-from flowsteer.errors import IncompatibleState, KernelError, NotLoaded, PermissionDenied
-from flowsteer.kernel import bpffs
+from flowsteer.errors import IncompatibleState, KernelError, MissingFeature, NotLoaded, PermissionDenied
+from flowsteer.kernel import bpffs, features
 from flowsteer.kernel.libbpf import BpfObject, Link, Map, MapInfo, MapType, Program
 
 VERSION_RECORD = struct.Struct("=I")
@@ -79,7 +79,9 @@ class StateSpec:
     object in flowsteer/bpf; ``maps`` the object's maps pinned under their own names (``meta`` among
     them); ``inner`` maps pinned name → map-in-map whose inner definition is the pinned map's layout;
     ``sized_at_load`` the maps whose size is chosen when the state is created (their MaxEntries is not
-    compared).
+    compared); ``requires`` the kernel features without which the object cannot load (:meth:`create`
+    raises MissingFeature naming the first one missing); ``fallbacks`` feature → an object with the same
+    maps to use instead on a kernel without that feature.
     """
 
     what: str
@@ -88,10 +90,14 @@ class StateSpec:
     version: int
     inner: Mapping[str, str] = field(default_factory=dict)
     sized_at_load: frozenset[str] = frozenset()
+    requires: tuple[features.Feature, ...] = ()
+    fallbacks: Mapping[features.Feature, str] = field(default_factory=dict)
 
     def object_path(self) -> str:
-        """Returns the path of the installed compiled object; raises FlowsteerError when it is missing."""
-        return bpf.object_path(self.object_name)
+        """Returns the path of the installed compiled object for this kernel (a fallback where it lacks a
+        feature); raises FlowsteerError when it is missing, KernelError when a feature cannot be probed."""
+        name = next((obj for feature, obj in self.fallbacks.items() if _lacks(feature)), self.object_name)
+        return bpf.object_path(name)
 
     def open_object(self) -> BpfObject:
         """Opens the compiled object without loading it (the caller closes it)."""
@@ -112,8 +118,12 @@ class StateSpec:
         ``maps``, writes the version record followed by ``meta`` into ``meta``'s entry 0, then calls
         ``populate(obj, tmp)`` to pin the rest into the temporary directory ``tmp``. ``gid`` may read the
         state. The caller holds the namespace's writer lock. Raises AlreadyExists when the state exists,
-        KernelError when the kernel refuses, UnsafePath when another user could change the way to it.
+        MissingFeature when the kernel lacks one of ``requires``, KernelError when the kernel refuses,
+        UnsafePath when another user could change the way to it.
         """
+        for feature in self.requires:
+            features.require(feature, f"loading the {self.what}")
+
         def fill(tmp: str) -> None:
             with self.open_object() as obj:
                 if prepare is not None:
@@ -130,11 +140,31 @@ class StateSpec:
         bpffs.create_atomically(root, directory, fill, gid=gid)
 
 
+def _lacks(feature: features.Feature) -> bool:
+    try:
+        return not features.present(feature)
+    except PermissionDenied:
+        # Without CAP_BPF nothing can be loaded, only read; a fallback has the same maps as its object.
+        return False
+
+
+def _unprivileged_bpf_disabled() -> bool:
+    try:
+        with open("/proc/sys/kernel/unprivileged_bpf_disabled", encoding="ascii") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
+
+
 def _open_map(directory: str, name: str, readonly: bool, what: str) -> Map:
     path = os.path.join(directory, name)
     try:
         return Map.open_pinned(path, readonly=readonly)
     except PermissionDenied as exc:
+        if readonly and os.access(path, os.R_OK) and _unprivileged_bpf_disabled():
+            feature = features.UNPRIVILEGED_PINNED_READ
+            raise MissingFeature(f"open pinned {path}: this kernel lacks {feature.name}, which came "
+                                 f"{feature.since}; read it as root", errno=exc.errno) from None
         raise PermissionDenied(f"open pinned {path}", exc.errno or errno.EACCES,
                                "only root (or the user that loaded it) may change this state; members of the "
                                "group given at load time may read it") from None

@@ -24,7 +24,7 @@ import struct
 from collections.abc import Iterator
 
 from flowsteer.errors import AlreadyExists, KernelError, NotLoaded
-from flowsteer.kernel import bpffs
+from flowsteer.kernel import bpffs, features
 from flowsteer.kernel.libbpf import AttachType, BpfObject, Link, Map
 from flowsteer.kernel.netns import NetnsId
 from flowsteer.kernel.pinned import PinnedState, StateSpec, repin
@@ -33,7 +33,7 @@ PROGRAM = "flowsteer_lookup"
 ACTIVE = "bindings-active"
 LINK = "link"
 SPEC = StateSpec("lookup dispatcher", "lookup.bpf.o", ("bindings", "labels", "sockets", "counters", "meta"),
-                 version=1, inner={ACTIVE: "bindings"})
+                 version=1, inner={ACTIVE: "bindings"}, requires=(features.SK_LOOKUP,))
 _ZERO = struct.pack("=I", 0)
 
 

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from flowsteer.errors import FlowsteerError, IncompatibleState, NotLoaded
-from flowsteer.kernel import bpffs
+from flowsteer.kernel import bpffs, features
 from flowsteer.kernel.libbpf import BpfObject, Map, Program, possible_cpus
 from flowsteer.kernel.netns import NetnsId
 from flowsteer.kernel.pinned import PinnedState, StateSpec
@@ -25,7 +25,8 @@ from flowsteer.reuseport.spec import MAX_MEMBERS, PROTOCOLS, GroupId
 
 PROGRAM = "flowsteer_select"
 MAPS = ("meta", "members", "socks", "active", "policies", "table", "keys", "flows", "stats")
-SPEC = StateSpec("reuseport group", "reuseport.bpf.o", MAPS, version=1, sized_at_load=frozenset({"table"}))
+SPEC = StateSpec("reuseport group", "reuseport.bpf.o", MAPS, version=1, sized_at_load=frozenset({"table"}),
+                 fallbacks={features.REUSEPORT_MIGRATION: "reuseport-select.bpf.o"})
 GLOBAL_COUNTERS = ("kernel", "dropped", "errors", "migrated", "key_hits", "flow_hits")
 
 CONFIGURED, DRAINED, ABSENT = 1, 2, 4

@@ -12,7 +12,9 @@ touches a BPF map. It is the one :class:`flowsteer.supervisor.Supervisor` with a
 How member K is restarted (SIGHUP restarts every member in turn; a worker that died or stopped answering
 its probe is restarted alone):
 
-- ``migrate`` (default): K is drained (no new flows) and the supervisor lets go of its copy of K's socket;
+- ``auto`` (default): ``migrate`` where the kernel can migrate a closing listener's queue (5.14 and
+  newer) or the group is UDP, ``handover`` otherwise.
+- ``migrate``: K is drained (no new flows) and the supervisor lets go of its copy of K's socket;
   the worker gets SIGTERM, stops accepting and closes its listener, whose queued connections the group's
   program migrates to live members; it finishes the connections it accepted within the drain deadline
   (``stop_timeout``) and exits. A new socket joins as K, a new worker serves it, and once it is ready
@@ -39,6 +41,7 @@ from typing import Any
 import click
 
 from flowsteer.errors import FlowsteerError, InvalidInput
+from flowsteer.kernel import features
 from flowsteer.kernel.netns import entered
 from flowsteer.reuseport.group import Group
 from flowsteer.reuseport.policy import Policy
@@ -48,21 +51,29 @@ from flowsteer.supervisor.handover import Handover, Offer, take
 from flowsteer.supervisor.probe import Target
 
 Serve = Callable[[Membership], None]
-RESTARTS = ("migrate", "handover")
+RESTARTS = ("auto", "migrate", "handover")
 
 
 class GroupService:
     """The workers of the members of ``group`` (created with ``policy`` when new), each running
-    ``serve(member)``; ``restart`` is ``migrate`` or ``handover`` (see the module docstring). With
+    ``serve(member)``; ``restart`` is ``auto``, ``migrate`` or ``handover`` (see the module docstring). With
     ``probe`` each worker gets a probe listener on loopback (``member.probe``) to serve like its socket.
     ``taken`` are member sockets taken over from a former supervisor (``done()`` is called once every
     worker serves them); ``offer`` a path where this service offers its member sockets.
-    Raises InvalidInput for an unknown restart mode."""
+    Raises InvalidInput for an unknown restart mode, MissingFeature for ``migrate`` of a TCP group on a
+    kernel that cannot migrate a closing listener's connections (before 5.14)."""
 
-    def __init__(self, group: Group, serve: Serve, *, policy: Policy | None = None, restart: str = "migrate",
+    def __init__(self, group: Group, serve: Serve, *, policy: Policy | None = None, restart: str = "auto",
                  probe: bool = False, taken: Handover | None = None, offer: str | None = None) -> None:
         if restart not in RESTARTS:
             raise InvalidInput(f"restart {restart!r} is not one of {', '.join(RESTARTS)}")
+        if group.id.protocol == "tcp" and restart != "handover":
+            if restart == "auto":
+                restart = "migrate" if features.present(features.REUSEPORT_MIGRATION) else "handover"
+            else:
+                features.require(features.REUSEPORT_MIGRATION,
+                                 "restarting TCP workers by queue migration (use --restart handover or auto here)")
+        self.restart = restart
         self.group = group
         self.serve = serve
         self.policy = policy
@@ -175,7 +186,7 @@ def _slots_of(group: Group, sockets: Mapping[str, socket.socket]) -> dict[int, s
 
 
 def supervisor(group: Group, workers: int, serve: Serve, *, policy: Policy | None = None,
-               restart: str = "migrate", identity: Identity | None = None, probe: Probe | None = None,
+               restart: str = "auto", identity: Identity | None = None, probe: Probe | None = None,
                offer: str | None = None, take_over: str | None = None, ready_timeout: float = 10.0,
                stop_timeout: float = 30.0, events: Callable[[Event], None] = lambda event: None) -> Supervisor:
     """Returns the supervisor of ``workers`` workers serving members 0..workers-1 of ``group`` (see the
@@ -199,8 +210,9 @@ def main(serve: Serve, description: str, argv: Sequence[str] | None = None, poli
     @click.command(help=description)
     @click.argument("group")
     @click.option("--workers", type=int, default=4, show_default=True, help="Worker processes (members 0..N-1).")
-    @click.option("--restart", type=click.Choice(RESTARTS), default="migrate", show_default=True,
-                  help="How a member is restarted: migrate its queue, or hand its socket to the new worker.")
+    @click.option("--restart", type=click.Choice(RESTARTS), default="auto", show_default=True,
+                  help="How a member is restarted: migrate its queue (Linux 5.14+), hand its socket to the new "
+                       "worker, or auto (migrate where the kernel can, else handover).")
     @click.option("--drain-timeout", type=float, default=30.0, show_default=True,
                   help="Seconds a stopping worker has to finish its connections before it is killed.")
     @click.option("--ready-timeout", type=float, default=10.0, show_default=True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import select
 import socket
+import time
 from collections.abc import Mapping
 
 DROP_TIMEOUT = 0.3
@@ -42,7 +43,8 @@ def udp_socket(host: str = "127.0.0.1", port: int = 0, *, v6only: bool | None = 
 def tcp_lands(listeners: Mapping[str, socket.socket], host: str, port: int,
               timeout: float = DROP_TIMEOUT) -> str:
     """Connects to ``host:port`` and returns the name of the listener that got the connection,
-    ``"refused"`` (RST: nothing took it) or ``"dropped"`` (no answer within ``timeout``)."""
+    ``"refused"`` (RST: nothing took it), ``"dropped"`` (no answer within ``timeout``) or
+    ``"unaccounted"`` (connected, but none of ``listeners`` queued it within ``timeout``)."""
     client = socket.socket(family_of(host), socket.SOCK_STREAM)
     client.settimeout(timeout)
     try:
@@ -52,23 +54,29 @@ def tcp_lands(listeners: Mapping[str, socket.socket], host: str, port: int,
     except (TimeoutError, socket.timeout):
         return "dropped"
     try:
-        local = _unmapped(client.getsockname())
-        for name, listener in listeners.items():
-            ready, _, _ = select.select([listener], [], [], 0)
-            if not ready:
-                continue
+        return _accepting(listeners, _unmapped(client.getsockname()), timeout)
+    finally:
+        client.close()
+
+
+def _accepting(listeners: Mapping[str, socket.socket], local: tuple[str, int], timeout: float) -> str:
+    # connect() returns on the SYN-ACK; the server queues the connection when the final ACK arrives,
+    # which on a slow machine can come later: wait for a listener to become readable, bounded.
+    names = {listener.fileno(): name for name, listener in listeners.items()}
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select(list(listeners.values()), [], [], remaining)
+        for listener in ready:
             listener.setblocking(False)
             try:
                 while True:
                     conn, peer = listener.accept()
                     conn.close()
                     if _unmapped(peer) == local:
-                        return name
+                        return names[listener.fileno()]
             except BlockingIOError:
                 pass
-        return "unaccounted"
-    finally:
-        client.close()
+    return "unaccounted"
 
 
 def _unmapped(addr: tuple[object, ...]) -> tuple[str, int]:

@@ -16,9 +16,10 @@ def smoke_tests() -> list[str]:
     return re.findall(r'"([^"]+)"', block.group(1))
 
 
-def test_the_smoke_covers_every_hook() -> None:
-    hooks = {Path(node.split("::")[0]).parts[2] for node in smoke_tests()}
-    assert hooks == {"lookup", "reuseport", "divert"}
+def test_the_smoke_covers_every_hook_and_the_doctor() -> None:
+    paths = [Path(node.split("::")[0]) for node in smoke_tests()]
+    assert {path.parts[2] for path in paths if len(path.parts) > 3} == {"lookup", "reuseport", "divert"}
+    assert Path("tests/system/test_doctor.py") in paths
 
 
 def test_every_smoke_test_exists() -> None:

@@ -22,7 +22,7 @@ import pytest
 
 import flowsteer.bpf
 from flowsteer.divert import metadata, nfqueue, packet
-from flowsteer.kernel import libbpf, pinned
+from flowsteer.kernel import features, libbpf, pinned
 from flowsteer.lookup import bindings, dispatcher
 from flowsteer.lookup import state as lookup_state
 from flowsteer.reuseport import maglev, policy, spec
@@ -274,6 +274,9 @@ def test_libbpf_layer_numbers_are_the_kernels() -> None:
     facts |= {f"BPF_{a.name}": a.value for a in libbpf.AttachType}
     facts |= {name: getattr(libbpf, name) for name in
               ("BPF_ANY", "BPF_NOEXIST", "BPF_EXIST", "BPF_F_NO_PREALLOC", "BPF_F_RDONLY", "BPF_F_REPLACE")}
+    facts |= {"__builtin_offsetof(struct sk_reuseport_md, migrating_sk)": features.MIGRATING_SK_OFFSET,
+              "BPF_LDX | BPF_MEM | BPF_DW": features.LDX_MEM_DW, "BPF_ALU64 | BPF_MOV | BPF_K": features.MOV64_IMM,
+              "BPF_JMP | BPF_EXIT": features.EXIT, "SK_PASS": features.SK_PASS}
     _check_with_clang(UAPI_HEADERS, facts, [])
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from flowsteer.kernel import features
 from flowsteer.reuseport import Group, GroupId, join, open_member_socket
 from flowsteer.testing.flows import random_flows, tcp_landing, udp_landing
 from flowsteer.testing.load import Load
@@ -92,6 +93,7 @@ def _restart_under_load(pool: Any, address: str, port: int) -> tuple[Load, dict[
     return load, workers
 
 
+@pytest.mark.kernel_feature(features.REUSEPORT_MIGRATION)
 def test_rolling_restart_fails_no_connection_where_plain_reuseport_does(netns: object, bpffs_root: str) -> None:
     plain, _ = _restart_under_load(PlainPool(GroupId.parse("tcp:192.0.2.23:9103")), "192.0.2.23", 9103)
     group = Group("tcp:192.0.2.23:9104")
@@ -105,6 +107,7 @@ def test_rolling_restart_fails_no_connection_where_plain_reuseport_does(netns: o
     assert sum(w.served for w in workers.values()) > 0
 
 
+@pytest.mark.kernel_feature(features.REUSEPORT_MIGRATION)
 @pytest.mark.parametrize("spec,address", [("tcp:[2001:db8::1]:9105", "2001:db8::1"),
                                           ("tcp:[::]:9106", "192.0.2.24")])  # IPv4 to a dual-stack group
 def test_rolling_restart_over_ipv6_and_dual_stack(make_group: MakeGroup, spec: str, address: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from flowsteer.kernel import features
 from flowsteer.reuseport import Flow, Policy
 from flowsteer.testing.load import accept_queue
 from flowsteer.testing.flows import IPV6_FREEBIND, random_flows, tcp_landing, udp_landing
@@ -71,6 +72,7 @@ def test_keys_are_assigned_and_forgotten(make_group: MakeGroup) -> None:
     assert udp_landing({s: m.socket for s, m in members.items()}, [flow])[flow] == table_pick
 
 
+@pytest.mark.kernel_feature(features.REUSEPORT_MIGRATION)
 @pytest.mark.parametrize("spec,server,clients", [
     ("tcp:192.0.2.12:9003", "192.0.2.12", "198.51.100.0/24"),
     ("tcp:[2001:db8::1]:9003", "2001:db8::1", "2001:db8:3::/64"),

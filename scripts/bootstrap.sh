@@ -23,3 +23,4 @@ if [[ ! -x $venv/bin/python ]]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e '.[test,bench,kernels]'
+"$(dirname "$0")/promtool-fetch.sh" "$venv"   # checks the metrics exposition in the tests

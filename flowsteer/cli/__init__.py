@@ -43,7 +43,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 def _register() -> None:
-    from flowsteer.cli import doctor, lookup, version  # noqa: F401  (register their commands on main)
+    from flowsteer.cli import doctor, lookup, metrics, version  # noqa: F401  (register their commands on main)
 
 
 _register()

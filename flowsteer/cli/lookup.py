@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import grp
 import ipaddress
-import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +11,7 @@ import click
 
 from flowsteer.cli import main
 from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, reports_errors, table
-from flowsteer.errors import InvalidInput, kernel_error
+from flowsteer.errors import InvalidInput
 from flowsteer.lookup.bindings import Binding, parse_port, parse_protocol
 from flowsteer.lookup.dispatcher import DestinationStatus, Dispatcher
 
@@ -214,40 +211,3 @@ def explain(netns: str | None, bpffs: str | None, as_json: bool, protocol: str, 
     emit(decision.to_dict(), as_json, lambda d: f"{d['outcome'].upper()}: {d['reason']}")
 
 
-@main.command()
-@netns_option
-@bpffs_option
-@click.option("--listen", default="127.0.0.1:9464", show_default=True, metavar="ADDR:PORT",
-              help="Where to serve /metrics (port 0: any free port, printed on stderr).")
-@reports_errors
-def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
-    """Serve the dispatcher's and the divert rules' counters for Prometheus until interrupted.
-
-    The endpoint has no authentication and no TLS: anyone who can connect reads the counters (labels,
-    traffic counts). It listens on loopback unless --listen names another address; put a proxy with
-    authentication in front of it, or a firewall, before exposing it.
-    """
-    from prometheus_client import start_http_server
-    from prometheus_client.registry import CollectorRegistry
-
-    from flowsteer.divert.metrics import DivertCollector
-    from flowsteer.lookup.metrics import LookupCollector
-
-    address, port = parse_endpoint(listen)
-    registry = CollectorRegistry()
-    registry.register(LookupCollector(_dispatcher(netns, bpffs)))
-    registry.register(DivertCollector(netns))
-    try:
-        server, _thread = start_http_server(port, addr=address, registry=registry)
-    except OSError as exc:
-        raise kernel_error(f"listen on {listen}", exc.errno or errno.EADDRNOTAVAIL) from None
-    host = f"[{address}]" if ":" in address else address
-    click.echo(f"serving metrics on http://{host}:{server.server_port}/metrics", err=True)
-    if not ipaddress.ip_address(address).is_loopback:
-        click.echo(f"flowsteer: warning: {address} is not a loopback address and the endpoint has no "
-                   "authentication: whoever can reach it reads the counters", err=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        signal.pause()
-    except KeyboardInterrupt:
-        pass

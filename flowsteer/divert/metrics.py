@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from flowsteer.divert import netfilter
 from flowsteer.divert.ports import bound_queues, queue_owner
-from flowsteer.errors import FlowsteerError
 from flowsteer.kernel.netns import entered
+from flowsteer.metrics import HookCollector, ScrapeErrors
 
 
 def divert_metrics() -> dict[str, list[dict[str, Any]]]:
@@ -42,24 +41,21 @@ def divert_metrics() -> dict[str, list[dict[str, Any]]]:
     return {"rules": rules, "members": members, "queues": queues}
 
 
-class DivertCollector(Collector):
+class DivertCollector(HookCollector):
     """Prometheus collector of :func:`divert_metrics` in network namespace ``netns`` (a name or path;
     None: the namespace of the scraping thread)."""
 
-    def __init__(self, netns: str | None = None) -> None:
+    hook = "divert"
+
+    def __init__(self, netns: str | None = None, errors: ScrapeErrors | None = None) -> None:
+        super().__init__(errors)
         self.netns = netns
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        up = GaugeMetricFamily("flowsteer_divert_up", "1 when the divert counters could be read")
-        try:
-            with entered(self.netns):
-                data = divert_metrics()
-        except FlowsteerError:
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        yield up
+    def read(self) -> dict[str, list[dict[str, Any]]]:
+        with entered(self.netns):
+            return divert_metrics()
+
+    def families(self, data: dict[str, list[dict[str, Any]]]) -> Iterator[Metric]:
         rule_packets = CounterMetricFamily("flowsteer_divert_rule_packets", "Packets a divert rule matched",
                                            labels=["rule", "text", "port"])
         rule_bytes = CounterMetricFamily("flowsteer_divert_rule_bytes", "Bytes a divert rule matched",

@@ -3,36 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from flowsteer.errors import FlowsteerError
 from flowsteer.lookup.dispatcher import Dispatcher
+from flowsteer.metrics import HookCollector, ScrapeErrors
 
 _LABELS = ["label", "family", "protocol"]
 
 
-class LookupCollector(Collector):
+class LookupCollector(HookCollector):
     """Collects per-destination lookups, misses and errors, and the number of bindings and sockets."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    hook = "lookup"
+
+    def __init__(self, dispatcher: Dispatcher, errors: ScrapeErrors | None = None) -> None:
+        super().__init__(errors)
         self.dispatcher = dispatcher
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        up = GaugeMetricFamily("flowsteer_lookup_up", "1 when the dispatcher's state could be read")
-        try:
-            status = self.dispatcher.status()
-        except FlowsteerError:
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        yield up
-        yield GaugeMetricFamily("flowsteer_lookup_bindings", "Bindings in the active set",
-                                value=status["bindings"])
-        yield GaugeMetricFamily("flowsteer_lookup_sockets", "Registered destination sockets",
-                                value=status["sockets"])
+    def read(self) -> dict[str, Any]:
+        return self.dispatcher.status()
+
+    def families(self, data: dict[str, Any]) -> Iterator[Metric]:
+        yield GaugeMetricFamily("flowsteer_lookup_bindings", "Bindings in the active set", value=data["bindings"])
+        yield GaugeMetricFamily("flowsteer_lookup_sockets", "Registered destination sockets", value=data["sockets"])
         families = {
             name: CounterMetricFamily(f"flowsteer_lookup_{name}", help_text, labels=_LABELS)
             for name, help_text in (
@@ -41,7 +36,7 @@ class LookupCollector(Collector):
                 ("errors", "Matched packets dropped because the socket could not take them"),
             )
         }
-        for dest in status["destinations"]:
+        for dest in data["destinations"]:
             for name, family in families.items():
                 family.add_metric([dest["label"], dest["family"], dest["protocol"]], dest[name])
         yield from families.values()

@@ -3,7 +3,7 @@
     sudo python examples/reuseport_asyncio.py tcp:127.0.0.1:8080 --workers 4
     curl http://127.0.0.1:8080/          # "hello from worker 2 (pid 1234)"
     kill -HUP <pid>                      # rolling restart: no connection fails, even under load
-    flowsteer group show tcp:127.0.0.1:8080
+    flowsteer reuseport show tcp:127.0.0.1:8080
 
 The supervisor (flowsteer.reuseport.supervisor) joins one socket per worker to the group, restarts the
 workers one by one on SIGHUP and stops them on SIGTERM or Ctrl-C.

@@ -1,4 +1,5 @@
-"""What every flowsteer command shares: the --netns/--json/--bpffs options, output and error reporting."""
+"""What every flowsteer command shares: the --netns/--json/--bpffs options (given globally, before the
+command, or to the command itself), output and error reporting."""
 
 from __future__ import annotations
 
@@ -14,14 +15,23 @@ from flowsteer.errors import FlowsteerError, KernelError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-netns_option = click.option(
-    "--netns", metavar="PATH", default=None,
-    help="Network namespace to act in: a path such as /proc/PID/ns/net or an `ip netns` name "
-         "(default: the current one).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-bpffs_option = click.option(
-    "--bpffs", metavar="DIR", default=None, envvar="FLOWSTEER_BPFFS",
-    help="BPF filesystem holding flowsteer's pinned state (default: /sys/fs/bpf).")
+def or_global(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A command's own --netns/--bpffs/--json wins; without it the global one (``flowsteer -n NS …``)
+    applies."""
+    if value not in (None, False):
+        return value
+    return ctx.find_root().params.get(param.name or "", value)
+
+
+NETNS_HELP = ("Network namespace to act in: a path such as /proc/PID/ns/net or an `ip netns` name "
+              "(default: the current one).")
+BPFFS_HELP = "BPF filesystem holding flowsteer's pinned state (default: $FLOWSTEER_BPFFS, else /sys/fs/bpf)."
+JSON_HELP = "Print machine-readable JSON."
+
+netns_option = click.option("-n", "--netns", metavar="PATH", default=None, callback=or_global, help=NETNS_HELP)
+json_option = click.option("-j", "--json", "as_json", is_flag=True, callback=or_global, help=JSON_HELP)
+bpffs_option = click.option("--bpffs", metavar="DIR", default=None, envvar="FLOWSTEER_BPFFS", callback=or_global,
+                            help=BPFFS_HELP)
 
 
 def reports_errors(fn: F) -> F:

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from flowsteer.cli import main
-from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, reports_errors
+from flowsteer.cli.common import or_global, bpffs_option, emit, json_option, netns_option, reports_errors
 from flowsteer.errors import InvalidInput
 from flowsteer.hostfile import host
 from flowsteer.hostfile.plan import Plan
@@ -89,7 +89,7 @@ def apply(netns: str | None, bpffs: str | None, as_json: bool, dry_run: bool, fo
 @main.command()
 @netns_option
 @bpffs_option
-@click.option("--json", "as_json", is_flag=True, help="Write JSON instead of TOML.")
+@click.option("-j", "--json", "as_json", is_flag=True, callback=or_global, help="Write JSON instead of TOML.")
 @click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
 @reports_errors
 def export(netns: str | None, bpffs: str | None, as_json: bool, file: str | None) -> None:

@@ -16,6 +16,21 @@ from flowsteer.lookup.bindings import Binding, parse_port, parse_protocol
 from flowsteer.lookup.dispatcher import DestinationStatus, Dispatcher
 
 
+@main.group()
+def lookup() -> None:
+    """Lookup: steer connections and datagrams to services by protocol, destination prefix and port
+    (BPF sk_lookup). Every command but status is also a top-level command (`flowsteer bind …`).
+
+    \b
+    Examples:
+      flowsteer lookup load
+      flowsteer lookup bind web tcp 192.0.2.0/24 80
+      flowsteer lookup register-pid 1234 web tcp 0.0.0.0 8080
+      flowsteer lookup explain tcp 198.51.100.9 192.0.2.10:80
+      flowsteer -n web lookup status --json
+    """
+
+
 def _dispatcher(netns: str | None, bpffs: str | None) -> Dispatcher:
     return Dispatcher(netns=netns, bpffs_root=bpffs)
 
@@ -31,7 +46,7 @@ def _render_bindings(rows: list[dict[str, Any]]) -> str:
                  ["PROTO", "PREFIX", "PORT", "LABEL"])
 
 
-@main.command()
+@lookup.command()
 @netns_option
 @bpffs_option
 @click.option("--group", "group_name", metavar="GROUP", help="Group allowed to read the pinned state.")
@@ -48,7 +63,7 @@ def load(netns: str | None, bpffs: str | None, group_name: str | None) -> None:
     click.echo(f"loaded the dispatcher; state pinned in {path}")
 
 
-@main.command()
+@lookup.command()
 @netns_option
 @bpffs_option
 @reports_errors
@@ -58,7 +73,7 @@ def unload(netns: str | None, bpffs: str | None) -> None:
     click.echo("unloaded the dispatcher")
 
 
-@main.command()
+@lookup.command()
 @netns_option
 @bpffs_option
 @reports_errors
@@ -68,7 +83,7 @@ def upgrade(netns: str | None, bpffs: str | None) -> None:
     click.echo(f"upgraded: program {ids['old_program_id']} -> {ids['new_program_id']}")
 
 
-@main.command()
+@lookup.command()
 @netns_option
 @bpffs_option
 @json_option
@@ -88,7 +103,7 @@ def status(netns: str | None, bpffs: str | None, as_json: bool) -> None:
     emit(data, as_json, render)
 
 
-@main.command()
+@lookup.command()
 @netns_option
 @bpffs_option
 @json_option
@@ -107,7 +122,7 @@ def bindings(netns: str | None, bpffs: str | None, as_json: bool, label: str | N
 
 
 def _binding_command(name: str, doc: str, change: Callable[[Dispatcher, Binding], None], done: str) -> None:
-    @main.command(name, help=doc)
+    @lookup.command(name, help=doc)
     @netns_option
     @bpffs_option
     @click.argument("label")
@@ -131,7 +146,7 @@ def _render_registered(dests: list[DestinationStatus]) -> str:
     return "\n".join(f"registered socket {d.cookie} for {d.label} {d.family} {d.protocol}" for d in dests)
 
 
-@main.command()
+@lookup.command()
 @netns_option
 @bpffs_option
 @click.argument("label")
@@ -146,7 +161,7 @@ def register(netns: str | None, bpffs: str | None, label: str) -> None:
             click.echo(_render_registered(dispatcher.register(label, sock)))
 
 
-@main.command("register-pid")
+@lookup.command("register-pid")
 @netns_option
 @bpffs_option
 @click.argument("pid", type=int)
@@ -162,7 +177,7 @@ def register_pid(netns: str | None, bpffs: str | None, pid: int, label: str, pro
                                                                         parse_port(port))))
 
 
-@main.command()
+@lookup.command()
 @netns_option
 @bpffs_option
 @click.argument("label")
@@ -189,7 +204,7 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     return host, parse_port(port)
 
 
-@main.command()
+@lookup.command()
 @netns_option
 @bpffs_option
 @json_option
@@ -211,3 +226,7 @@ def explain(netns: str | None, bpffs: str | None, as_json: bool, protocol: str, 
     emit(decision.to_dict(), as_json, lambda d: f"{d['outcome'].upper()}: {d['reason']}")
 
 
+# The lookup commands came first and stay top-level commands too; `flowsteer status` is every hook's.
+for _name, _command in lookup.commands.items():
+    if _name != "status":
+        main.add_command(_command)

@@ -127,5 +127,5 @@ def run() -> None:
         flowsteer("explain", *base, "tcp", "192.0.2.99", "192.0.2.10:80")
         flowsteer("explain", *base, "tcp", "192.0.2.99", "203.0.113.7:5432")
         flowsteer("explain", *base, "udp", "2001:db8::99", "[2001:db8:53::1]:53")
-        flowsteer("status", *base)
+        flowsteer("lookup", "status", *base)
         flowsteer("unload", *base)

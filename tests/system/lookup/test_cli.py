@@ -17,8 +17,8 @@ from flowsteer.testing.sockets import tcp_lands, tcp_listener
 
 
 def flowsteer(*args: str, ns: NamedNetns | None = None) -> subprocess.CompletedProcess[str]:
-    extra = ["--netns", ns.name] if ns is not None else []
-    cmd = [sys.executable, "-m", "flowsteer", *args[:1], *extra, *args[1:]]
+    extra = ["--netns", ns.name] if ns is not None else []  # the global option, before the command
+    cmd = [sys.executable, "-m", "flowsteer", *extra, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
@@ -47,7 +47,7 @@ def test_operator_session(netns: NamedNetns, bpffs_root: str, tmp_path: Path) ->
     assert ok("explain", "tcp", "198.18.9.9", "203.0.113.1:22", ns=netns).startswith("DROP:")
     assert ok("explain", "udp", "2001:db8::1", "[2001:db8::2]:53", ns=netns).startswith("PASS:")
 
-    status = json.loads(ok("status", "--json", ns=netns))
+    status = json.loads(ok("lookup", "status", "--json", ns=netns))
     assert status["bindings"] == 2 and status["sockets"] == 1
     (dest,) = [d for d in status["destinations"] if d["cookie"] is not None]
     assert (dest["label"], dest["lookups"]) == ("nginx", 1)
@@ -62,7 +62,7 @@ def test_operator_session(netns: NamedNetns, bpffs_root: str, tmp_path: Path) ->
 
 def test_errors_are_one_clear_line_with_status_1(netns: NamedNetns, bpffs_root: str, tmp_path: Path) -> None:
     cases = {
-        ("status",): "not loaded",
+        ("lookup", "status"): "not loaded",
         ("bind", "x", "tcp", "192.0.2.0/24", "80"): "not loaded",
         ("explain", "tcp", "1.2.3.4", "5.6.7.8"): "invalid destination",
     }
@@ -78,7 +78,7 @@ def test_errors_are_one_clear_line_with_status_1(netns: NamedNetns, bpffs_root: 
     assert proc.returncode == 1 and "binding entry 1: invalid protocol 'sctp'" in proc.stderr
     proc = flowsteer("load", ns=netns)
     assert proc.returncode == 1 and "EEXIST" in proc.stderr
-    proc = flowsteer("status", "--netns", "/nonexistent/ns")
+    proc = flowsteer("lookup", "status", "--netns", "/nonexistent/ns")
     assert proc.returncode == 1 and "cannot be opened" in proc.stderr
 
 

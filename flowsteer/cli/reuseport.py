@@ -1,4 +1,4 @@
-"""Commands of the reuseport hook: ``flowsteer group …`` (nouns read, verbs change)."""
+"""Commands of the reuseport hook: ``flowsteer reuseport …`` (alias ``flowsteer group …``; nouns read, verbs change)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,22 @@ from flowsteer.reuseport.maglev import DEFAULT_SIZE
 from flowsteer.reuseport.spec import parse_slot
 
 
-@main.group()
+@main.group("reuseport")
 def group() -> None:
-    """Reuseport groups: which worker of a SO_REUSEPORT group gets each connection.
+    """Reuseport groups: which worker of a SO_REUSEPORT group gets each connection (alias: group).
 
     GROUP is written PROTOCOL:ADDRESS:PORT, e.g. tcp:192.0.2.1:8080 or udp:[2001:db8::1]:443.
+
+    \b
+    Examples:
+      flowsteer reuseport create tcp:0.0.0.0:8080 --policy consistent
+      flowsteer reuseport show tcp:0.0.0.0:8080
+      flowsteer reuseport drain tcp:0.0.0.0:8080 2
+      flowsteer reuseport explain tcp:0.0.0.0:8080 198.51.100.7:40000
     """
+
+
+main.add_command(group, "group")  # the first name, kept
 
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:

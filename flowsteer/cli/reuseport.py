@@ -12,6 +12,7 @@ from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, 
 from flowsteer.errors import InvalidInput
 from flowsteer.numbers import is_whole_number
 from flowsteer.reuseport import Flow, Group, Policy
+from flowsteer.reuseport.policy import check_weights
 from flowsteer.reuseport.maglev import DEFAULT_SIZE
 from flowsteer.reuseport.spec import parse_slot
 
@@ -135,6 +136,7 @@ def create(group_id: str, pairs: tuple[str, ...], name: str, key_offset: int, ke
            exist_ok: bool, as_json: bool, netns: str | None, bpffs: str | None) -> None:
     """Create GROUP with its policy and members' weights before any worker joins."""
     chosen, wanted = Policy(name, key_offset, key_len), _parse_weights(pairs)
+    check_weights(chosen, wanted)  # before the group exists: a refused weight creates nothing
     handle = Group(group_id, netns, bpffs)
     if handle.create(chosen, table_size=table_size, exist_ok=exist_ok) and wanted:
         handle.configure(chosen, wanted)

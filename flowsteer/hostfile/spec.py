@@ -16,6 +16,7 @@ from flowsteer.errors import InvalidInput
 from flowsteer.lookup import config
 from flowsteer.lookup.bindings import Binding, check_set, sort_by_precedence
 from flowsteer.reuseport.group import check_weight
+from flowsteer.reuseport.policy import check_weights
 from flowsteer.reuseport.maglev import DEFAULT_SIZE, check_size
 from flowsteer.reuseport.policy import Policy
 from flowsteer.reuseport.spec import GroupId, parse_slot
@@ -174,7 +175,9 @@ def _group(entry: Any) -> GroupSpec:
     policy = Policy(name, **options)
     table_size = _typed(entry.get("table_size", DEFAULT_SIZE), int, "table_size")
     check_size(table_size)
-    return GroupSpec(group, policy, _weights(entry.get("weights", {})), table_size)
+    weights = _weights(entry.get("weights", {}))
+    check_weights(policy, weights)
+    return GroupSpec(group, policy, weights, table_size)
 
 
 def _typed(value: Any, kind: type, what: str) -> Any:

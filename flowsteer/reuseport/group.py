@@ -26,7 +26,7 @@ from flowsteer.kernel.libbpf import Program
 from flowsteer.kernel.netns import locked
 from flowsteer.reuseport import model, state
 from flowsteer.reuseport.maglev import DEFAULT_SIZE, check_size
-from flowsteer.reuseport.policy import Policy, pad_key, table_for
+from flowsteer.reuseport.policy import Policy, check_weights, pad_key, table_for
 from flowsteer.reuseport.spec import GroupId, parse_address, parse_slot
 from flowsteer.reuseport.state import ABSENT, CONFIGURED, DRAINED, GroupState, Member
 
@@ -36,9 +36,10 @@ MAX_WEIGHT = 1000
 
 @dataclass(frozen=True)
 class MemberStatus:
-    """One member as ``group show`` prints it: its state is live, drained, absent (left or never
-    joined) or gone (its socket closed without leaving); ``share`` is its fraction of the table (None
-    under policy hash: the kernel's hash picks)."""
+    """One member as ``reuseport show`` prints it: its state is live (takes new flows), idle (weight 0:
+    holds its socket, takes no new flows), drained, absent (left or never joined) or gone (its socket
+    closed without leaving); ``share`` is its fraction of the table (None under policy hash: the
+    kernel's hash picks)."""
 
     slot: int
     weight: int
@@ -58,7 +59,9 @@ def _status(member: Member, cookie: int | None) -> str:
         return "absent"
     if cookie is None:
         return "gone"
-    return "drained" if member.drained else "live"
+    if member.drained:
+        return "drained"
+    return "idle" if member.weight == 0 else "live"
 
 
 class _View:
@@ -223,9 +226,10 @@ class Group:
         Members in ``weights`` get their weight (configured if they have not joined yet); a configured
         member not in it keeps its place with weight 1 while it holds a socket, else it is forgotten.
         Drained flags, sockets and key assignments stay as they are. Raises InvalidInput for a bad slot or
-        weight; nothing changes then.
+        weight, or a weight above 1 that ``policy`` would ignore; nothing changes then.
         """
         checked = {parse_slot(s): check_weight(w) for s, w in weights.items()}
+        check_weights(policy, checked)
         with self._writing(publish=False) as st:
             for slot, member in st.members().items():
                 if slot not in checked:
@@ -243,10 +247,12 @@ class Group:
     def set_weights(self, weights: Mapping[int, int]) -> None:
         """Sets members' weights (0..1000; 0 takes no new flows), configuring members not yet joined.
 
-        Raises InvalidInput for a bad slot or weight; nothing changes then.
+        Raises InvalidInput for a bad slot or weight, or a weight above 1 that the group's policy would
+        ignore; nothing changes then.
         """
         checked = {parse_slot(s): check_weight(w) for s, w in weights.items()}
         with self._writing() as st:
+            check_weights(st.policy(), checked)
             for slot, weight in checked.items():
                 _set_weight(st, slot, weight)
 

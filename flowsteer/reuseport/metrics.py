@@ -49,7 +49,7 @@ class ReuseportCollector(HookCollector):
         weight = GaugeMetricFamily("flowsteer_reuseport_member_weight", "A member's weight",
                                    labels=["group", "member"])
         state = GaugeMetricFamily("flowsteer_reuseport_member_state", "1 for the state a member is in "
-                                  "(live, drained, gone: its socket closed, absent: it left)", labels=["group", "member", "state"])
+                                  "(live, idle: weight 0, drained, gone: its socket closed, absent: it left)", labels=["group", "member", "state"])
         counters = {name: CounterMetricFamily(f"flowsteer_reuseport_{name}", _COUNTER_HELP[name], labels=["group"])
                     for name in GLOBAL_COUNTERS}
         for status in data:

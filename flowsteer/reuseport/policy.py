@@ -76,6 +76,18 @@ def pad_key(key: bytes) -> bytes:
     return key.ljust(KEY_MAX, b"\0")
 
 
+def check_weights(policy: Policy, weights: Mapping[int, int]) -> None:
+    """Raises InvalidInput when ``policy`` would ignore one of ``weights`` (slot → weight): only policy
+    weighted reads weights above 1; the others take 0 (no new flows) and 1."""
+    if policy.weighted:
+        return
+    ignored = {slot: weight for slot, weight in sorted(weights.items()) if weight > 1}
+    if ignored:
+        listed = ", ".join(f"{slot}={weight}" for slot, weight in ignored.items())
+        raise InvalidInput(f"policy {policy.name} ignores weights above 1 ({listed}): use 0 (no new flows) or 1, "
+                           "or policy weighted")
+
+
 def table_for(policy: Policy, weights: Mapping[int, int], live: Set[int], size: int, seed: int) -> list[int]:
     """Returns the lookup table of ``policy`` for configured members ``weights`` (slot → weight) of which
     ``live`` may take new flows. Without weighting every configured member counts as weight 1."""

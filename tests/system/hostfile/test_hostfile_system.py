@@ -126,6 +126,8 @@ def test_a_bad_file_changes_nothing_and_names_file_section_and_entry(
                                                "[lookup]: binding entry 1: unknown field(s) colour"),
         '"198.51.100.0/24"': ('"198.51.100.300/24"', "[lookup]: binding entry 2: invalid prefix"),
         "weights = { 0 = 1,": ("weights = { 0 = 1001,", "[reuseport]: group entry 1 (tcp:192.0.2.1:8080): weight 1001"),
+        'policy = "weighted"': ('policy = "consistent"', "[reuseport]: group entry 1 (tcp:192.0.2.1:8080): policy "
+                                "consistent ignores weights above 1 (2=2, 3=2)"),
         "version = 1": ("version = 1\nversion = 2", "not valid TOML"),
         'group = "udp:[2001:db8::1]:443"': ('group = "tcp:192.0.2.1:8080"', "group entry 2 (tcp:192.0.2.1:8080): "
                                                                         "group tcp:192.0.2.1:8080 is already"),
@@ -180,11 +182,10 @@ def test_configure_forgets_absent_members_not_in_the_file_and_keeps_live_ones(
         netns: NamedNetns, bpffs_root: str, tmp_path: Path) -> None:
     ok("group", "create", WEB, "--policy", "weighted", "0=5", "1=5", "7=5", ns=netns)
     file = tmp_path / "h.toml"
-    file.write_text(f'[[reuseport.groups]]\ngroup = "{WEB}"\nweights = {{ 1 = 2 }}\n')
+    file.write_text(f'[[reuseport.groups]]\ngroup = "{WEB}"\npolicy = "weighted"\nweights = {{ 1 = 2 }}\n')
     with join(WEB, 0):
         ok("apply", str(file), ns=netns)
         assert [(m.slot, m.weight, m.state) for m in Group(WEB).members()] == [(0, 1, "live"), (1, 2, "absent")]
-        assert Group(WEB).policy().name == "consistent"
         before = fingerprint(netns)
         assert not json.loads(ok("apply", "--json", str(file), ns=netns))["changed"]
         assert fingerprint(netns) == before

@@ -37,6 +37,7 @@ def test_commands_read_and_change_the_group(make_group: MakeGroup) -> None:
     run("policy", spec, "weighted")
     weights = run("weights", spec, "0=1", "1=0", "2=3", "--json")
     assert [m["weight"] for m in weights["members"]] == [1, 0, 3]
+    assert [m["state"] for m in weights["members"]] == ["live", "idle", "live"]  # weight 0: no new flows
     assert 0.7 < weights["members"][2]["share"] < 0.8
 
     answer = run("explain", spec, "198.51.100.9:41000", "--json")
@@ -64,3 +65,18 @@ def test_a_change_that_leaves_no_live_member_warns(make_group: MakeGroup) -> Non
     assert first.exit_code == 0 and "warning" not in first.stderr
     last = runner.invoke(main, ["group", "weights", spec, "1=0"])
     assert last.exit_code == 0 and "no member of group tcp:192.0.2.30:9210 takes new connections now" in last.stderr, last.output
+
+
+def test_weights_a_policy_would_ignore_are_refused_and_change_nothing(make_group: MakeGroup) -> None:
+    group, _ = make_group("tcp:192.0.2.31:9201", range(2))
+    spec = str(group.id)
+    before = run("show", spec, "--json")
+    refused = CliRunner().invoke(main, ["group", "weights", spec, "1=3"])
+    assert refused.exit_code == 1
+    assert refused.output == ("flowsteer: error: policy consistent ignores weights above 1 (1=3): use 0 (no new "
+                              "flows) or 1, or policy weighted\n")
+    assert run("show", spec, "--json") == before
+    created = CliRunner().invoke(main, ["reuseport", "create", "tcp:192.0.2.31:9202", "0=2"])
+    assert created.exit_code == 1 and "policy consistent ignores weights above 1 (0=2)" in created.output
+    assert run("list", "--json") == [spec]  # the refused group was not made
+

@@ -101,6 +101,8 @@ def test_the_shipped_example_is_valid() -> None:
     ("[[reuseport.groups]]\ngroup = 'tcp:192.0.2.1:80'\nweights = { 256 = 1 }", "member 256 is out of range"),
     ("[[reuseport.groups]]\ngroup = 'tcp:192.0.2.1:80'\nweights = { 0 = 1, 00 = 2 }", "member 0 is given twice"),
     ("[[reuseport.groups]]\ngroup = 'tcp:192.0.2.1:80'\nweights = [1]", "'weights' must be a table"),
+    ("[[reuseport.groups]]\ngroup = 'tcp:192.0.2.1:80'\nweights = { 1 = 3 }",
+     "policy consistent ignores weights above 1 (1=3): use 0 (no new flows) or 1, or policy weighted"),
     ("[[reuseport.groups]]\ngroup = 'tcp:192.0.2.1:80'\ntable_size = 100", "100"),
     ("[[reuseport.groups]]\ngroup = 'tcp:192.0.2.1:80'\nkey_len = 4", "policy consistent takes no key"),
     ("[[reuseport.groups]]\ngroup = 'tcp:192.0.2.1:80'\npolicy = 'key'\nkey_len = '4'", "key_len '4' is not a whole"),
@@ -155,7 +157,9 @@ _addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6))
 _groups = st.lists(
     st.builds(GroupSpec, st.builds(GroupId, st.sampled_from(["tcp", "udp"]), _addresses, st.integers(1, 65535)),
               _policies, st.dictionaries(st.integers(0, 255), st.integers(0, 1000), max_size=6),
-              st.sampled_from([3, 251, 1021, 65537])),
+              st.sampled_from([3, 251, 1021, 65537]))
+    # only policy weighted takes weights above 1 (the others refuse them)
+    .map(lambda g: g if g.policy.weighted else dataclasses.replace(g, weights={s: min(w, 1) for s, w in g.weights.items()})),
     max_size=4, unique_by=lambda g: g.group).map(lambda gs: tuple(sorted(gs, key=lambda g: g.group)))
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from flowsteer.errors import InvalidInput
 from flowsteer.reuseport.maglev import NO_MEMBER
-from flowsteer.reuseport.policy import KEY_MAX, Kind, Policy, pad_key, table_for
+from flowsteer.reuseport.policy import KEY_MAX, Kind, Policy, check_weights, pad_key, table_for
 
 SIZE = 1021
 
@@ -66,3 +66,12 @@ def test_policy_kinds_and_keys() -> None:
     assert pad_key(b"ab") == b"ab" + bytes(KEY_MAX - 2)
     with pytest.raises(InvalidInput):
         pad_key(b"")
+
+
+def test_only_policy_weighted_takes_weights_above_one() -> None:
+    check_weights(Policy("weighted"), {0: 1000, 1: 0})
+    for name in ("consistent", "hash"):
+        check_weights(Policy(name), {0: 1, 1: 0})
+        with pytest.raises(InvalidInput, match=rf"^policy {name} ignores weights above 1 \(1=2, 5=9\): use 0 "):
+            check_weights(Policy(name), {5: 9, 0: 1, 1: 2})
+

@@ -34,7 +34,14 @@
 #define AF_INET 2
 #define AF_INET6 10
 
-enum policy_kind { POLICY_HASH = 0, POLICY_TABLE = 1, POLICY_KEY = 2 };
+enum policy_kind { POLICY_HASH = 0, POLICY_TABLE = 1, POLICY_KEY = 2, POLICY_SOURCE = 3, POLICY_QUIC = 4 };
+
+/* QUIC (RFC 9000 section 17): the header form bit, the long header's packet type bits and the type that
+ * carries a connection ID the server issued (Handshake; Initial and 0-RTT carry the client's). */
+#define QUIC_LONG_HEADER 0x80
+#define QUIC_TYPE_MASK 0x30
+#define QUIC_TYPE_HANDSHAKE 0x20
+#define QUIC_CID_MAX 20
 
 /* Global counters live after the per-member ones in `stats`. */
 enum stat {
@@ -44,6 +51,7 @@ enum stat {
 	STAT_MIGRATED,             /* requests and connections moved off a closing listener */
 	STAT_KEY_HITS,             /* picked by the key map */
 	STAT_FLOW_HITS,            /* picked by the UDP flow table */
+	STAT_CID_HITS,             /* picked by the member a QUIC connection ID names */
 	STAT_COUNT,
 };
 
@@ -51,8 +59,8 @@ struct policy {
 	__u32 kind;
 	__u32 seed;
 	__u32 table_size; /* prime; entries of generation g start at g * table_size */
-	__u32 key_offset; /* from the start of the L4 payload */
-	__u32 key_len;    /* 1..KEY_MAX */
+	__u32 key_offset; /* key: from the start of the L4 payload; quic: of the member byte in the CID */
+	__u32 key_len;    /* key: 1..KEY_MAX; quic: length of the CIDs the servers issue, 1..20 */
 	__u32 weighted;   /* read by flowsteer's Python side only: the table was built with weights */
 };
 
@@ -182,11 +190,22 @@ static __always_inline int is_v4(const __u8 *addr)
 	return word(addr, 0) == 0 && word(addr, 4) == 0 && word(addr, 8) == 0xffff;
 }
 
-static __always_inline __u32 flow_hash(const struct flow *f, __u32 seed)
+/* murmur3 over the flow; with source_only over the client address alone (policy source). */
+static __always_inline __u32 flow_hash(const struct flow *f, __u32 seed, int source_only)
 {
 	__u32 h = seed, len;
 
-	if (is_v4(f->client) && is_v4(f->server)) {
+	if (source_only) {
+		if (is_v4(f->client)) {
+			h = mix(h, word(f->client, 12));
+			len = 4;
+		} else {
+#pragma unroll
+			for (int i = 0; i < 16; i += 4)
+				h = mix(h, word(f->client, i));
+			len = 16;
+		}
+	} else if (is_v4(f->client) && is_v4(f->server)) {
 		h = mix(h, word(f->client, 12));
 		h = mix(h, word(f->server, 12));
 		len = 12;
@@ -199,7 +218,8 @@ static __always_inline __u32 flow_hash(const struct flow *f, __u32 seed)
 			h = mix(h, word(f->server, i));
 		len = 36;
 	}
-	h = mix(h, ((__u32)f->client_port << 16) | f->server_port);
+	if (!source_only)
+		h = mix(h, ((__u32)f->client_port << 16) | f->server_port);
 	h ^= len;
 	h ^= h >> 16;
 	h *= 0x85ebca6b;
@@ -273,7 +293,7 @@ static __always_inline __u32 table_slot(const struct policy *pol, __u32 gen, con
 
 	if (size == 0)
 		return NO_MEMBER;
-	index = gen * size + flow_hash(f, pol->seed) % size;
+	index = gen * size + flow_hash(f, pol->seed, pol->kind == POLICY_SOURCE) % size;
 	slot = bpf_map_lookup_elem(&table, &index);
 	return slot ? *slot : NO_MEMBER;
 }
@@ -298,6 +318,27 @@ static __always_inline int payload_key(struct sk_reuseport_md *ctx, const struct
 	if (len_minus_1 >= KEY_MAX || pol->key_offset > 0xffff)
 		return -1;
 	return bpf_skb_load_bytes(ctx, offset + pol->key_offset, k->bytes, len_minus_1 + 1) ? -1 : 0;
+}
+
+/* The member a QUIC packet's destination connection ID names (its byte at key_offset), for packets that
+ * carry a CID the server issued: Handshake long headers and short headers. Returns NO_MEMBER otherwise. */
+static __always_inline __u32 quic_cid_member(struct sk_reuseport_md *ctx, const struct policy *pol)
+{
+	__u32 at = pol->key_offset;
+	__u8 first, len, member;
+
+	if (at >= QUIC_CID_MAX || bpf_skb_load_bytes(ctx, 8, &first, 1))
+		return NO_MEMBER;
+	if (first & QUIC_LONG_HEADER) {
+		if ((first & QUIC_TYPE_MASK) != QUIC_TYPE_HANDSHAKE || bpf_skb_load_bytes(ctx, 8 + 5, &len, 1))
+			return NO_MEMBER;
+		if (at >= len || bpf_skb_load_bytes(ctx, 8 + 6 + at, &member, 1))
+			return NO_MEMBER;
+	} else {
+		if (at >= pol->key_len || bpf_skb_load_bytes(ctx, 8 + 1 + at, &member, 1))
+			return NO_MEMBER;
+	}
+	return member;
 }
 
 static __always_inline int select_slot(struct sk_reuseport_md *ctx, __u32 slot)
@@ -365,6 +406,14 @@ int flowsteer_select(struct sk_reuseport_md *ctx)
 				count(STAT_KEY_HITS);
 				return SK_PASS;
 			}
+		}
+	}
+
+	if (pol->kind == POLICY_QUIC && udp) {
+		slot = quic_cid_member(ctx, pol);
+		if (slot != NO_MEMBER && !select_slot(ctx, slot)) {
+			count(STAT_CID_HITS);
+			return SK_PASS;
 		}
 	}
 

@@ -117,9 +117,11 @@ def weights(group_id: str, pairs: tuple[str, ...], as_json: bool, netns: str | N
 
 def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--key-offset", type=click.IntRange(0), default=0, help="Policy key: where the key "
-                      "starts in the L4 payload (bytes).")(fn)
+                      "starts in the L4 payload (bytes); policy quic: which byte of a connection ID names "
+                      "the member.")(fn)
     return click.option("--key-len", type=click.IntRange(0), default=0,
-                        help="Policy key: key length (1..20 bytes).")(fn)
+                        help="Policy key: key length (1..20 bytes); policy quic: length of the connection IDs "
+                             "the servers issue (1..20).")(fn)
 
 
 @group.command()

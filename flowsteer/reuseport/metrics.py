@@ -20,6 +20,7 @@ _COUNTER_HELP = {
     "migrated": "Connections and requests moved off a closing member",
     "key_hits": "Selections by a payload key assigned to a member",
     "flow_hits": "UDP datagrams sent to the member that their flow has",
+    "cid_hits": "QUIC packets sent to the member their connection ID names (policy quic)",
 }
 
 

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from flowsteer.errors import InvalidInput
 from flowsteer.numbers import is_whole_number
+from flowsteer.reuseport import quic
 from flowsteer.reuseport.maglev import NO_MEMBER
 from flowsteer.reuseport.policy import Kind, Policy, pad_key
 from flowsteer.reuseport.spec import MAX_MEMBERS, Address, parse_address
@@ -84,16 +85,23 @@ def _mix(h: int, k: int) -> int:
     return (h * 5 + 0xE6546B64) & _M32
 
 
-def flow_hash(flow: Flow, seed: int) -> int:
-    """Returns the program's 32-bit hash of ``flow`` for a group seeded with ``seed``."""
+def flow_hash(flow: Flow, seed: int, source_only: bool = False) -> int:
+    """Returns the program's 32-bit hash of ``flow`` for a group seeded with ``seed``; with
+    ``source_only`` (policy source) of the client address alone."""
     client, server = _as16(flow.client), _as16(flow.server)
-    v4 = client[:12] == server[:12] == b"\0" * 10 + b"\xff\xff"
-    words = client[12:] + server[12:] if v4 else client + server
+    mapped = b"\0" * 10 + b"\xff\xff"
+    if source_only:
+        v4 = client[:12] == mapped
+        words, length = (client[12:], 4) if v4 else (client, 16)
+    else:
+        v4 = client[:12] == server[:12] == mapped
+        words, length = (client[12:] + server[12:], 12) if v4 else (client + server, 36)
     h = seed & _M32
     for (w,) in struct.iter_unpack(">I", words):
         h = _mix(h, w)
-    h = _mix(h, (flow.client_port << 16) | flow.server_port)
-    h ^= 12 if v4 else 36
+    if not source_only:
+        h = _mix(h, (flow.client_port << 16) | flow.server_port)
+    h ^= length
     h ^= h >> 16
     h = (h * 0x85EBCA6B) & _M32
     h ^= h >> 13
@@ -125,7 +133,8 @@ class View(Protocol):
 class Decision:
     """The program's answer for one flow.
 
-    ``outcome`` is ``member`` (``slot`` picked, ``reason`` says by what: table, key or flow),
+    ``outcome`` is ``member`` (``slot`` picked, ``reason`` says by what: table, key, connection id or
+    flow table),
     ``kernel`` (SK_PASS without selection: the kernel's own hash picks; ``reason`` says why) or
     ``drop`` (SK_DROP: no live member). ``hash`` and ``index`` are the flow hash and table index when
     the table was consulted.
@@ -164,11 +173,15 @@ def decide(flow: Flow, view: View) -> Decision:
         keyed = view.key_slot(key) if key is not None else None
         if keyed is not None and _selectable(view, keyed):
             return Decision("member", "key", keyed)
+    if policy.kind == Kind.QUIC and flow.protocol == "udp":
+        named = quic.named_member(flow.payload, policy.key_offset, policy.key_len)
+        if named is not None and _selectable(view, named):
+            return Decision("member", "connection id", named)
     if flow.protocol == "udp":
         remembered = view.remembered_slot(flow.encode())
         if remembered is not None and _selectable(view, remembered):
             return Decision("member", "flow table", remembered)
-    h = flow_hash(flow, view.seed)
+    h = flow_hash(flow, view.seed, source_only=policy.kind == Kind.SOURCE)
     index = h % view.table_size
     slot = view.table_entry(index)
     if slot == NO_MEMBER:

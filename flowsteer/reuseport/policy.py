@@ -1,9 +1,13 @@
 """Policies of a group and the lookup table each one makes from the group's members.
 
 ``consistent`` spreads new flows evenly over the live members with a Maglev table; ``weighted`` does the
-same in proportion to the members' weights; ``key`` first maps bytes of the L4 payload (for example a QUIC
-connection ID) to a member through the group's key map and falls back to ``consistent``; ``hash`` leaves
-the choice to the kernel's own hash (no table, no draining).
+same in proportion to the members' weights; ``source`` is ``consistent`` over the client address alone
+(every connection of a client, from any port, to one member, like nginx ``hash $remote_addr consistent``);
+``key`` first maps bytes of the L4 payload to a member through the group's key map and falls back to
+``consistent``; ``quic`` sends a QUIC packet whose destination connection ID the servers issued to the
+member the ID names (one byte at ``key_offset`` of IDs ``key_len`` long; see
+:mod:`flowsteer.reuseport.quic`), with no map write per connection, and falls back to ``consistent``;
+``hash`` leaves the choice to the kernel's own hash (no table, no draining).
 
 The table is two-layered so that draining moves only the drained member's flows: ``base`` is the Maglev
 table over every configured member; an entry keeps its ``base`` member while that member is live, else
@@ -23,6 +27,7 @@ from flowsteer.errors import InvalidInput
 from flowsteer.reuseport import maglev
 
 KEY_MAX = 20
+QUIC_CID_MAX = 20
 MAX_KEY_OFFSET = 0xFFFF
 
 
@@ -32,17 +37,21 @@ class Kind(enum.IntEnum):
     HASH = 0
     TABLE = 1
     KEY = 2
+    SOURCE = 3
+    QUIC = 4
 
 
 @dataclass(frozen=True)
 class Policy:
-    """A group's policy: ``name`` is consistent, weighted, key or hash; key policies say where the key is."""
+    """A group's policy: ``name`` is consistent, weighted, source, key, quic or hash; key policies say
+    where the key is, quic policies how long the servers' connection IDs are (``key_len``) and which of
+    their bytes names the member (``key_offset``)."""
 
     name: str = "consistent"
     key_offset: int = 0
     key_len: int = 0
 
-    NAMES = ("consistent", "weighted", "key", "hash")
+    NAMES = ("consistent", "weighted", "source", "key", "quic", "hash")
 
     def __post_init__(self) -> None:
         if self.name not in self.NAMES:
@@ -52,12 +61,18 @@ class Policy:
                 raise InvalidInput(f"key length {self.key_len} is out of range (1..{KEY_MAX} bytes)")
             if not 0 <= self.key_offset <= MAX_KEY_OFFSET:
                 raise InvalidInput(f"key offset {self.key_offset} is out of range (0..{MAX_KEY_OFFSET})")
+        elif self.name == "quic":
+            if not 1 <= self.key_len <= QUIC_CID_MAX:
+                raise InvalidInput(f"connection ID length {self.key_len} is out of range (1..{QUIC_CID_MAX} bytes)")
+            if not 0 <= self.key_offset < self.key_len:
+                raise InvalidInput(f"member byte offset {self.key_offset} is not inside a {self.key_len}-byte "
+                                   "connection ID")
         elif self.key_offset or self.key_len:
             raise InvalidInput(f"policy {self.name} takes no key offset or length")
 
     @property
     def kind(self) -> Kind:
-        return {"hash": Kind.HASH, "key": Kind.KEY}.get(self.name, Kind.TABLE)
+        return {"hash": Kind.HASH, "key": Kind.KEY, "source": Kind.SOURCE, "quic": Kind.QUIC}.get(self.name, Kind.TABLE)
 
     @property
     def weighted(self) -> bool:
@@ -66,6 +81,9 @@ class Policy:
     def describe(self) -> str:
         if self.name == "key":
             return f"key ({self.key_len} bytes at payload offset {self.key_offset}, else consistent)"
+        if self.name == "quic":
+            return (f"quic (member in byte {self.key_offset} of {self.key_len}-byte connection IDs, "
+                    "else consistent)")
         return self.name
 
 

@@ -25,9 +25,9 @@ from flowsteer.reuseport.spec import MAX_MEMBERS, PROTOCOLS, GroupId
 
 PROGRAM = "flowsteer_select"
 MAPS = ("meta", "members", "socks", "active", "policies", "table", "keys", "flows", "stats")
-SPEC = StateSpec("reuseport group", "reuseport.bpf.o", MAPS, version=1, sized_at_load=frozenset({"table"}),
+SPEC = StateSpec("reuseport group", "reuseport.bpf.o", MAPS, version=2, sized_at_load=frozenset({"table"}),
                  fallbacks={features.REUSEPORT_MIGRATION: "reuseport-select.bpf.o"})
-GLOBAL_COUNTERS = ("kernel", "dropped", "errors", "migrated", "key_hits", "flow_hits")
+GLOBAL_COUNTERS = ("kernel", "dropped", "errors", "migrated", "key_hits", "flow_hits", "cid_hits")
 
 CONFIGURED, DRAINED, ABSENT = 1, 2, 4
 
@@ -134,8 +134,12 @@ class GroupState(PinnedState):
             self.maps["policies"].lookup(_U32.pack(gen)) or bytes(_POLICY.size))
         if kind == Kind.KEY:
             return Policy("key", offset, length)
+        if kind == Kind.QUIC:
+            return Policy("quic", offset, length)
         if kind == Kind.HASH:
             return Policy("hash")
+        if kind == Kind.SOURCE:
+            return Policy("source")
         return Policy("weighted" if weighted else "consistent")
 
     def table_entry(self, index: int, generation: int | None = None) -> int:

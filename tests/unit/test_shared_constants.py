@@ -25,7 +25,7 @@ from flowsteer.divert import metadata, nfqueue, packet
 from flowsteer.kernel import features, libbpf, pinned
 from flowsteer.lookup import bindings, dispatcher
 from flowsteer.lookup import state as lookup_state
-from flowsteer.reuseport import maglev, policy, spec
+from flowsteer.reuseport import maglev, policy, quic, spec
 from flowsteer.reuseport import state as reuseport_state
 from flowsteer.reuseport.model import Flow
 
@@ -99,6 +99,12 @@ def test_reuseport_program_agrees_with_python() -> None:
         "POLICY_HASH": policy.Kind.HASH,
         "POLICY_TABLE": policy.Kind.TABLE,
         "POLICY_KEY": policy.Kind.KEY,
+        "POLICY_SOURCE": policy.Kind.SOURCE,
+        "POLICY_QUIC": policy.Kind.QUIC,
+        "QUIC_CID_MAX": policy.QUIC_CID_MAX,
+        "QUIC_LONG_HEADER": quic.LONG_HEADER,
+        "QUIC_TYPE_MASK": quic.TYPE_MASK,
+        "QUIC_TYPE_HANDSHAKE": quic.TYPE_HANDSHAKE,
         "STAT_COUNT": spec.MAX_MEMBERS + len(reuseport_state.GLOBAL_COUNTERS),
         "IPPROTO_TCP": spec.PROTOCOLS["tcp"],
         "IPPROTO_UDP": spec.PROTOCOLS["udp"],

@@ -104,7 +104,12 @@ def test_key_policies_at_the_edges(offset: int, length: int) -> None:
 
 
 @pytest.mark.parametrize("args, why", [
-    (("quic",), "policy 'quic' is not one of consistent, weighted, key, hash"),
+    (("sctp",), "policy 'sctp' is not one of consistent, weighted, source, key, quic, hash"),
+    (("quic",), "connection ID length 0 is out of range (1..20 bytes)"),
+    (("quic", 0, 21), "connection ID length 21 is out of range (1..20 bytes)"),
+    (("quic", 8, 8), "member byte offset 8 is not inside a 8-byte connection ID"),
+    (("quic", -1, 8), "member byte offset -1 is not inside a 8-byte connection ID"),
+    (("source", 0, 4), "policy source takes no key offset or length"),
     (("key", 0, 0), "key length 0 is out of range (1..20 bytes)"),
     (("key", 0, 21), "key length 21 is out of range (1..20 bytes)"),
     (("key", -1, 4), "key offset -1 is out of range (0..65535)"),

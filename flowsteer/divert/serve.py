@@ -141,6 +141,11 @@ class DivertService:
     def status(self) -> dict[str, Any]:
         return {"port": self.port, "workers": self.snapshot()}
 
+    tick_every = None
+
+    def tick(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

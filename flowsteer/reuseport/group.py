@@ -184,6 +184,11 @@ class Group:
         with self._reading() as st:
             return st.policy()
 
+    def weight(self, slot: int) -> int:
+        """Returns member ``slot``'s weight (0 for a slot that is no member)."""
+        with self._reading() as st:
+            return st.member(parse_slot(slot)).weight
+
     def program(self) -> Program:
         """Returns the group's loaded program (close it when done), e.g. to attach it to sockets yourself
         with SO_ATTACH_REUSEPORT_EBPF."""

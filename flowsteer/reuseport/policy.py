@@ -106,6 +106,14 @@ def check_weights(policy: Policy, weights: Mapping[int, int]) -> None:
                            "or policy weighted")
 
 
+def ramp_weight(target: int, elapsed: float, duration: float) -> int:
+    """Returns a new member's weight ``elapsed`` seconds into a slow start of ``duration`` seconds towards
+    ``target``: rising in proportion from 1, ``target`` once the time is over."""
+    if elapsed >= duration or target <= 1:
+        return target
+    return max(1, math.ceil(target * max(0.0, elapsed) / duration))
+
+
 def table_for(policy: Policy, weights: Mapping[int, int], live: Set[int], size: int, seed: int) -> list[int]:
     """Returns the lookup table of ``policy`` for configured members ``weights`` (slot → weight) of which
     ``live`` may take new flows. Without weighting every configured member counts as weight 1."""

@@ -35,6 +35,7 @@ import functools
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ from flowsteer.errors import FlowsteerError, InvalidInput
 from flowsteer.kernel import features
 from flowsteer.kernel.netns import entered
 from flowsteer.reuseport.group import Group
-from flowsteer.reuseport.policy import Policy
+from flowsteer.reuseport.policy import Policy, ramp_weight
 from flowsteer.reuseport.worker import Membership, open_member_socket
 from flowsteer.supervisor import Event, Identity, Probe, Ready, Supervisor
 from flowsteer.supervisor.handover import Handover, Offer, take
@@ -60,11 +61,18 @@ class GroupService:
     ``probe`` each worker gets a probe listener on loopback (``member.probe``) to serve like its socket.
     ``taken`` are member sockets taken over from a former supervisor (``done()`` is called once every
     worker serves them); ``offer`` a path where this service offers its member sockets.
-    Raises InvalidInput for an unknown restart mode, MissingFeature for ``migrate`` of a TCP group on a
-    kernel that cannot migrate a closing listener's connections (before 5.14)."""
+    ``slow_start`` seconds: a member whose worker starts after the first start of all of them (a restart,
+    a replacement) ramps up from weight 1 to its own weight over that time (policy weighted only).
+    Raises InvalidInput for an unknown restart mode, or slow start under another policy, MissingFeature
+    for ``migrate`` of a TCP group on a kernel that cannot migrate a closing listener's connections
+    (before 5.14)."""
+
+    SLOW_START_STEP = 0.5
+    """Seconds between two weights of a slow start."""
 
     def __init__(self, group: Group, serve: Serve, *, policy: Policy | None = None, restart: str = "auto",
-                 probe: bool = False, taken: Handover | None = None, offer: str | None = None) -> None:
+                 probe: bool = False, taken: Handover | None = None, offer: str | None = None,
+                 slow_start: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         if restart not in RESTARTS:
             raise InvalidInput(f"restart {restart!r} is not one of {', '.join(RESTARTS)}")
         if group.id.protocol == "tcp" and restart != "handover":
@@ -74,6 +82,14 @@ class GroupService:
                 features.require(features.REUSEPORT_MIGRATION,
                                  "restarting TCP workers by queue migration (use --restart handover or auto here)")
         self.restart = restart
+        if slow_start < 0 or (slow_start and policy is not None and not policy.weighted):
+            raise InvalidInput(f"slow start needs policy weighted and a duration of 0 or more seconds, not "
+                               f"{slow_start} s under {policy.name if policy else 'the group policy'}")
+        self.slow_start = slow_start
+        self.tick_every = self.SLOW_START_STEP if slow_start else None
+        self._clock = clock
+        self._ramps: dict[int, tuple[float, int]] = {}  # slot → (start, target weight)
+        self._serving = False
         self.group = group
         self.serve = serve
         self.policy = policy
@@ -97,6 +113,9 @@ class GroupService:
         if not self._created:
             self.group.create(self.policy, exist_ok=True)
             self._created = True
+            if self.slow_start and not self.group.policy().weighted:
+                raise InvalidInput(f"slow start needs policy weighted; group {self.group.id} has policy "
+                                   f"{self.group.policy().name}")
         if slot not in self.held:
             with entered(self.group.netns):
                 sock = open_member_socket(self.group.id)
@@ -125,10 +144,25 @@ class GroupService:
 
     def started(self, slot: int, pid: int, detail: Mapping[str, Any]) -> None:
         self.group.record_pid(slot, pid)
+        if self.slow_start and self._serving:
+            target = self._ramps.pop(slot, (0.0, self.group.weight(slot)))[1]
+            self._ramps[slot] = (self._clock(), target)
+            self.group.set_weights({slot: ramp_weight(target, 0.0, self.slow_start)})
         self.group.undrain(slot)
         self._close_probe(slot)
 
+    def tick(self) -> None:
+        """Moves each slow-starting member's weight on; a finished ramp leaves its own weight."""
+        now = self._clock()
+        for slot, (start, target) in list(self._ramps.items()):
+            weight = ramp_weight(target, now - start, self.slow_start)
+            if weight != self.group.weight(slot):
+                self.group.set_weights({slot: weight})
+            if weight == target:
+                del self._ramps[slot]
+
     def all_ready(self) -> None:
+        self._serving = True
         if self._taken is not None:
             self._taken.done()
         if self._offer_path is not None:
@@ -188,16 +222,17 @@ def _slots_of(group: Group, sockets: Mapping[str, socket.socket]) -> dict[int, s
 def supervisor(group: Group, workers: int, serve: Serve, *, policy: Policy | None = None,
                restart: str = "auto", identity: Identity | None = None, probe: Probe | None = None,
                offer: str | None = None, take_over: str | None = None, ready_timeout: float = 10.0,
-               stop_timeout: float = 30.0, events: Callable[[Event], None] = lambda event: None) -> Supervisor:
+               stop_timeout: float = 30.0, slow_start: float = 0.0,
+               events: Callable[[Event], None] = lambda event: None) -> Supervisor:
     """Returns the supervisor of ``workers`` workers serving members 0..workers-1 of ``group`` (see the
-    module docstring and :class:`GroupService`). With ``take_over`` the member sockets are taken from the
-    supervisor offering them at that path. Raises InvalidInput for a worker count outside 1..256,
-    FlowsteerError when nothing can be taken over."""
+    module docstring and :class:`GroupService`, which takes ``slow_start``). With ``take_over`` the member
+    sockets are taken from the supervisor offering them at that path. Raises InvalidInput for a worker
+    count outside 1..256, FlowsteerError when nothing can be taken over."""
     if not 1 <= workers <= 256:
         raise InvalidInput(f"{workers} workers: a group has 1 to 256 members")
     taken = None if take_over is None else take(take_over)
     service = GroupService(group, serve, policy=policy, restart=restart, probe=probe is not None, taken=taken,
-                           offer=offer)
+                           offer=offer, slow_start=slow_start)
     return Supervisor(service, workers, ready_timeout=ready_timeout, stop_timeout=stop_timeout,
                       identity=identity, probe=probe, events=events)
 
@@ -222,18 +257,21 @@ def main(serve: Serve, description: str, argv: Sequence[str] | None = None, poli
     @click.option("--probe-interval", type=float, default=1.0, show_default=True, help="Seconds between probes.")
     @click.option("--probe-failures", type=int, default=3, show_default=True,
                   help="Failed probes in a row that make a worker unhealthy.")
+    @click.option("--slow-start", type=float, default=0.0, show_default=True, metavar="SECONDS",
+                  help="Ramp a restarted member's weight up from 1 over this time (policy weighted).")
     @click.option("--offer", default=None, metavar="PATH", help="Offer the member sockets at this Unix socket.")
     @click.option("--take-over", default=None, metavar="PATH",
                   help="Take the member sockets from the supervisor offering them at PATH (an upgrade).")
     def command(group: str, workers: int, restart: str, drain_timeout: float, ready_timeout: float,
-                user: str | None, probe: bool, probe_interval: float, probe_failures: int, offer: str | None,
-                take_over: str | None) -> None:
+                user: str | None, probe: bool, probe_interval: float, probe_failures: int, slow_start: float,
+                offer: str | None, take_over: str | None) -> None:
         try:
             identity = None if user is None else Identity.parse(*user.split(":", 1))
             checks = Probe(interval=probe_interval, timeout=probe_interval, failures=probe_failures) if probe else None
             supervisor(Group(group), workers, serve, policy=policy, restart=restart, identity=identity,
                        probe=checks, offer=offer, take_over=take_over, ready_timeout=ready_timeout,
-                       stop_timeout=drain_timeout, events=functools.partial(print, flush=True)).run()
+                       stop_timeout=drain_timeout, slow_start=slow_start,
+                       events=functools.partial(print, flush=True)).run()
         except FlowsteerError as exc:
             raise SystemExit(f"error: {exc}") from None
 

@@ -87,6 +87,9 @@ class Service(Protocol):
     """True: a restart starts the slot's new worker before it stops the old one (they share the slot's
     sockets, so no queue closes); False: it stops the old worker first."""
 
+    tick_every: float | None
+    """Seconds between calls of :meth:`tick` (None: never)."""
+
     def describe(self, workers: int) -> str:
         """Returns one line saying what ``workers`` workers serve (systemd's STATUS)."""
 
@@ -115,6 +118,9 @@ class Service(Protocol):
 
     def status(self) -> dict[str, Any]:
         """Returns detail added to the ``ready``, ``report`` and ``stopped`` events."""
+
+    def tick(self) -> None:
+        """Periodic work of the service (every ``tick_every`` seconds, between signals)."""
 
     def close(self) -> None:
         """Every worker has stopped; release what the service holds."""
@@ -296,7 +302,8 @@ class Supervisor:
         stops them. Raises WorkerError when a worker cannot start (the others are stopped then)."""
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         periodic = [(every, job) for every, job in ((self.report_every, self._report),
-                                                    (self.probe and self.probe.interval, self.check_health)) if every]
+                                                    (self.probe and self.probe.interval, self.check_health),
+                                                    (self.service.tick_every, self.service.tick)) if every]
         due = [time.monotonic() + every for every, _ in periodic]
         try:
             self.start()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from flowsteer.errors import InvalidInput
 from flowsteer.reuseport.maglev import NO_MEMBER
-from flowsteer.reuseport.policy import KEY_MAX, Kind, Policy, check_weights, pad_key, table_for
+from flowsteer.reuseport.policy import KEY_MAX, Kind, Policy, check_weights, pad_key, ramp_weight, table_for
 
 SIZE = 1021
 
@@ -75,3 +75,12 @@ def test_only_policy_weighted_takes_weights_above_one() -> None:
         with pytest.raises(InvalidInput, match=rf"^policy {name} ignores weights above 1 \(1=2, 5=9\): use 0 "):
             check_weights(Policy(name), {5: 9, 0: 1, 1: 2})
 
+
+
+@pytest.mark.parametrize("target,elapsed,duration,expected", [
+    (100, 0.0, 10.0, 1), (100, 2.5, 10.0, 25), (100, 9.99, 10.0, 100), (100, 10.0, 10.0, 100),
+    (100, 12.0, 10.0, 100), (7, 1.0, 10.0, 1), (1, 0.0, 10.0, 1), (0, 3.0, 10.0, 0), (100, -1.0, 10.0, 1),
+])
+def test_slow_start_ramps_from_one_to_the_target(target: int, elapsed: float, duration: float,
+                                                 expected: int) -> None:
+    assert ramp_weight(target, elapsed, duration) == expected

@@ -20,8 +20,11 @@ from flowsteer.supervisor.probe import Target
 class Service:
     """Workers that answer "ok" on a probe listener of their own; records every call the supervisor makes."""
 
-    def __init__(self, overlap: bool = False, fail_slot: int | None = None) -> None:
+    def __init__(self, overlap: bool = False, fail_slot: int | None = None,
+                 tick_every: float | None = None) -> None:
         self.overlap = overlap
+        self.tick_every = tick_every
+        self.on_tick = lambda: None
         self.fail_slot = fail_slot
         self.calls: list[tuple[str, int]] = []
         self.listeners: dict[int, socket.socket] = {}
@@ -67,6 +70,10 @@ class Service:
 
     def status(self) -> dict[str, Any]:
         return {"test": True}
+
+    def tick(self) -> None:
+        self.calls.append(("tick", -1))
+        self.on_tick()
 
     def close(self) -> None:
         self.calls.append(("close", -1))
@@ -185,6 +192,22 @@ def test_run_serves_signals_until_sigterm(events: list[Event]) -> None:
     sup.run()
     thread.join()
     assert [e.kind for e in events if "worker" not in e.kind] == ["ready", "restart-finished", "stopping", "stopped"]
+
+
+def test_the_service_ticks_between_signals(events: list[Event]) -> None:
+    service = Service(tick_every=0.01)
+    sup = make(service, events)
+    main = threading.get_ident()
+
+    def on_tick() -> None:
+        if sum(1 for call in service.calls if call[0] == "tick") == 3:
+            signal.pthread_kill(main, signal.SIGTERM)
+    service.on_tick = on_tick
+    sup.run()
+    ticks = [i for i, call in enumerate(service.calls) if call[0] == "tick"]
+    assert len(ticks) == 3
+    assert ticks[0] > max(i for i, call in enumerate(service.calls) if call[0] == "started")  # after the start
+    assert make(Service(), events).service.tick_every is None  # a service without ticks is never ticked
 
 
 def test_probe_settings_are_checked() -> None:

@@ -34,7 +34,12 @@
 #define AF_INET 2
 #define AF_INET6 10
 
-enum policy_kind { POLICY_HASH = 0, POLICY_TABLE = 1, POLICY_KEY = 2, POLICY_SOURCE = 3, POLICY_QUIC = 4 };
+enum policy_kind {
+	POLICY_HASH = 0, POLICY_TABLE = 1, POLICY_KEY = 2, POLICY_SOURCE = 3, POLICY_QUIC = 4, POLICY_LOCALITY = 5,
+};
+
+/* Policy locality: CPUs 0..CPU_SLOTS-1 each name the member that takes what arrives on them. */
+#define CPU_SLOTS 256
 
 /* QUIC (RFC 9000 section 17): the header form bit, the long header's packet type bits and the type that
  * carries a connection ID the server issued (Handshake; Initial and 0-RTT carry the client's). */
@@ -52,6 +57,7 @@ enum stat {
 	STAT_KEY_HITS,             /* picked by the key map */
 	STAT_FLOW_HITS,            /* picked by the UDP flow table */
 	STAT_CID_HITS,             /* picked by the member a QUIC connection ID names */
+	STAT_CPU_HITS,             /* picked by the member of the CPU the packet arrived on */
 	STAT_COUNT,
 };
 
@@ -135,6 +141,15 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } table SEC(".maps");
+
+/* Policy locality, two generations like the table: entry g * CPU_SLOTS + cpu is the live member of that
+ * CPU, or NO_MEMBER. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * CPU_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} cpus SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -425,6 +440,16 @@ int flowsteer_select(struct sk_reuseport_md *ctx)
 				return SK_PASS;
 			}
 			bpf_map_delete_elem(&flows, &f);
+		}
+	}
+
+	if (pol->kind == POLICY_LOCALITY) {
+		__u32 index = gen * CPU_SLOTS + bpf_get_smp_processor_id();
+		__u32 *local = index < (gen + 1) * CPU_SLOTS ? bpf_map_lookup_elem(&cpus, &index) : NULL;
+
+		if (local && *local != NO_MEMBER && !select_slot(ctx, *local)) {
+			count(STAT_CPU_HITS);
+			return SK_PASS;
 		}
 	}
 

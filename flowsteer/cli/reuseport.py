@@ -175,11 +175,14 @@ def policy(group_id: str, name: str, key_offset: int, key_len: int, as_json: boo
 @click.argument("client")
 @click.option("--server", metavar="ADDRESS:PORT", help="Where the flow goes (default: the group's address "
               "and port; needed for a group on an unspecified address or steered there by lookup).")
-@click.option("--payload", metavar="HEX", default="", help="The flow's first payload bytes, for policy key.")
+@click.option("--payload", metavar="HEX", default="", help="The flow's first payload bytes, for policies key and "
+              "quic.")
+@click.option("--cpu", type=click.IntRange(0), default=None,
+              help="The CPU its packet arrives on, for policy locality (default: not known; the table decides).")
 @json_option
 @_common
-def explain(group_id: str, client: str, server: str | None, payload: str, as_json: bool, netns: str | None,
-            bpffs: str | None) -> None:
+def explain(group_id: str, client: str, server: str | None, payload: str, cpu: int | None, as_json: bool,
+            netns: str | None, bpffs: str | None) -> None:
     """Tell which member a new flow from CLIENT (ADDRESS:PORT) goes to, and why."""
     handle = Group(group_id, netns, bpffs)
     gid = handle.id
@@ -191,5 +194,5 @@ def explain(group_id: str, client: str, server: str | None, payload: str, as_jso
         data = bytes.fromhex(payload)
     except ValueError:
         raise InvalidInput(f"payload {payload!r} is not hexadecimal") from None
-    decision = handle.explain([Flow.parse(gid.protocol, client, server, data)])[0]
+    decision = handle.explain([Flow.parse(gid.protocol, client, server, data, cpu)])[0]
     emit(decision.to_dict(), as_json, lambda _: decision.describe())

@@ -4,7 +4,7 @@
 - :class:`Group` (a supervisor): members, policy, weights, drain/undrain, keys, ``explain``.
 - :func:`~flowsteer.reuseport.supervisor.supervisor`: runs a server as worker processes, one per member
   (flowsteer's one :class:`flowsteer.supervisor.Supervisor`); restarts that fail no request.
-- :class:`Policy`: consistent, weighted, source, key, quic or hash; :class:`Flow` and :func:`decide` model the
+- :class:`Policy`: consistent, weighted, source, key, quic, locality or hash; :class:`Flow` and :func:`decide` model the
   program; :mod:`flowsteer.reuseport.quic` makes QUIC connection IDs that name their member.
 """
 

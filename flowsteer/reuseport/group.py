@@ -26,7 +26,7 @@ from flowsteer.kernel.libbpf import Program
 from flowsteer.kernel.netns import locked
 from flowsteer.reuseport import model, state
 from flowsteer.reuseport.maglev import DEFAULT_SIZE, check_size
-from flowsteer.reuseport.policy import Policy, check_weights, pad_key, table_for
+from flowsteer.reuseport.policy import Policy, check_weights, cpu_members, pad_key, table_for
 from flowsteer.reuseport.spec import GroupId, parse_address, parse_slot
 from flowsteer.reuseport.state import ABSENT, CONFIGURED, DRAINED, GroupState, Member
 
@@ -85,6 +85,9 @@ class _View:
 
     def has_socket(self, slot: int) -> bool:
         return self._st.socket_cookie(slot) is not None
+
+    def cpu_slot(self, cpu: int) -> int:
+        return self._st.cpu_entry(cpu, self._gen)
 
 
 class Group:
@@ -391,7 +394,8 @@ def _refuse_if_held(st: GroupState, action: str) -> None:
 
 def _publish(st: GroupState, policy: Policy) -> None:
     weights, live = _live(st)
-    st.publish(policy, table_for(policy, weights, live, st.meta.table_size, st.meta.seed))
+    st.publish(policy, table_for(policy, weights, live, st.meta.table_size, st.meta.seed),
+               cpu_members(policy, live, weights))
 
 
 def _member_status(st: GroupState) -> list[MemberStatus]:

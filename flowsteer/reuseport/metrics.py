@@ -21,6 +21,7 @@ _COUNTER_HELP = {
     "key_hits": "Selections by a payload key assigned to a member",
     "flow_hits": "UDP datagrams sent to the member that their flow has",
     "cid_hits": "QUIC packets sent to the member their connection ID names (policy quic)",
+    "cpu_hits": "Connections and datagrams sent to the member of the CPU they arrived on (policy locality)",
 }
 
 

@@ -24,8 +24,8 @@ _M32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class Flow:
-    """A flow as the group sees it: the client's address and port, the server's, and the payload
-    (only the ``key`` policy reads it)."""
+    """A flow as the group sees it: the client's address and port, the server's, the payload (policies
+    key and quic read it) and the CPU its packet arrives on (policy locality; None: not known)."""
 
     protocol: str
     client: Address
@@ -33,9 +33,10 @@ class Flow:
     server: Address
     server_port: int
     payload: bytes = b""
+    cpu: int | None = None
 
     @classmethod
-    def parse(cls, protocol: str, client: str, server: str, payload: bytes = b"") -> "Flow":
+    def parse(cls, protocol: str, client: str, server: str, payload: bytes = b"", cpu: int | None = None) -> "Flow":
         """Returns the flow from ``client`` to ``server``, each ``ADDRESS:PORT`` (IPv6 in brackets).
 
         Raises InvalidInput when either is malformed or the families differ.
@@ -44,7 +45,7 @@ class Flow:
         s_addr, s_port = _endpoint(server, "server")
         if _unmapped(c_addr).version != _unmapped(s_addr).version:
             raise InvalidInput(f"client {client} and server {server} are not of the same address family")
-        return cls(protocol, c_addr, c_port, s_addr, s_port, payload)
+        return cls(protocol, c_addr, c_port, s_addr, s_port, payload, cpu)
 
     def encode(self) -> bytes:
         """Returns the flow as the program's ``struct flow`` (the key of the UDP flow table)."""
@@ -128,6 +129,9 @@ class View(Protocol):
     def has_socket(self, slot: int) -> bool:
         """Returns whether slot ``slot`` holds a socket of the group."""
 
+    def cpu_slot(self, cpu: int) -> int:
+        """Returns the member policy locality gives CPU ``cpu`` (NO_MEMBER for none)."""
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -181,6 +185,10 @@ def decide(flow: Flow, view: View) -> Decision:
         remembered = view.remembered_slot(flow.encode())
         if remembered is not None and _selectable(view, remembered):
             return Decision("member", "flow table", remembered)
+    if policy.kind == Kind.LOCALITY and flow.cpu is not None:
+        local = view.cpu_slot(flow.cpu)
+        if local != NO_MEMBER and _selectable(view, local):
+            return Decision("member", f"cpu {flow.cpu}", local)
     h = flow_hash(flow, view.seed, source_only=policy.kind == Kind.SOURCE)
     index = h % view.table_size
     slot = view.table_entry(index)

@@ -7,7 +7,9 @@ same in proportion to the members' weights; ``source`` is ``consistent`` over th
 ``consistent``; ``quic`` sends a QUIC packet whose destination connection ID the servers issued to the
 member the ID names (one byte at ``key_offset`` of IDs ``key_len`` long; see
 :mod:`flowsteer.reuseport.quic`), with no map write per connection, and falls back to ``consistent``;
-``hash`` leaves the choice to the kernel's own hash (no table, no draining).
+``locality`` sends what arrives on CPU ``k`` to member ``k`` while it is live (pin worker ``k`` to CPU
+``k``: the connection is accepted and served where its packets were processed), and falls back to
+``consistent``; ``hash`` leaves the choice to the kernel's own hash (no table, no draining).
 
 The table is two-layered so that draining moves only the drained member's flows: ``base`` is the Maglev
 table over every configured member; an entry keeps its ``base`` member while that member is live, else
@@ -39,6 +41,7 @@ class Kind(enum.IntEnum):
     KEY = 2
     SOURCE = 3
     QUIC = 4
+    LOCALITY = 5
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Policy:
     key_offset: int = 0
     key_len: int = 0
 
-    NAMES = ("consistent", "weighted", "source", "key", "quic", "hash")
+    NAMES = ("consistent", "weighted", "source", "key", "quic", "locality", "hash")
 
     def __post_init__(self) -> None:
         if self.name not in self.NAMES:
@@ -72,7 +75,8 @@ class Policy:
 
     @property
     def kind(self) -> Kind:
-        return {"hash": Kind.HASH, "key": Kind.KEY, "source": Kind.SOURCE, "quic": Kind.QUIC}.get(self.name, Kind.TABLE)
+        return {"hash": Kind.HASH, "key": Kind.KEY, "source": Kind.SOURCE, "quic": Kind.QUIC,
+                "locality": Kind.LOCALITY}.get(self.name, Kind.TABLE)
 
     @property
     def weighted(self) -> bool:
@@ -92,6 +96,19 @@ def pad_key(key: bytes) -> bytes:
     if not 1 <= len(key) <= KEY_MAX:
         raise InvalidInput(f"a key is 1 to {KEY_MAX} bytes, not {len(key)}")
     return key.ljust(KEY_MAX, b"\0")
+
+
+CPU_SLOTS = 256
+"""Policy locality: CPUs 0..CPU_SLOTS-1 each name a member (the one of the same number)."""
+
+
+def cpu_members(policy: Policy, live: Set[int], weights: Mapping[int, int]) -> list[int]:
+    """Returns, for CPUs 0..CPU_SLOTS-1, the member policy locality sends their packets to: member ``k``
+    for CPU ``k`` while it is live with a weight above 0, else NO_MEMBER (the table decides); all
+    NO_MEMBER under the other policies."""
+    if policy.kind != Kind.LOCALITY:
+        return [maglev.NO_MEMBER] * CPU_SLOTS
+    return [cpu if cpu in live and weights.get(cpu, 0) > 0 else maglev.NO_MEMBER for cpu in range(CPU_SLOTS)]
 
 
 def check_weights(policy: Policy, weights: Mapping[int, int]) -> None:

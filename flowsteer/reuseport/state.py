@@ -20,14 +20,14 @@ from flowsteer.kernel.libbpf import BpfObject, Map, Program, possible_cpus
 from flowsteer.kernel.netns import NetnsId
 from flowsteer.kernel.pinned import PinnedState, StateSpec
 from flowsteer.reuseport.maglev import NO_MEMBER
-from flowsteer.reuseport.policy import Kind, Policy
+from flowsteer.reuseport.policy import CPU_SLOTS, Kind, Policy
 from flowsteer.reuseport.spec import MAX_MEMBERS, PROTOCOLS, GroupId
 
 PROGRAM = "flowsteer_select"
-MAPS = ("meta", "members", "socks", "active", "policies", "table", "keys", "flows", "stats")
+MAPS = ("meta", "members", "socks", "active", "policies", "table", "cpus", "keys", "flows", "stats")
 SPEC = StateSpec("reuseport group", "reuseport.bpf.o", MAPS, version=2, sized_at_load=frozenset({"table"}),
                  fallbacks={features.REUSEPORT_MIGRATION: "reuseport-select.bpf.o"})
-GLOBAL_COUNTERS = ("kernel", "dropped", "errors", "migrated", "key_hits", "flow_hits", "cid_hits")
+GLOBAL_COUNTERS = ("kernel", "dropped", "errors", "migrated", "key_hits", "flow_hits", "cid_hits", "cpu_hits")
 
 CONFIGURED, DRAINED, ABSENT = 1, 2, 4
 
@@ -140,6 +140,8 @@ class GroupState(PinnedState):
             return Policy("hash")
         if kind == Kind.SOURCE:
             return Policy("source")
+        if kind == Kind.LOCALITY:
+            return Policy("locality")
         return Policy("weighted" if weighted else "consistent")
 
     def table_entry(self, index: int, generation: int | None = None) -> int:
@@ -154,14 +156,26 @@ class GroupState(PinnedState):
         start = self.active_generation() * size * 4
         return [v for (v,) in _U32.iter_unpack(raw[start:start + size * 4])]
 
-    def publish(self, policy: Policy, table: list[int]) -> None:
-        """Writes ``policy`` and ``table`` into the inactive generation, then makes it the active one."""
+    def cpu_entry(self, cpu: int, generation: int | None = None) -> int:
+        """Returns the member policy locality gives CPU ``cpu`` (NO_MEMBER: none, or no such CPU slot)."""
+        if not 0 <= cpu < CPU_SLOTS:
+            return NO_MEMBER
+        gen = self.active_generation() if generation is None else generation
+        raw = self.maps["cpus"].lookup(_U32.pack(gen * CPU_SLOTS + cpu))
+        return NO_MEMBER if raw is None else _U32.unpack(raw)[0]
+
+    def publish(self, policy: Policy, table: list[int], cpus: list[int] | None = None) -> None:
+        """Writes ``policy``, ``table`` and ``cpus`` (CPU → member for policy locality; none: NO_MEMBER for
+        every CPU) into the inactive generation, then makes it the active one."""
         size = self.meta.table_size
         if len(table) != size:
             raise FlowsteerError(f"a table of {len(table)} entries for a group with {size}-entry tables")
         gen = 1 - self.active_generation()
         self.maps["table"].update_batch(
             b"".join(_U32.pack(gen * size + i) for i in range(size)), struct.pack(f"={size}I", *table))
+        cpus = cpus or [NO_MEMBER] * CPU_SLOTS
+        self.maps["cpus"].update_batch(b"".join(_U32.pack(gen * CPU_SLOTS + c) for c in range(CPU_SLOTS)),
+                                       struct.pack(f"={CPU_SLOTS}I", *cpus))
         self.maps["policies"].update(_U32.pack(gen), _POLICY.pack(
             int(policy.kind), self.meta.seed, size, policy.key_offset, policy.key_len, int(policy.weighted)))
         self.maps["active"].update(_U32.pack(0), _U32.pack(gen))

@@ -101,6 +101,8 @@ def test_reuseport_program_agrees_with_python() -> None:
         "POLICY_KEY": policy.Kind.KEY,
         "POLICY_SOURCE": policy.Kind.SOURCE,
         "POLICY_QUIC": policy.Kind.QUIC,
+        "POLICY_LOCALITY": policy.Kind.LOCALITY,
+        "CPU_SLOTS": policy.CPU_SLOTS,
         "QUIC_CID_MAX": policy.QUIC_CID_MAX,
         "QUIC_LONG_HEADER": quic.LONG_HEADER,
         "QUIC_TYPE_MASK": quic.TYPE_MASK,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections import defaultdict
 from collections.abc import Callable
@@ -66,3 +67,31 @@ def test_quic_connection_ids_name_their_member(make_group: MakeGroup) -> None:
     assert {i % 4 for i, d in enumerate(decisions) if d.reason == "connection id"} == {0, 1}  # short, handshake
     assert any(d.slot == 1 for _, d in by_id)  # the drained member
     assert group.status()["counters"]["cid_hits"] == len(by_id)
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_locality_sends_what_arrives_on_cpu_k_to_member_k(make_group: MakeGroup, protocol: str) -> None:
+    # Over loopback a packet is received on the CPU that sent it (no RPS), so pinning the sending thread to
+    # a CPU chooses the CPU the program runs on.
+    cpus = sorted(os.sched_getaffinity(0))
+    spec = f"{protocol}:192.0.2.42:9302"
+    group, members = make_group(spec, range(4), Policy("locality"), 1021)
+    group.drain(cpus[-1])  # that CPU's member is out of service: its packets go by the table
+    rng = random.Random(spec)
+    original = os.sched_getaffinity(0)
+    seen: set[str] = set()
+    try:
+        for cpu in cpus:
+            flows = [Flow(f.protocol, f.client, f.client_port, f.server, f.server_port, cpu=cpu)
+                     for f in random_flows(protocol, group.id.address, group.id.port, 30, rng, "198.51.100.0/24")]
+            decisions = group.explain(flows)  # before they land: UDP flows picked by the table are remembered
+            os.sched_setaffinity(0, {cpu})
+            landed = landing(protocol, members, flows)
+            assert [landed[f] for f in flows] == [d.slot for d in decisions], cpu
+            seen |= {d.reason for d in decisions}
+            if cpu != cpus[-1] and cpu < 4:
+                assert {d.slot for d in decisions} == {cpu}
+    finally:
+        os.sched_setaffinity(0, original)
+    assert "table" in seen and (len(cpus) == 1 or any(r.startswith("cpu ") for r in seen))
+    assert group.status()["counters"]["cpu_hits"] > 0 or len(cpus) == 1

@@ -9,7 +9,7 @@ import pytest
 from flowsteer.errors import InvalidInput
 from flowsteer.reuseport import Flow, GroupId, Policy, decide
 from flowsteer.reuseport.maglev import NO_MEMBER
-from flowsteer.reuseport.model import flow_hash
+from flowsteer.reuseport.model import Decision, flow_hash
 from flowsteer.reuseport.policy import pad_key
 
 
@@ -20,6 +20,7 @@ class DictView:
     sockets: set[int]
     keys: dict[bytes, int] = field(default_factory=dict)
     flows: dict[bytes, int] = field(default_factory=dict)
+    cpus: dict[int, int] = field(default_factory=dict)
     seed: int = 7
 
     @property
@@ -37,6 +38,9 @@ class DictView:
 
     def has_socket(self, slot: int) -> bool:
         return slot in self.sockets
+
+    def cpu_slot(self, cpu: int) -> int:
+        return self.cpus.get(cpu, NO_MEMBER)
 
 
 TCP = Flow.parse("tcp", "198.51.100.7:40000", "192.0.2.1:8080")
@@ -122,3 +126,14 @@ def test_group_ids_parse_and_print() -> None:
 def test_bad_group_ids_are_refused(text: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         GroupId.parse(text)
+
+
+def test_locality_picks_the_member_of_the_cpu_and_falls_back_to_the_table() -> None:
+    view = DictView(Policy("locality"), [2] * 7, {0, 1, 2}, cpus={0: 0, 1: 1, 3: 3})
+    on = lambda cpu: Flow(TCP.protocol, TCP.client, TCP.client_port, TCP.server, TCP.server_port, cpu=cpu)  # noqa: E731
+    assert decide(on(1), view) == Decision("member", "cpu 1", 1)
+    assert decide(on(3), view).reason == "table"  # member 3 has no socket
+    assert decide(on(2), view).reason == "table"  # CPU 2 names no member
+    assert decide(on(None), view).reason == "table"  # the CPU is not known
+    assert decide(on(1), DictView(Policy("consistent"), [2] * 7, {0, 1, 2}, cpus={1: 1})).reason == "table"
+

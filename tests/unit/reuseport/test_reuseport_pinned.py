@@ -104,7 +104,7 @@ def test_key_policies_at_the_edges(offset: int, length: int) -> None:
 
 
 @pytest.mark.parametrize("args, why", [
-    (("sctp",), "policy 'sctp' is not one of consistent, weighted, source, key, quic, hash"),
+    (("sctp",), "policy 'sctp' is not one of consistent, weighted, source, key, quic, locality, hash"),
     (("quic",), "connection ID length 0 is out of range (1..20 bytes)"),
     (("quic", 0, 21), "connection ID length 21 is out of range (1..20 bytes)"),
     (("quic", 8, 8), "member byte offset 8 is not inside a 8-byte connection ID"),

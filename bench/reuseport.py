@@ -1,6 +1,8 @@
 """Benchmark of the reuseport hook: prints side-by-side ratios measured in one run (needs root).
 
-1. connection rate with flowsteer's program attached against the same sockets without a program;
+1. connection rate with flowsteer's program attached against the same sockets without a program, for
+   policies consistent, source and locality, and the datagram rate of policy quic (QUIC short headers);
+   the fraction of clients moved on a change under policy source;
 2. balance of 100,000 UDP flows over 8 equal members (busiest member against the mean);
 3. fraction of TCP flows moved when one of 8 members is added or removed, against plain SO_REUSEPORT;
 4. restarts of real servers under wrk (``--restarts``): failed requests and requests/s while uvicorn and
@@ -37,6 +39,7 @@ from flowsteer.kernel import bpffs
 from flowsteer.kernel.netns import NamedNetns
 from flowsteer.reuseport import Flow, Group, GroupId, Policy, join, open_member_socket
 from flowsteer.reuseport.group import SO_ATTACH_REUSEPORT_EBPF
+from flowsteer.reuseport.quic import connection_id
 from flowsteer.reuseport.supervisor import GroupService
 from flowsteer.supervisor import Supervisor
 from flowsteer.testing.flows import random_flows, tcp_landing, udp_landing
@@ -60,12 +63,14 @@ def sandbox() -> Iterator[None]:
         ns.destroy()
 
 
-def connection_rate(rounds: int, flows_per_round: int) -> tuple[float, float]:
-    """Returns the median connections/s without and with the program, alternating (in both orders) on
-    the same sockets."""
-    gid = GroupId.parse("tcp:192.0.2.1:7000")
+def connection_rate(rounds: int, flows_per_round: int, policy: Policy = Policy(), port: int = 7000,
+                    protocol: str = "tcp") -> tuple[float, float]:
+    """Returns the median connections/s (datagrams/s for UDP) without and with the program of a group with
+    ``policy``, alternating (in both orders) on the same sockets. UDP datagrams of policy quic carry
+    short-header QUIC packets whose connection IDs name the members."""
+    gid = GroupId.parse(f"{protocol}:192.0.2.1:{port}")
     group = Group(gid)
-    group.create()
+    group.create(policy)
     members = {slot: join(gid, slot) for slot in range(4)}
     sockets = {slot: m.socket for slot, m in members.items()}
     rates: dict[bool, list[float]] = {False: [], True: []}
@@ -78,12 +83,18 @@ def connection_rate(rounds: int, flows_per_round: int) -> tuple[float, float]:
                 else:
                     with contextlib.suppress(FileNotFoundError):  # ENOENT: no program attached
                         sockets[0].setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
-                flows = random_flows("tcp", gid.address, gid.port, flows_per_round, rng, "198.18.0.0/15")
+                flows = random_flows(protocol, gid.address, gid.port, flows_per_round, rng, "198.18.0.0/15")
+                if policy.name == "quic":
+                    flows = [Flow(f.protocol, f.client, f.client_port, f.server, f.server_port,
+                                  b"\x40" + connection_id(i % 4, policy.key_len, policy.key_offset) + b"data")
+                             for i, f in enumerate(flows)]
                 start = time.perf_counter()
-                landed = tcp_landing(sockets, flows)
+                landed = (tcp_landing if protocol == "tcp" else udp_landing)(sockets, flows)
                 if round_:
                     rates[attached].append(len(flows) / (time.perf_counter() - start))
                 assert "dropped" not in landed.values() and "refused" not in landed.values()
+                if attached and policy.name == "quic":  # the IDs, not the table, chose
+                    assert all(d.reason == "connection id" for d in group.explain(flows[:50]))
     for member in members.values():
         member.socket.close()
     return statistics.median(rates[False]), statistics.median(rates[True])
@@ -103,6 +114,39 @@ def balance(flows: int) -> tuple[float, float]:
         for member in members.values():
             member.socket.close()
     return results[0], results[1]
+
+
+def clients_moved(clients: int) -> dict[str, float]:
+    """Returns the fraction of client addresses whose member changes, under policy source, when a 9th
+    member joins 8 and when one of 8 leaves (two connections of each client, from different ports)."""
+    gid = GroupId.parse("tcp:192.0.2.1:7013")
+    group = Group(gid)
+    group.create(Policy("source"))
+    members = {slot: join(gid, slot) for slot in range(9)}
+    sample = random_flows("tcp", gid.address, gid.port, clients, random.Random(7013), "198.18.0.0/15")
+    sample += [Flow(f.protocol, f.client, f.client_port ^ 1, f.server, f.server_port) for f in sample]
+
+    def by_client() -> dict[Any, int | str]:
+        landed = tcp_landing({s: m.socket for s, m in members.items() if m.socket.fileno() >= 0}, sample)
+        per: dict[Any, set[int | str]] = {}
+        for flow, slot in landed.items():
+            per.setdefault(flow.client, set()).add(slot)
+        assert all(len(slots) == 1 for slots in per.values()), "a client's connections were split"
+        return {client: next(iter(slots)) for client, slots in per.items()}
+
+    members[8].leave()
+    members[8].socket.close()
+    eight = by_client()
+    members[8] = join(gid, 8)
+    nine = by_client()
+    members[3].leave()
+    members[3].socket.close()
+    seven = by_client()
+    out = {"add": sum(eight[c] != nine[c] for c in eight) / len(eight),
+           "remove": sum(nine[c] != seven[c] for c in nine) / len(nine)}
+    for member in members.values():
+        member.socket.close()
+    return out
 
 
 def _moved(before: dict[Flow, int | str], after: dict[Flow, int | str]) -> float:
@@ -323,6 +367,16 @@ def main() -> int:
         plain_rate, prog_rate = connection_rate(rounds=5, flows_per_round=2000 // scale)
         print(f"connection rate: {prog_rate:,.0f}/s with the program, {plain_rate:,.0f}/s without: "
               f"ratio {prog_rate / plain_rate:.3f} (target >= 0.95)")
+        for port, policy, protocol in ((7010, Policy("source"), "tcp"), (7011, Policy("locality"), "tcp"),
+                                       (7012, Policy("quic", 2, 8), "udp")):
+            plain_rate, prog_rate = connection_rate(5, 2000 // scale, policy, port, protocol)
+            unit = "connection" if protocol == "tcp" else "datagram"
+            print(f"{unit} rate, policy {policy.name}: {prog_rate:,.0f}/s with the program, {plain_rate:,.0f}/s "
+                  f"without: ratio {prog_rate / plain_rate:.3f} (target >= 0.97)")
+        for change, fraction in clients_moved(2000 // scale).items():
+            n = 9 if change == "add" else 8
+            print(f"clients moved on {change} (one of 8), policy source: {fraction:.3f} = {fraction * n:.2f}/N "
+                  "(target <= 1.2/N)")
         ours, kernel = balance(100_000 // scale)
         print(f"balance of {100_000 // scale:,} UDP flows over 8 members, busiest/mean: flowsteer {ours:.3f} "
               f"(target <= 1.05), kernel hash {kernel:.3f}")

@@ -13,6 +13,7 @@ from flowsteer.cli.common import BPFFS_HELP, JSON_HELP, NETNS_HELP
 # without loading the other hooks. Each module registers its group on `main` when imported.
 _LAZY_GROUPS = {"divert": "flowsteer.cli.divert", "reuseport": "flowsteer.cli.reuseport",
                 "group": "flowsteer.cli.reuseport", "status": "flowsteer.cli.status",
+                "doctor": "flowsteer.cli.doctor", "metrics": "flowsteer.cli.metrics",
                 "apply": "flowsteer.cli.hostfile", "export": "flowsteer.cli.hostfile"}
 
 
@@ -59,7 +60,7 @@ def main(ctx: click.Context, verbose: bool, netns: str | None, bpffs: str | None
 
 
 def _register() -> None:
-    from flowsteer.cli import doctor, lookup, metrics, version  # noqa: F401  (register their commands on main)
+    from flowsteer.cli import lookup, version  # noqa: F401  (register their commands on main)
 
 
 _register()

@@ -4,6 +4,7 @@ command, or to the command itself), output and error reporting."""
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import sys
 from collections.abc import Callable
@@ -11,7 +12,8 @@ from typing import Any, TypeVar
 
 import click
 
-from flowsteer.errors import FlowsteerError, KernelError
+from flowsteer.errors import FlowsteerError, InvalidInput, KernelError
+from flowsteer.lookup.bindings import parse_port
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,6 +34,33 @@ netns_option = click.option("-n", "--netns", metavar="PATH", default=None, callb
 json_option = click.option("-j", "--json", "as_json", is_flag=True, callback=or_global, help=JSON_HELP)
 bpffs_option = click.option("--bpffs", metavar="DIR", default=None, envvar="FLOWSTEER_BPFFS", callback=or_global,
                             help=BPFFS_HELP)
+
+
+EXPLAIN_GRAMMAR = ("PROTOCOL SOURCE[:PORT] DESTINATION[:PORT], the same in every hook: an address, "
+                   "ADDRESS:PORT, or [IPV6]:PORT")
+
+
+def parse_endpoint(text: str, what: str = "destination", port: bool = True) -> tuple[str, int | None]:
+    """Returns ``(address, port)`` from ``ADDRESS``, ``IPV4:PORT`` or ``[IPV6]:PORT`` (a bare IPv6
+    address has no port). With ``port`` the port must be there. Raises InvalidInput naming ``what``."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise InvalidInput(f"invalid {what} {text!r}: use IPV4:PORT or [IPV6]:PORT")
+        number = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, _, number = text.partition(":")
+    else:
+        host, number = text, None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise InvalidInput(f"invalid {what} address {host!r}") from None
+    if number is None:
+        if port:
+            raise InvalidInput(f"invalid {what} {text!r}: use IPV4:PORT or [IPV6]:PORT")
+        return host, None
+    return host, parse_port(number)
 
 
 def reports_errors(fn: F) -> F:

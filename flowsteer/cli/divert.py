@@ -10,7 +10,8 @@ from typing import Any
 import click
 
 from flowsteer.cli import main
-from flowsteer.cli.common import emit, json_option, netns_option, reports_errors, table
+from flowsteer.cli.common import emit, json_option, netns_option, parse_endpoint, reports_errors, table
+from flowsteer.errors import InvalidInput
 from flowsteer.divert import control
 from flowsteer.divert.capture import capture
 from flowsteer.divert.conntrack import connection_mark
@@ -130,12 +131,14 @@ def status_cmd(netns: str | None, as_json: bool) -> None:
 
 
 @divert.command("explain")
+@click.argument("flow", nargs=-1, metavar="PROTOCOL SOURCE[:PORT] DESTINATION[:PORT]")
 @click.option("--direction", type=click.Choice(["in", "out"]), required=True)
-@click.option("--proto", type=click.Choice(["tcp", "udp", "icmp", "icmp6"]), required=True)
-@click.option("--src", required=True, help="Source address.")
-@click.option("--dst", required=True, help="Destination address.")
-@click.option("--sport", type=int, default=0, help="Source port (tcp/udp).")
-@click.option("--dport", type=int, default=0, help="Destination port (tcp/udp).")
+@click.option("--proto", type=click.Choice(["tcp", "udp", "icmp", "icmp6"]), default=None,
+              help="The first form of PROTOCOL.")
+@click.option("--src", default=None, help="The first form of SOURCE (an address).")
+@click.option("--dst", default=None, help="The first form of DESTINATION (an address).")
+@click.option("--sport", type=int, default=0, help="The first form of the source port.")
+@click.option("--dport", type=int, default=0, help="The first form of the destination port.")
 @click.option("--on", "interface", default=None, help="Receiving (in) or sending (out) interface.")
 @click.option("--untracked", is_flag=True, help="The packet has no conntrack state.")
 @click.option("--reply", is_flag=True, help="The packet is a reply (its reverse opened the connection).")
@@ -143,14 +146,31 @@ def status_cmd(netns: str | None, as_json: bool) -> None:
 @netns_option
 @json_option
 @reports_errors
-def explain_cmd(direction: str, proto: str, src: str, dst: str, sport: int, dport: int,
-                interface: str | None, untracked: bool, reply: bool, new: bool, netns: str | None,
-                as_json: bool) -> None:
+def explain_cmd(flow: tuple[str, ...], direction: str, proto: str | None, src: str | None, dst: str | None,
+                sport: int, dport: int, interface: str | None, untracked: bool, reply: bool, new: bool,
+                netns: str | None, as_json: bool) -> None:
     """Say which rule, divert port and group member a packet reaches.
 
-    For an established TCP/UDP connection the member it is pinned to (read from conntrack); otherwise
-    where a new connection would go.
+    The grammar is every hook's explain: PROTOCOL SOURCE[:PORT] DESTINATION[:PORT] (the first form,
+    --proto/--src/--dst/--sport/--dport, still works). For an established TCP/UDP connection the member
+    it is pinned to (read from conntrack); otherwise where a new connection would go.
+
+    \b
+    Examples:
+      flowsteer divert explain udp 198.51.100.7:5000 192.0.2.1:53 --direction in
+      flowsteer divert explain icmp 192.0.2.1 198.51.100.7 --direction out --on eth0
     """
+    if flow:
+        if len(flow) != 3 or proto or src or dst:
+            raise InvalidInput("give PROTOCOL SOURCE[:PORT] DESTINATION[:PORT] (or the --proto/--src/--dst form)")
+        proto, source, destination = flow
+        if proto not in ("tcp", "udp", "icmp", "icmp6"):
+            raise InvalidInput(f"protocol {proto!r} is not tcp, udp, icmp or icmp6")
+        src, given_sport = parse_endpoint(source, "source", port=False)
+        dst, given_dport = parse_endpoint(destination, "destination", port=False)
+        sport, dport = given_sport or 0, given_dport or 0
+    elif proto is None or src is None or dst is None:
+        raise InvalidInput("give PROTOCOL SOURCE[:PORT] DESTINATION[:PORT]")
     flow = Flow(direction, proto, src, dst, sport, dport, interface, not untracked, reply)  # type: ignore[arg-type]
     with entered(netns):
         mark = None if new or untracked else connection_mark(flow)

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from flowsteer.cli import main
-from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, reports_errors, table
+from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, parse_endpoint, reports_errors, table
 from flowsteer.errors import InvalidInput
 from flowsteer.lookup.bindings import Binding, parse_port, parse_protocol
 from flowsteer.lookup.dispatcher import DestinationStatus, Dispatcher
@@ -191,37 +191,31 @@ def unregister(netns: str | None, bpffs: str | None, label: str, family: str | N
     click.echo(f"removed {count} socket(s) of {label}")
 
 
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """Returns ``(address, port)`` from ``IPV4:PORT`` or ``[IPV6]:PORT``; raises InvalidInput."""
-    host, sep, port = text.rpartition(":")
-    if not sep or (":" in host and not (host.startswith("[") and host.endswith("]"))):
-        raise InvalidInput(f"invalid destination {text!r}: use IPV4:PORT or [IPV6]:PORT")
-    host = host[1:-1] if host.startswith("[") else host
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise InvalidInput(f"invalid destination address {host!r}") from None
-    return host, parse_port(port)
-
-
 @lookup.command()
 @netns_option
 @bpffs_option
 @json_option
 @click.argument("protocol")
-@click.argument("source")
-@click.argument("destination", metavar="DST:PORT")
+@click.argument("source", metavar="SOURCE[:PORT]")
+@click.argument("destination", metavar="DESTINATION:PORT")
 @reports_errors
 def explain(netns: str | None, bpffs: str | None, as_json: bool, protocol: str, source: str,
             destination: str) -> None:
-    """Explain which binding, label and socket a new PROTOCOL flow from SOURCE to DST:PORT gets."""
+    """Explain which binding, label and socket a new PROTOCOL flow from SOURCE to DESTINATION:PORT gets.
+
+    The grammar is every hook's explain: PROTOCOL SOURCE[:PORT] DESTINATION[:PORT] (lookup needs the
+    destination port; the source does not change its answer).
+
+    \b
+    Examples:
+      flowsteer lookup explain tcp 198.51.100.9 192.0.2.10:80
+      flowsteer lookup explain udp [2001:db8::9]:5353 [2001:db8::1]:53 --json
+    """
+    src, _ = parse_endpoint(source, "source", port=False)
     address, port = parse_endpoint(destination)
-    try:
-        src = ipaddress.ip_address(source)
-    except ValueError:
-        raise InvalidInput(f"invalid source address {source!r}") from None
-    if src.version != ipaddress.ip_address(address).version:
+    if ipaddress.ip_address(src).version != ipaddress.ip_address(address).version:
         raise InvalidInput("source and destination must be of the same address family")
+    assert port is not None
     decision = _dispatcher(netns, bpffs).explain(protocol, address, port)
     emit(decision.to_dict(), as_json, lambda d: f"{d['outcome'].upper()}: {d['reason']}")
 

@@ -11,8 +11,7 @@ import sys
 import click
 
 from flowsteer.cli import main
-from flowsteer.cli.common import bpffs_option, netns_option, reports_errors
-from flowsteer.cli.lookup import parse_endpoint
+from flowsteer.cli.common import bpffs_option, netns_option, parse_endpoint, reports_errors
 from flowsteer.errors import kernel_error
 
 
@@ -43,7 +42,8 @@ def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
     from flowsteer.metrics import registry
 
     logging.basicConfig(format="flowsteer: %(message)s", stream=sys.stderr)
-    address, port = parse_endpoint(listen)
+    address, port = parse_endpoint(listen, "listen address")
+    assert port is not None
     try:
         server, _thread = start_http_server(port, addr=address, registry=registry(netns, bpffs))
     except OSError as exc:

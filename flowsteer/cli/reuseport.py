@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from flowsteer.cli import main
-from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, reports_errors, table
-from flowsteer.errors import InvalidInput
+from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, parse_endpoint, reports_errors, table
+from flowsteer.errors import InvalidInput, NotFound
 from flowsteer.numbers import is_whole_number
-from flowsteer.reuseport import Flow, Group, Policy
-from flowsteer.reuseport.policy import check_weights
+from flowsteer.reuseport import Flow, Group, GroupId, Policy
 from flowsteer.reuseport.maglev import DEFAULT_SIZE
-from flowsteer.reuseport.spec import parse_slot
+from flowsteer.reuseport.policy import check_weights
+from flowsteer.reuseport.spec import PROTOCOLS, parse_slot
 
 
 @main.group("reuseport")
@@ -171,28 +172,60 @@ def policy(group_id: str, name: str, key_offset: int, key_len: int, as_json: boo
 
 
 @group.command()
-@click.argument("group_id", metavar="GROUP")
-@click.argument("client")
-@click.option("--server", metavar="ADDRESS:PORT", help="Where the flow goes (default: the group's address "
-              "and port; needed for a group on an unspecified address or steered there by lookup).")
+@click.argument("flow", nargs=-1, required=True, metavar="PROTOCOL CLIENT:PORT SERVER:PORT")
+@click.option("--group", "group_id", metavar="GROUP", help="The group (default: the one SERVER:PORT reaches).")
+@click.option("--server", metavar="ADDRESS:PORT", help="With the first form GROUP CLIENT:PORT: where the flow "
+              "goes (default: the group's address and port).")
 @click.option("--payload", metavar="HEX", default="", help="The flow's first payload bytes, for policies key and "
               "quic.")
 @click.option("--cpu", type=click.IntRange(0), default=None,
               help="The CPU its packet arrives on, for policy locality (default: not known; the table decides).")
 @json_option
 @_common
-def explain(group_id: str, client: str, server: str | None, payload: str, cpu: int | None, as_json: bool,
-            netns: str | None, bpffs: str | None) -> None:
-    """Tell which member a new flow from CLIENT (ADDRESS:PORT) goes to, and why."""
-    handle = Group(group_id, netns, bpffs)
-    gid = handle.id
-    if server is None:
-        if gid.address.is_unspecified:
-            raise InvalidInput(f"group {gid} listens on every address: say which with --server ADDRESS:PORT")
-        server = str(gid).partition(":")[2]
+def explain(flow: tuple[str, ...], group_id: str | None, server: str | None, payload: str, cpu: int | None,
+            as_json: bool, netns: str | None, bpffs: str | None) -> None:
+    """Tell which member a new flow goes to, and why.
+
+    The grammar is every hook's explain: PROTOCOL CLIENT:PORT SERVER:PORT; the group is the one the
+    server address and port reach (a group on an unspecified address counts), or --group. The first form,
+    GROUP CLIENT:PORT [--server ADDRESS:PORT], still works.
+
+    \b
+    Examples:
+      flowsteer reuseport explain tcp 198.51.100.7:40000 192.0.2.1:8080
+      flowsteer reuseport explain udp 198.51.100.7:5000 192.0.2.1:443 --payload 40aabbcc
+      flowsteer reuseport explain tcp:0.0.0.0:8080 198.51.100.7:40000 --server 192.0.2.1:8080
+    """
     try:
         data = bytes.fromhex(payload)
     except ValueError:
         raise InvalidInput(f"payload {payload!r} is not hexadecimal") from None
-    decision = handle.explain([Flow.parse(gid.protocol, client, server, data, cpu)])[0]
+    if len(flow) == 3:
+        protocol, client, server = flow
+        if protocol not in PROTOCOLS:
+            raise InvalidInput(f"protocol {protocol!r} is not tcp or udp")
+        handle = Group(group_id or str(_group_reached(protocol, server, netns, bpffs)), netns, bpffs)
+    elif len(flow) == 2 and group_id is None:
+        handle, client = Group(flow[0], netns, bpffs), flow[1]
+        if server is None:
+            if handle.id.address.is_unspecified:
+                raise InvalidInput(f"group {handle.id} listens on every address: say which with --server "
+                                   "ADDRESS:PORT")
+            server = str(handle.id).partition(":")[2]
+    else:
+        raise InvalidInput("give PROTOCOL CLIENT:PORT SERVER:PORT (or GROUP CLIENT:PORT)")
+    decision = handle.explain([Flow.parse(handle.id.protocol, client, server, data, cpu)])[0]
     emit(decision.to_dict(), as_json, lambda _: decision.describe())
+
+
+def _group_reached(protocol: str, server: str, netns: str | None, bpffs: str | None) -> GroupId:
+    """Returns the group a ``protocol`` flow to ``server`` (ADDRESS:PORT) reaches: the one bound to that
+    address, else one bound to the unspecified address of the port. Raises NotFound when none does."""
+    address, port = parse_endpoint(server, "server")
+    target = ipaddress.ip_address(address)
+    candidates = [g for g in Group.all(netns, bpffs) if g.protocol == protocol and g.port == port]
+    for group_id in sorted(candidates, key=lambda g: g.address.is_unspecified):
+        if group_id.address == target or (group_id.address.is_unspecified
+                                          and (group_id.address.version == 6 or target.version == 4)):
+            return group_id
+    raise NotFound(f"no {protocol} group reaches {server} here; name one with --group")

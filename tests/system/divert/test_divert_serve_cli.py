@@ -43,6 +43,8 @@ def test_rule_commands_status_and_explain(netns: NamedNetns) -> None:
     answer = json.loads(run("explain", *ns, "--json", "--direction", "in", "--proto", "udp", "--src",
                             "198.18.0.1", "--dst", "198.18.0.2", "--sport", "1", "--dport", "53").stdout)
     assert answer["rule"] == 2 and answer["port"] == 7 and answer["slot"] is None
+    same = json.loads(run("explain", *ns, "--json", "udp", "198.18.0.1:1", "198.18.0.2:53", "--direction", "in").stdout)
+    assert same == answer  # every hook's grammar: PROTOCOL SOURCE[:PORT] DESTINATION[:PORT]
     text = run("explain", *ns, "--direction", "out", "--proto", "udp", "--src", "198.18.0.1", "--dst", "198.18.0.2")
     assert "not diverted" in text.stdout
     assert run("del", *ns, "1").returncode == 0
@@ -58,6 +60,9 @@ def test_user_mistakes_are_errors_not_tracebacks(netns: NamedNetns) -> None:
                  ("add", "--netns", "no-such-netns", "divert-packet", "port", "7"),
                  ("del", "--netns", netns.name, "3"),
                  ("explain", "--direction", "in", "--proto", "udp", "--src", "x", "--dst", "198.18.0.1"),
+                 ("explain", "--direction", "in", "udp", "198.18.0.1:x", "198.18.0.2:53"),
+                 ("explain", "--direction", "in", "sctp", "198.18.0.1", "198.18.0.2"),
+                 ("explain", "--direction", "in", "udp", "198.18.0.1"),
                  ("serve", "--netns", netns.name, "--port", "7", "no_such_module:handle"),
                  ("serve", "--netns", netns.name, "--port", "65536", "os:getpid"),
                  ("serve", "--netns", netns.name, "--port", "7", "--workers", "33", "os:getpid"),

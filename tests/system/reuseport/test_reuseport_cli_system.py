@@ -80,3 +80,17 @@ def test_weights_a_policy_would_ignore_are_refused_and_change_nothing(make_group
     assert created.exit_code == 1 and "policy consistent ignores weights above 1 (0=2)" in created.output
     assert run("list", "--json") == [spec]  # the refused group was not made
 
+
+
+def test_explain_takes_every_hooks_grammar_and_finds_the_group(make_group: MakeGroup) -> None:
+    group, _ = make_group("tcp:192.0.2.32:9203", range(3))
+    wild, _ = make_group("udp:[::]:9204", range(2))
+    first_form = run("explain", str(group.id), "198.51.100.9:41000", "--json")
+    assert run("explain", "tcp", "198.51.100.9:41000", "192.0.2.32:9203", "--json") == first_form
+    via_wild = run("explain", "udp", "198.51.100.9:41000", "192.0.2.99:9204", "--json")
+    assert via_wild == run("explain", str(wild.id), "198.51.100.9:41000", "--server", "192.0.2.99:9204", "--json")
+    missing = CliRunner().invoke(main, ["reuseport", "explain", "tcp", "198.51.100.9:1", "192.0.2.32:9999"])
+    assert missing.exit_code == 1
+    assert missing.output.startswith("flowsteer: error: no tcp group reaches 192.0.2.32:9999 here; name one with --group")
+    bad = CliRunner().invoke(main, ["reuseport", "explain", "sctp", "198.51.100.9:1", "192.0.2.32:9203"])
+    assert bad.output == "flowsteer: error: protocol 'sctp' is not tcp or udp\n"

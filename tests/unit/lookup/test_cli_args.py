@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from flowsteer.cli import main
-from flowsteer.cli.lookup import parse_endpoint
+from flowsteer.cli.common import parse_endpoint
 from flowsteer.errors import InvalidInput
 
 
@@ -40,6 +40,26 @@ def test_missing_argument_is_a_usage_error() -> None:
                                             ("[2001:db8::1]:53", ("2001:db8::1", 53))])
 def test_endpoints(text: str, expected: tuple[str, int]) -> None:
     assert parse_endpoint(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [("192.0.2.1", ("192.0.2.1", None)), ("2001:db8::1", ("2001:db8::1", None)),
+                                            ("[2001:db8::1]", ("2001:db8::1", None)),
+                                            ("198.51.100.9:0", ("198.51.100.9", 0))])
+def test_endpoints_whose_port_may_be_left_out(text: str, expected: tuple[str, int | None]) -> None:
+    assert parse_endpoint(text, "source", port=False) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("192.0.2.1", "invalid destination '192.0.2.1': use IPV4:PORT or [IPV6]:PORT"),
+    ("host:80", "invalid destination address 'host'"),
+    ("[::1]x", "invalid destination '[::1]x': use IPV4:PORT or [IPV6]:PORT"),
+    ("[::1:80", "invalid destination '[::1:80': use IPV4:PORT or [IPV6]:PORT"),
+    ("192.0.2.1:65536", "invalid port '65536'"),
+])
+def test_endpoint_errors_name_the_problem(text: str, message: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        parse_endpoint(text)
+    assert str(caught.value).startswith(message)
 
 
 @pytest.mark.parametrize("text", ["192.0.2.1", "host:80", "[::1]:99999", "2001:db8::1:53"])

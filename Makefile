@@ -6,7 +6,7 @@ BPF_SRC   := $(wildcard flowsteer/bpf/*.bpf.c)
 # reuseport-select: reuseport.bpf.c without queue migration, for kernels before 5.14 (build_bpf.VARIANTS)
 BPF_OBJ   := $(BPF_SRC:.c=.o) flowsteer/bpf/reuseport-select.bpf.o
 
-.PHONY: all setup bpf test unit kernel-smoke test-kernels demo bench dist mutate clean
+.PHONY: all setup bpf test unit kernel-smoke test-kernels demo bench dist man mutate clean
 
 all: setup
 
@@ -53,6 +53,10 @@ bench: setup
 # dist/: the sdist (sources) and the wheel (with the compiled BPF objects), built with the .venv's setuptools
 dist: setup
 	$(PY) -m build --no-isolation --outdir dist
+
+# man pages of every command, from the command line's definitions (click-man): build/man/flowsteer*.1
+man: setup
+	$(PY) scripts/manpages.py build/man
 
 # Mutation testing of the pure modules ([tool.mutmut] in pyproject.toml; docs/testing.md). Not part of
 # `make test`. A whole run starts afresh; `make mutate MUTANTS='flowsteer.divert.packet.*'` reruns only

@@ -66,13 +66,14 @@ def add(rule: Rule, position: int | None = None) -> list[Rule]:
     Raises InvalidInput for a position outside the list, FlowsteerError when netfilter refuses.
     """
     with locked():
-        current = netfilter.read().rules
+        installed = netfilter.read()
+        current = list(installed.rules)
         if position is None:
             position = len(current) + 1
         if not 1 <= position <= len(current) + 1:
             raise InvalidInput(f"position {position} is not within 1..{len(current) + 1}")
         current.insert(position - 1, rule)
-        return apply_locked(current).rules
+        return apply_locked(current, previous=installed).rules
 
 
 def delete(which: int | Rule) -> list[Rule]:
@@ -81,7 +82,8 @@ def delete(which: int | Rule) -> list[Rule]:
     Raises InvalidInput when there is no such rule.
     """
     with locked():
-        current = netfilter.read().rules
+        installed = netfilter.read()
+        current = list(installed.rules)
         if isinstance(which, Rule):
             if which not in current:
                 raise InvalidInput(f"no installed rule is {which}")
@@ -90,7 +92,7 @@ def delete(which: int | Rule) -> list[Rule]:
             if not 1 <= which <= len(current):
                 raise InvalidInput(f"there is no rule {which} (there are {len(current)})")
             del current[which - 1]
-        return apply_locked(current).rules
+        return apply_locked(current, previous=installed).rules
 
 
 def flush() -> None:

@@ -129,6 +129,9 @@ class Installed:
     member_counters: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
     """(divert port, member slot) → (packets, bytes) queued to that slot, over families, directions and
     fail-open variants; kept when the member leaves and counted on when the slot is taken again."""
+    snapshots: dict[Family, "Snapshot"] = field(default_factory=dict, compare=False, repr=False)
+    """The tables this state was read from (by :func:`read`), so that a change made right after reading
+    does not run iptables-save again."""
 
 
 @dataclass
@@ -169,7 +172,8 @@ def read() -> Installed:
     state = Installed()
     texts: dict[int, str] = {}
     for family in _TOOLS:
-        for chain, lines in _snapshot(family).chains.items():
+        state.snapshots[family] = _snapshot(family)
+        for chain, lines in state.snapshots[family].chains.items():
             slot_chain = _SLOT_CHAIN.match(chain)
             for text, packets, octets in lines:
                 rule = _RULE_COMMENT.search(text)
@@ -202,7 +206,8 @@ def install(rules: Sequence[Rule], members: Mapping[int, Sequence[int]], blocks:
 
     ``members`` maps each divert port to its live slots (ports not in it have none), ``blocks`` each port
     with rules or sockets to its queue block. ``previous`` is the state read before the change; it is
-    reinstated in a family already changed when a later family fails. Counters survive: rule chains that
+    reinstated in a family already changed when a later family fails; its snapshots (when it was just
+    read) spare reading the tables again. Counters survive: rule chains that
     do not change are not rewritten, rewritten ones carry each rule's counters over, and member counters
     live in chains that are never rewritten.
     Raises ToolFailed with iptables' message when the kernel refuses the rules.
@@ -210,7 +215,8 @@ def install(rules: Sequence[Rule], members: Mapping[int, Sequence[int]], blocks:
     done: list[Family] = []
     for family in _TOOLS:
         try:
-            _restore(family, compile_family(family, rules, members, blocks, _snapshot(family)))
+            current = previous.snapshots.get(family) or _snapshot(family)
+            _restore(family, compile_family(family, rules, members, blocks, current))
         except FlowsteerError:
             for changed in done:
                 _restore(changed, compile_family(changed, previous.rules, previous.members, previous.blocks,

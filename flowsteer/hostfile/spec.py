@@ -16,7 +16,7 @@ from flowsteer.errors import InvalidInput
 from flowsteer.lookup import config
 from flowsteer.lookup.bindings import Binding, check_set, sort_by_precedence
 from flowsteer.reuseport.group import check_weight
-from flowsteer.reuseport.policy import check_weights
+from flowsteer.reuseport.policy import check_protocol, check_weights
 from flowsteer.reuseport.maglev import DEFAULT_SIZE, check_size
 from flowsteer.reuseport.policy import Policy
 from flowsteer.reuseport.spec import GroupId, parse_slot
@@ -177,6 +177,7 @@ def _group(entry: Any) -> GroupSpec:
     check_size(table_size)
     weights = _weights(entry.get("weights", {}))
     check_weights(policy, weights)
+    check_protocol(policy, group.protocol)
     return GroupSpec(group, policy, weights, table_size)
 
 

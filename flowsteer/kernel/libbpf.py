@@ -49,6 +49,8 @@ class AttachType(enum.IntEnum):
 
 
 BPF_ANY = 0
+# errnos of a batch operation the map's type does not have (ENOTSUPP, the kernel's own 524, included)
+_NO_BATCH = frozenset({errno_mod.EINVAL, errno_mod.EOPNOTSUPP, 524})
 BPF_NOEXIST = 1
 BPF_EXIST = 2
 BPF_F_NO_PREALLOC = 1 << 0
@@ -432,6 +434,44 @@ class Map(_Fd):
             value = self.lookup(key)
             if value is not None:
                 yield key, value
+
+    def snapshot(self, chunk: int = 8192) -> dict[bytes, bytes]:
+        """Returns every ``key: value`` of the map, read ``chunk`` entries per system call where the
+        kernel offers batch lookups for the map's type (else entry by entry, as :meth:`items`)."""
+        found: dict[bytes, bytes] = {}
+        keys = ctypes.create_string_buffer(chunk * self.key_size)
+        values = ctypes.create_string_buffer(chunk * self.value_size)
+        token_in, token_out = (ctypes.create_string_buffer(max(self.key_size, 8)) for _ in range(2))
+        first = True
+        while True:
+            done = ctypes.c_uint32(chunk)
+            ret = _lib.bpf_map_lookup_batch(self.fd, None if first else token_in, token_out, keys, values,
+                                            ctypes.byref(done), None)
+            if ret < 0 and ret != -errno_mod.ENOENT:
+                if first and -ret in _NO_BATCH:
+                    return dict(self.items())
+                _check(ret, "map batch lookup")
+            k, v = keys.raw, values.raw
+            for i in range(done.value):
+                found[k[i * self.key_size:(i + 1) * self.key_size]] = v[i * self.value_size:(i + 1) * self.value_size]
+            if ret < 0:  # ENOENT: the batch reached the end of the map
+                return found
+            ctypes.memmove(token_in, token_out, len(token_out))
+            first = False
+
+    def update_all(self, entries: dict[bytes, bytes]) -> None:
+        """Stores every ``key: value`` of ``entries``, in one system call where the kernel offers batch
+        updates for the map's type (else entry by entry). Raises KernelError with the kernel's errno on
+        refusal (entries before the failing one may have been written)."""
+        if not entries:
+            return
+        try:
+            self.update_batch(b"".join(entries), b"".join(entries.values()))
+        except KernelError as exc:
+            if exc.errno not in _NO_BATCH:
+                raise
+            for key, value in entries.items():
+                self.update(key, value)
 
 
 @dataclass(frozen=True)

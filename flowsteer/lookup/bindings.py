@@ -114,6 +114,23 @@ class Binding:
         return to_mapped(self.prefix)
 
     @functools.cached_property
+    def key(self) -> bytes:
+        """The binding's key in the dispatcher's trie (:func:`encode_key` of its selector), computed with
+        integers: one to one with :attr:`selector`, and much cheaper for large sets."""
+        net = self.prefix
+        if net.version == 4:
+            addr, bits = _V4_MAPPED_BASE | int(net.network_address), 96 + net.prefixlen
+        else:
+            addr, bits = int(net.network_address), net.prefixlen
+        return _KEY.pack(_KEY_BITS_BEFORE_ADDR + bits, PROTOCOLS[self.protocol], 0, self.port,
+                         addr.to_bytes(16, "big"))
+
+    @property
+    def mapped_prefixlen(self) -> int:
+        """The length of :attr:`mapped`'s prefix (the value the trie stores beside the label)."""
+        return self.prefix.prefixlen + (96 if self.prefix.version == 4 else 0)
+
+    @functools.cached_property
     def selector(self) -> tuple[str, ipaddress.IPv6Network, int]:
         """What identifies a binding in the trie: two bindings with the same selector cannot coexist."""
         return (self.protocol, self.mapped, self.port)
@@ -149,9 +166,9 @@ def decode_key(raw: bytes) -> tuple[str, ipaddress.IPv6Network, int]:
     return (PROTOCOL_NAMES[proto], ipaddress.IPv6Network((addr, bits - _KEY_BITS_BEFORE_ADDR)), port)
 
 
-def encode_value(label_id: int, mapped: ipaddress.IPv6Network) -> bytes:
-    """Returns the kernel value of a binding: its label id and prefix length."""
-    return _VALUE.pack(label_id, mapped.prefixlen)
+def encode_value(label_id: int, prefixlen: int) -> bytes:
+    """Returns the kernel value of a binding: its label id and (mapped) prefix length."""
+    return _VALUE.pack(label_id, prefixlen)
 
 
 def decode_value(raw: bytes) -> tuple[int, int]:
@@ -173,9 +190,9 @@ def check_set(wanted: Iterable[Binding]) -> set[Binding]:
     """Returns ``wanted`` as a set a dispatcher can hold; raises InvalidInput when it binds one protocol,
     prefix and port to two labels, or has more bindings or labels than the dispatcher holds."""
     new = set(wanted)
-    by_selector: dict[tuple[str, ipaddress.IPv6Network, int], Binding] = {}
+    by_key: dict[bytes, Binding] = {}
     for x in new:
-        other = by_selector.setdefault(x.selector, x)
+        other = by_key.setdefault(x.key, x)
         if other.label != x.label:
             first, second = sorted((other.label, x.label))
             raise InvalidInput(f"{x.protocol} {x.prefix} port {x.port} is bound to both {first!r} and "

@@ -172,7 +172,7 @@ class Dispatcher:
                 raise AlreadyExists(f"{binding.protocol} {binding.prefix} port {binding.port} is already "
                                     f"bound to label {_label_names(st).get(current, '?')!r}; unbind it first")
             label_id = _ensure_label(st, binding.label)
-            st.active.update(b.encode_key(*binding.selector), b.encode_value(label_id, binding.mapped))
+            st.active.update(binding.key, b.encode_value(label_id, binding.mapped_prefixlen))
 
     def unbind(self, binding: Binding) -> None:
         """Removes ``binding``; raises NotFound when it is not bound to that label."""
@@ -180,7 +180,7 @@ class Dispatcher:
             current = _exact_label_id(st, binding)
             if current is None or current != _label_ids(st).get(binding.label):
                 raise NotFound(f"no binding {binding}")
-            st.active.delete(b.encode_key(*binding.selector))
+            st.active.delete(binding.key)
             _collect_labels(st)
 
     def apply(self, wanted: Iterable[Binding]) -> ApplyResult:
@@ -190,18 +190,26 @@ class Dispatcher:
         the old set or the new one. Raises InvalidInput when ``wanted`` binds one protocol, prefix and
         port to two labels or uses more labels than the dispatcher holds; nothing changes then.
         """
-        new = b.check_set(wanted)
+        new = {x.key: x for x in b.check_set(wanted)}
         with self._checked() as (st, obj):
-            old = set(_read_bindings(st))
+            names = _label_names(st)
+            old = st.active.snapshot()
+            in_use = None
             try:
-                ids = {label: _ensure_label(st, label) for label in sorted({x.label for x in new})}
+                ids = {label: _ensure_label(st, label) for label in sorted({x.label for x in new.values()})}
                 with new_trie(obj) as trie:
-                    for x in new:
-                        trie.update(b.encode_key(*x.selector), b.encode_value(ids[x.label], x.mapped))
+                    trie.update_all({key: b.encode_value(ids[x.label], x.mapped_prefixlen)
+                                     for key, x in new.items()})
                     st.swap_in(trie)
+                in_use = set(ids.values())
             finally:
-                _collect_labels(st)
-        return ApplyResult(sorted(new - old, key=str), sorted(old - new, key=str), len(new))
+                _collect_labels(st, in_use)
+        # compared as trie entries: only what changed is decoded into bindings
+        old_labels = {key: names.get(b.decode_value(value)[0], "?") for key, value in old.items()}
+        added = [x for key, x in new.items() if old_labels.get(key) != x.label]
+        removed = [_decoded(key, old[key], names) for key, label in old_labels.items()
+                   if key not in new or new[key].label != label]
+        return ApplyResult(sorted(added, key=str), sorted(removed, key=str), len(new))
 
     # -- sockets ----------------------------------------------------------------------------------------
 
@@ -309,7 +317,7 @@ def _exact_label_id(st: LookupState, binding: Binding) -> int | None:
 
     A trie lookup answers with the longest prefix *containing* the key, so the entry found is this
     binding's own only when its prefix length is the binding's."""
-    raw = st.active.lookup(b.encode_key(*binding.selector))
+    raw = st.active.lookup(binding.key)
     if raw is None:
         return None
     label_id, prefixlen = b.decode_value(raw)
@@ -337,9 +345,11 @@ def _ncpus(st: LookupState) -> int:
     return len(st.maps["counters"].lookup_percpu(_ZERO))
 
 
-def _collect_labels(st: LookupState) -> None:
-    """Forgets labels that no binding and no socket refer to any more."""
-    in_use = {b.decode_value(v)[0] for _, v in st.active.items()}
+def _collect_labels(st: LookupState, in_use: set[int] | None = None) -> None:
+    """Forgets labels that no binding and no socket refer to any more (``in_use``: the label ids of the
+    active bindings, when the caller knows them)."""
+    if in_use is None:
+        in_use = {b.decode_value(v)[0] for v in st.active.snapshot().values()}
     for name, label_id in _label_ids(st).items():
         if label_id not in in_use and not _has_socket(st, label_id):
             st.maps["labels"].delete(b.encode_label(name))
@@ -353,13 +363,16 @@ def _has_socket(st: LookupState, label_id: int) -> bool:
 
 def _read_bindings(st: LookupState) -> list[Binding]:
     names = _label_names(st)
-    found = []
-    for key, value in st.active.items():
-        protocol, mapped, port = b.decode_key(key)
-        binding = Binding(names.get(b.decode_value(value)[0], "?"), protocol, b.from_mapped(mapped), port)
-        binding.__dict__["mapped"] = mapped  # the cached property, known already (computing it is slow)
-        found.append(binding)
-    return found
+    return [_decoded(key, value, names) for key, value in st.active.snapshot().items()]
+
+
+def _decoded(key: bytes, value: bytes, names: dict[int, str]) -> Binding:
+    """Returns the binding of trie entry ``key: value`` (``names``: label id → name)."""
+    protocol, mapped, port = b.decode_key(key)
+    binding = Binding(names.get(b.decode_value(value)[0], "?"), protocol, b.from_mapped(mapped), port)
+    binding.__dict__["mapped"] = mapped  # the cached properties, known already (computing them is slow)
+    binding.__dict__["key"] = key
+    return binding
 
 
 def _matches_in_kernel(st: LookupState, names: dict[int, str], protocol: str,

@@ -26,7 +26,7 @@ from flowsteer.kernel.libbpf import Program
 from flowsteer.kernel.netns import locked
 from flowsteer.reuseport import model, state
 from flowsteer.reuseport.maglev import DEFAULT_SIZE, check_size
-from flowsteer.reuseport.policy import Policy, check_weights, cpu_members, pad_key, table_for
+from flowsteer.reuseport.policy import Policy, check_protocol, check_weights, cpu_members, pad_key, table_for
 from flowsteer.reuseport.spec import GroupId, parse_address, parse_slot
 from flowsteer.reuseport.state import ABSENT, CONFIGURED, DRAINED, GroupState, Member
 
@@ -137,6 +137,7 @@ class Group:
         ``table_size`` is not a prime from 3 to 65537.
         """
         check_size(table_size)
+        check_protocol(policy or Policy(), self.id.protocol)
         with self._inside() as parent, locked():
             directory = os.path.join(parent, self.id.dirname)
             if bpffs.present(self.root, directory):
@@ -238,6 +239,7 @@ class Group:
         """
         checked = {parse_slot(s): check_weight(w) for s, w in weights.items()}
         check_weights(policy, checked)
+        check_protocol(policy, self.id.protocol)
         with self._writing(publish=False) as st:
             for slot, member in st.members().items():
                 if slot not in checked:
@@ -248,7 +250,9 @@ class Group:
             _publish(st, policy)
 
     def set_policy(self, policy: Policy) -> None:
-        """Makes ``policy`` the group's policy (one atomic switch of policy and table)."""
+        """Makes ``policy`` the group's policy (one atomic switch of policy and table); raises InvalidInput
+        when it cannot steer the group's protocol."""
+        check_protocol(policy, self.id.protocol)
         with self._writing(publish=False) as st:
             _publish(st, policy)
 

@@ -111,6 +111,12 @@ def cpu_members(policy: Policy, live: Set[int], weights: Mapping[int, int]) -> l
     return [cpu if cpu in live and weights.get(cpu, 0) > 0 else maglev.NO_MEMBER for cpu in range(CPU_SLOTS)]
 
 
+def check_protocol(policy: Policy, protocol: str) -> None:
+    """Raises InvalidInput when ``policy`` cannot steer a ``protocol`` group: quic reads UDP datagrams."""
+    if policy.name == "quic" and protocol != "udp":
+        raise InvalidInput(f"policy quic steers QUIC, which runs over UDP: a {protocol} group cannot use it")
+
+
 def check_weights(policy: Policy, weights: Mapping[int, int]) -> None:
     """Raises InvalidInput when ``policy`` would ignore one of ``weights`` (slot → weight): only policy
     weighted reads weights above 1; the others take 0 (no new flows) and 1."""

@@ -32,6 +32,11 @@ def test_kernel_errors_name_the_operation_and_detail() -> None:
     assert (err.operation, err.message, err.errno) == ("map update", "map update: too many", errno.E2BIG)
     plain = KernelError("attach", errno.EINVAL)
     assert (plain.operation, plain.message, str(plain)) == ("attach", "attach", "attach: EINVAL (Invalid argument)")
+    assert plain.log == "" and err.log == "" and kernel_error("load", errno.EPERM).log == ""
+    assert kernel_error("load", errno.EPERM).message == "load"
+    logged = kernel_error("load", errno.EACCES, "why", "the whole\nverifier log")
+    assert (type(logged), logged.log, logged.message) == (PermissionDenied, "the whole\nverifier log", "load: why")
+    assert kernel_error("load", errno.EINVAL, log="x").log == "x"
 
 
 @pytest.mark.parametrize("err, cls", [(errno.EPERM, PermissionDenied), (errno.EACCES, PermissionDenied),

@@ -300,7 +300,7 @@ def test_the_next_writer_removes_temporary_pins_of_dead_writers(dispatcher: Disp
     stale = os.path.join(state, f"bindings-active-tmp-{dead.pid}")
     with open_object() as obj, new_trie(obj) as trie:  # what a writer killed before its rename leaves
         big = B("big", "udp", "2001:db8::/64", 53)
-        trie.update(encode_key(*big.selector), encode_value(1, big.mapped))
+        trie.update(encode_key(*big.selector), encode_value(1, big.mapped.prefixlen))
         trie.pin(stale)
     assert dispatcher.bindings() == []  # readers do not touch it (and are not confused by it)
     assert os.path.exists(stale)

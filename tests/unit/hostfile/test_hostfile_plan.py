@@ -123,3 +123,52 @@ def test_members_holding_sockets_that_the_file_does_not_list_keep_weight_1_witho
     wanted = HostSpec(groups=(GroupSpec(WEB.group, Policy("weighted"), {0: 1, 1: 3}),))
     assert diff(HostSpec(groups=(group,)), wanted, {WEB.group: ((2, 99),)}).empty
     assert not diff(HostSpec(groups=(group,)), wanted, {}).empty  # absent member 2 would be forgotten
+
+
+def test_the_whole_plan_of_every_hook_exactly() -> None:
+    web = GroupSpec(G("tcp:192.0.2.1:8080"), Policy("weighted"), {0: 1, 1: 3})
+    current = HostSpec(bindings=frozenset({B("a", "tcp", "192.0.2.0/24", 80)}),
+                       groups=(web, GroupSpec(G("udp:192.0.2.9:53"), Policy("hash"))),
+                       rules=parse("[divert]\nrules = ['proto udp divert-packet port 7']", "toml").rules)
+    wanted = HostSpec(bindings=frozenset({B("b", "tcp", "192.0.2.0/24", 80), B("c", "udp", "198.51.100.0/24", 0)}),
+                      groups=(GroupSpec(web.group, Policy("weighted"), {0: 2}, 1021),
+                              GroupSpec(G("udp:[2001:db8::1]:443"), Policy("quic", 2, 8), {}, 251)),
+                      rules=parse("[divert]\nrules = ['proto tcp divert-packet port 8']", "toml").rules)
+    p = diff(current, wanted, {web.group: ((1, 77),)}, force=True)
+    binding = {"label": "a", "port": 80, "prefix": "192.0.2.0/24", "protocol": "tcp"}
+    assert p.to_dict() == {
+        "hooks": {
+            "lookup": {"added": [{"label": "c", "port": 0, "prefix": "198.51.100.0/24", "protocol": "udp"}],
+                       "removed": [], "changed": [{"from": binding, "to": {**binding, "label": "b"}}], "notes": []},
+            "reuseport": {
+                "added": [{"group": "udp:[2001:db8::1]:443", "key_len": 8, "key_offset": 2, "policy": "quic",
+                           "table_size": 251}],
+                "removed": [{"group": "udp:192.0.2.9:53", "policy": "hash"}],
+                "changed": [{"from": {"group": "tcp:192.0.2.1:8080", "policy": "weighted", "weights": {"0": 1, "1": 3}},
+                             "to": {"group": "tcp:192.0.2.1:8080", "policy": "weighted", "table_size": 1021,
+                                    "weights": {"0": 2, "1": 1}}}],  # member 1 holds a socket: kept at weight 1
+                "notes": ["make group tcp:192.0.2.1:8080 anew (its table size changes)"]},
+            "divert": {"added": ["proto tcp divert-packet port 8"], "removed": ["proto udp divert-packet port 7"],
+                       "changed": [], "notes": []}},
+        "not_owned": []}
+    assert [(c.kind, c.text) for c in p.hooks["reuseport"].changes] == [
+        ("remove", "group udp:192.0.2.9:53 policy hash"),
+        ("add", "group udp:[2001:db8::1]:443 policy quic (member in byte 2 of 8-byte connection IDs, else "
+                "consistent) table 251"),
+        ("change", "group tcp:192.0.2.1:8080 policy weighted weights 0=1 1=3  ->  policy weighted weights 0=2 1=1 "
+                   "table 1021")]
+    assert [h.summary() for h in p.hooks.values()] == ["1 added, 0 removed, 1 changed", "1 added, 1 removed, 1 changed",
+                                                       "1 added, 1 removed, 0 changed"]
+    assert (p.load_lookup, p.remove_groups, [g.group for g in p.create_groups], p.configure_groups) == \
+        (False, [G("udp:192.0.2.9:53")], [G("udp:[2001:db8::1]:443")], [])
+    assert [g.weights for g in p.recreate_groups] == [{0: 2, 1: 1}]
+
+
+def test_a_refusal_names_the_action_the_group_and_its_members_exactly() -> None:
+    with pytest.raises(InUse) as caught:
+        diff(HostSpec(groups=(WEB,)), HostSpec(groups=()), {WEB.group: ((0, 4242),)})
+    assert str(caught.value).startswith(
+        "cannot remove it (it is not in the file): group tcp:192.0.2.1:8080 has members holding sockets: 0 (pid "
+        "4242); stop those workers first, keep the group in the file, or apply with --force (their sockets then "
+        "keep the last table, unmanaged); nothing was changed")
+    assert not diff(HostSpec(groups=(WEB,)), HostSpec(groups=()), {G("tcp:192.0.2.2:1"): ((0, 1),)}).empty

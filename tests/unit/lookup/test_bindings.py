@@ -27,6 +27,13 @@ def test_key_round_trips(network: b.Network, protocol: str, port: int) -> None:
     assert b.decode_key(key) == (protocol, mapped, port)
 
 
+@given(networks, st.sampled_from(["tcp", "udp"]), st.integers(0, 65535))
+def test_the_integer_key_is_the_selectors_key(network: b.Network, protocol: str, port: int) -> None:
+    binding = b.Binding("web", protocol, network, port)
+    assert binding.key == b.encode_key(*binding.selector)
+    assert binding.mapped_prefixlen == binding.mapped.prefixlen
+
+
 @given(v4_networks)
 def test_ipv4_prefixes_map_into_the_v4_mapped_space_and_back(network: ipaddress.IPv4Network) -> None:
     mapped = b.to_mapped(network)

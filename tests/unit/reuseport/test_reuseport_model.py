@@ -53,6 +53,12 @@ def test_hash_is_pinned() -> None:
     assert flow_hash(Flow.parse("udp", "[2001:db8:1::7]:40000", "[2001:db8::1]:443"), 0) == 4054966883
     mapped = Flow.parse("tcp", "[::ffff:198.51.100.7]:40000", "192.0.2.1:8080")
     assert flow_hash(mapped, 0x12345678) == flow_hash(TCP, 0x12345678)  # v4-mapped hashes as IPv4
+    # policy source: the client address alone (values as the BPF program computes them, which the
+    # differential system tests compare with real landings)
+    assert flow_hash(TCP, 0x12345678, source_only=True) == 2302933257
+    assert flow_hash(Flow.parse("udp", "[2001:db8:1::7]:40000", "[2001:db8::1]:443"), 0, source_only=True) == 2356474618
+    assert flow_hash(Flow.parse("tcp", "198.51.100.7:1", "[::ffff:192.0.2.9]:9"), 0x12345678, source_only=True) == \
+        2302933257
 
 
 def test_table_pick_and_index() -> None:
@@ -136,4 +142,29 @@ def test_locality_picks_the_member_of_the_cpu_and_falls_back_to_the_table() -> N
     assert decide(on(2), view).reason == "table"  # CPU 2 names no member
     assert decide(on(None), view).reason == "table"  # the CPU is not known
     assert decide(on(1), DictView(Policy("consistent"), [2] * 7, {0, 1, 2}, cpus={1: 1})).reason == "table"
+
+
+def _quic(payload: bytes, protocol: str = "udp") -> Flow:
+    return Flow.parse(protocol, "198.51.100.7:40000", "192.0.2.1:443", payload)
+
+
+def test_quic_picks_the_member_a_connection_id_names_else_the_table() -> None:
+    view = DictView(Policy("quic", 1, 4), [2] * 7, {0, 1, 2, 3})
+    short = b"\x40" + bytes([0xAA, 3, 0xBB, 0xCC]) + b"rest"
+    assert decide(_quic(short), view) == Decision("member", "connection id", 3)
+    handshake = b"\xe0\x00\x00\x00\x01\x04" + bytes([0xAA, 1, 0xBB, 0xCC])
+    assert decide(_quic(handshake), view) == Decision("member", "connection id", 1)
+    no_socket = b"\x40" + bytes([0xAA, 9, 0xBB, 0xCC])
+    initial = b"\xc0\x00\x00\x00\x01\x04" + bytes([0xAA, 1, 0xBB, 0xCC])
+    for other in (_quic(no_socket), _quic(initial), _quic(short, "tcp"), _quic(b"")):
+        assert decide(other, view).reason == "table", other
+    view.flows[_quic(initial).encode()] = 0  # a remembered flow still comes after the connection id
+    assert decide(_quic(short), view).slot == 3 and decide(_quic(initial), view).reason == "flow table"
+    assert decide(_quic(short), DictView(Policy("key", 1, 4), [2] * 7, {0, 1, 2, 3})).reason == "table"
+
+
+def test_flow_parse_keeps_payload_and_cpu() -> None:
+    flow = Flow.parse("udp", "198.51.100.7:1", "192.0.2.1:2", b"pay", 5)
+    assert (flow.payload, flow.cpu) == (b"pay", 5)
+    assert Flow.parse("udp", "198.51.100.7:1", "192.0.2.1:2").cpu is None
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from flowsteer.errors import InvalidInput
 from flowsteer.reuseport.maglev import NO_MEMBER
-from flowsteer.reuseport.policy import KEY_MAX, Kind, Policy, check_weights, pad_key, ramp_weight, table_for
+from flowsteer.reuseport.policy import (CPU_SLOTS, KEY_MAX, Kind, Policy, check_protocol, check_weights, cpu_members,
+                                        pad_key, ramp_weight, table_for)
 
 SIZE = 1021
 
@@ -84,3 +85,29 @@ def test_only_policy_weighted_takes_weights_above_one() -> None:
 def test_slow_start_ramps_from_one_to_the_target(target: int, elapsed: float, duration: float,
                                                  expected: int) -> None:
     assert ramp_weight(target, elapsed, duration) == expected
+
+
+def test_cpu_members_name_live_members_of_their_number_under_locality_only() -> None:
+    members = cpu_members(Policy("locality"), {0, 2, 3, 300}, {0: 1, 1: 1, 2: 0, 3: 5})
+    assert len(members) == CPU_SLOTS == 256
+    assert members[:5] == [0, NO_MEMBER, NO_MEMBER, 3, NO_MEMBER]  # 1 not live, 2 weight 0, 4 no member
+    assert set(members[5:]) == {NO_MEMBER}
+    assert cpu_members(Policy("consistent"), {0, 1}, {0: 1, 1: 1}) == [NO_MEMBER] * 256
+
+
+def test_quic_needs_a_udp_group() -> None:
+    check_protocol(Policy("quic", 0, 8), "udp")
+    check_protocol(Policy("locality"), "tcp")
+    with pytest.raises(InvalidInput) as caught:
+        check_protocol(Policy("quic", 0, 8), "tcp")
+    assert str(caught.value) == "policy quic steers QUIC, which runs over UDP: a tcp group cannot use it"
+
+
+def test_quic_policies_describe_and_check_themselves() -> None:
+    assert Policy("quic", 0, 1).describe() == "quic (member in byte 0 of 1-byte connection IDs, else consistent)"
+    assert Policy("quic", 19, 20).key_len == 20
+    assert Policy("source").describe() == "source" and Policy("source").kind == Kind.SOURCE
+    assert Policy("locality").kind == Kind.LOCALITY and Policy("quic", 0, 8).kind == Kind.QUIC
+    assert not Policy("quic", 0, 8).weighted and not Policy("source").weighted
+    assert ramp_weight(2, 0.0, 10.0) == 1 and ramp_weight(2, 5.0, 10.0) == 1 and ramp_weight(2, 5.1, 10.0) == 2
+

@@ -59,3 +59,24 @@ def test_the_source_hash_reads_the_client_address_alone(client: int, port_a: int
     b = Flow("tcp", address, port_b, ipaddress.IPv6Address("::ffff:192.0.2.9"), 443)
     assert flow_hash(a, seed, source_only=True) == flow_hash(b, seed, source_only=True)
 
+
+def test_the_edges_of_connection_ids() -> None:
+    assert connection_id(255, 20, 19, bytes(19)) == bytes(19) + b"\xff"
+    assert connection_id(0, 1, 0, b"") == b"\x00"
+    for member, length, offset in ((-1, 8, 0), (0, 0, 0), (0, 21, 0), (0, 8, -1)):
+        with pytest.raises(InvalidInput):
+            connection_id(member, length, offset)
+    assert len(connection_id(1, 20, 0)) == 20  # random filler
+
+
+def test_the_edges_of_packets() -> None:
+    assert named_member(b"\x40\x07", 0, 1) == 7                  # the ID's last byte, the packet's last byte
+    assert named_member(b"\x40\x07", 1, 2) is None               # one byte short
+    assert named_member(b"\x40" + bytes(19) + b"\x09", 19, 20) == 9
+    assert named_member(b"\x40" + bytes(25), 20, 21) is None      # offsets past any ID
+    assert named_member(b"\xe0\x00\x00\x00\x01\x01\x05", 0, 8) == 5  # a 1-byte ID in a Handshake
+    assert named_member(b"\xe0\x00\x00\x00\x01\x01\x05", 1, 8) is None
+    assert named_member(b"\xe0\x00\x00\x00\x01", 0, 8) is None      # no length byte
+    assert named_member(b"\xe0\x00\x00\x00\x01\x02\x05", 1, 8) is None  # the ID is cut short
+    assert named_member(b"\xa0\x00\x00\x00\x01\x01\x05", 0, 8) == 5    # a Handshake without the fixed bit
+

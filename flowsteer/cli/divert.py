@@ -12,14 +12,10 @@ import click
 from flowsteer.cli import main
 from flowsteer.cli.common import emit, json_option, netns_option, parse_endpoint, reports_errors, table
 from flowsteer.errors import InvalidInput
-from flowsteer.divert import control
-from flowsteer.divert.capture import capture
-from flowsteer.divert.conntrack import connection_mark
-from flowsteer.divert.model import Flow, explain as explain_flow
+from flowsteer.divert.front import Divert
+from flowsteer.divert.model import Flow
 from flowsteer.divert.rules import Rule
-from flowsteer.divert.serve import load_handler, supervisor
-from flowsteer.divert.status import status as divert_status
-from flowsteer.kernel.netns import entered
+from flowsteer.divert.serve import load_handler
 from flowsteer.numbers import is_whole_number
 from flowsteer.supervisor import Event
 
@@ -48,8 +44,7 @@ def _render_rules(rules: list[dict[str, Any]]) -> str:
 @reports_errors
 def rules_cmd(netns: str | None, as_json: bool) -> None:
     """List the divert rules in evaluation order, with matched packets."""
-    with entered(netns):
-        data = divert_status()["rules"]
+    data = Divert(netns).status()["rules"]
     emit(data, as_json, _render_rules)
 
 
@@ -61,8 +56,7 @@ def rules_cmd(netns: str | None, as_json: bool) -> None:
 def add_cmd(rule: tuple[str, ...], position: int | None, netns: str | None) -> None:
     """Add a divert rule (pf-like text, e.g. in proto udp to port 53 divert-packet port 700)."""
     parsed = Rule.parse(" ".join(rule))
-    with entered(netns):
-        control.add(parsed, position)
+    Divert(netns).add(parsed, position)
     click.echo(f"added: {parsed}")
 
 
@@ -74,8 +68,7 @@ def del_cmd(which: tuple[str, ...], netns: str | None) -> None:
     """Delete a divert rule by number (as `divert rules` shows it) or by its text."""
     text = " ".join(which)
     target: int | Rule = int(text) if is_whole_number(text) else Rule.parse(text)
-    with entered(netns):
-        left = control.delete(target)
+    left = Divert(netns).delete(target)
     click.echo(f"deleted; {len(left)} rule(s) left")
 
 
@@ -84,8 +77,7 @@ def del_cmd(which: tuple[str, ...], netns: str | None) -> None:
 @reports_errors
 def flush_cmd(netns: str | None) -> None:
     """Remove every divert rule and flowsteer's divert chains."""
-    with entered(netns):
-        control.flush()
+    Divert(netns).flush()
     click.echo("flushed")
 
 
@@ -94,8 +86,7 @@ def flush_cmd(netns: str | None) -> None:
 @reports_errors
 def zero_cmd(netns: str | None) -> None:
     """Reset the packet counters of every rule and member to zero (they count on from there)."""
-    with entered(netns):
-        control.reset_counters()
+    Divert(netns).reset_counters()
     click.echo("counters reset")
 
 
@@ -125,9 +116,7 @@ def _render_status(data: dict[str, Any]) -> str:
 @reports_errors
 def status_cmd(netns: str | None, as_json: bool) -> None:
     """Show rules, divert ports, their sockets (members) and kernel queue counters."""
-    with entered(netns):
-        data = divert_status()
-    emit(data, as_json, _render_status)
+    emit(Divert(netns).status(), as_json, _render_status)
 
 
 @divert.command("explain")
@@ -172,9 +161,7 @@ def explain_cmd(flow: tuple[str, ...], direction: str, proto: str | None, src: s
     elif proto is None or src is None or dst is None:
         raise InvalidInput("give PROTOCOL SOURCE[:PORT] DESTINATION[:PORT]")
     flow = Flow(direction, proto, src, dst, sport, dport, interface, not untracked, reply)  # type: ignore[arg-type]
-    with entered(netns):
-        mark = None if new or untracked else connection_mark(flow)
-        answer = explain_flow(flow, ct_mark=mark)
+    answer = Divert(netns).explain(flow, new=new)
 
     def render(a: dict[str, Any]) -> str:
         if not a["diverted"]:
@@ -226,9 +213,8 @@ def serve_cmd(handler: str, port: int, workers: int, hold_time: float, report_in
             click.echo(str(e))
         sys.stdout.flush()
 
-    with entered(netns):
-        supervisor(port, workers, function, hold_time=hold_time, capture=capture_file, events=event,
-                   report_every=report_interval).run()
+    Divert(netns).serve(port, workers, function, hold_time=hold_time, capture_file=capture_file, events=event,
+                        report_every=report_interval)
 
 
 @divert.command("capture")
@@ -249,6 +235,5 @@ def capture_cmd(port: int, path: str, count: int | None, duration: float | None,
     def ready() -> None:
         click.echo(f"capturing divert port {port} to {path}", err=True)
 
-    with entered(netns):
-        captured = capture(port, path, count=count, seconds=duration, group=group, ready=ready)
+    captured = Divert(netns).capture(port, path, count=count, seconds=duration, group=group, ready=ready)
     click.echo(f"{captured} packets captured", err=True)

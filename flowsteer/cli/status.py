@@ -39,11 +39,9 @@ def _reuseport(netns: str | None, bpffs: str | None) -> dict[str, Any]:
 
 
 def _divert(netns: str | None, bpffs: str | None) -> dict[str, Any]:
-    from flowsteer.divert.status import status
-    from flowsteer.kernel.netns import entered
+    from flowsteer.divert.front import Divert
 
-    with entered(netns):
-        s = status()
+    s = Divert(netns).status()
     return {"rules": len(s["rules"]),
             "ports": [{"port": p["port"], "members": len(p["sockets"]), "stale": p["stale"]} for p in s["ports"]]}
 
@@ -67,8 +65,8 @@ def _render(data: dict[str, Any]) -> str:
     lines = []
     for hook, s in data.items():
         if "error" in s:
-            lines.append(f"{hook + ':':<11}cannot read: {s['error']}")
-        elif hook == "lookup":
+            continue  # on stderr
+        if hook == "lookup":
             lines.append("lookup:    not loaded" if not s["loaded"] else
                          f"lookup:    {s['bindings']} bindings, {s['labels']} labels, {s['sockets']} sockets; "
                          f"{s['lookups']} lookups, {s['drops']} dropped")
@@ -90,7 +88,8 @@ def _render(data: dict[str, Any]) -> str:
 @reports_errors
 def status(netns: str | None, bpffs: str | None, as_json: bool) -> None:
     """Show every hook of the namespace at a glance: lookup bindings and sockets, reuseport groups and
-    their members' states, divert rules and ports. Exits 1 when a hook's state cannot be read.
+    their members' states, divert rules and ports. A hook whose state cannot be read gets one error line
+    on stderr (the others are shown) and the exit status is 1.
 
     The detail: `flowsteer lookup status`, `flowsteer reuseport show GROUP`, `flowsteer divert status`.
 
@@ -101,5 +100,8 @@ def status(netns: str | None, bpffs: str | None, as_json: bool) -> None:
     """
     data = summary(netns, bpffs)
     emit(data, as_json, _render)
-    if any("error" in s for s in data.values()):
+    failed = {hook: s["error"] for hook, s in data.items() if "error" in s}
+    for hook, message in failed.items():
+        click.echo(f"flowsteer: error: {hook}: {message}", err=True)
+    if failed:
         sys.exit(1)

@@ -1,5 +1,6 @@
 """The divert hook: OpenBSD-style divert sockets with FreeBSD-style load-balancing groups, on NFQUEUE.
 
+:class:`Divert` is the front door for one network namespace (rules, status, explain, serve, capture).
 Rules (:class:`Rule`, managed with :mod:`flowsteer.divert.control`) send matching packets to a divert
 port; a :class:`DivertSocket` bound to the port reads them and writes them back; sockets with
 ``SO_REUSEPORT_LB`` share a port as a group whose members keep whole connections; :func:`explain` says
@@ -8,6 +9,7 @@ where a packet goes; :func:`supervisor` runs a handler (per packet, or per batch
 """
 
 from flowsteer.divert.capture import PcapngWriter
+from flowsteer.divert.front import Divert
 from flowsteer.divert.handling import batch_handler
 from flowsteer.divert.model import Flow, explain
 from flowsteer.divert.packet import Packet
@@ -15,5 +17,5 @@ from flowsteer.divert.rules import Rule
 from flowsteer.divert.serve import DivertService, supervisor
 from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertAddress, DivertSocket
 
-__all__ = ["DivertAddress", "DivertService", "DivertSocket", "Flow", "Packet", "PcapngWriter", "Rule",
+__all__ = ["Divert", "DivertAddress", "DivertService", "DivertSocket", "Flow", "Packet", "PcapngWriter", "Rule",
            "SO_REUSEPORT_LB", "batch_handler", "explain", "supervisor"]

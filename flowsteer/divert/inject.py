@@ -22,6 +22,7 @@ import socket
 import struct
 
 from flowsteer.errors import InvalidInput, kernel_error
+from flowsteer.kernel.libc import libc as _libc
 
 SOURCE_MAC = "02:d1:ce:d1:ce:00"
 """Link-layer source of injected frames (locally administered); the divert rules skip it."""
@@ -36,7 +37,6 @@ _RETURN_XDP_PASS = bytes.fromhex("b700000002000000" "9500000000000000")  # r0 = 
 _SIOCGIFHWADDR = 0x8927
 _ARPHRD_ETHER = 1
 _ETHERTYPE = {4: b"\x08\x00", 6: b"\x86\xdd"}
-_libc = ctypes.CDLL(None, use_errno=True)
 _program_fd: int | None = None
 
 

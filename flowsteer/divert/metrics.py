@@ -10,7 +10,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from flowsteer.divert import netfilter
 from flowsteer.divert.ports import bound_queues, queue_owner
-from flowsteer.kernel.netns import entered
 from flowsteer.metrics import HookCollector, ScrapeErrors
 
 
@@ -52,8 +51,9 @@ class DivertCollector(HookCollector):
         self.netns = netns
 
     def read(self) -> dict[str, list[dict[str, Any]]]:
-        with entered(self.netns):
-            return divert_metrics()
+        from flowsteer.divert.front import Divert  # front imports this module
+
+        return Divert(self.netns).metrics()
 
     def families(self, data: dict[str, list[dict[str, Any]]]) -> Iterator[Metric]:
         rule_packets = CounterMetricFamily("flowsteer_divert_rule_packets", "Packets a divert rule matched",

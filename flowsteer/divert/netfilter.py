@@ -43,6 +43,7 @@ from typing import Any
 from flowsteer.divert.inject import SOURCE_MAC
 from flowsteer.divert.ports import SLOTS, queue_number
 from flowsteer.divert.rules import Direction, Family, Rule
+from flowsteer.kernel import capabilities
 from flowsteer.errors import FlowsteerError, ToolFailed
 
 SKIP_MARK = 0xD1CE0000
@@ -431,6 +432,7 @@ def _run(argv: list[str], text: str | None = None) -> subprocess.CompletedProces
 
 
 def _snapshot(family: Family) -> Snapshot:
+    capabilities.require("reading the divert rules", "CAP_NET_ADMIN")
     proc = _run([_TOOLS[family][0], "-c", "-t", "mangle"])
     if proc.returncode != 0:
         raise ToolFailed(f"{_TOOLS[family][0]} failed: {proc.stderr.strip()}")

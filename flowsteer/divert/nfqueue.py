@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from flowsteer.errors import kernel_error
+from flowsteer.kernel.libc import libc
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -342,7 +343,7 @@ class _MMsgHdr(ctypes.Structure):
     _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
 
 
-_recvmmsg = ctypes.CDLL(None, use_errno=True).recvmmsg
+_recvmmsg = libc.recvmmsg
 _recvmmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_MMsgHdr), ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
 _recvmmsg.restype = ctypes.c_int
 

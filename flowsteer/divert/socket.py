@@ -38,6 +38,7 @@ from flowsteer.divert.packet import Origin, Packet, finalize
 from flowsteer.divert.ports import SLOTS, allocate_block, bound_queues, port_state, queue_number
 from flowsteer.divert.rules import check_divert_port
 from flowsteer.errors import FlowsteerError, InvalidInput, MissingFeature, kernel_error
+from flowsteer.kernel import netns
 from flowsteer.kernel.netns import entered, locked
 
 SO_REUSEPORT_LB = 0x00010000
@@ -126,7 +127,7 @@ class DivertSocket:
         self._addresses: dict[str, str] = {}
         self._addresses_until = 0.0
         self._raw: dict[int, socket.socket] = {}
-        self._netns = open("/proc/thread-self/ns/net", "rb")  # noqa: SIM115 (lives as long as the socket)
+        self._netns = open(netns.SELF, "rb")  # noqa: SIM115 (lives as long as the socket)
 
     # -- socket options and binding ---------------------------------------------------------------
 

@@ -25,13 +25,13 @@ from collections.abc import Callable, Iterator
 
 from flowsteer.errors import AlreadyExists, InvalidInput, UnsafePath, kernel_error
 from flowsteer.kernel.netns import NetnsId, entered, identity
+from flowsteer.kernel.libc import libc as _libc
 
 BPFFS_MAGIC = 0xCAFE4A11
 DEFAULT_ROOT = "/sys/fs/bpf"
 DIR_MODE = 0o755
 _MNT_DETACH = 2
 _STEP = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _Statfs(ctypes.Structure):

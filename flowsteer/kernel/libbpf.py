@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from flowsteer.errors import FlowsteerError, KernelError, kernel_error
+from flowsteer.kernel.libc import libc
 
 
 class MapType(enum.IntEnum):
@@ -182,7 +183,7 @@ try:
     _lib = _load_library()
 except FlowsteerError as exc:
     _lib = _Unavailable(exc)
-_libc = ctypes.CDLL(None)
+_libc = libc
 _libc.vasprintf.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_void_p]
 _libc.free.argtypes = [ctypes.c_void_p]
 

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flowsteer.errors import InvalidInput, ToolFailed, kernel_error
+from flowsteer.kernel.libc import libc as _libc
 
 if TYPE_CHECKING:
     import subprocess
 
 CLONE_NEWNET = 0x40000000
-_SELF = "/proc/thread-self/ns/net"
-_libc = ctypes.CDLL(None, use_errno=True)
+SELF = "/proc/thread-self/ns/net"
+"""The calling thread's network namespace (each thread can be in its own)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -43,7 +44,7 @@ def identity(path: str | None = None) -> NetnsId:
 
     Raises InvalidInput when ``path`` does not exist or is not a network namespace file.
     """
-    target = path or _SELF
+    target = path or SELF
     try:
         st = os.stat(target)
     except OSError as exc:
@@ -81,7 +82,7 @@ def entered(netns: str | None) -> Iterator[None]:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise InvalidInput(f"network namespace {netns!r} cannot be opened", errno=exc.errno) from None
-    home = os.open(_SELF, os.O_RDONLY | os.O_CLOEXEC)
+    home = os.open(SELF, os.O_RDONLY | os.O_CLOEXEC)
     try:
         _setns(target, path)
         try:
@@ -98,7 +99,7 @@ def locked() -> Iterator[None]:
     """Holds an exclusive flock on the calling thread's network namespace itself (its nsfs file) for the
     ``with`` block: one lock per namespace, with no file to create or clean up, released by the kernel
     when its holder dies. flock locks belong to open files: a holder must not take it a second time."""
-    fd = os.open(_SELF, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(SELF, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
+from flowsteer.kernel.libc import libc as _libc
 
 PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:

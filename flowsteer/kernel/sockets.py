@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from flowsteer.errors import FlowsteerError, InvalidInput, NotFound, WrongSocket, kernel_error
 from flowsteer.kernel.netns import NetnsId
+from flowsteer.kernel.libc import libc as _libc
 
 SO_COOKIE = 57
 SIOCGSKNS = 0x894C
 _SYS_PIDFD_GETFD = 438
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def cookie(sock: socket.socket) -> int:

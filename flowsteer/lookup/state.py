@@ -24,7 +24,7 @@ import struct
 from collections.abc import Iterator
 
 from flowsteer.errors import AlreadyExists, KernelError, NotLoaded
-from flowsteer.kernel import bpffs, features
+from flowsteer.kernel import bpffs, features, netns
 from flowsteer.kernel.libbpf import AttachType, BpfObject, Link, Map
 from flowsteer.kernel.netns import NetnsId
 from flowsteer.kernel.pinned import PinnedState, StateSpec, repin
@@ -167,7 +167,7 @@ def create(root: str, netns: NetnsId, gid: int | None) -> None:
 
 @contextlib.contextmanager
 def _netns_fd() -> Iterator[int]:
-    fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(netns.SELF, os.O_RDONLY | os.O_CLOEXEC)
     try:
         yield fd
     finally:

@@ -13,9 +13,9 @@ import pwd
 from dataclasses import dataclass
 
 from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
+from flowsteer.kernel.libc import libc as _libc
 
 PR_SET_NO_NEW_PRIVS = 38
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)

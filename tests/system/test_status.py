@@ -47,5 +47,18 @@ def test_status_summarises_every_hook(netns: NamedNetns, bpffs_root: str) -> Non
 
 def test_a_hook_that_cannot_be_read_is_named_and_fails(netns: NamedNetns, bpffs_root: str) -> None:
     proc = flowsteer("status", "--netns", "/nonexistent/ns")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert proc.stderr.startswith("flowsteer: error: lookup: ") and "cannot be opened" in proc.stderr
+    assert [line.split(":")[2].strip() for line in proc.stderr.splitlines()] == ["lookup", "reuseport", "divert"]
+
+
+def test_unprivileged_status_names_what_each_hook_misses(netns: NamedNetns, bpffs_root: str) -> None:
+    Dispatcher().load()
+    proc = subprocess.run(["ip", "netns", "exec", netns.name, "setpriv", "--reuid=65534", "--regid=65534",
+                           "--clear-groups", "--inh-caps=-all", sys.executable, "-m", "flowsteer", "--bpffs",
+                           bpffs_root, "status"],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "lookup:    cannot read: " in proc.stdout and "cannot be opened" in proc.stdout
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith("flowsteer: error: ") for line in lines)
+    assert "flowsteer: error: divert: reading the divert rules needs CAP_NET_ADMIN" in proc.stderr

@@ -148,7 +148,7 @@ def test_a_failed_load_by_an_unprivileged_user_says_which_capability_and_creates
 
 @pytest.mark.parametrize("args", [("load",), ("unload",), ("upgrade",), ("bind", "x", "tcp", "192.0.2.0/24", "80"),
                                   ("unbind", "x", "tcp", "192.0.2.0/24", "80"), ("unregister", "x"),
-                                  ("status",), ("group", "drain", "tcp:192.0.2.3:80", "0"),
+                                  ("lookup", "status"), ("group", "drain", "tcp:192.0.2.3:80", "0"),
                                   ("load", "--netns", "/proc/1/ns/net")])
 def test_an_unprivileged_user_gets_one_line_naming_what_is_missing(
         netns: NamedNetns, bpffs_root: str, args: tuple[str, ...]) -> None:

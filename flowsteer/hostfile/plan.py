@@ -102,14 +102,14 @@ def _lookup(plan: Plan, current: frozenset[Binding] | None, wanted: frozenset[Bi
             return hook
         plan.load_lookup = True
         hook.notes.append("load the dispatcher (it is not loaded in this namespace)")
-    old = {x.selector: x for x in current or ()}
-    new = {x.selector: x for x in wanted}
+    old = {x.key: x for x in current or ()}  # the trie key: one to one with the selector, cheaper
+    new = {x.key: x for x in wanted}
     for x in sort_by_precedence([new[s] for s in new.keys() - old.keys()]):
         hook.changes.append(Change("add", str(x), x.to_dict()))
     for x in sort_by_precedence([old[s] for s in old.keys() - new.keys()]):
         hook.changes.append(Change("remove", str(x), x.to_dict()))
     for x in sort_by_precedence([new[s] for s in new.keys() & old.keys() if new[s].label != old[s].label]):
-        before = old[x.selector]
+        before = old[x.key]
         hook.changes.append(Change("change", f"{before} (now {x.label})",
                                    {"from": before.to_dict(), "to": x.to_dict()}))
     return hook

@@ -168,3 +168,10 @@ def test_flow_parse_keeps_payload_and_cpu() -> None:
     assert (flow.payload, flow.cpu) == (b"pay", 5)
     assert Flow.parse("udp", "198.51.100.7:1", "192.0.2.1:2").cpu is None
 
+
+
+def test_policy_source_indexes_the_table_by_the_client_address() -> None:
+    view = DictView(Policy("source"), list(range(7)), set(range(7)))
+    decision = decide(TCP, view)
+    assert decision.hash == flow_hash(TCP, view.seed, source_only=True) != flow_hash(TCP, view.seed)
+    assert decision.index == decision.hash % 7 and decision.slot == decision.index

@@ -111,3 +111,7 @@ def test_quic_policies_describe_and_check_themselves() -> None:
     assert not Policy("quic", 0, 8).weighted and not Policy("source").weighted
     assert ramp_weight(2, 0.0, 10.0) == 1 and ramp_weight(2, 5.0, 10.0) == 1 and ramp_weight(2, 5.1, 10.0) == 2
 
+
+
+def test_a_live_slot_without_a_weight_names_no_cpu() -> None:
+    assert cpu_members(Policy("locality"), {4}, {})[4] == NO_MEMBER

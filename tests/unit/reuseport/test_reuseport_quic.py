@@ -80,3 +80,12 @@ def test_the_edges_of_packets() -> None:
     assert named_member(b"\xe0\x00\x00\x00\x01\x02\x05", 1, 8) is None  # the ID is cut short
     assert named_member(b"\xa0\x00\x00\x00\x01\x01\x05", 0, 8) == 5    # a Handshake without the fixed bit
 
+
+
+def test_the_member_byte_must_lie_inside_the_id() -> None:
+    assert named_member(b"\x40" + bytes(8) + b"\x05", 8, 8) is None               # just past a short header's ID
+    assert named_member(b"\xe0\x00\x00\x00\x01\x02\xaa\xbb\x08rest", 2, 8) is None  # just past a Handshake's ID
+    assert named_member(b"\xe0\x00\x00\x00\x01\x02\xaa\xbb\x08rest", 1, 8) == 0xBB
+    with pytest.raises(InvalidInput) as caught:
+        connection_id(256, 8, 0)
+    assert str(caught.value) == "member 256 is out of range (0..255)"

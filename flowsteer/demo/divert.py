@@ -101,8 +101,10 @@ def run() -> None:
         victim = int(first[0])
         step(f"kill -9 worker {victim}: the supervisor recompiles the rules and restarts it")
         os.kill(victim, signal.SIGKILL)
-        restarted = _event(serve, "restarted")
-        print(f"  worker {restarted['worker']} restarted as pid {restarted['pid']} in slot {restarted['slot']}")
+        died = _event(serve, "worker-died")
+        restarted = _event(serve, "worker-ready")  # the supervisor's events (flowsteer.supervisor.Event)
+        print(f"  worker {died['slot']} (pid {died['pid']}) died; restarted as pid {restarted['pid']} "
+              f"in slot {restarted['slot']}")
         third = _round(clients, "after the restart")
         moved = [i for i in first if first[i] != third[i]]
         only_victims = all(first[i] == str(victim) for i in moved)

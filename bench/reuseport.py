@@ -2,7 +2,8 @@
 
 1. connection rate with flowsteer's program attached against the same sockets without a program, for
    policies consistent, source and locality, and the datagram rate of policy quic (QUIC short headers);
-   the fraction of clients moved on a change under policy source;
+   the fraction of clients moved on a change under policy source; a restarted member's share of new
+   connections along a slow start;
 2. balance of 100,000 UDP flows over 8 equal members (busiest member against the mean);
 3. fraction of TCP flows moved when one of 8 members is added or removed, against plain SO_REUSEPORT;
 4. restarts of real servers under wrk (``--restarts``): failed requests and requests/s while uvicorn and
@@ -146,6 +147,36 @@ def clients_moved(clients: int) -> dict[str, float]:
            "remove": sum(nine[c] != seven[c] for c in nine) / len(nine)}
     for member in members.values():
         member.socket.close()
+    return out
+
+
+def slow_start_shares(flows: int, duration: float = 10.0) -> list[tuple[float, int, float]]:
+    """Returns, at 0, 1/4, 1/2 and all of a ``duration``-second slow start, the restarted member's weight
+    and the share of ``flows`` new connections that reached it (4 members of weight 100, policy weighted;
+    the ramp is driven with a stepped clock, the connections are real)."""
+    gid = GroupId.parse("tcp:192.0.2.1:7014")
+    group = Group(gid)
+    clock = [0.0]
+    service = GroupService(group, lambda member: None, policy=Policy("weighted"), restart="handover",
+                           slow_start=duration, clock=lambda: clock[0])
+    out = []
+    try:
+        for slot in range(4):
+            service.prepare(slot)
+        group.set_weights({slot: 100 for slot in range(4)})
+        for slot in range(4):
+            service.started(slot, 1, {})
+        service.all_ready()
+        service.started(3, 2, {})  # member 3's worker is new
+        rng = random.Random(7014)
+        for fraction in (0.0, 0.25, 0.5, 1.0):
+            clock[0] = fraction * duration
+            service.tick()
+            sample = random_flows("tcp", gid.address, gid.port, flows, rng, "198.18.0.0/15")
+            landed = tcp_landing(service.held, sample)
+            out.append((fraction, group.weight(3), sum(1 for s in landed.values() if s == 3) / flows))
+    finally:
+        service.close()
     return out
 
 
@@ -373,6 +404,9 @@ def main() -> int:
             unit = "connection" if protocol == "tcp" else "datagram"
             print(f"{unit} rate, policy {policy.name}: {prog_rate:,.0f}/s with the program, {plain_rate:,.0f}/s "
                   f"without: ratio {prog_rate / plain_rate:.3f} (target >= 0.97)")
+        for fraction, weight, share in slow_start_shares(2000 // scale):
+            print(f"slow start at {fraction:.0%} of the ramp: restarted member's weight {weight}, share of new "
+                  f"connections {share:.3f} (expected {weight / (300 + weight):.3f})")
         for change, fraction in clients_moved(2000 // scale).items():
             n = 9 if change == "add" else 8
             print(f"clients moved on {change} (one of 8), policy source: {fraction:.3f} = {fraction * n:.2f}/N "

@@ -13,7 +13,10 @@ mount -t tmpfs tmpfs /tmp          # the host's /tmp is shared read-only; tests 
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=/tmp/pycache PYTEST_ADDOPTS="--color=no --timeout=900 --tb=short"
 echo "guest kernel $(uname -r)"
-# the smoke's tests are named on the command line by the host script; the suite is tests/system
-[[ $mode == smoke ]] || set -- tests/system "$@"
+# the smoke's tests are named on the command line by the host script; the suite is tests/system, or
+# the tests named after `--` when some are
+named=0
+for arg in "$@"; do [[ $arg == tests/* ]] && named=1; done
+[[ $mode == smoke || $named == 1 ]] || set -- tests/system "$@"
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 echo "FLOWSTEER-GUEST-RESULT $?"

@@ -8,7 +8,8 @@
 #   --smoke   boot, load and attach every program, one real connection or packet per hook (CI runs this
 #             under 6.1 as part of `make test`); without it the whole system suite runs (about 20
 #             minutes per kernel under TCG).
-# Extra pytest arguments go after `--` (for example `-- -x -k reuseport`).
+# Extra pytest arguments go after `--` (for example `-- -x -k reuseport`); test paths there replace the
+# whole suite (`-- tests/system/test_doctor.py`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -27,7 +27,7 @@ import flowsteer
 from flowsteer.testing.sockets import tcp_lands, tcp_listener
 
 REPO = Path(__file__).resolve().parents[2]
-OBJECTS = ("lookup.bpf.o", "reuseport.bpf.o")
+OBJECTS = ("lookup.bpf.o", "reuseport.bpf.o", "reuseport-select.bpf.o")
 EM_BPF = 247
 
 

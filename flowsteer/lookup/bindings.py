@@ -117,13 +117,14 @@ class Binding:
     def key(self) -> bytes:
         """The binding's key in the dispatcher's trie (:func:`encode_key` of its selector), computed with
         integers: one to one with :attr:`selector`, and much cheaper for large sets."""
-        net = self.prefix
-        if net.version == 4:
-            addr, bits = _V4_MAPPED_BASE | int(net.network_address), 96 + net.prefixlen
-        else:
-            addr, bits = int(net.network_address), net.prefixlen
-        return _KEY.pack(_KEY_BITS_BEFORE_ADDR + bits, PROTOCOLS[self.protocol], 0, self.port,
-                         addr.to_bytes(16, "big"))
+        return _KEY.pack(_KEY_BITS_BEFORE_ADDR + self.mapped_prefixlen, PROTOCOLS[self.protocol], 0, self.port,
+                         self.mapped_address.to_bytes(16, "big"))
+
+    @property
+    def mapped_address(self) -> int:
+        """:attr:`mapped`'s network address as an integer (without building the IPv6 network)."""
+        address = int(self.prefix.network_address)
+        return _V4_MAPPED_BASE | address if self.prefix.version == 4 else address
 
     @property
     def mapped_prefixlen(self) -> int:
@@ -137,7 +138,7 @@ class Binding:
 
     def precedence(self) -> tuple[int, int]:
         """Sort key, most specific first: longer prefix first, then a specific port before port 0."""
-        return (-self.mapped.prefixlen, 0 if self.port else 1)
+        return (-self.mapped_prefixlen, 0 if self.port else 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "protocol": self.protocol, "prefix": str(self.prefix), "port": self.port}
@@ -148,8 +149,7 @@ class Binding:
 
 def sort_by_precedence(bindings: list[Binding]) -> list[Binding]:
     """Returns bindings in the order the dispatcher prefers them (ties ordered stably by text)."""
-    return sorted(bindings, key=lambda b: (*b.precedence(), b.protocol, int(b.mapped.network_address),
-                                           b.port, b.label))
+    return sorted(bindings, key=lambda b: (*b.precedence(), b.protocol, b.mapped_address, b.port, b.label))
 
 
 def encode_key(protocol: str, mapped: ipaddress.IPv6Network, port: int) -> bytes:

@@ -32,6 +32,7 @@ def test_the_integer_key_is_the_selectors_key(network: b.Network, protocol: str,
     binding = b.Binding("web", protocol, network, port)
     assert binding.key == b.encode_key(*binding.selector)
     assert binding.mapped_prefixlen == binding.mapped.prefixlen
+    assert binding.mapped_address == int(binding.mapped.network_address)
 
 
 @given(v4_networks)

@@ -9,6 +9,8 @@ venv=${1:?usage: $0 VENV}
 [[ -x $venv/bin/promtool ]] && exit 0
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && apt-get download -qq -o APT::Sandbox::User=root prometheus)
+download() { (cd "$work" && apt-get download -qq -o APT::Sandbox::User=root prometheus); }
+# a machine whose packages were all installed may never have fetched the package lists: fetch them once
+download || { apt-get update -qq && download; }
 dpkg-deb --fsys-tarfile "$work"/prometheus_*.deb | tar -x -C "$work" ./usr/bin/promtool
 install -m 0755 "$work/usr/bin/promtool" "$venv/bin/promtool"

@@ -48,10 +48,8 @@ def hook_works(checks: Iterable[Check], hook: str) -> bool:
 
 
 def check_capabilities(hook: str, needed: tuple[str, ...], have: set[str]) -> Check:
-    """Returns whether the effective capabilities ``have`` cover ``needed`` (CAP_SYS_ADMIN stands in for
-    CAP_BPF, as the kernel allows)."""
-    covered = have | ({"CAP_BPF"} if "CAP_SYS_ADMIN" in have else set())
-    missing = [cap for cap in needed if cap not in covered]
+    """Returns whether the effective capabilities ``have`` cover ``needed`` (see capabilities.lacking)."""
+    missing = capabilities.lacking(needed, have)
     if not missing:
         return Check(hook, "capabilities", PASS, " ".join(needed))
     return Check(hook, "capabilities", FAIL, f"missing {', '.join(missing)}",
@@ -174,10 +172,14 @@ def check_netfilter(hook: str) -> list[Check]:
     return checks
 
 
-def check_tools(hook: str, tools: Iterable[str], fix: str) -> list[Check]:
-    """Returns a check per program in ``tools``: is it on PATH."""
-    return [Check(hook, f"tool {tool}", PASS, shutil.which(tool) or "") if shutil.which(tool)
-            else Check(hook, f"tool {tool}", FAIL, "not on PATH", fix) for tool in tools]
+def check_tool(hook: str, tool: str, fix: str, *, missing: str = FAIL, needed_for: str = "") -> Check:
+    """Returns whether program ``tool`` is on PATH; without it the check is ``missing`` (a warn for a
+    tool only ``needed_for`` one feature, which the detail names)."""
+    found = shutil.which(tool)
+    if found:
+        return Check(hook, f"tool {tool}", PASS, found)
+    detail = f"not on PATH (only {needed_for} needs it)" if needed_for else "not on PATH"
+    return Check(hook, f"tool {tool}", missing, detail, fix)
 
 
 def run(hooks: Iterable[str] = HOOKS, root: str | None = None) -> list[Check]:
@@ -188,7 +190,7 @@ def run(hooks: Iterable[str] = HOOKS, root: str | None = None) -> list[Check]:
 
     root = root or bpffs.default_root()
     have = capabilities.effective()
-    bpf_ok = bool(have & {"CAP_BPF", "CAP_SYS_ADMIN"})
+    bpf_ok = not capabilities.lacking(("CAP_BPF",), have)
     checks: list[Check] = []
     for hook in hooks:
         if hook == "lookup":
@@ -202,10 +204,9 @@ def run(hooks: Iterable[str] = HOOKS, root: str | None = None) -> list[Check]:
                        check_program(hook, reuseport_state.SPEC, reuseport_state.SPEC.open_object, bpf_ok)]
         elif hook == "divert":
             checks += [check_capabilities(hook, ("CAP_NET_ADMIN",), have), *check_netfilter(hook),
-                       *check_tools(hook, DIVERT_TOOLS, "apt-get install iptables"),
-                       *(Check(hook, c.name, WARN, c.detail + " (only `divert explain` of established "
-                               "connections needs it)", c.fix) if c.status == FAIL else c
-                         for c in check_tools(hook, ("conntrack",), "apt-get install conntrack"))]
+                       *(check_tool(hook, tool, "apt-get install iptables") for tool in DIVERT_TOOLS),
+                       check_tool(hook, "conntrack", "apt-get install conntrack", missing=WARN,
+                                  needed_for="`divert explain` of established connections")]
         else:
             raise InvalidInput(f"no hook {hook!r}; the hooks are {', '.join(HOOKS)}")
     return checks

@@ -205,36 +205,29 @@ static __always_inline int is_v4(const __u8 *addr)
 	return word(addr, 0) == 0 && word(addr, 4) == 0 && word(addr, 8) == 0xffff;
 }
 
+/* Mixes an address into h: its last word when v4 (a v4-mapped address), else its four words. */
+static __always_inline __u32 mix_address(__u32 h, const __u8 *addr, int v4)
+{
+	if (v4)
+		return mix(h, word(addr, 12));
+#pragma unroll
+	for (int i = 0; i < 16; i += 4)
+		h = mix(h, word(addr, i));
+	return h;
+}
+
 /* murmur3 over the flow; with source_only over the client address alone (policy source). */
 static __always_inline __u32 flow_hash(const struct flow *f, __u32 seed, int source_only)
 {
-	__u32 h = seed, len;
+	int v4 = is_v4(f->client) && (source_only || is_v4(f->server));
+	__u32 addr_len = v4 ? 4 : 16, len = addr_len;
+	__u32 h = mix_address(seed, f->client, v4);
 
-	if (source_only) {
-		if (is_v4(f->client)) {
-			h = mix(h, word(f->client, 12));
-			len = 4;
-		} else {
-#pragma unroll
-			for (int i = 0; i < 16; i += 4)
-				h = mix(h, word(f->client, i));
-			len = 16;
-		}
-	} else if (is_v4(f->client) && is_v4(f->server)) {
-		h = mix(h, word(f->client, 12));
-		h = mix(h, word(f->server, 12));
-		len = 12;
-	} else {
-#pragma unroll
-		for (int i = 0; i < 16; i += 4)
-			h = mix(h, word(f->client, i));
-#pragma unroll
-		for (int i = 0; i < 16; i += 4)
-			h = mix(h, word(f->server, i));
-		len = 36;
-	}
-	if (!source_only)
+	if (!source_only) {
+		h = mix_address(h, f->server, v4);
 		h = mix(h, ((__u32)f->client_port << 16) | f->server_port);
+		len = 2 * addr_len + 4;
+	}
 	h ^= len;
 	h ^= h >> 16;
 	h *= 0x85ebca6b;

@@ -4,6 +4,7 @@ tried (the kernel's own answer, EPERM, does not say which capability was missing
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
 
 from flowsteer.errors import PermissionDenied
 
@@ -21,16 +22,19 @@ def effective(status: str | None = None) -> set[str]:
     return {name for name, bit in CAPABILITIES.items() if mask >> bit & 1}
 
 
+def lacking(needed: Iterable[str], have: set[str]) -> list[str]:
+    """Returns those of ``needed`` that the capabilities ``have`` do not cover, in order; CAP_SYS_ADMIN
+    stands in for CAP_BPF, as the kernel allows (and kernels before 5.8 require)."""
+    covered = (have | {"CAP_BPF"}) if "CAP_SYS_ADMIN" in have else have
+    return [cap for cap in needed if cap not in covered]
+
+
 def require(action: str, *needed: str, have: set[str] | None = None) -> None:
     """Raises PermissionDenied (EPERM) naming what ``action`` needs when one of the capabilities
-    ``needed`` is not effective (``have``: the effective set, read from the kernel when None).
-
-    CAP_SYS_ADMIN stands in for CAP_BPF, as the kernel allows (and kernels before 5.8 require).
+    ``needed`` is not effective (``have``: the effective set, read from the kernel when None; see
+    :func:`lacking`).
     """
-    have = effective() if have is None else have
-    if "CAP_SYS_ADMIN" in have:
-        have = have | {"CAP_BPF"}
-    missing = [cap for cap in needed if cap not in have]
+    missing = lacking(needed, effective() if have is None else have)
     if missing:
         raise PermissionDenied(f"{action} needs {' and '.join(needed)} (missing: {', '.join(missing)}); run it "
                                "as root or give the process these capabilities", errno.EPERM)

@@ -50,13 +50,13 @@ class AttachType(enum.IntEnum):
 
 
 BPF_ANY = 0
-# errnos of a batch operation the map's type does not have (ENOTSUPP, the kernel's own 524, included)
-_NO_BATCH = frozenset({errno_mod.EINVAL, errno_mod.EOPNOTSUPP, 524})
 BPF_NOEXIST = 1
 BPF_EXIST = 2
 BPF_F_NO_PREALLOC = 1 << 0
 BPF_F_RDONLY = 1 << 3
 BPF_F_REPLACE = 1 << 2
+# errnos of a batch operation the map's type does not have (ENOTSUPP, the kernel's own 524, included)
+_NO_BATCH = frozenset({errno_mod.EINVAL, errno_mod.EOPNOTSUPP, 524})
 
 _LIB_NAME = "libbpf.so.1"
 

@@ -80,10 +80,19 @@ def parse_prefix(text: str) -> Network:
         raise InvalidInput(f"invalid prefix {text!r}: {exc}") from None
 
 
+def mapped_parts(network: Network) -> tuple[int, int]:
+    """Returns ``(address, prefix length)`` of :func:`to_mapped`'s network as integers, without building
+    it (much cheaper for large sets)."""
+    address = int(network.network_address)
+    if network.version == 4:
+        return _V4_MAPPED_BASE | address, 96 + network.prefixlen
+    return address, network.prefixlen
+
+
 def to_mapped(network: Network) -> ipaddress.IPv6Network:
     """Returns ``network`` in the v4-mapped IPv6 space the BPF program matches in."""
     if isinstance(network, ipaddress.IPv4Network):
-        return ipaddress.IPv6Network((_V4_MAPPED_BASE | int(network.network_address), 96 + network.prefixlen))
+        return ipaddress.IPv6Network(mapped_parts(network))
     return network
 
 
@@ -117,19 +126,17 @@ class Binding:
     def key(self) -> bytes:
         """The binding's key in the dispatcher's trie (:func:`encode_key` of its selector), computed with
         integers: one to one with :attr:`selector`, and much cheaper for large sets."""
-        return _KEY.pack(_KEY_BITS_BEFORE_ADDR + self.mapped_prefixlen, PROTOCOLS[self.protocol], 0, self.port,
-                         self.mapped_address.to_bytes(16, "big"))
+        return _pack_key(self.protocol, self.mapped_prefixlen, self.port, self.mapped_address)
 
     @property
     def mapped_address(self) -> int:
         """:attr:`mapped`'s network address as an integer (without building the IPv6 network)."""
-        address = int(self.prefix.network_address)
-        return _V4_MAPPED_BASE | address if self.prefix.version == 4 else address
+        return mapped_parts(self.prefix)[0]
 
     @property
     def mapped_prefixlen(self) -> int:
         """The length of :attr:`mapped`'s prefix (the value the trie stores beside the label)."""
-        return self.prefix.prefixlen + (96 if self.prefix.version == 4 else 0)
+        return mapped_parts(self.prefix)[1]
 
     @functools.cached_property
     def selector(self) -> tuple[str, ipaddress.IPv6Network, int]:
@@ -154,8 +161,11 @@ def sort_by_precedence(bindings: list[Binding]) -> list[Binding]:
 
 def encode_key(protocol: str, mapped: ipaddress.IPv6Network, port: int) -> bytes:
     """Returns the kernel LPM key of a binding selector."""
-    return _KEY.pack(_KEY_BITS_BEFORE_ADDR + mapped.prefixlen, PROTOCOLS[protocol], 0, port,
-                     mapped.network_address.packed)
+    return _pack_key(protocol, mapped.prefixlen, port, int(mapped.network_address))
+
+
+def _pack_key(protocol: str, prefixlen: int, port: int, address: int) -> bytes:
+    return _KEY.pack(_KEY_BITS_BEFORE_ADDR + prefixlen, PROTOCOLS[protocol], 0, port, address.to_bytes(16, "big"))
 
 
 def decode_key(raw: bytes) -> tuple[str, ipaddress.IPv6Network, int]:

@@ -113,9 +113,10 @@ class GroupService:
         if not self._created:
             self.group.create(self.policy, exist_ok=True)
             self._created = True
-            if self.slow_start and not self.group.policy().weighted:
+            current = self.group.policy() if self.slow_start else None
+            if current is not None and not current.weighted:
                 raise InvalidInput(f"slow start needs policy weighted; group {self.group.id} has policy "
-                                   f"{self.group.policy().name}")
+                                   f"{current.name}")
         if slot not in self.held:
             with entered(self.group.netns):
                 sock = open_member_socket(self.group.id)

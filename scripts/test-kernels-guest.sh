@@ -7,11 +7,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=$1; shift
-mount -t tmpfs tmpfs /tmp          # the host's /tmp is shared read-only; tests need a writable one
-# compile the checkout's modules once per boot into the private /tmp (over 9p every import is slow),
-# and give each test the headroom an emulated CPU needs
+# The host's file systems are shared read-only; tests need a writable scratch directory. It is a
+# private tmpfs over /tmp, or over /var/tmp when the checkout itself lives under /tmp (a tmpfs there
+# would hide it).
+scratch=/tmp
+[[ $PWD/ == /tmp/* ]] && scratch=/var/tmp
+mount -t tmpfs tmpfs "$scratch"
+# compile the checkout's modules once per boot into the scratch directory (over 9p every import is
+# slow), and give each test the headroom an emulated CPU needs
 unset PYTHONDONTWRITEBYTECODE
-export PYTHONPYCACHEPREFIX=/tmp/pycache PYTEST_ADDOPTS="--color=no --timeout=900 --tb=short"
+export TMPDIR=$scratch PYTHONPYCACHEPREFIX=$scratch/pycache PYTEST_ADDOPTS="--color=no --timeout=900 --tb=short"
 echo "guest kernel $(uname -r)"
 # the smoke's tests are named on the command line by the host script; the suite is tests/system, or
 # the tests named after `--` when some are

@@ -132,7 +132,7 @@ def _no_unknown(table: dict[str, Any], known: set[str], source: str, where: str)
 def _bindings(entries: Any, where: str) -> frozenset[Binding]:
     found = config.parse_entries(entries, where)
     try:
-        return frozenset(check_set(found))
+        return frozenset(check_set(found).values())
     except InvalidInput as exc:
         raise InvalidInput(f"{where}: conflicting bindings: {exc.message}") from None
 

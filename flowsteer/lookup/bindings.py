@@ -7,12 +7,15 @@ docs/lookup.md: an IPv6 prefix that covers ``::ffff:0:0/96`` (for example ``::/0
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import ipaddress
 import re
+import socket
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from flowsteer.errors import InvalidInput
@@ -33,6 +36,20 @@ _VALUE = struct.Struct("=II")
 _KEY_BITS_BEFORE_ADDR = 32  # protocol, pad and port are always matched in full
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@contextlib.contextmanager
+def building_many() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector while a large set of bindings is built: each collection
+    would walk every binding built so far again (half the time of reading 100,000). The few cycles made
+    meanwhile (``ipaddress`` networks of length 31 refer to themselves) are collected afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def parse_label(text: str) -> str:
@@ -75,9 +92,28 @@ def parse_prefix(text: str) -> Network:
         raise InvalidInput(f"invalid prefix {text!r}: a binding cannot be limited to one interface zone; "
                            "give the prefix without '%…' (it then matches on every interface)")
     try:
-        return ipaddress.ip_network(str(text), strict=True)
+        return _ipv4_network(str(text)) or ipaddress.ip_network(str(text), strict=True)
     except ValueError as exc:
         raise InvalidInput(f"invalid prefix {text!r}: {exc}") from None
+
+
+def _ipv4_network(text: str) -> ipaddress.IPv4Network | None:
+    """Returns ``text`` as an IPv4 network when it is a plain ``a.b.c.d[/n]`` without host bits, else None
+    (then ``ipaddress`` parses it and explains what is wrong). A shortcut for large sets: the C parser
+    accepts exactly the dotted quads ``ipaddress`` accepts, and the network is built from integers."""
+    address, slash, length = text.partition("/")
+    try:
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+    except (OSError, ValueError):  # not a dotted quad; ValueError: a NUL character
+        return None
+    if not slash:
+        return ipaddress.IPv4Network((value, 32))
+    if not (length.isascii() and length.isdigit() and len(length) <= 2 and int(length) <= 32):
+        return None
+    prefixlen = int(length)
+    if value & (0xFFFFFFFF >> prefixlen):  # host bits set
+        return None
+    return ipaddress.IPv4Network((value, prefixlen))
 
 
 def mapped_parts(network: Network) -> tuple[int, int]:
@@ -112,6 +148,20 @@ class Binding:
     protocol: str
     prefix: Network
     port: int
+    mapped_address: int = field(init=False, repr=False, compare=False)
+    """:attr:`mapped`'s network address as an integer (without building the IPv6 network)."""
+    mapped_prefixlen: int = field(init=False, repr=False, compare=False)
+    """The length of :attr:`mapped`'s prefix (the value the trie stores beside the label)."""
+    key: bytes = field(init=False, repr=False, compare=False)
+    """The binding's key in the dispatcher's trie (:func:`encode_key` of its selector): one to one with
+    :attr:`selector`, computed with integers."""
+
+    def __post_init__(self) -> None:
+        # Computed once, eagerly: large sets need them all, and a cached_property takes a lock per read
+        # in Python 3.11.
+        address, prefixlen = mapped_parts(self.prefix)
+        self.__dict__.update(mapped_address=address, mapped_prefixlen=prefixlen,
+                             key=_pack_key(self.protocol, prefixlen, self.port, address))
 
     @classmethod
     def parse(cls, label: str, protocol: str, prefix: str, port: str | int) -> "Binding":
@@ -123,22 +173,6 @@ class Binding:
         return to_mapped(self.prefix)
 
     @functools.cached_property
-    def key(self) -> bytes:
-        """The binding's key in the dispatcher's trie (:func:`encode_key` of its selector), computed with
-        integers: one to one with :attr:`selector`, and much cheaper for large sets."""
-        return _pack_key(self.protocol, self.mapped_prefixlen, self.port, self.mapped_address)
-
-    @property
-    def mapped_address(self) -> int:
-        """:attr:`mapped`'s network address as an integer (without building the IPv6 network)."""
-        return mapped_parts(self.prefix)[0]
-
-    @property
-    def mapped_prefixlen(self) -> int:
-        """The length of :attr:`mapped`'s prefix (the value the trie stores beside the label)."""
-        return mapped_parts(self.prefix)[1]
-
-    @functools.cached_property
     def selector(self) -> tuple[str, ipaddress.IPv6Network, int]:
         """What identifies a binding in the trie: two bindings with the same selector cannot coexist."""
         return (self.protocol, self.mapped, self.port)
@@ -146,6 +180,11 @@ class Binding:
     def precedence(self) -> tuple[int, int]:
         """Sort key, most specific first: longer prefix first, then a specific port before port 0."""
         return (-self.mapped_prefixlen, 0 if self.port else 1)
+
+    def sort_key(self) -> tuple[str, int, int, int, str]:
+        """A total order of bindings by their fields (protocol, address, prefix length, port, label),
+        cheap to compute: used to list sets in a stable order."""
+        return (self.protocol, self.mapped_address, self.mapped_prefixlen, self.port, self.label)
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "protocol": self.protocol, "prefix": str(self.prefix), "port": self.port}
@@ -176,6 +215,27 @@ def decode_key(raw: bytes) -> tuple[str, ipaddress.IPv6Network, int]:
     return (PROTOCOL_NAMES[proto], ipaddress.IPv6Network((addr, bits - _KEY_BITS_BEFORE_ADDR)), port)
 
 
+def decode_entry(key: bytes, label: str) -> Binding:
+    """Returns the binding of a trie entry from its key (:func:`encode_key`) and its label's name.
+
+    The binding is built from the key's integers without re-deriving them (reading 100,000 entries would
+    otherwise cost seconds). Raises InvalidInput for a key flowsteer did not write.
+    """
+    bits, proto, _pad, port, raw_address = _KEY.unpack(key)
+    if proto not in PROTOCOL_NAMES or not _KEY_BITS_BEFORE_ADDR <= bits <= _KEY_BITS_BEFORE_ADDR + 128:
+        raise InvalidInput(f"binding key {key.hex()} is not flowsteer's")
+    address, prefixlen = int.from_bytes(raw_address, "big"), bits - _KEY_BITS_BEFORE_ADDR
+    prefix: Network
+    if prefixlen >= 96 and address >> 32 == 0xFFFF:
+        prefix = ipaddress.IPv4Network((address & 0xFFFFFFFF, prefixlen - 96))
+    else:
+        prefix = ipaddress.IPv6Network((address, prefixlen))
+    binding = Binding.__new__(Binding)  # every field known: __post_init__ would only compute them again
+    binding.__dict__.update(label=label, protocol=PROTOCOL_NAMES[proto], prefix=prefix, port=port,
+                            mapped_address=address, mapped_prefixlen=prefixlen, key=key)
+    return binding
+
+
 def encode_value(label_id: int, prefixlen: int) -> bytes:
     """Returns the kernel value of a binding: its label id and (mapped) prefix length."""
     return _VALUE.pack(label_id, prefixlen)
@@ -196,19 +256,23 @@ def decode_label(raw: bytes) -> str:
     return raw.rstrip(b"\0").decode()
 
 
-def check_set(wanted: Iterable[Binding]) -> set[Binding]:
-    """Returns ``wanted`` as a set a dispatcher can hold; raises InvalidInput when it binds one protocol,
-    prefix and port to two labels, or has more bindings or labels than the dispatcher holds."""
-    new = set(wanted)
+def check_set(wanted: Iterable[Binding]) -> dict[bytes, Binding]:
+    """Returns ``wanted`` as a set a dispatcher can hold, keyed by trie key (:attr:`Binding.key`; a
+    binding given twice, or as an IPv4 prefix and its v4-mapped IPv6 form, is one entry).
+
+    Raises InvalidInput when it binds one protocol, prefix and port to two labels, or has more bindings
+    or labels than the dispatcher holds. Bindings are compared by key, never hashed as objects: hashing
+    their ``ipaddress`` networks would cost more than everything else for large sets.
+    """
     by_key: dict[bytes, Binding] = {}
-    for x in new:
+    for x in wanted:
         other = by_key.setdefault(x.key, x)
         if other.label != x.label:
             first, second = sorted((other.label, x.label))
             raise InvalidInput(f"{x.protocol} {x.prefix} port {x.port} is bound to both {first!r} and "
                                f"{second!r}")
-    if len(new) > MAX_BINDINGS:
-        raise InvalidInput(f"{len(new)} bindings, the dispatcher holds at most {MAX_BINDINGS}")
-    if len({x.label for x in new}) >= MAX_LABELS:
+    if len(by_key) > MAX_BINDINGS:
+        raise InvalidInput(f"{len(by_key)} bindings, the dispatcher holds at most {MAX_BINDINGS}")
+    if len({x.label for x in by_key.values()}) >= MAX_LABELS:
         raise InvalidInput(f"more than {MAX_LABELS - 1} labels")
-    return new
+    return by_key

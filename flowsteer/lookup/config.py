@@ -25,7 +25,7 @@ from typing import Any
 
 from flowsteer.errors import InvalidInput
 from flowsteer.files import read_input
-from flowsteer.lookup.bindings import Binding, parse_label, parse_port, parse_prefix, parse_protocol
+from flowsteer.lookup.bindings import Binding, building_many, parse_label, parse_port, parse_prefix, parse_protocol
 
 _KEYS = {"label", "protocol", "prefix", "prefixes", "port", "ports"}
 
@@ -73,11 +73,12 @@ def parse_entries(entries: Any, where: str) -> list[Binding]:
     if not isinstance(entries, list):
         raise InvalidInput(f"{where}: 'bindings' must be a list of tables")
     out: list[Binding] = []
-    for index, entry in enumerate(entries, 1):
-        try:
-            out.extend(_entry(entry))
-        except InvalidInput as exc:
-            raise InvalidInput(f"{where}: binding entry {index}: {exc.message}") from None
+    with building_many():
+        for index, entry in enumerate(entries, 1):
+            try:
+                out.extend(_entry(entry))
+            except InvalidInput as exc:
+                raise InvalidInput(f"{where}: binding entry {index}: {exc.message}") from None
     return out
 
 

@@ -190,26 +190,25 @@ class Dispatcher:
         the old set or the new one. Raises InvalidInput when ``wanted`` binds one protocol, prefix and
         port to two labels or uses more labels than the dispatcher holds; nothing changes then.
         """
-        new = {x.key: x for x in b.check_set(wanted)}
+        new = b.check_set(wanted)
         with self._checked() as (st, obj):
             names = _label_names(st)
             old = st.active.snapshot()
             in_use = None
             try:
-                ids = {label: _ensure_label(st, label) for label in sorted({x.label for x in new.values()})}
+                known = _label_ids(st)
+                ids = {label: _ensure_label(st, label, known) for label in sorted({x.label for x in new.values()})}
+                values = {key: b.encode_value(ids[x.label], x.mapped_prefixlen) for key, x in new.items()}
                 with new_trie(obj) as trie:
-                    trie.update_all({key: b.encode_value(ids[x.label], x.mapped_prefixlen)
-                                     for key, x in new.items()})
+                    trie.update_all(values)
                     st.swap_in(trie)
                 in_use = set(ids.values())
             finally:
                 _collect_labels(st, in_use)
-        # compared as trie entries: only what changed is decoded into bindings
-        old_labels = {key: names.get(b.decode_value(value)[0], "?") for key, value in old.items()}
-        added = [x for key, x in new.items() if old_labels.get(key) != x.label]
-        removed = [_decoded(key, old[key], names) for key, label in old_labels.items()
-                   if key not in new or new[key].label != label]
-        return ApplyResult(sorted(added, key=str), sorted(removed, key=str), len(new))
+        # compared as trie entries (a label keeps its id while it is in use): only what changed is decoded
+        added = [x for key, x in new.items() if old.get(key) != values[key]]
+        removed = [_decoded(key, value, names) for key, value in old.items() if values.get(key) != value]
+        return ApplyResult(sorted(added, key=Binding.sort_key), sorted(removed, key=Binding.sort_key), len(new))
 
     # -- sockets ----------------------------------------------------------------------------------------
 
@@ -324,9 +323,13 @@ def _exact_label_id(st: LookupState, binding: Binding) -> int | None:
     return label_id if prefixlen == binding.mapped.prefixlen else None
 
 
-def _ensure_label(st: LookupState, label: str) -> int:
-    """Returns the id of ``label``, allocating the lowest free one (with zeroed counters) if new."""
-    ids = _label_ids(st)
+def _ensure_label(st: LookupState, label: str, ids: dict[str, int] | None = None) -> int:
+    """Returns the id of ``label``, allocating the lowest free one (with zeroed counters) if new.
+
+    ``ids`` are the labels known (read from the kernel when not given); an allocation is added to them.
+    """
+    if ids is None:
+        ids = _label_ids(st)
     if label in ids:
         return ids[label]
     used = set(ids.values())
@@ -338,6 +341,7 @@ def _ensure_label(st: LookupState, label: str) -> int:
         for proto in b.PROTOCOLS:
             st.maps["counters"].update(_U32.pack(destination_index(free, fam, proto)), zero)
     st.maps["labels"].update(b.encode_label(label), _U32.pack(free), BPF_NOEXIST)
+    ids[label] = free
     return free
 
 
@@ -363,16 +367,13 @@ def _has_socket(st: LookupState, label_id: int) -> bool:
 
 def _read_bindings(st: LookupState) -> list[Binding]:
     names = _label_names(st)
-    return [_decoded(key, value, names) for key, value in st.active.snapshot().items()]
+    with b.building_many():
+        return [_decoded(key, value, names) for key, value in st.active.snapshot().items()]
 
 
 def _decoded(key: bytes, value: bytes, names: dict[int, str]) -> Binding:
     """Returns the binding of trie entry ``key: value`` (``names``: label id → name)."""
-    protocol, mapped, port = b.decode_key(key)
-    binding = Binding(names.get(b.decode_value(value)[0], "?"), protocol, b.from_mapped(mapped), port)
-    binding.__dict__["mapped"] = mapped  # the cached properties, known already (computing them is slow)
-    binding.__dict__["key"] = key
-    return binding
+    return b.decode_entry(key, names.get(b.decode_value(value)[0], "?"))
 
 
 def _matches_in_kernel(st: LookupState, names: dict[int, str], protocol: str,

@@ -43,6 +43,50 @@ def test_ipv4_prefixes_map_into_the_v4_mapped_space_and_back(network: ipaddress.
     assert b.from_mapped(mapped) == network
 
 
+@given(networks, st.sampled_from(["tcp", "udp"]), st.integers(0, 65535), st.sampled_from(["web", "?"]))
+def test_a_trie_entry_decodes_to_the_binding_that_wrote_it(network: b.Network, protocol: str, port: int,
+                                                          label: str) -> None:
+    binding = b.Binding(label, protocol, network, port)
+    decoded = b.decode_entry(binding.key, label)
+    assert decoded == binding
+    assert type(decoded.prefix) is type(network)
+    assert (decoded.key, decoded.mapped_address, decoded.mapped_prefixlen) == \
+        (binding.key, binding.mapped_address, binding.mapped_prefixlen)
+
+
+def test_decode_entry_refuses_foreign_keys() -> None:
+    with pytest.raises(InvalidInput, match="^binding key 0{48} is not flowsteer's$"):
+        b.decode_entry(bytes(24), "web")
+
+
+dotted = st.builds(lambda parts, length: ".".join(parts) + length,
+                   st.lists(st.sampled_from(["0", "1", "01", "255", "256", "192", "00", "", " 1", "0x1", "٣"]),
+                            min_size=3, max_size=5),
+                   st.sampled_from(["", "/0", "/8", "/24", "/32", "/33", "/024", "/-1", "/ 8", "/٣", "/", "/8/8"]))
+
+
+@given(st.one_of(dotted, st.text(max_size=20), v4_networks.map(str), v4_networks.map(lambda n: str(n.network_address))))
+def test_the_ipv4_shortcut_accepts_exactly_what_ipaddress_accepts(text: str) -> None:
+    try:
+        expected: b.Network | None = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        expected = None
+    fast = b._ipv4_network(text)
+    if fast is not None:  # the shortcut never accepts what ipaddress refuses, and builds the same network
+        assert fast == expected and type(fast) is type(expected)
+
+
+@pytest.mark.parametrize("text", ["192.0.2.0/24", "198.51.100.7", "0.0.0.0/0", "255.255.255.255/32", "10.0.0.0/8"])
+def test_plain_ipv4_prefixes_take_the_shortcut(text: str) -> None:
+    assert b._ipv4_network(text) == ipaddress.ip_network(text)
+
+
+@pytest.mark.parametrize("text", ["192.0.2.1/24", "192.0.2.0/33", "192.0.2.0/024", "192.0.2.0/", "1.2.3",
+                                  "01.2.3.4", "2001:db8::/32"])
+def test_anything_else_is_left_to_ipaddress(text: str) -> None:
+    assert b._ipv4_network(text) is None
+
+
 def test_key_prefix_length_counts_protocol_and_port_bits() -> None:
     key = b.encode_key("tcp", b.to_mapped(ipaddress.ip_network("192.0.2.0/24")), 80)
     assert int.from_bytes(key[:4], "little") == 32 + 96 + 24
@@ -106,3 +150,20 @@ def test_from_mapped_converts_exactly_the_prefixes_inside_the_v4_mapped_space(ne
     result = b.from_mapped(network)
     assert (result.version == 4) == inside
     assert (b.to_mapped(result) if inside else result) == network
+
+
+def test_building_many_pauses_the_cycle_collector_and_restores_it() -> None:
+    import gc
+
+    assert gc.isenabled()
+    with pytest.raises(InvalidInput), b.building_many():
+        assert not gc.isenabled()
+        b.parse_prefix("not a prefix")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with b.building_many():
+            pass
+        assert not gc.isenabled()  # a caller's own pause is left alone
+    finally:
+        gc.enable()

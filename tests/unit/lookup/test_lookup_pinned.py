@@ -331,12 +331,15 @@ def test_file_errors_name_the_file(tmp_path: object) -> None:
 # --- whole binding sets ----------------------------------------------------------------------------
 
 
-def test_a_valid_set_is_returned_as_a_set() -> None:
+def test_a_valid_set_is_returned_keyed_by_trie_key() -> None:
     make = Binding.parse
     many = [make("a", "tcp", "192.0.2.0/24", 80), make("a", "tcp", "192.0.2.0/24", 80),
-            make("b", "udp", "192.0.2.0/24", 80), make("c", "tcp", "192.0.2.0/24", 0)]
-    assert b.check_set(iter(many)) == set(many)
-    assert b.check_set([]) == set()
+            make("b", "udp", "192.0.2.0/24", 80), make("c", "tcp", "192.0.2.0/24", 0),
+            make("c", "tcp", "::ffff:192.0.2.0/120", 0)]  # the v4-mapped form of the one before
+    found = b.check_set(iter(many))
+    assert list(found) == [x.key for x in many[1:4]]
+    assert set(found.values()) == set(many[:4])
+    assert b.check_set([]) == {}
 
 
 def test_one_selector_for_two_labels_is_refused_exactly() -> None:
@@ -353,7 +356,7 @@ def test_set_limits_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     three = [make(label, "tcp", f"192.0.2.{i}", 80) for i, label in enumerate(("a", "b", "a"))]
     monkeypatch.setattr(b, "MAX_BINDINGS", 3)
     monkeypatch.setattr(b, "MAX_LABELS", 3)
-    assert b.check_set(three) == set(three)  # 3 bindings, 2 labels: at the limits
+    assert set(b.check_set(three).values()) == set(three)  # 3 bindings, 2 labels: at the limits
     with pytest.raises(InvalidInput) as exc:
         b.check_set(three + [make("a", "udp", "192.0.2.9", 80)])
     assert message(exc) == "4 bindings, the dispatcher holds at most 3"

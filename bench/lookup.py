@@ -1,5 +1,6 @@
 """Benchmark of the lookup hook: connection setup rate through the dispatcher against a plain listener and
-against iptables TPROXY, with growing numbers of bindings; apply and explain times.
+against iptables TPROXY, with growing numbers of bindings; apply, bindings and explain times beside their
+baselines of the same run (a C loader with libbpf filling a trie, a bare ``python -c pass``).
 
 Run as root (``make bench`` or ``.venv/bin/python bench/lookup.py``). Everything happens in two network
 namespaces joined by a veth pair that the benchmark creates and removes: a client namespace and a server
@@ -49,6 +50,46 @@ while time.monotonic() < end:
     s.close()
 print(done, failed)
 """
+
+
+C_LOADER = r"""
+/* The C baseline of an apply: a new LPM trie shaped like the dispatcher's (24-byte key, 8-byte value)
+ * filled with N bindings of distinct /32s and ports by one bpf_map_update_elem each, as a loader written
+ * in C with libbpf would. */
+#include <bpf/bpf.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+struct key { unsigned int prefixlen; unsigned char protocol, pad; unsigned short port; unsigned char addr[16]; };
+struct value { unsigned int label, prefixlen; };
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    LIBBPF_OPTS(bpf_map_create_opts, opts, .map_flags = BPF_F_NO_PREALLOC);
+    int fd = bpf_map_create(BPF_MAP_TYPE_LPM_TRIE, "c_loader", sizeof(struct key), sizeof(struct value),
+                            1 << 20, &opts);
+    if (fd < 0) { perror("bpf_map_create"); return 1; }
+    for (int i = 0; i < n; i++) {
+        struct key k = { .prefixlen = 32 + 128, .protocol = 6, .port = 1000 + i / 256 };
+        k.addr[10] = k.addr[11] = 0xff;
+        k.addr[12] = 198; k.addr[13] = 51; k.addr[14] = 100; k.addr[15] = i % 256;
+        struct value v = { .label = 1 + i % 64, .prefixlen = 128 };
+        if (bpf_map_update_elem(fd, &k, &v, 0)) { perror("bpf_map_update_elem"); return 1; }
+    }
+    close(fd);
+    return 0;
+}
+"""
+
+
+def c_loader_seconds(count: int, workdir: str) -> float:
+    """Returns the time a C program with libbpf takes to fill a new trie with ``count`` bindings (the
+    whole process: start, map creation, updates), best of 3."""
+    src, binary = os.path.join(workdir, "loader.c"), os.path.join(workdir, "loader")
+    with open(src, "w") as f:
+        f.write(C_LOADER)
+    subprocess.run(["gcc", "-O2", "-o", binary, src, "-lbpf"], check=True)
+    return min(timed(lambda: subprocess.run([binary, str(count)], check=True)) for _ in range(3))
 
 
 @contextmanager
@@ -166,6 +207,13 @@ def main() -> None:
             cli_explain = min(timed(lambda: subprocess.run(
                 [sys.executable, "-m", "flowsteer", "explain", "--bpffs", root, "tcp", "203.0.113.2",
                  f"{TARGET[0]}:{TARGET[1]}"], check=True, capture_output=True)) for _ in range(5))
+            cli_bindings = min(timed(lambda: subprocess.run(
+                [sys.executable, "-m", "flowsteer", "bindings", "--bpffs", root], check=True,
+                capture_output=True)) for _ in range(3))
+            python_start = min(timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))
+                               for _ in range(5))
+            with tempfile.TemporaryDirectory() as workdir:
+                c_apply = c_loader_seconds(max(sizes), workdir)
             d.unload()
 
             tproxy = socket.socket()
@@ -189,9 +237,15 @@ def main() -> None:
     print()
     for n, seconds in apply_times.items():
         print(f"apply of {n} bindings (API): {seconds:.3f} s")
-    print(f"apply of {max(sizes)} bindings (flowsteer apply FILE, whole command): {cli_apply:.3f} s")
+    n = max(sizes)
+    print(f"apply of {n} bindings (flowsteer apply FILE, whole command): {cli_apply:.3f} s")
+    print(f"baseline: a C loader with libbpf filling a new trie with {n} bindings: {c_apply:.3f} s "
+          f"(API {apply_times[n] / c_apply:.1f}x, whole command {cli_apply / c_apply:.1f}x)")
+    print(f"flowsteer bindings of {n} (whole command, best of 3): {cli_bindings:.3f} s")
     print(f"explain (API, best of 20): {explain_ms:.2f} ms; flowsteer explain (whole command, best of 5): "
           f"{cli_explain * 1000:.0f} ms")
+    print(f"baseline: python -c pass (best of 5): {python_start * 1000:.0f} ms "
+          f"(flowsteer explain {cli_explain / python_start:.1f}x)")
 
 
 if __name__ == "__main__":

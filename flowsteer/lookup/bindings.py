@@ -181,6 +181,11 @@ class Binding:
         """Sort key, most specific first: longer prefix first, then a specific port before port 0."""
         return (-self.mapped_prefixlen, 0 if self.port else 1)
 
+    def __hash__(self) -> int:
+        # Equal bindings have equal keys and labels; hashing the fields instead would hash an ipaddress
+        # network in Python code, the largest cost of putting 100,000 bindings in a set.
+        return hash((self.key, self.label))
+
     def sort_key(self) -> tuple[str, int, int, int, str]:
         """A total order of bindings by their fields (protocol, address, prefix length, port, label),
         cheap to compute: used to list sets in a stable order."""

@@ -48,7 +48,8 @@ def test_a_trie_entry_decodes_to_the_binding_that_wrote_it(network: b.Network, p
                                                           label: str) -> None:
     binding = b.Binding(label, protocol, network, port)
     decoded = b.decode_entry(binding.key, label)
-    assert decoded == binding
+    assert decoded == binding and hash(decoded) == hash(binding)
+    assert {decoded} == {binding}
     assert type(decoded.prefix) is type(network)
     assert (decoded.key, decoded.mapped_address, decoded.mapped_prefixlen) == \
         (binding.key, binding.mapped_address, binding.mapped_prefixlen)

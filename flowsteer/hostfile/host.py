@@ -17,6 +17,7 @@ from flowsteer.errors import FlowsteerError, NotLoaded
 from flowsteer.hostfile.plan import Held, Plan, diff
 from flowsteer.hostfile.spec import GroupSpec, HostSpec
 from flowsteer.kernel.netns import entered, locked
+from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.dispatcher import Dispatcher
 from flowsteer.reuseport.group import Group
 from flowsteer.reuseport.spec import GroupId
@@ -36,17 +37,19 @@ class Current:
 
 
 def read(netns: str | None = None, bpffs_root: str | None = None,
-         hooks: tuple[str, ...] = ("lookup", "reuseport", "divert")) -> Current:
+         hooks: tuple[str, ...] = ("lookup", "reuseport", "divert"),
+         known: frozenset[Binding] = frozenset()) -> Current:
     """Returns the current state of ``hooks`` in namespace ``netns``.
 
-    Bindings are None when the dispatcher is not loaded. Raises FlowsteerError when a hook's state cannot
-    be read (no bpffs, state of another layout, iptables missing …).
+    Bindings are None when the dispatcher is not loaded; those equal to one of ``known`` are that object
+    (see Dispatcher.binding_set). Raises FlowsteerError when a hook's state cannot be read (no bpffs,
+    state of another layout, iptables missing …).
     """
     bindings = groups = rules = None
     held: dict[GroupId, tuple[tuple[int, int], ...]] = {}
     if "lookup" in hooks:
         try:
-            bindings = Dispatcher(netns, bpffs_root).binding_set()
+            bindings = Dispatcher(netns, bpffs_root).binding_set(known)
         except NotLoaded:
             bindings = None
     if "reuseport" in hooks:
@@ -81,7 +84,7 @@ def plan(wanted: HostSpec, netns: str | None = None, bpffs_root: str | None = No
     """
     owned = tuple(h for h, part in (("lookup", wanted.bindings), ("reuseport", wanted.groups),
                                     ("divert", wanted.rules)) if part is not None)
-    current = read(netns, bpffs_root, owned)
+    current = read(netns, bpffs_root, owned, wanted.bindings or frozenset())
     return diff(current.spec, wanted, current.held, force=force)
 
 

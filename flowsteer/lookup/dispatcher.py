@@ -156,10 +156,14 @@ class Dispatcher:
                  and (protocol is None or x.protocol == protocol) and (port is None or x.port == port)]
         return b.sort_by_precedence(found)
 
-    def binding_set(self) -> frozenset[Binding]:
-        """Returns every binding, in no order (for large sets much cheaper than :meth:`bindings`)."""
+    def binding_set(self, known: Iterable[Binding] = ()) -> frozenset[Binding]:
+        """Returns every binding, in no order (for large sets much cheaper than :meth:`bindings`).
+
+        An entry with the trie key and label of one of ``known`` is returned as that binding instead of
+        being decoded again, so that reading a set that is mostly known (a host file's) costs little.
+        """
         with self._reading() as st:
-            return frozenset(_read_bindings(st))
+            return frozenset(_read_bindings(st, known))
 
     def bind(self, binding: Binding) -> None:
         """Adds ``binding``. Raises AlreadyExists when its protocol, prefix and port are bound
@@ -365,10 +369,16 @@ def _has_socket(st: LookupState, label_id: int) -> bool:
                for fam in FAMILIES for proto in b.PROTOCOLS)
 
 
-def _read_bindings(st: LookupState) -> list[Binding]:
+def _read_bindings(st: LookupState, known: Iterable[Binding] = ()) -> list[Binding]:
     names = _label_names(st)
+    by_key = {x.key: x for x in known}
+    out = []
     with b.building_many():
-        return [_decoded(key, value, names) for key, value in st.active.snapshot().items()]
+        for key, value in st.active.snapshot().items():
+            label = names.get(b.decode_value(value)[0], "?")
+            same = by_key.get(key)
+            out.append(same if same is not None and same.label == label else b.decode_entry(key, label))
+    return out
 
 
 def _decoded(key: bytes, value: bytes, names: dict[int, str]) -> Binding:

@@ -307,3 +307,17 @@ def test_the_next_writer_removes_temporary_pins_of_dead_writers(dispatcher: Disp
     dispatcher.bind(B("svc", "tcp", "192.0.2.0/24", 80))
     assert not os.path.exists(stale)
     assert dispatcher.bindings() == [B("svc", "tcp", "192.0.2.0/24", 80)]
+
+
+def test_binding_set_reuses_known_bindings_and_decodes_the_rest(dispatcher: Dispatcher) -> None:
+    applied = [B("web", "tcp", "192.0.2.0/24", 80), B("dns", "udp", "2001:db8::/64", 53),
+               B("web", "tcp", "198.51.100.7", 0)]
+    dispatcher.apply(applied)
+    known = [B("web", "tcp", "192.0.2.0/24", 80),        # the same binding: returned as this object
+             B("other", "udp", "2001:db8::/64", 53),     # same key, another label: decoded from the kernel
+             B("web", "tcp", "203.0.113.0/24", 443)]     # not in the kernel: not returned
+    found = dispatcher.binding_set(known)
+    assert found == dispatcher.binding_set() == frozenset(applied)
+    by_value = {x: x for x in found}
+    assert by_value[applied[0]] is known[0]
+    assert by_value[applied[1]] is not known[1] and by_value[applied[1]].label == "dns"

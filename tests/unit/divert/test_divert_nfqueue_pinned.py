@@ -481,3 +481,75 @@ def test_a_socket_that_cannot_be_set_up_is_closed_and_named(monkeypatch: pytest.
         NfQueue()
     assert (exc.value.message, exc.value.errno) == ("setting up the netfilter netlink socket", errno.EADDRINUSE)
     assert made[0].fileno() == -1
+
+
+# --- boundaries the mutation run showed unpinned (docs/testing.md, "Mutants left alive") --------------
+
+
+def test_every_refused_verdict_is_counted() -> None:
+    q = fresh()
+    for _ in range(3):
+        parse(q, ack(0, -errno.ENOENT))
+    assert q.verdict_errors == 3
+
+
+LONG = b"\x45" + bytes(299)  # a message of more than 255 bytes: its length's second byte is not 0
+
+
+@pytest.mark.parametrize("msg, want", [
+    (packet_msg(1, 2, 4, LONG, u32(OUTDEV, 7)), Delivery(1, 2, LONG, 4, 0, 7, False, u32(OUTDEV, 7))),
+    (packet_msg(1, 2, 0, LONG, u32(INDEV, 7)), Delivery(1, 2, LONG, 0, 7, 0, False, u32(INDEV, 7))),
+    (packet_msg(1, 2, 0, LONG), Delivery(1, 2, LONG, 0, 0, 0, False)),
+])
+def test_absent_interfaces_and_cap_len_of_a_long_message_read_as_none(msg: bytes, want: Delivery) -> None:
+    assert len(msg) > 0x100
+    assert parse(fresh(), msg) == want
+
+
+def test_an_empty_attribute_before_the_payload_is_passed_over() -> None:
+    empty = nlattr(HWADDR, b"")
+    assert len(empty) == 4
+    msg = packet_msg(3, 9, 1, b"\x45abc", empty, u32(INDEV, 2))
+    assert parse(fresh(), msg) == Delivery(3, 9, b"\x45abc", 1, 2, 0, False, empty + u32(INDEV, 2))
+
+
+def test_a_message_of_only_the_packet_header_is_a_truncated_delivery() -> None:
+    msg = packet_msg(3, 9, 1, None)
+    assert len(msg) == 32
+    assert parse(fresh(), msg) == Delivery(3, 9, b"", 1, 0, 0, True)
+
+
+def test_the_attribute_walk_reads_nothing_past_the_message() -> None:
+    msg = packet_msg(3, 9, 1, None, u32(INDEV, 2), u32(OUTDEV, 3))  # no payload; attributes up to the end
+    buf = bytearray(msg)  # the message ends where the buffer does (the last slot of the ring)
+    assert fresh()._parse(buf, 0, len(msg)) == Delivery(3, 9, b"", 1, 0, 0, True)
+
+
+def test_a_message_laid_out_like_the_one_before_is_parsed_from_the_cached_shape(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    walks: list[int] = []
+    learn = nfqueue._Shape.learn
+
+    def counting(buf: bytearray | memoryview, base: int, end: int) -> object:
+        walks.append(end)
+        return learn(buf, base, end)
+
+    monkeypatch.setattr(nfqueue._Shape, "learn", staticmethod(counting))
+    q = fresh()
+    got = [parse(q, packet_msg(4, i, 0, b"\x45" + bytes(i), u32(INDEV, 1))) for i in range(5)]
+    assert [d.payload if d else None for d in got] == [b"\x45" + bytes(i) for i in range(5)]
+    assert len(walks) == 1
+
+
+def test_batch_accepts_count_toward_the_mebibyte_of_a_send() -> None:
+    sock = FakeSocket()
+    # 2 batch accepts and 32766 verdicts are exactly 1 MiB; the next verdict makes it more
+    with_socket(sock).send_verdicts([Verdict(1, i, 1) for i in range(32768)], {1: 5, 2: 6})
+    assert [len(s) for s in sock.sent] == [32769 * 32, 32]
+    assert sock.sent[1] == verdict_bytes(MSG_VERDICT, 1, 1, 32767)
+
+
+def test_each_later_send_holds_a_whole_mebibyte_too() -> None:
+    sock = FakeSocket()
+    with_socket(sock).send_verdicts([Verdict(1, i, 1) for i in range(2 * 32769)], {})
+    assert [len(s) for s in sock.sent] == [32769 * 32, 32769 * 32]

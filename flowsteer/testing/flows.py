@@ -14,7 +14,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from flowsteer.reuseport.model import Flow
 from flowsteer.reuseport.spec import Address
@@ -112,30 +112,43 @@ def udp_landing(members: Mapping[int, socket.socket], flows: Sequence[Flow], pay
 def _collect(members: Mapping[int, socket.socket], waiting: dict[tuple[str, int], Flow], timeout: float,
              accept: bool) -> dict[Flow, int | str]:
     """Reads connections (``accept``) or datagrams from every member until each waiting flow has arrived
-    or ``timeout`` passed without progress."""
+    or ``timeout`` passed without progress.
+
+    A ready member is drained, not read once: the cost per flow is then the same however the flows are
+    spread over the members (reading one per ready member made a policy that sends a batch to one member
+    look slower)."""
     found: dict[Flow, int | str] = {}
     by_fd = {sock.fileno(): slot for slot, sock in members.items()}
-    deadline = time.monotonic() + timeout
-    while waiting and time.monotonic() < deadline:
-        ready, _, _ = select.select(list(members.values()), [], [], max(0.0, deadline - time.monotonic()))
-        for sock in ready:
-            peer = _receive(sock, accept)
-            flow = waiting.pop(_peer_key(peer), None) if peer else None
-            if flow is not None:
-                found[flow] = by_fd[sock.fileno()]
-                deadline = time.monotonic() + timeout
+    timeouts = [(sock, sock.gettimeout()) for sock in members.values()]
+    for sock, _ in timeouts:
+        sock.setblocking(False)
+    try:
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(members.values()), [], [], max(0.0, deadline - time.monotonic()))
+            for sock in ready:
+                for peer in _drain(sock, accept):
+                    flow = waiting.pop(_peer_key(peer), None)
+                    if flow is not None:
+                        found[flow] = by_fd[sock.fileno()]
+                        deadline = time.monotonic() + timeout
+    finally:
+        for sock, previous in timeouts:
+            sock.settimeout(previous)
     for flow in waiting.values():
         found[flow] = "dropped"
     return found
 
 
-def _receive(sock: socket.socket, accept: bool) -> tuple[str, int] | None:
-    try:
-        if accept:
-            conn, peer = sock.accept()
-            conn.close()
-        else:
-            peer = sock.recvfrom(2048, socket.MSG_DONTWAIT)[1]
-        return (str(peer[0]), int(peer[1]))
-    except (BlockingIOError, InterruptedError):
-        return None
+def _drain(sock: socket.socket, accept: bool) -> Iterator[tuple[str, int]]:
+    """Yields the peer of every connection (``accept``) or datagram waiting on non-blocking ``sock``."""
+    while True:
+        try:
+            if accept:
+                conn, peer = sock.accept()
+                conn.close()
+            else:
+                peer = sock.recvfrom(2048)[1]
+        except (BlockingIOError, InterruptedError):
+            return
+        yield (str(peer[0]), int(peer[1]))

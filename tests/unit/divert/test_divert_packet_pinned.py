@@ -373,3 +373,44 @@ def test_mark_zero_is_a_mark() -> None:
     p = Packet(ipv4(17, udp(b"")))
     p.set_mark(0)
     assert (p.new_mark, p.mark) == (0, 0)
+
+
+# --- boundaries the mutation run showed unpinned (docs/testing.md, "Mutants left alive") --------------
+
+
+def test_a_bare_ipv4_header_is_a_whole_packet() -> None:
+    header = ipv4(253, b"")  # 20 bytes: header length = total length = buffer length
+    assert layout(header) == Layout(4, 20, 20, 253, True)
+    assert field(finalize(header), 10) == naive_checksum(header[:10] + b"\0\0" + header[12:20])
+    with_options = b"\x46" + header[1:2] + (24).to_bytes(2, "big") + header[4:] + b"\x01\x01\x01\x00"
+    assert layout(with_options) == Layout(4, 24, 24, 253, True)
+    assert layout(header + b"after") == Layout(4, 20, 20, 253, True)  # bytes past the total length
+
+
+@pytest.mark.parametrize("first", [0, 43, 44, 60])
+def test_an_extension_header_announced_by_a_bare_ipv6_header_is_refused(first: int) -> None:
+    packet = ipv6(first, b"")
+    assert len(packet) == 40
+    assert refused(packet) == "IPv6 extension header runs beyond the packet"
+
+
+def test_a_fragment_offset_with_only_its_high_byte_set_is_a_fragment() -> None:
+    header = frag(17, 32, False)  # offset 256 bytes: the field is 0x0100
+    assert header[2:4] == b"\x01\x00"
+    packet = ipv6(44, header + udp(b"payload"))
+    assert layout(packet) == Layout(6, 48, len(packet), 17, False)
+    assert finalize(packet) == packet
+
+
+def test_a_tcp_segment_shorter_than_its_header_is_all_payload() -> None:
+    segment = struct.pack("!HHIIB", 1, 2, 0, 0, 5 << 4) + b"\x18\0\0"  # 16 bytes; data offset 20
+    assert Packet(ipv4(6, segment)).payload == segment
+    assert Packet(ipv4(6, segment[:12])).payload == segment[:12]
+
+
+def test_a_new_payload_after_a_data_offset_beyond_the_segment_follows_the_segment() -> None:
+    segment = struct.pack("!HHIIBBHHH", 1, 2, 0, 0, 15 << 4, 0x18, 0, 0, 0)  # claims 60 bytes, has 20
+    p = Packet(ipv4(6, segment))
+    p.payload = b"abc"
+    assert bytes(p) == ipv4(6, segment + b"abc")
+    assert field(bytes(p), 2) == 43

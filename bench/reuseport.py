@@ -358,13 +358,15 @@ def _await_http(host: str, port: int, timeout: float = 30.0) -> None:
 
 
 RESTART_KINDS = ("flowsteer-uvicorn", "plain-uvicorn", "gunicorn-hup-uvicorn",
-                 "flowsteer-gunicorn", "plain-gunicorn", "gunicorn-hup")
+                 "flowsteer-gunicorn", "plain-gunicorn", "gunicorn-hup", "flowsteer-gunicorn-uvicorn")
 
 
-def restarts(runs: int, settle: float) -> None:
-    """Prints, per server, restart method and client kind, the failed requests of each of ``runs`` runs
-    and the median requests/s, side by side."""
+def restarts(runs: int, settle: float, kinds: tuple[str, ...] = RESTART_KINDS) -> None:
+    """Prints, per server, restart method and client kind (of ``kinds``), the failed requests of each of
+    ``runs`` runs and the median requests/s, side by side."""
     for k, kind in enumerate(RESTART_KINDS):
+        if kind not in kinds:
+            continue
         for close in (True, False):  # a port of its own for every run: no TIME_WAIT of an earlier run in the way
             results = [restart_run(kind, f"tcp:192.0.2.1:{7100 + 2 * len(RESTART_KINDS) * run + 2 * k + close}",
                                    close, settle) for run in range(runs)]
@@ -380,6 +382,8 @@ def main() -> int:
     parser.add_argument("--restarts", action="store_true", help="only the restarts of real servers (wrk)")
     parser.add_argument("--runs", type=int, default=10, help="runs of each restart row")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of load before and after each restart")
+    parser.add_argument("--kinds", default=",".join(RESTART_KINDS),
+                        help=f"restart rows to run, comma-separated (default: all of {', '.join(RESTART_KINDS)})")
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "GROUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -393,7 +397,11 @@ def main() -> int:
           f"{platform.node()}, kernel {platform.release()}, {os.cpu_count()} CPUs")
     with sandbox():
         if args.restarts:
-            restarts(args.runs, args.settle)
+            kinds = tuple(args.kinds.split(","))
+            unknown = set(kinds) - set(RESTART_KINDS)
+            if unknown:
+                parser.error(f"unknown restart kind(s): {', '.join(sorted(unknown))}")
+            restarts(args.runs, args.settle, kinds)
             return 0
         # rounds long enough (10,000 connections or datagrams) that a scheduling hiccup does not decide them
         plain_rate, prog_rate = connection_rate(rounds=5, flows_per_round=10_000 // scale)

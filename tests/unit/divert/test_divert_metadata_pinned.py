@@ -66,3 +66,8 @@ def test_hardware_addresses_of_every_length() -> None:
 def test_uid_and_gid_zero_are_root_not_none() -> None:
     meta = parse(attr(metadata.NFQA_UID, be32(0)) + attr(metadata.NFQA_GID, be32(0xFFFFFFFF)))
     assert (meta.uid, meta.gid) == (0, 0xFFFFFFFF)
+
+
+def test_a_hardware_address_attribute_longer_than_the_kernels_gives_at_most_8_bytes() -> None:
+    raw = attr(metadata.NFQA_HWADDR, (9).to_bytes(2, "big") + b"\0\0" + bytes(range(1, 13)))
+    assert parse(raw).hw == bytes(range(1, 9))

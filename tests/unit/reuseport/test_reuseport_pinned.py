@@ -343,3 +343,45 @@ def test_groups_order_by_protocol_family_address_and_port() -> None:
     assert ordered[3] > ordered[2] and ordered[0] <= ordered[0]
     with pytest.raises(TypeError):
         ordered[0] < "tcp:192.0.2.1:80"  # noqa: B015
+
+
+# --- values the mutation run showed unpinned (docs/testing.md, "Mutants left alive") -----------------
+
+# Salts for entry 0, found by inverting murmur3's fmix32: entry 0 then hashes to exactly these values.
+H_TOP = {2**32 - 1: 857579651, 2**32 - 2: 3688849601, 2**32 - 3: 2727705476}
+"""h → salt: the three highest hashes, where u = (h + 0.5) / 2**32 is within 3 / 2**32 of 1."""
+H_BEFORE_LAST_SHIFT = {0x80000000: 2189347358, 0x8000C000: 521773188}
+"""value before the final ``h ^= h >> 16`` → salt: equal high halves, so only that shift orders them."""
+
+
+def test_rendezvous_scores_are_exact_at_the_top_of_the_hash_range() -> None:
+    # score = w / -ln(u) ≈ w * 2**32 / (2**32 - h - 0.5): weight 1 at h = 2**32-1 scores 2/1, weight 2
+    # at 2**32-2 scores 2/1.5; weight 1 at 2**32-2 scores 1/1.5, weight 2 at 2**32-3 scores 2/2.5
+    assert policy._rendezvous(0, [(0, 1, H_TOP[2**32 - 1]), (1, 2, H_TOP[2**32 - 2])]) == 0
+    assert policy._rendezvous(0, [(0, 1, H_TOP[2**32 - 2]), (1, 2, H_TOP[2**32 - 3])]) == 1
+
+
+def test_rendezvous_hashes_end_with_murmur3s_last_shift_of_16() -> None:
+    first, second = H_BEFORE_LAST_SHIFT[0x80000000], H_BEFORE_LAST_SHIFT[0x8000C000]
+    # after h ^= h >> 16: 0x80008000 beats 0x80004000
+    assert policy._rendezvous(0, [(0, 1, first), (1, 1, second)]) == 0
+    assert policy._rendezvous(0, [(0, 1, second), (1, 1, first)]) == 1
+
+
+def test_a_rendezvous_tie_goes_to_the_member_listed_first() -> None:
+    salt = policy._salt(0, 5)
+    assert policy._rendezvous(7, [(3, 1, salt), (9, 1, salt)]) == 3
+    assert policy._rendezvous(7, [(9, 1, salt), (3, 1, salt)]) == 9
+
+
+@pytest.mark.parametrize("target, duration", [(3, 0.1), (7, 0.3)])
+def test_a_slow_start_ends_at_the_target_exactly(target: int, duration: float) -> None:
+    # target * duration / duration is a little above target for these in floating point
+    assert target * duration / duration > target
+    assert policy.ramp_weight(target, duration, duration) == target
+
+
+def test_weighted_tables_whose_credits_reach_the_top_weight_exactly_are_pinned() -> None:
+    # a member takes its turn when its credit reaches the top weight, not only when it passes it
+    assert build({0: 2, 1: 3}, 7, 5) == [0, 1, 1, 1, 0, 1, 0]
+    assert build({0: 3, 1: 4}, 13, 5) == [1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 1, 0]

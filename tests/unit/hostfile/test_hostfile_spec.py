@@ -209,3 +209,59 @@ def test_arbitrary_text_parses_or_is_refused(text: str) -> None:
     except InvalidInput:
         return
     assert parse(render(spec, "toml"), "toml") == dataclasses.replace(spec, legacy=False)
+
+
+# -- whole messages (the mutation run showed their wording unpinned; docs/testing.md) --------------------
+
+_GROUP = "[[reuseport.groups]]\ngroup = 'tcp:192.0.2.1:80'\n"
+_IN_GROUP = "host.toml: [reuseport]: group entry 1 (tcp:192.0.2.1:80): "
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[reuseport]\ngroups = [1]",
+     "host.toml: [reuseport]: group entry 1: must be a table with at least 'group' "
+     "(e.g. group = \"tcp:192.0.2.1:8080\")"),
+    (_GROUP + "members = 4\ncolour = 'red'",
+     _IN_GROUP + "unknown key(s) 'colour', 'members' "
+     "(known: group, key_len, key_offset, policy, table_size, weights)"),
+    (_GROUP + "policy = 5", _IN_GROUP + "policy 5 is not a name"),
+    (_GROUP + "table_size = 'big'", _IN_GROUP + "table_size 'big' is not a whole number"),
+    (_GROUP + "policy = 'quic'\nkey_len = 8",
+     _IN_GROUP + "policy quic steers QUIC, which runs over UDP: a tcp group cannot use it"),
+    (_GROUP + "weights = [1]",
+     _IN_GROUP + "'weights' must be a table of MEMBER = WEIGHT (e.g. weights = { 0 = 1, 1 = 3 })"),
+    ("colour = 1\nflavour = 2",
+     "host.toml: top level: unknown key(s) 'colour', 'flavour' (known: bindings, divert, lookup, reuseport, "
+     "version)"),
+    ("[lookup]\nbinding = []\nbindings = []\nx = 1", "host.toml: [lookup]: unknown key(s) 'binding', 'x' (known: bindings)"),
+    ("bindings = []\n[lookup]",
+     "host.toml: give the bindings either at the top level (the older bindings file) or in [lookup], not both"),
+    ("[[bindings]]\nlabel='a'\nprotocol='sctp'\nprefix='192.0.2.0/24'\nport=1",
+     "host.toml: binding entry 1: invalid protocol 'sctp': use tcp or udp"),
+])
+def test_errors_are_exact(text: str, message: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        parse(text, "toml", "host.toml")
+    assert str(caught.value) == message
+
+
+def test_a_text_without_a_source_is_named_input() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        parse("colour = 1", "toml")
+    assert str(caught.value) == "<input>: top level: unknown key(s) 'colour' (known: bindings, divert, lookup, " \
+                                "reuseport, version)"
+
+
+def test_a_json_host_file_is_read_as_json(tmp_path: Path) -> None:
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps(tomllib.loads(FULL)))
+    assert load(str(path)) == parse(FULL, "toml")
+
+
+def test_an_error_in_a_loaded_file_names_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "host.toml"
+    path.write_text("colour = 1\n")
+    with pytest.raises(InvalidInput) as caught:
+        load(str(path))
+    assert str(caught.value) == f"{path}: top level: unknown key(s) 'colour' (known: bindings, divert, lookup, " \
+                                "reuseport, version)"

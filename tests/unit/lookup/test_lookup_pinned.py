@@ -71,6 +71,14 @@ def test_prefix_message_is_exact() -> None:
     assert message(exc) == "invalid prefix '192.0.2.1/24': 192.0.2.1/24 has host bits set"
 
 
+@pytest.mark.parametrize("text", ["fe80::1%eth0", "fe80::%2/64", "192.0.2.1%1"])
+def test_a_prefix_with_an_interface_zone_is_refused_exactly(text: str) -> None:
+    with pytest.raises(InvalidInput) as exc:
+        b.parse_prefix(text)
+    assert message(exc) == (f"invalid prefix {text!r}: a binding cannot be limited to one interface zone; "
+                            "give the prefix without '%…' (it then matches on every interface)")
+
+
 @pytest.mark.parametrize("text", ["2001:db8::1/128", "::/0", "0.0.0.0/0", "192.0.2.255/32"])
 def test_edge_prefixes_are_accepted(text: str) -> None:
     assert b.parse_prefix(text) == ipaddress.ip_network(text)
@@ -151,6 +159,22 @@ def test_foreign_keys_are_refused_exactly(bits: int, proto: int) -> None:
     with pytest.raises(InvalidInput) as exc:
         b.decode_key(raw)
     assert message(exc) == f"binding key {raw.hex()} is not flowsteer's"
+
+
+@pytest.mark.parametrize("bits, proto", [(31, 6), (161, 6), (160, 7), (32, 0), (32, 16), (32, 18)])
+def test_foreign_trie_entries_are_refused_exactly(bits: int, proto: int) -> None:
+    raw = bits.to_bytes(4, "little") + bytes([proto, 0, 0, 0]) + bytes(16)
+    with pytest.raises(InvalidInput) as exc:
+        b.decode_entry(raw, "web")
+    assert message(exc) == f"binding key {raw.hex()} is not flowsteer's"
+
+
+def test_distinct_bindings_hash_apart() -> None:
+    # a set of 100,000 bindings relies on it (bindings hash by trie key and label)
+    many = [Binding.parse(label, "tcp", f"10.{i >> 8}.{i & 255}.0/24", port)
+            for i in range(200) for label, port in (("a", 0), ("b", 80))]
+    assert len({hash(x) for x in many}) == len(many) == 400
+    assert hash(Binding.parse("a", "tcp", "10.0.0.0/24", 0)) == hash(many[0])
 
 
 def test_value_and_label_bytes() -> None:
@@ -249,6 +273,13 @@ def test_an_unreadable_file_names_the_path_and_errno() -> None:
 def test_mapped_addresses() -> None:
     assert mapped_address("192.0.2.1") == ipaddress.IPv6Address("::ffff:192.0.2.1")
     assert mapped_address(ipaddress.ip_address("2001:db8::1")) == ipaddress.IPv6Address("2001:db8::1")
+
+
+@pytest.mark.parametrize("address", ["fe80::1%eth0", "fe80::1%2", ipaddress.IPv6Address("ff02::1%lo")])
+def test_an_address_with_an_interface_zone_is_refused_exactly(address: str | ipaddress.IPv6Address) -> None:
+    with pytest.raises(ValueError) as exc:
+        mapped_address(address)
+    assert str(exc.value) == f"{address}: bindings match addresses without an interface zone"
 
 
 def test_matching_filters_protocol_port_and_address() -> None:

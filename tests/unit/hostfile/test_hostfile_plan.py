@@ -172,3 +172,42 @@ def test_a_refusal_names_the_action_the_group_and_its_members_exactly() -> None:
         "4242); stop those workers first, keep the group in the file, or apply with --force (their sockets then "
         "keep the last table, unmanaged); nothing was changed")
     assert not diff(HostSpec(groups=(WEB,)), HostSpec(groups=()), {G("tcp:192.0.2.2:1"): ((0, 1),)}).empty
+
+
+# -- exact values the mutation run showed unpinned (docs/testing.md) -------------------------------------
+
+
+def test_each_hook_plan_names_its_hook_and_the_plan_keeps_the_wanted_spec() -> None:
+    wanted = HostSpec(bindings=frozenset(), groups=(), rules=())
+    p = diff(HostSpec(), wanted, {})
+    assert p.wanted is wanted
+    assert [(name, h.hook) for name, h in p.hooks.items()] == [("lookup", "lookup"), ("reuseport", "reuseport"),
+                                                             ("divert", "divert")]
+
+
+def test_loading_the_dispatcher_is_a_note_and_removed_bindings_carry_their_entry() -> None:
+    binding = B("a", "tcp", "192.0.2.0/24", 80)
+    loaded = diff(HostSpec(bindings=None), HostSpec(bindings=frozenset({binding})), {}).hooks["lookup"]
+    assert loaded.notes == ["load the dispatcher (it is not loaded in this namespace)"]
+    removed = diff(HostSpec(bindings=frozenset({binding})), HostSpec(bindings=frozenset()), {}).hooks["lookup"]
+    assert removed.to_dict() == {"added": [], "changed": [], "notes": [],
+                                 "removed": [{"label": "a", "port": 80, "prefix": "192.0.2.0/24", "protocol": "tcp"}]}
+
+
+def test_an_unchanged_group_does_not_hide_the_changes_of_the_groups_after_it() -> None:
+    first, second = GroupSpec(G("tcp:192.0.2.1:80")), GroupSpec(G("tcp:192.0.2.2:80"))
+    hashed = GroupSpec(second.group, Policy("hash"))
+    p = diff(HostSpec(groups=(first, second)), HostSpec(groups=(first, hashed)), {})
+    assert [(c.kind, c.text) for c in p.hooks["reuseport"].changes] == [
+        ("change", "group tcp:192.0.2.2:80 policy consistent  ->  policy hash")]
+    assert p.configure_groups == [hashed]
+
+
+def test_a_refused_new_table_size_is_named_exactly() -> None:
+    bigger = GroupSpec(WEB.group, WEB.policy, WEB.weights, 1021)
+    with pytest.raises(InUse) as caught:
+        diff(HostSpec(groups=(WEB,)), HostSpec(groups=(bigger,)), {WEB.group: ((0, 1),)})
+    assert caught.value.message == (
+        "cannot change its table size from 65537 to 1021 (the group is made anew): group tcp:192.0.2.1:8080 has "
+        "members holding sockets: 0 (pid 1); stop those workers first, keep the group in the file, or apply with "
+        "--force (their sockets then keep the last table, unmanaged); nothing was changed")

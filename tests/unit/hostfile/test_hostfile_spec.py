@@ -233,7 +233,8 @@ _IN_GROUP = "host.toml: [reuseport]: group entry 1 (tcp:192.0.2.1:80): "
     ("colour = 1\nflavour = 2",
      "host.toml: top level: unknown key(s) 'colour', 'flavour' (known: bindings, divert, lookup, reuseport, "
      "version)"),
-    ("[lookup]\nbinding = []\nbindings = []\nx = 1", "host.toml: [lookup]: unknown key(s) 'binding', 'x' (known: bindings)"),
+    ("[lookup]\nbinding = []\nbindings = []\nx = 1",
+     "host.toml: [lookup]: unknown key(s) 'binding', 'x' (known: bindings)"),
     ("bindings = []\n[lookup]",
      "host.toml: give the bindings either at the top level (the older bindings file) or in [lookup], not both"),
     ("[[bindings]]\nlabel='a'\nprotocol='sctp'\nprefix='192.0.2.0/24'\nport=1",

@@ -7,7 +7,6 @@ tables), which is all ``export`` needs; ``tomllib`` reads back exactly what it w
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any
 
@@ -64,7 +63,7 @@ def _value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return ("inf" if value > 0 else "-inf") if math.isinf(value) else "nan" if math.isnan(value) else repr(value)
+        return repr(value)  # Python spells inf, -inf and nan as TOML does
     if isinstance(value, str):
         return _string(value)
     if isinstance(value, list):

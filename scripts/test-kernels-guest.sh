@@ -23,5 +23,8 @@ echo "guest kernel $(uname -r)"
 named=0
 for arg in "$@"; do [[ $arg == tests/* ]] && named=1; done
 [[ $mode == smoke || $named == 1 ]] || set -- tests/system "$@"
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# a suite names each test as it finishes (-v): a run stopped before its summary still shows what failed
+verbosity=-q
+[[ $mode == suite ]] && verbosity=-v
+.venv/bin/python -m pytest "$verbosity" -p no:cacheprovider "$@"
 echo "FLOWSTEER-GUEST-RESULT $?"

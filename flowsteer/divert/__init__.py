@@ -8,7 +8,7 @@ where a packet goes; :func:`supervisor` runs a handler (per packet, or per batch
 :func:`batch_handler`) as a group of worker processes; :class:`PcapngWriter` writes packets for tcpdump.
 """
 
-from flowsteer.divert.capture import PcapngWriter
+from flowsteer.divert.pcapng import PcapngWriter
 from flowsteer.divert.front import Divert
 from flowsteer.divert.handling import batch_handler
 from flowsteer.divert.model import Flow, explain

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, MutableSequence, Sequence
 from typing import Any, BinaryIO
 
-from flowsteer.divert.capture import PcapngWriter
+from flowsteer.divert.pcapng import PcapngWriter
 from flowsteer.divert.packet import Packet
 from flowsteer.divert.socket import DivertSocket
 from flowsteer.errors import InvalidInput

@@ -64,7 +64,7 @@ for kernel in "${kernels[@]}"; do
     # --verbose: without virtio-serial script ports virtme-ng falls back to the console, which only
     # --verbose shows; the guest's last line carries the exit code.
     timeout "$limit" "$vng" --run "/boot/vmlinuz-$version" --force-9p "${accel[@]}" --memory 2G --cpus 2 \
-        --verbose --exec "scripts/test-kernels-guest.sh $mode $(printf '%q ' "${args[@]}")" > "$log" 2>&1
+        --verbose --exec "scripts/test-kernels-guest.sh $mode ${args[*]+$(printf '%q ' "${args[@]}")}" > "$log" 2>&1
     took=$((SECONDS - started))
     result=$(sed -n 's/.*FLOWSTEER-GUEST-RESULT \([0-9]*\).*/\1/p' "$log" | tail -n1)
     outcome=$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error).* in ' "$log" | tail -n1 | tr -d '=')

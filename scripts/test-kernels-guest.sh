@@ -7,9 +7,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=$1; shift
-kept=()  # an empty argument would make pytest collect the whole checkout (mutants/ included)
-for arg in "$@"; do [[ -n $arg ]] && kept+=("$arg"); done
-set -- "${kept[@]}"
 # The host's file systems are shared read-only; tests need a writable scratch directory. It is a
 # private tmpfs over /tmp, or over /var/tmp when the checkout itself lives under /tmp (a tmpfs there
 # would hide it).

@@ -134,10 +134,16 @@ def to_mapped(network: Network) -> ipaddress.IPv6Network:
 
 def from_mapped(network: ipaddress.IPv6Network) -> Network:
     """Inverse of :func:`to_mapped` for prefixes inside ``::ffff:0:0/96`` of length ≥ 96."""
-    base = int(network.network_address)
-    if network.prefixlen >= 96 and base >> 32 == 0xFFFF:  # inside ::ffff:0:0/96 (integers: much faster)
-        return ipaddress.IPv4Network((base & 0xFFFFFFFF, network.prefixlen - 96))
-    return network
+    v4 = _v4_part(int(network.network_address), network.prefixlen)
+    return network if v4 is None else v4
+
+
+def _v4_part(address: int, prefixlen: int) -> ipaddress.IPv4Network | None:
+    """Returns the IPv4 network of a mapped prefix (as integers) inside ``::ffff:0:0/96`` of length ≥ 96,
+    None for any other prefix (integers: much faster than ``ipaddress`` containment)."""
+    if prefixlen >= 96 and address >> 32 == 0xFFFF:
+        return ipaddress.IPv4Network((address & 0xFFFFFFFF, prefixlen - 96))
+    return None
 
 
 @dataclass(frozen=True, order=False)
@@ -214,10 +220,17 @@ def _pack_key(protocol: str, prefixlen: int, port: int, address: int) -> bytes:
 
 def decode_key(raw: bytes) -> tuple[str, ipaddress.IPv6Network, int]:
     """Inverse of :func:`encode_key`; raises InvalidInput for a key flowsteer did not write."""
+    protocol, prefixlen, port, address = _unpack_key(raw)
+    return (protocol, ipaddress.IPv6Network((address, prefixlen)), port)
+
+
+def _unpack_key(raw: bytes) -> tuple[str, int, int, int]:
+    """Returns ``(protocol, mapped prefix length, port, mapped address)`` of a trie key; raises
+    InvalidInput for a key flowsteer did not write."""
     bits, proto, _pad, port, addr = _KEY.unpack(raw)
     if proto not in PROTOCOL_NAMES or not _KEY_BITS_BEFORE_ADDR <= bits <= _KEY_BITS_BEFORE_ADDR + 128:
         raise InvalidInput(f"binding key {raw.hex()} is not flowsteer's")
-    return (PROTOCOL_NAMES[proto], ipaddress.IPv6Network((addr, bits - _KEY_BITS_BEFORE_ADDR)), port)
+    return PROTOCOL_NAMES[proto], bits - _KEY_BITS_BEFORE_ADDR, port, int.from_bytes(addr, "big")
 
 
 def decode_entry(key: bytes, label: str) -> Binding:
@@ -226,17 +239,11 @@ def decode_entry(key: bytes, label: str) -> Binding:
     The binding is built from the key's integers without re-deriving them (reading 100,000 entries would
     otherwise cost seconds). Raises InvalidInput for a key flowsteer did not write.
     """
-    bits, proto, _pad, port, raw_address = _KEY.unpack(key)
-    if proto not in PROTOCOL_NAMES or not _KEY_BITS_BEFORE_ADDR <= bits <= _KEY_BITS_BEFORE_ADDR + 128:
-        raise InvalidInput(f"binding key {key.hex()} is not flowsteer's")
-    address, prefixlen = int.from_bytes(raw_address, "big"), bits - _KEY_BITS_BEFORE_ADDR
-    prefix: Network
-    if prefixlen >= 96 and address >> 32 == 0xFFFF:
-        prefix = ipaddress.IPv4Network((address & 0xFFFFFFFF, prefixlen - 96))
-    else:
-        prefix = ipaddress.IPv6Network((address, prefixlen))
+    protocol, prefixlen, port, address = _unpack_key(key)
+    v4 = _v4_part(address, prefixlen)
+    prefix: Network = ipaddress.IPv6Network((address, prefixlen)) if v4 is None else v4
     binding = Binding.__new__(Binding)  # every field known: __post_init__ would only compute them again
-    binding.__dict__.update(label=label, protocol=PROTOCOL_NAMES[proto], prefix=prefix, port=port,
+    binding.__dict__.update(label=label, protocol=protocol, prefix=prefix, port=port,
                             mapped_address=address, mapped_prefixlen=prefixlen, key=key)
     return binding
 

@@ -9,6 +9,7 @@ about 1/N of the entries (Eisenbud et al., "Maglev", NSDI 2016).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 
@@ -56,29 +57,36 @@ def build(weights: Mapping[int, int], size: int, seed: int) -> list[int]:
     """
     if any(w < 0 for w in weights.values()):
         raise InvalidInput("member weights must not be negative")
-    members = sorted(slot for slot, w in weights.items() if w > 0)
+    return list(_build(tuple(sorted((slot, w) for slot, w in weights.items() if w > 0)), size, seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _build(members: tuple[tuple[int, int], ...], size: int, seed: int) -> tuple[int, ...]:
+    """The table of ``members`` (slot, positive weight), in slot order. Cached: draining, detaching or
+    joining a configured member changes which members are live, not this table, so a process that makes
+    many changes (a supervisor's rolling restart) builds it once."""
     table = [NO_MEMBER] * size
     if not members:
-        return table
-    top = max(weights[s] for s in members)
-    perms = [_permutation(s, size, seed) for s in members]
-    nexts = [0] * len(members)
-    credit = [0] * len(members)
+        return tuple(table)
+    slots = [slot for slot, _ in members]
+    weights = [w for _, w in members]
+    top = max(weights)
+    perms = [_permutation(slot, size, seed) for slot in slots]
+    position = [offset for offset, _ in perms]  # the next entry of each member's permutation
+    skips = [skip for _, skip in perms]
+    credit = [0] * len(slots)
     filled = 0
     while True:
-        for i, slot in enumerate(members):
-            credit[i] += weights[slot]
+        for i, slot in enumerate(slots):
+            credit[i] += weights[i]
             if credit[i] < top:
                 continue
             credit[i] -= top
-            offset, skip = perms[i]
-            n = nexts[i]
-            entry = (offset + n * skip) % size
+            entry, skip = position[i], skips[i]
             while table[entry] != NO_MEMBER:
-                n += 1
-                entry = (offset + n * skip) % size
+                entry = (entry + skip) % size
             table[entry] = slot
-            nexts[i] = n + 1
+            position[i] = (entry + skip) % size
             filled += 1
             if filled == size:
-                return table
+                return tuple(table)

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import secrets
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flowsteer.errors import FlowsteerError, IncompatibleState, NotLoaded
@@ -40,6 +41,11 @@ _U32 = struct.Struct("=I")
 def object_path() -> str:
     """Returns the path of the compiled program (built by `make bpf`)."""
     return SPEC.object_path()
+
+
+def _u32s(values: Sequence[int]) -> bytes:
+    """Returns ``values`` as consecutive native-order u32s (a batch of map keys or values)."""
+    return struct.pack(f"={len(values)}I", *values)
 
 
 def groups_dir(root: str, netns: NetnsId) -> str:
@@ -171,11 +177,9 @@ class GroupState(PinnedState):
         if len(table) != size:
             raise FlowsteerError(f"a table of {len(table)} entries for a group with {size}-entry tables")
         gen = 1 - self.active_generation()
-        self.maps["table"].update_batch(
-            b"".join(_U32.pack(gen * size + i) for i in range(size)), struct.pack(f"={size}I", *table))
+        self.maps["table"].update_batch(_u32s(range(gen * size, (gen + 1) * size)), _u32s(table))
         cpus = cpus or [NO_MEMBER] * CPU_SLOTS
-        self.maps["cpus"].update_batch(b"".join(_U32.pack(gen * CPU_SLOTS + c) for c in range(CPU_SLOTS)),
-                                       struct.pack(f"={CPU_SLOTS}I", *cpus))
+        self.maps["cpus"].update_batch(_u32s(range(gen * CPU_SLOTS, (gen + 1) * CPU_SLOTS)), _u32s(cpus))
         self.maps["policies"].update(_U32.pack(gen), _POLICY.pack(
             int(policy.kind), self.meta.seed, size, policy.key_offset, policy.key_len, int(policy.weighted)))
         self.maps["active"].update(_U32.pack(0), _U32.pack(gen))

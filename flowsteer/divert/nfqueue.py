@@ -46,6 +46,8 @@ SLOT = COPY_RANGE + 4096
 """Bytes per receive slot: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
 RING = 64
 """Receive slots: messages read per system call."""
+DIRECT_WAITS = 8
+"""How many waits go straight to a blocking read after a batch read found the queue empty."""
 _BUFSIZE = SLOT
 _NLHDR = struct.Struct("=IHHII")
 _NLHEAD = struct.Struct("=IH")
@@ -55,7 +57,6 @@ _VERDICT_SIZE = _VERDICT.size
 _ATTR = struct.Struct("=HH")
 _U32 = struct.Struct("!I")
 _ERR = struct.Struct("=i")
-_MSG_WAITFORONE = 0x10000
 """Blocks for the first message only (then the call takes what is there)."""
 _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 
@@ -123,6 +124,7 @@ class NfQueue:
         self._ring: _Ring | None = None
         self._shape: _Shape | None = None
         self._rcvtimeo = 0
+        self._direct_waits = 0
 
     def fileno(self) -> int:
         """Returns the socket's file descriptor (readable when packets are waiting)."""
@@ -152,36 +154,60 @@ class NfQueue:
         """Returns up to ``limit`` packets, waiting at most ``wait`` seconds for the first (None: as long
         as it takes; 0: not at all) and not at all for the others (an empty list when none came).
 
-        Reads up to :data:`RING` messages per ``recvmmsg`` call; a wait is the first call itself blocking
-        (``SO_RCVTIMEO``), so a lone packet costs one system call. Raises KernelError when the socket
-        fails.
+        What is already waiting is read in batches of up to :data:`RING` messages per ``recvmmsg``; a
+        wait is a plain blocking ``recv`` (``SO_RCVTIMEO``) that hands over the packet ending it at once.
+        Once a batch read found nothing, the next :data:`DIRECT_WAITS` waits block at once without that
+        look: at a low rate each packet then costs one system call and no batching, and when load comes
+        back the look after them returns to batches. Raises KernelError when the socket fails.
         """
         out, self._backlog = self._backlog[:limit], self._backlog[limit:]
+        if wait != 0 and not out and self._direct_waits:
+            self._direct_waits -= 1
+        elif len(out) < limit:
+            self._read_waiting(out, limit)
+            if out:
+                self._direct_waits = 0
+            elif wait != 0:
+                self._direct_waits = DIRECT_WAITS
+        if wait != 0 and not out:
+            self._read_one(out, wait)
+        return out
+
+    def _read_waiting(self, out: list[Delivery], limit: int) -> None:
+        """Appends to ``out`` the packets already waiting, up to ``limit`` in all, without blocking."""
         if self._ring is None:
             self._ring = _Ring()
         ring = self._ring
         fd = self.sock.fileno()
-        flags = _MSG_DONTWAIT
-        if wait != 0 and not out:
-            self._set_rcvtimeo(wait)
-            flags = _MSG_WAITFORONE
+        parse = self._parse
         while len(out) < limit:
             want = min(RING, limit - len(out))
-            got = _recvmmsg(fd, ring.headers, want, flags, None)
-            flags = _MSG_DONTWAIT
+            got = _recvmmsg(fd, ring.headers, want, _MSG_DONTWAIT, None)
             if got < 0:
                 err = ctypes.get_errno()
                 if err in (errno.EAGAIN, errno.EINTR):
-                    break
+                    return
                 raise kernel_error("receiving diverted packets", err)
-            parse = self._parse
             for i in range(got):
                 delivery = parse(ring.view, i * SLOT, ring.headers[i].msg_len)
                 if delivery is not None:
                     out.append(delivery)
             if got < want:
-                break
-        return out
+                return
+
+    def _read_one(self, out: list[Delivery], wait: float | None) -> None:
+        """Waits up to ``wait`` seconds (None: forever) for one message; appends it to ``out`` when it
+        is a packet."""
+        self._set_rcvtimeo(wait)
+        try:
+            n = self.sock.recv_into(self._buf, _BUFSIZE)
+        except (BlockingIOError, InterruptedError):  # the wait ended (SO_RCVTIMEO) or a signal came
+            return
+        except OSError as exc:
+            raise kernel_error("receiving diverted packets", exc.errno or errno.EIO) from None
+        delivery = self._parse(self._buf, 0, n)
+        if delivery is not None:
+            out.append(delivery)
 
     def accept(self, queue: int, packet_id: int) -> None:
         """Accepts one packet. Raises KernelError when the kernel refuses the send."""

@@ -52,6 +52,7 @@ def ack(seq: int, error: int = 0) -> bytes:
 def fresh() -> NfQueue:
     q = NfQueue.__new__(NfQueue)
     q.verdict_errors, q._shape, q._seq, q._backlog, q._ring, q._rcvtimeo = 0, None, 0, [], None, 0
+    q._direct_waits = 0
     q._buf = bytearray(nfqueue.SLOT)
     return q
 
@@ -333,6 +334,9 @@ class Recording:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def recv_into(self, buf: bytearray, size: int) -> int:
+        return self.sock.recv_into(buf, size)
+
     def setsockopt(self, level: int, opt: int, value: bytes) -> None:
         assert (level, opt) == (socket.SOL_SOCKET, socket.SO_RCVTIMEO)
         self.timeouts.append(struct.unpack("ll", value))
@@ -356,6 +360,29 @@ def test_a_waiting_receive_blocks_with_a_receive_timeout(pair: tuple[NfQueue, so
     assert [d.packet_id for d in q.receive(5, wait=7.0)] == [9, 3]  # with a backlog: no waiting
     assert rec.timeouts == [(0, 2000), (0, 1), (2, 500000), (0, 3000)]
     q.sock = rec.sock
+
+
+def test_after_an_empty_batch_read_waits_block_at_once_until_a_batch_read_finds_packets(
+        pair: tuple[NfQueue, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    q, peer = pair
+    batch_reads = []
+
+    def counted(*args: object) -> int:
+        batch_reads.append(args[2])
+        return real(*args)
+    real = nfqueue._recvmmsg
+    monkeypatch.setattr(nfqueue, "_recvmmsg", counted)
+    assert q.receive(4, wait=1e-3) == [] and len(batch_reads) == 1  # looked, found nothing, waited
+    for i in range(nfqueue.DIRECT_WAITS):  # a low rate: one read per packet, no look first
+        peer.send(packet_msg(4, i, 0, b"\x45"))
+        assert [d.packet_id for d in q.receive(4, wait=1.0)] == [i]
+    assert len(batch_reads) == 1
+    for i in range(3):  # load came back: after the direct waits, a look finds the batch
+        peer.send(packet_msg(4, 10 + i, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(4, wait=1.0)] == [10, 11, 12] and len(batch_reads) == 2
+    peer.send(packet_msg(4, 13, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(4, wait=1.0)] == [13] and len(batch_reads) == 3  # still looking
+    assert q.receive(4) == [] and len(batch_reads) == 4  # no wait: always a look, however idle
 
 
 def test_a_first_wait_of_one_microsecond_is_set(pair: tuple[NfQueue, socket.socket]) -> None:

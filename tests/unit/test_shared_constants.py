@@ -284,7 +284,11 @@ def test_libbpf_layer_numbers_are_the_kernels() -> None:
               ("BPF_ANY", "BPF_NOEXIST", "BPF_EXIST", "BPF_F_NO_PREALLOC", "BPF_F_RDONLY", "BPF_F_REPLACE")}
     facts |= {"__builtin_offsetof(struct sk_reuseport_md, migrating_sk)": features.MIGRATING_SK_OFFSET,
               "BPF_LDX | BPF_MEM | BPF_DW": features.LDX_MEM_DW, "BPF_ALU64 | BPF_MOV | BPF_K": features.MOV64_IMM,
-              "BPF_JMP | BPF_EXIT": features.EXIT, "SK_PASS": features.SK_PASS}
+              "BPF_JMP | BPF_EXIT": features.EXIT, "SK_PASS": features.SK_PASS,
+              "BPF_STATS_RUN_TIME": libbpf.BPF_STATS_RUN_TIME}
+    for c_struct, fields in (("bpf_prog_info", libbpf._ProgInfo), ("bpf_map_info", libbpf._MapInfo)):
+        facts |= {f"__builtin_offsetof(struct {c_struct}, {name})": getattr(fields, name).offset
+                  for name, _ in fields._fields_ if not name.startswith("_")}
     _check_with_clang(UAPI_HEADERS, facts, [])
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import select
+import socket
 import struct
 import subprocess
 import sys
@@ -12,8 +14,11 @@ from pathlib import Path
 import pytest
 
 from flowsteer.errors import FlowsteerError, KernelError
-from flowsteer.kernel.libbpf import BPF_NOEXIST, BpfObject, Map, MapType, possible_cpus
+from flowsteer.kernel import features
+from flowsteer.kernel.libbpf import (BPF_NOEXIST, BpfObject, Map, MapType, ProgType, possible_cpus, prog_load,
+                                     run_time_stats)
 from flowsteer.lookup.state import object_path
+from flowsteer.reuseport.group import SO_ATTACH_REUSEPORT_EBPF
 
 
 def test_hash_map_operations_and_errors() -> None:
@@ -111,3 +116,39 @@ def test_verifier_log_reaches_the_error_uncut(tmp_path: object) -> None:
     assert "R0 invalid mem access 'scalar'" in log or "invalid mem access" in log
     assert "invalid mem access" in str(exc.value)  # the one-line message names the reason
     assert exc.value.errno == errno.EACCES
+
+
+def test_run_time_stats_count_a_programs_runs_only_while_held(netns: object) -> None:
+    returns_pass = (features._instruction(features.MOV64_IMM, dst=0, imm=features.SK_PASS)
+                    + features._instruction(features.EXIT))  # no choice made: the kernel's hash picks
+    members = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    with prog_load(ProgType.SK_REUSEPORT, "stats_probe", returns_pass) as prog:
+        for sock in members:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", 9400))
+        members[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog.fd)
+
+        def send(count: int) -> None:  # each datagram runs the program once; returns once all arrived
+            for i in range(count):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                    client.sendto(b"x", ("127.0.0.1", 9400))
+            arrived = 0
+            while arrived < count:
+                ready, _, _ = select.select(members, [], [], 5)
+                assert ready, "a datagram did not arrive"
+                for sock in ready:
+                    sock.recv(16)
+                    arrived += 1
+
+        counting_anyway = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() != "0"
+        send(3)
+        before = prog.info()
+        assert counting_anyway or before.run_count == 0
+        with run_time_stats():
+            send(10)
+        during = prog.info()
+        assert during.run_count - before.run_count == 10 and during.run_time_ns > before.run_time_ns
+        send(4)
+        assert counting_anyway or prog.info().run_count == during.run_count
+    for sock in members:
+        sock.close()

@@ -15,7 +15,6 @@ import re
 import socket
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from flowsteer.errors import InvalidInput
@@ -82,8 +81,10 @@ def parse_port(value: str | int) -> int:
     return port
 
 
-def parse_prefix(text: str) -> Network:
-    """Returns the network for ``text`` (an address or CIDR prefix; a bare address is a /32 or /128).
+def parse_prefix(text: str) -> tuple[bool, int, int]:
+    """Returns ``(is IPv4, network address, prefix length)`` of ``text`` (an address or CIDR prefix; a
+    bare address is a /32 or /128) as integers: for large sets, building 100,000 ``ipaddress`` networks
+    would be most of parsing them (:attr:`Binding.prefix` builds one when read).
 
     Raises InvalidInput when it is not an address or prefix, has host bits set, or names an IPv6 zone
     (``fe80::1%eth0``): a binding matches its addresses on every interface, so a zone would be ignored.
@@ -91,29 +92,33 @@ def parse_prefix(text: str) -> Network:
     if "%" in str(text):
         raise InvalidInput(f"invalid prefix {text!r}: a binding cannot be limited to one interface zone; "
                            "give the prefix without '%…' (it then matches on every interface)")
+    parts = _ipv4_parts(str(text))
+    if parts is not None:
+        return (True, *parts)
     try:
-        return _ipv4_network(str(text)) or ipaddress.ip_network(str(text), strict=True)
+        network = ipaddress.ip_network(str(text), strict=True)
     except ValueError as exc:
         raise InvalidInput(f"invalid prefix {text!r}: {exc}") from None
+    return network.version == 4, int(network.network_address), network.prefixlen
 
 
-def _ipv4_network(text: str) -> ipaddress.IPv4Network | None:
-    """Returns ``text`` as an IPv4 network when it is a plain ``a.b.c.d[/n]`` without host bits, else None
-    (then ``ipaddress`` parses it and explains what is wrong). A shortcut for large sets: the C parser
-    accepts exactly the dotted quads ``ipaddress`` accepts, and the network is built from integers."""
+def _ipv4_parts(text: str) -> tuple[int, int] | None:
+    """Returns ``(address, prefix length)`` of ``text`` when it is a plain IPv4 ``a.b.c.d[/n]`` without
+    host bits, else None (then ``ipaddress`` parses it and explains what is wrong). The C parser accepts
+    exactly the dotted quads ``ipaddress`` accepts."""
     address, slash, length = text.partition("/")
     try:
         value = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
     except (OSError, ValueError):  # not a dotted quad; ValueError: a NUL character
         return None
     if not slash:
-        return ipaddress.IPv4Network((value, 32))
+        return value, 32
     if not (length.isascii() and length.isdigit() and len(length) <= 2 and int(length) <= 32):
         return None
     prefixlen = int(length)
     if value & (0xFFFFFFFF >> prefixlen):  # host bits set
         return None
-    return ipaddress.IPv4Network((value, prefixlen))
+    return value, prefixlen
 
 
 def mapped_parts(network: Network) -> tuple[int, int]:
@@ -140,43 +145,88 @@ def from_mapped(network: ipaddress.IPv6Network) -> Network:
 
 def _v4_part(address: int, prefixlen: int) -> ipaddress.IPv4Network | None:
     """Returns the IPv4 network of a mapped prefix (as integers) inside ``::ffff:0:0/96`` of length ≥ 96,
-    None for any other prefix (integers: much faster than ``ipaddress`` containment)."""
-    if prefixlen >= 96 and address >> 32 == 0xFFFF:
+    None for any other prefix."""
+    if _is_v4_mapped(address, prefixlen):
         return ipaddress.IPv4Network((address & 0xFFFFFFFF, prefixlen - 96))
     return None
 
 
-@dataclass(frozen=True, order=False)
+def _is_v4_mapped(address: int, prefixlen: int) -> bool:
+    """Whether a mapped prefix (as integers) lies inside ``::ffff:0:0/96`` and is at least that long
+    (integers: much faster than ``ipaddress`` containment)."""
+    return prefixlen >= 96 and address >> 32 == 0xFFFF
+
+
 class Binding:
-    """``protocol prefix port → label``; port 0 means every port."""
+    """``protocol prefix port → label``; port 0 means every port. Immutable; two bindings are equal when
+    label, protocol, prefix (its IPv4 or IPv6 form included) and port are.
+
+    A binding is kept as integers (:attr:`mapped_address`, :attr:`mapped_prefixlen`, :attr:`key`), from
+    which :attr:`prefix` is built when first read: sets of 100,000 bindings are parsed, compared and
+    written without building a network each.
+    """
 
     label: str
     protocol: str
-    prefix: Network
     port: int
-    mapped_address: int = field(init=False, repr=False, compare=False)
+    is_v4: bool
+    """Whether the prefix was given (or read back) as an IPv4 prefix."""
+    mapped_address: int
     """:attr:`mapped`'s network address as an integer (without building the IPv6 network)."""
-    mapped_prefixlen: int = field(init=False, repr=False, compare=False)
+    mapped_prefixlen: int
     """The length of :attr:`mapped`'s prefix (the value the trie stores beside the label)."""
-    key: bytes = field(init=False, repr=False, compare=False)
+    key: bytes
     """The binding's key in the dispatcher's trie (:func:`encode_key` of its selector): one to one with
-    :attr:`selector`, computed with integers."""
+    :attr:`selector`."""
 
-    def __post_init__(self) -> None:
-        # Computed once, eagerly: large sets need them all, and a cached_property takes a lock per read
-        # in Python 3.11.
-        address, prefixlen = mapped_parts(self.prefix)
-        self.__dict__.update(mapped_address=address, mapped_prefixlen=prefixlen,
-                             key=_pack_key(self.protocol, prefixlen, self.port, address))
+    def __init__(self, label: str, protocol: str, prefix: Network, port: int) -> None:
+        address, prefixlen = mapped_parts(prefix)
+        self._fill(label, protocol, port, prefix.version == 4, address, prefixlen)
+        self.__dict__["prefix"] = prefix
+
+    @classmethod
+    def from_parts(cls, label: str, protocol: str, port: int, is_v4: bool, address: int, prefixlen: int,
+                   key: bytes | None = None) -> "Binding":
+        """Returns the binding of prefix ``address/prefixlen`` (IPv4 when ``is_v4``, as
+        :func:`parse_prefix` gives it); ``key`` may be the mapped address's trie key when known."""
+        binding = cls.__new__(cls)
+        if is_v4:
+            address, prefixlen = _V4_MAPPED_BASE | address, 96 + prefixlen
+        binding._fill(label, protocol, port, is_v4, address, prefixlen, key)
+        return binding
+
+    def _fill(self, label: str, protocol: str, port: int, is_v4: bool, mapped_address: int,
+              mapped_prefixlen: int, key: bytes | None = None) -> None:
+        self.__dict__.update(label=label, protocol=protocol, port=port, is_v4=is_v4,
+                             mapped_address=mapped_address, mapped_prefixlen=mapped_prefixlen,
+                             key=key or _pack_key(protocol, mapped_prefixlen, port, mapped_address))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"a binding cannot be changed (tried to set {name})")
 
     @classmethod
     def parse(cls, label: str, protocol: str, prefix: str, port: str | int) -> "Binding":
         """Returns a validated binding; raises InvalidInput naming the bad field."""
-        return cls(parse_label(label), parse_protocol(protocol), parse_prefix(prefix), parse_port(port))
+        return cls.from_parts(parse_label(label), parse_protocol(protocol), parse_port(port),
+                              *parse_prefix(prefix))
+
+    @functools.cached_property
+    def prefix(self) -> Network:
+        if self.is_v4:
+            return ipaddress.IPv4Network((self.mapped_address & 0xFFFFFFFF, self.mapped_prefixlen - 96))
+        return ipaddress.IPv6Network((self.mapped_address, self.mapped_prefixlen))
+
+    @property
+    def prefix_text(self) -> str:
+        """``str(prefix)``, without building the network for an IPv4 prefix."""
+        if self.is_v4:
+            address = socket.inet_ntop(socket.AF_INET, (self.mapped_address & 0xFFFFFFFF).to_bytes(4, "big"))
+            return f"{address}/{self.mapped_prefixlen - 96}"
+        return str(self.prefix)
 
     @functools.cached_property
     def mapped(self) -> ipaddress.IPv6Network:
-        return to_mapped(self.prefix)
+        return ipaddress.IPv6Network((self.mapped_address, self.mapped_prefixlen))
 
     @functools.cached_property
     def selector(self) -> tuple[str, ipaddress.IPv6Network, int]:
@@ -187,10 +237,18 @@ class Binding:
         """Sort key, most specific first: longer prefix first, then a specific port before port 0."""
         return (-self.mapped_prefixlen, 0 if self.port else 1)
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Binding):
+            return NotImplemented
+        return self.key == other.key and self.label == other.label and self.is_v4 == other.is_v4
+
     def __hash__(self) -> int:
-        # Equal bindings have equal keys and labels; hashing the fields instead would hash an ipaddress
-        # network in Python code, the largest cost of putting 100,000 bindings in a set.
+        # Equal bindings have equal keys and labels; hashing an ipaddress network instead would be the
+        # largest cost of putting 100,000 bindings in a set.
         return hash((self.key, self.label))
+
+    def __repr__(self) -> str:
+        return f"Binding(label={self.label!r}, protocol={self.protocol!r}, prefix={self.prefix!r}, port={self.port!r})"
 
     def sort_key(self) -> tuple[str, int, int, int, str]:
         """A total order of bindings by their fields (protocol, address, prefix length, port, label),
@@ -198,10 +256,10 @@ class Binding:
         return (self.protocol, self.mapped_address, self.mapped_prefixlen, self.port, self.label)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "protocol": self.protocol, "prefix": str(self.prefix), "port": self.port}
+        return {"label": self.label, "protocol": self.protocol, "prefix": self.prefix_text, "port": self.port}
 
     def __str__(self) -> str:
-        return f"{self.protocol} {self.prefix} port {self.port or 'any'} -> {self.label}"
+        return f"{self.protocol} {self.prefix_text} port {self.port or 'any'} -> {self.label}"
 
 
 def sort_by_precedence(bindings: list[Binding]) -> list[Binding]:
@@ -234,17 +292,15 @@ def _unpack_key(raw: bytes) -> tuple[str, int, int, int]:
 
 
 def decode_entry(key: bytes, label: str) -> Binding:
-    """Returns the binding of a trie entry from its key (:func:`encode_key`) and its label's name.
+    """Returns the binding of a trie entry from its key (:func:`encode_key`) and its label's name; a
+    prefix inside ``::ffff:0:0/96`` comes back in its IPv4 form.
 
-    The binding is built from the key's integers without re-deriving them (reading 100,000 entries would
-    otherwise cost seconds). Raises InvalidInput for a key flowsteer did not write.
+    The binding is built from the key's integers (reading 100,000 entries would otherwise cost seconds).
+    Raises InvalidInput for a key flowsteer did not write.
     """
     protocol, prefixlen, port, address = _unpack_key(key)
-    v4 = _v4_part(address, prefixlen)
-    prefix: Network = ipaddress.IPv6Network((address, prefixlen)) if v4 is None else v4
-    binding = Binding.__new__(Binding)  # every field known: __post_init__ would only compute them again
-    binding.__dict__.update(label=label, protocol=protocol, prefix=prefix, port=port,
-                            mapped_address=address, mapped_prefixlen=prefixlen, key=key)
+    binding = Binding.__new__(Binding)
+    binding._fill(label, protocol, port, _is_v4_mapped(address, prefixlen), address, prefixlen, key)
     return binding
 
 

@@ -92,7 +92,7 @@ def _entry(entry: Any) -> list[Binding]:
     protocol = parse_protocol(_required(entry, "protocol"))
     prefixes = [parse_prefix(p) for p in _one_or_many(entry, "prefix", "prefixes")]
     ports = [parse_port(p) for p in _one_or_many(entry, "port", "ports")]
-    return [Binding(label, protocol, prefix, port) for prefix in prefixes for port in ports]
+    return [Binding.from_parts(label, protocol, port, *prefix) for prefix in prefixes for port in ports]
 
 
 def _required(entry: dict[str, Any], key: str) -> Any:

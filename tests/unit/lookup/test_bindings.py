@@ -72,20 +72,22 @@ def test_the_ipv4_shortcut_accepts_exactly_what_ipaddress_accepts(text: str) -> 
         expected: b.Network | None = ipaddress.ip_network(text, strict=True)
     except ValueError:
         expected = None
-    fast = b._ipv4_network(text)
-    if fast is not None:  # the shortcut never accepts what ipaddress refuses, and builds the same network
-        assert fast == expected and type(fast) is type(expected)
+    fast = b._ipv4_parts(text)
+    if fast is not None:  # the shortcut never accepts what ipaddress refuses, and finds the same network
+        assert isinstance(expected, ipaddress.IPv4Network)
+        assert fast == (int(expected.network_address), expected.prefixlen)
 
 
 @pytest.mark.parametrize("text", ["192.0.2.0/24", "198.51.100.7", "0.0.0.0/0", "255.255.255.255/32", "10.0.0.0/8"])
 def test_plain_ipv4_prefixes_take_the_shortcut(text: str) -> None:
-    assert b._ipv4_network(text) == ipaddress.ip_network(text)
+    network = ipaddress.ip_network(text)
+    assert b._ipv4_parts(text) == (int(network.network_address), network.prefixlen)
 
 
 @pytest.mark.parametrize("text", ["192.0.2.1/24", "192.0.2.0/33", "192.0.2.0/024", "192.0.2.0/", "1.2.3",
                                   "01.2.3.4", "2001:db8::/32"])
 def test_anything_else_is_left_to_ipaddress(text: str) -> None:
-    assert b._ipv4_network(text) is None
+    assert b._ipv4_parts(text) is None
 
 
 def test_key_prefix_length_counts_protocol_and_port_bits() -> None:
@@ -122,8 +124,8 @@ def test_bad_prefixes(text: str) -> None:
 
 
 def test_bare_address_is_a_host_prefix() -> None:
-    assert b.parse_prefix("192.0.2.7") == ipaddress.ip_network("192.0.2.7/32")
-    assert b.parse_prefix("2001:db8::7") == ipaddress.ip_network("2001:db8::7/128")
+    assert b.Binding.parse("x", "tcp", "192.0.2.7", 0).prefix == ipaddress.ip_network("192.0.2.7/32")
+    assert b.Binding.parse("x", "tcp", "2001:db8::7", 0).prefix == ipaddress.ip_network("2001:db8::7/128")
 
 
 def test_bad_protocol() -> None:
@@ -168,3 +170,31 @@ def test_building_many_pauses_the_cycle_collector_and_restores_it() -> None:
         assert not gc.isenabled()  # a caller's own pause is left alone
     finally:
         gc.enable()
+
+
+@given(networks, st.sampled_from(["tcp", "udp"]), st.integers(0, 65535))
+def test_a_binding_parsed_from_text_is_the_binding_of_its_network(network: b.Network, protocol: str, port: int) -> None:
+    parsed = b.Binding.parse("web", protocol, str(network), port)
+    built = b.Binding("web", protocol, network, port)
+    assert parsed == built and hash(parsed) == hash(built) and parsed.key == built.key
+    assert parsed.prefix == network and type(parsed.prefix) is type(network)
+    assert parsed.prefix_text == str(network) and str(parsed) == str(built)
+    assert parsed.to_dict() == {"label": "web", "protocol": protocol, "prefix": str(network), "port": port}
+    assert repr(parsed) == f"Binding(label='web', protocol={protocol!r}, prefix={network!r}, port={port})"
+
+
+def test_bindings_differ_in_each_field_and_in_the_form_of_the_prefix() -> None:
+    web = b.Binding.parse("web", "tcp", "192.0.2.0/24", 80)
+    assert web == b.Binding.parse("web", "tcp", "192.0.2.0/24", "80")
+    others = [b.Binding.parse("api", "tcp", "192.0.2.0/24", 80), b.Binding.parse("web", "udp", "192.0.2.0/24", 80),
+              b.Binding.parse("web", "tcp", "192.0.3.0/24", 80), b.Binding.parse("web", "tcp", "192.0.2.0/24", 81),
+              b.Binding.parse("web", "tcp", "::ffff:192.0.2.0/120", 80)]  # the same trie key, its IPv6 form
+    assert all(web != other for other in others) and web != "web"
+    assert others[-1].key == web.key and str(others[-1].prefix) == "::ffff:c000:200/120"
+
+
+def test_a_binding_cannot_be_changed() -> None:
+    web = b.Binding.parse("web", "tcp", "192.0.2.0/24", 80)
+    with pytest.raises(AttributeError, match="cannot be changed"):
+        web.port = 81  # type: ignore[misc]
+    assert web.port == 80

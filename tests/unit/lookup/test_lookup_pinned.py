@@ -81,7 +81,7 @@ def test_a_prefix_with_an_interface_zone_is_refused_exactly(text: str) -> None:
 
 @pytest.mark.parametrize("text", ["2001:db8::1/128", "::/0", "0.0.0.0/0", "192.0.2.255/32"])
 def test_edge_prefixes_are_accepted(text: str) -> None:
-    assert b.parse_prefix(text) == ipaddress.ip_network(text)
+    assert b.Binding.parse("x", "tcp", text, 0).prefix == ipaddress.ip_network(text)
 
 
 # --- bindings: the v4-mapped space -----------------------------------------------------------------

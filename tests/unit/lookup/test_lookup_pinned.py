@@ -129,6 +129,66 @@ def test_ties_are_ordered_by_protocol_address_port_and_label() -> None:
         assert b.sort_by_precedence(shuffled) == ordered
 
 
+# --- bindings kept as integers (survivors of the rewrite's mutation run, docs/testing.md) ------------
+
+
+@pytest.mark.parametrize("text, want", [
+    ("192.0.2.0/255.255.255.0", (True, 0xC0000200, 24)),  # a netmask
+    ("192.0.2.0/0.0.0.255", (True, 0xC0000200, 24)),      # a host mask
+    ("10.0.0.0/008", (True, 0x0A000000, 8)),              # a length with leading zeros
+    ("0.0.0.0/0.0.0.0", (True, 0, 0)),
+])
+def test_ipv4_prefixes_only_ipaddress_reads_are_ipv4_too(text: str, want: tuple[bool, int, int]) -> None:
+    assert b._ipv4_parts(text) is None  # the shortcut leaves these to ipaddress
+    assert b.parse_prefix(text) == want
+    binding = Binding.parse("web", "tcp", text, 80)
+    assert binding.is_v4 and binding.mapped_prefixlen == 96 + want[2]
+    assert binding.prefix == ipaddress.IPv4Network((want[1], want[2]))
+
+
+def test_plain_ipv4_prefixes_are_parsed_without_ipaddress(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the point of the shortcut: building 100,000 ipaddress networks would be most of reading a large set
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ipaddress.ip_network was called")
+
+    monkeypatch.setattr(b.ipaddress, "ip_network", refuse)
+    assert b.parse_prefix("192.0.2.0/24") == (True, 0xC0000200, 24)
+    assert b.parse_prefix("198.51.100.7") == (True, 0xC6336407, 32)
+    assert b.parse_prefix("0.0.0.0/0") == (True, 0, 0)
+
+
+def test_a_binding_keeps_the_network_it_was_given() -> None:
+    for net in (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")):
+        assert Binding("web", "tcp", net, 80).prefix is net  # not built again from the integers
+
+
+def test_a_known_trie_key_is_kept_not_packed_again() -> None:
+    packed = Binding.parse("web", "tcp", "192.0.2.0/24", 80).key
+    given = bytes(bytearray(packed))  # equal bytes, another object
+    assert given == packed and given is not packed
+    assert Binding.from_parts("web", "tcp", 80, True, 0xC0000200, 24, given).key is given
+    assert b.decode_entry(given, "web").key is given
+
+
+@pytest.mark.parametrize("raw, fields, text", [
+    ((32 + 120).to_bytes(4, "little") + bytes([17, 0]) + (53).to_bytes(2, "little")
+     + bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 0]),
+     ("dns", "udp", 53, True, 0xFFFF_C000_0200, 120), "udp 192.0.2.0/24 port 53 -> dns"),
+    ((32 + 32).to_bytes(4, "little") + bytes([6, 0]) + (0).to_bytes(2, "little")
+     + bytes.fromhex("20010db8") + bytes(12),
+     ("dns", "tcp", 0, False, 0x20010DB8 << 96, 32), "tcp 2001:db8::/32 port any -> dns"),
+    ((32 + 96).to_bytes(4, "little") + bytes([6, 0]) + (65535).to_bytes(2, "little")
+     + bytes(10) + b"\xff\xff" + bytes(4),
+     ("dns", "tcp", 65535, True, 0xFFFF_0000_0000, 96), "tcp 0.0.0.0/0 port 65535 -> dns"),
+])
+def test_a_trie_entry_decodes_to_exact_fields(raw: bytes, fields: tuple[object, ...], text: str) -> None:
+    got = b.decode_entry(raw, "dns")
+    assert (got.label, got.protocol, got.port, got.is_v4, got.mapped_address, got.mapped_prefixlen) == fields
+    assert got.key == raw and str(got) == text
+    label, protocol, port, _v4, _address, _length = fields
+    assert got.to_dict() == {"label": label, "protocol": protocol, "prefix": text.split()[1], "port": port}
+
+
 # --- bindings: kernel encoding against independently built bytes -----------------------------------
 
 

@@ -580,3 +580,81 @@ def test_each_later_send_holds_a_whole_mebibyte_too() -> None:
     sock = FakeSocket()
     with_socket(sock).send_verdicts([Verdict(1, i, 1) for i in range(2 * 32769)], {})
     assert [len(s) for s in sock.sent] == [32769 * 32, 32769 * 32]
+
+
+# --- the waits of the rewritten receive (survivors of its mutation run, docs/testing.md) -------------
+
+
+class RecvFails:
+    """A socket whose batch reads find nothing (a real idle socket) and whose blocking read fails."""
+
+    def __init__(self, sock: socket.socket, error: OSError) -> None:
+        self.sock, self.error = sock, error
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def setsockopt(self, level: int, opt: int, value: bytes) -> None:
+        pass
+
+    def recv_into(self, buf: bytearray, size: int) -> int:
+        raise self.error
+
+
+@pytest.mark.parametrize("err, cls, code", [(OSError(errno.ENOTCONN, "x"), KernelError, errno.ENOTCONN),
+                                            (OSError("no errno"), KernelError, errno.EIO),
+                                            (PermissionError(errno.EACCES, "no"), PermissionDenied, errno.EACCES)])
+def test_a_failing_wait_names_it(pair: tuple[NfQueue, socket.socket], err: OSError, cls: type, code: int) -> None:
+    q, _peer = pair
+    real = q.sock
+    q.sock = RecvFails(real, err)  # type: ignore[assignment]
+    with pytest.raises(KernelError) as exc:
+        q.receive(1, wait=1.0)
+    assert type(exc.value) is cls
+    assert (exc.value.message, exc.value.errno) == ("receiving diverted packets", code)
+    q.sock = real
+
+
+def test_a_new_socket_looks_for_a_batch_before_its_first_wait(pair: tuple[NfQueue, socket.socket]) -> None:
+    q = NfQueue()  # as made, not as the fixture sets it up
+    q.close()
+    q.sock, peer = pair[0].sock, pair[1]
+    for i in range(3):
+        peer.send(packet_msg(4, i, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(4, wait=1.0)] == [0, 1, 2]
+
+
+def test_a_new_socket_has_no_receive_timeout_to_clear_before_its_first_request() -> None:
+    q = NfQueue()
+    q.close()
+    sock = FakeSocket([ack(1)])
+    q.sock = sock  # type: ignore[assignment]
+    q.bind(1, fail_open=False, maxlen=1)
+    assert sock.options == []  # a new socket waits without timeout already
+
+
+def test_an_empty_look_without_waiting_begins_no_direct_waits(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    assert q.receive(4) == []  # looked, found nothing, but was not asked to wait
+    for i in range(3):
+        peer.send(packet_msg(4, i, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(4, wait=1.0)] == [0, 1, 2]  # the wait looks first
+
+
+def test_a_receive_served_from_the_backlog_alone_leaves_the_direct_waits(
+        pair: tuple[NfQueue, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    q, peer = pair
+    batch_reads = []
+
+    def counted(*args: object) -> int:
+        batch_reads.append(args[2])
+        return real(*args)
+    real = nfqueue._recvmmsg
+    monkeypatch.setattr(nfqueue, "_recvmmsg", counted)
+    assert q.receive(4, wait=1e-3) == [] and len(batch_reads) == 1  # an empty look: direct waits begin
+    early = Delivery(1, 9, b"", 0, 0, 0, True)
+    q._backlog = [early]
+    assert q.receive(1, wait=1.0) == [early] and len(batch_reads) == 1  # no look, and no wait either
+    for i in range(3):
+        peer.send(packet_msg(4, i, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(4, wait=1.0)] == [0] and len(batch_reads) == 1  # still direct

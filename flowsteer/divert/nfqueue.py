@@ -57,7 +57,6 @@ _VERDICT_SIZE = _VERDICT.size
 _ATTR = struct.Struct("=HH")
 _U32 = struct.Struct("!I")
 _ERR = struct.Struct("=i")
-"""Blocks for the first message only (then the call takes what is there)."""
 _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 
@@ -164,8 +163,9 @@ class NfQueue:
         if wait != 0 and not out and self._direct_waits:
             self._direct_waits -= 1
         elif len(out) < limit:
+            from_backlog = len(out)
             self._read_waiting(out, limit)
-            if out:
+            if len(out) > from_backlog:
                 self._direct_waits = 0
             elif wait != 0:
                 self._direct_waits = DIRECT_WAITS

@@ -49,6 +49,8 @@ _INBOUND_HOOKS = (0, 1, 2)  # PREROUTING, LOCAL_IN, FORWARD
 _UNSPECIFIED = {4: "0.0.0.0", 6: "::"}
 _UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "")
 _IF_CACHE_SECONDS = 1.0
+MAX_TIMEOUT = 2**31
+"""Timeouts must be below this many seconds (a receive timeout the kernel can hold)."""
 
 
 DivertAddress = tuple[str, int]
@@ -434,9 +436,11 @@ class DivertSocket:
         return self._bound().fileno()
 
     def settimeout(self, timeout: float | None) -> None:
-        """None blocks, 0 never waits, a positive value waits at most that many seconds."""
-        if timeout is not None and timeout < 0:
-            raise InvalidInput(f"timeout {timeout} is negative")
+        """None blocks, 0 never waits, a positive value waits at most that many seconds. Raises
+        InvalidInput for a negative, infinite or NaN timeout, or one of 2**31 seconds or more."""
+        if timeout is not None and not 0 <= timeout < MAX_TIMEOUT:
+            raise InvalidInput(f"timeout {timeout} is not a number of seconds from 0 to {MAX_TIMEOUT} "
+                               "(None waits as long as it takes)")
         self._timeout = timeout
 
     def gettimeout(self) -> float | None:

@@ -285,10 +285,12 @@ def decode_key(raw: bytes) -> tuple[str, ipaddress.IPv6Network, int]:
 def _unpack_key(raw: bytes) -> tuple[str, int, int, int]:
     """Returns ``(protocol, mapped prefix length, port, mapped address)`` of a trie key; raises
     InvalidInput for a key flowsteer did not write."""
-    bits, proto, _pad, port, addr = _KEY.unpack(raw)
-    if proto not in PROTOCOL_NAMES or not _KEY_BITS_BEFORE_ADDR <= bits <= _KEY_BITS_BEFORE_ADDR + 128:
+    bits, proto, pad, port, addr = _KEY.unpack(raw)
+    prefixlen, address = bits - _KEY_BITS_BEFORE_ADDR, int.from_bytes(addr, "big")
+    if (proto not in PROTOCOL_NAMES or pad or not 0 <= prefixlen <= 128
+            or address & ((1 << (128 - prefixlen)) - 1)):  # host bits: flowsteer writes networks only
         raise InvalidInput(f"binding key {raw.hex()} is not flowsteer's")
-    return PROTOCOL_NAMES[proto], bits - _KEY_BITS_BEFORE_ADDR, port, int.from_bytes(addr, "big")
+    return PROTOCOL_NAMES[proto], prefixlen, port, address
 
 
 def decode_entry(key: bytes, label: str) -> Binding:

@@ -253,6 +253,11 @@ def test_nonblocking_timeout_iteration_and_asyncio(peer: Peer) -> None:
             sock.recvfrom()
         assert info.value.errno == errno.EAGAIN
         assert list(sock) == []
+        for bad in (-1, float("inf"), float("nan"), 2**31):
+            with pytest.raises(InvalidInput, match="is not a number of seconds from 0 to 2147483648"):
+                sock.settimeout(bad)
+        assert sock.gettimeout() == 0.0  # unchanged by the refusals
+        sock.settimeout(2**31 - 1)
         sock.settimeout(0.05)
         with pytest.raises(TimeoutError):
             sock.recvfrom()

@@ -658,3 +658,20 @@ def test_a_receive_served_from_the_backlog_alone_leaves_the_direct_waits(
     for i in range(3):
         peer.send(packet_msg(4, i, 0, b"\x45"))
     assert [d.packet_id for d in q.receive(4, wait=1.0)] == [0] and len(batch_reads) == 1  # still direct
+
+
+def test_a_look_that_finds_nothing_beside_a_backlog_begins_the_direct_waits(
+        pair: tuple[NfQueue, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    q, peer = pair
+    batch_reads = []
+
+    def counted(*args: object) -> int:
+        batch_reads.append(args[2])
+        return real(*args)
+    real = nfqueue._recvmmsg
+    monkeypatch.setattr(nfqueue, "_recvmmsg", counted)
+    early = Delivery(1, 9, b"", 0, 0, 0, True)
+    q._backlog = [early]
+    assert q.receive(4, wait=1.0) == [early] and len(batch_reads) == 1  # the look beside it found nothing
+    peer.send(packet_msg(4, 0, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(4, wait=1.0)] == [0] and len(batch_reads) == 1  # a direct wait

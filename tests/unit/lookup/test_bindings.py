@@ -60,6 +60,21 @@ def test_decode_entry_refuses_foreign_keys() -> None:
         b.decode_entry(bytes(24), "web")
 
 
+@pytest.mark.parametrize("change", ["host bit", "pad", "too long"])
+def test_keys_flowsteer_cannot_have_written_are_refused(change: str) -> None:
+    key = bytearray(b.Binding.parse("web", "tcp", "192.0.2.0/24", 80).key)
+    assert b.decode_entry(bytes(key), "web").prefix_text == "192.0.2.0/24"
+    if change == "host bit":
+        key[-1] |= 1  # 192.0.2.1/24
+    elif change == "pad":
+        key[5] = 1
+    else:
+        key[0:4] = (32 + 129).to_bytes(4, "little")
+    for decode in (lambda: b.decode_entry(bytes(key), "web"), lambda: b.decode_key(bytes(key))):
+        with pytest.raises(InvalidInput, match="is not flowsteer's"):
+            decode()
+
+
 dotted = st.builds(lambda parts, length: ".".join(parts) + length,
                    st.lists(st.sampled_from(["0", "1", "01", "255", "256", "192", "00", "", " 1", "0x1", "٣"]),
                             min_size=3, max_size=5),

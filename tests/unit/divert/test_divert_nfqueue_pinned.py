@@ -675,3 +675,14 @@ def test_a_look_that_finds_nothing_beside_a_backlog_begins_the_direct_waits(
     assert q.receive(4, wait=1.0) == [early] and len(batch_reads) == 1  # the look beside it found nothing
     peer.send(packet_msg(4, 0, 0, b"\x45"))
     assert [d.packet_id for d in q.receive(4, wait=1.0)] == [0] and len(batch_reads) == 1  # a direct wait
+
+
+def test_a_receive_the_backlog_fills_makes_no_look_and_begins_no_direct_waits(
+        pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    early = Delivery(1, 9, b"", 0, 0, 0, True)
+    q._backlog = [early]
+    assert q.receive(1, wait=1.0) == [early]
+    for i in range(3):
+        peer.send(packet_msg(4, i, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(4, wait=1.0)] == [0, 1, 2]  # the wait looks first: one batch

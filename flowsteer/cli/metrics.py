@@ -41,6 +41,9 @@ def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
 
     from flowsteer.metrics import registry
 
+    # Before anything is printed: whoever reads the "serving" line may stop it with SIGTERM at once, also
+    # when it was started with SIGTERM ignored.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     logging.basicConfig(format="flowsteer: %(message)s", stream=sys.stderr)
     address, port = parse_endpoint(listen, "listen address")
     assert port is not None
@@ -53,7 +56,6 @@ def metrics(netns: str | None, bpffs: str | None, listen: str) -> None:
     if not ipaddress.ip_address(address).is_loopback:
         click.echo(f"flowsteer: warning: {address} is not a loopback address and the endpoint has no "
                    "authentication: whoever can reach it reads the counters", err=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         signal.pause()
     except KeyboardInterrupt:

@@ -158,6 +158,9 @@ class Supervisor:
     # -- one worker -------------------------------------------------------------------------------------
 
     def _child(self, slot: int, channel: multiprocessing.connection.Connection) -> None:
+        # The supervisor stops a worker with SIGTERM; a worker must not inherit it as ignored (some service
+        # managers start programs so), or every stop would wait for the stop timeout and end in SIGKILL.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         for signum in (signal.SIGHUP, signal.SIGINT):  # restarts and Ctrl-C are the supervisor's
             signal.signal(signum, signal.SIG_IGN)

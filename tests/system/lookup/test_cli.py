@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -107,7 +108,13 @@ def test_metrics_endpoint_serves_counters(netns: NamedNetns, dispatcher: Dispatc
 def test_metrics_listens_on_loopback_by_default_and_says_it_has_no_authentication(
         netns: NamedNetns, dispatcher: Dispatcher) -> None:
     assert "no authentication" in ok("metrics", "--help").replace("\n", " ")
-    server = subprocess.Popen([sys.executable, "-m", "flowsteer", "metrics"], stderr=subprocess.PIPE, text=True)
+    # Started with SIGTERM ignored, as some service managers start programs (and as the kernel VM of make
+    # test-kernels did): the exporter must stop on it as soon as it printed its first line.
+    def sigterm_ignored() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    server = subprocess.Popen([sys.executable, "-m", "flowsteer", "metrics"], stderr=subprocess.PIPE, text=True,
+                              preexec_fn=sigterm_ignored)
     try:
         assert server.stderr is not None
         assert server.stderr.readline().strip() == "serving metrics on http://127.0.0.1:9464/metrics"
@@ -119,7 +126,7 @@ def test_metrics_listens_on_loopback_by_default_and_says_it_has_no_authenticatio
         server.terminate()
         server.wait(timeout=10)
     elsewhere = subprocess.Popen([sys.executable, "-m", "flowsteer", "metrics", "--listen", "192.0.2.1:0"],
-                                 stderr=subprocess.PIPE, text=True)
+                                 stderr=subprocess.PIPE, text=True, preexec_fn=sigterm_ignored)
     try:
         assert elsewhere.stderr is not None
         elsewhere.stderr.readline()

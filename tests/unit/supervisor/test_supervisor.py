@@ -3,6 +3,7 @@ that dies, restarts in both orders, health probes, and the events of all of it (
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import socket
@@ -213,3 +214,42 @@ def test_the_service_ticks_between_signals(events: list[Event]) -> None:
 def test_probe_settings_are_checked() -> None:
     with pytest.raises(InvalidInput, match="probe interval 0"):
         Probe(interval=0)
+
+
+def test_workers_stop_on_sigterm_also_when_the_supervisor_inherited_it_ignored() -> None:
+    """As under a service manager that starts programs with SIGTERM ignored (and nohup, SIGHUP): the
+    supervisor runs in a child process that inherited both as ignored, restarts once and stops."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+
+    def supervise() -> None:
+        for signum in (signal.SIGHUP, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        sup = make(Service(), [])
+        sup.events = lambda event: sender.send(event.kind)
+        sup.run()
+
+    seen: list[str] = []
+
+    def await_event(kind: str) -> None:
+        while receiver.poll(20):
+            seen.append(receiver.recv())
+            if seen[-1] == kind:
+                return
+        pytest.fail(f"no {kind} event within 20 s (events: {seen})")
+
+    child = context.Process(target=supervise)
+    child.start()
+    try:
+        await_event("ready")
+        os.kill(child.pid or 0, signal.SIGHUP)
+        await_event("restart-finished")
+        os.kill(child.pid or 0, signal.SIGTERM)
+        await_event("stopped")
+        child.join(20)
+        assert child.exitcode == 0
+        assert "worker-killed" not in seen  # each worker stopped on its SIGTERM, none waited for SIGKILL
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()

@@ -21,8 +21,10 @@ Sender and receiver run on CPU 0, single consumers on CPU 1 (``taskset``); serve
 (but the identity serve row is). For the batched C consumer and the flowsteer socket the offered rate is
 also bisected (paced sender) for the highest rate delivered with < 1% loss. Delivered packets per second
 are counted by a C receiver; loss is the share of sent packets that never arrived.
-Latency is one-way (sender and receiver sockets live in this process), one packet at a time;
-"added" is the median/99th percentile over the no-divert path's. Ratios compare numbers of this run.
+Latency is one-way (sender and receiver sockets live in this process), at a low rate: one packet at a
+time, each sent LATENCY_GAP after the previous one arrived, so that every consumer is idle when a packet
+comes (back to back, a consumer's work after its verdict would delay the next packet too); "added" is the
+median/99th percentile over the no-divert path's. Ratios compare numbers of this run.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ TRAFFIC_CPU = ["taskset", "-c", "0"]
 CONSUMER_CPU = ["taskset", "-c", "1"]
 WORK_ROUNDS = 3000
 SEARCH_STEPS = 5
+LATENCY_GAP = 0.001
+"""Seconds between a latency packet's arrival and the next one's sending (a low rate: under 1,000/s)."""
 BATCHED_C = "C libnetfilter_queue, batched verdicts"
 SOCKET = "flowsteer socket"
 SERVE_IDENTITY = "flowsteer serve 1 (identity handler)"
@@ -401,7 +405,7 @@ def sustained(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, seconds: f
 
 
 def latency(snd: NamedNetns, rcv: NamedNetns, size: int, count: int) -> tuple[float, float]:
-    """Returns one-way (p50, p99) in microseconds, one packet at a time."""
+    """Returns one-way (p50, p99) in microseconds, one packet at a time, LATENCY_GAP apart."""
     with rcv.entered():
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with snd.entered():
@@ -411,6 +415,7 @@ def latency(snd: NamedNetns, rcv: NamedNetns, size: int, count: int) -> tuple[fl
     payload = bytes(size - 28)
     samples = []
     for _ in range(count):
+        time.sleep(LATENCY_GAP)
         t0 = time.perf_counter()
         tx.sendto(payload, (DST, DPORT + 1))
         try:

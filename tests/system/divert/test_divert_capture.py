@@ -23,7 +23,7 @@ CLI = [sys.executable, "-c", "from flowsteer.cli import main; main()"]
 def tcpdump(ns: NamedNetns, path: Path) -> list[str]:
     """Returns tcpdump's lines for a capture file, read inside ``ns`` so interface indexes name its interfaces."""
     proc = subprocess.run(["ip", "netns", "exec", ns.name, "tcpdump", "-r", str(path), "-n", "-e"],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()
 

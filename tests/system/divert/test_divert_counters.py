@@ -21,7 +21,7 @@ CLI = [sys.executable, "-c", "from flowsteer.cli import main; main()"]
 
 
 def divert(*args: str) -> str:
-    proc = subprocess.run([*CLI, "divert", *args], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run([*CLI, "divert", *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

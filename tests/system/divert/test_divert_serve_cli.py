@@ -20,7 +20,7 @@ CLI = [sys.executable, "-c", "from flowsteer.cli import main; main()"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "divert", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run([*CLI, "divert", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_rule_commands_status_and_explain(netns: NamedNetns) -> None:

@@ -323,7 +323,7 @@ def test_only_root_can_bind(netns: NamedNetns) -> None:
             "from flowsteer.errors import PermissionDenied\n"
             "try:\n    DivertSocket().bind(7)\nexcept PermissionDenied as e:\n    print('refused', e.errno)\n")
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-                           sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+                           sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.startswith("refused"), proc.stderr
     assert PermissionDenied  # the class the child caught
 

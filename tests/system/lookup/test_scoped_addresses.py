@@ -34,7 +34,7 @@ def test_register_pid_takes_the_socket_bound_in_the_named_zone(netns: NamedNetns
     first, second = link_local_listener(netns, "ll0"), link_local_listener(netns, "ll1")
     with first, second:
         proc = subprocess.run([*FLOWSTEER, "register-pid", str(os.getpid()), "svc", "tcp", "fe80::1%ll1", "80"],
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
         (dest,) = [d for d in dispatcher.destinations() if d.cookie is not None]
         assert (dest.label, dest.family, dest.cookie) == ("svc", "ipv6", socks.cookie(second))
@@ -46,7 +46,7 @@ def test_register_pid_takes_the_socket_bound_in_the_named_zone(netns: NamedNetns
 
 def test_register_pid_with_an_unknown_zone_is_a_clear_error(netns: NamedNetns, dispatcher: Dispatcher) -> None:
     proc = subprocess.run([*FLOWSTEER, "register-pid", str(os.getpid()), "svc", "tcp", "fe80::1%nosuch0", "80"],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "no interface 'nosuch0' in this network namespace" in proc.stderr
 
@@ -54,7 +54,7 @@ def test_register_pid_with_an_unknown_zone_is_a_clear_error(netns: NamedNetns, d
 @pytest.mark.parametrize("prefix", ["fe80::1%lo", "fe80::%lo/64"])
 def test_a_binding_with_a_zone_is_refused_not_silently_widened(dispatcher: Dispatcher, prefix: str) -> None:
     proc = subprocess.run([*FLOWSTEER, "bind", "svc", "tcp", prefix, "80"], capture_output=True, text=True,
-                          timeout=30)
+                          timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "cannot be limited to one interface zone" in proc.stderr
     with pytest.raises(InvalidInput, match="zone"):

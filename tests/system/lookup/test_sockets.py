@@ -95,7 +95,7 @@ def test_register_pid_takes_the_socket_from_a_running_process(dispatcher: Dispat
         assert server.stdout is not None
         port = int(server.stdout.readline())
         proc = subprocess.run([*FLOWSTEER, "register-pid", str(server.pid), "svc", "tcp", "127.0.0.1",
-                               str(port)], capture_output=True, text=True, timeout=30)
+                               str(port)], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "registered socket" in proc.stdout
         socket.create_connection(("192.0.2.44", 80), timeout=2).close()
@@ -116,13 +116,13 @@ def test_systemd_socket_activation_registers_passed_sockets(dispatcher: Dispatch
     fd = listener.fileno()
     proc = subprocess.run(
         ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh", *FLOWSTEER, "register", "svc"],
-        pass_fds=(fd, 3), preexec_fn=lambda: os.dup2(fd, 3), capture_output=True, text=True, timeout=30)
+        pass_fds=(fd, 3), preexec_fn=lambda: os.dup2(fd, 3), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert tcp_lands({"svc": listener}, "192.0.2.1", 80) == "svc"
 
 
 def test_register_without_activation_fails_clearly(dispatcher: Dispatcher) -> None:
-    proc = subprocess.run([*FLOWSTEER, "register", "svc"], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run([*FLOWSTEER, "register", "svc"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "no sockets were passed by socket activation" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -362,16 +362,22 @@ def test_a_waiting_receive_blocks_with_a_receive_timeout(pair: tuple[NfQueue, so
     q.sock = rec.sock
 
 
-def test_after_an_empty_batch_read_waits_block_at_once_until_a_batch_read_finds_packets(
-        pair: tuple[NfQueue, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
-    q, peer = pair
-    batch_reads = []
+@pytest.fixture
+def batch_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the message count of every batch read (``recvmmsg``) the queue socket makes."""
+    reads: list[int] = []
+    real = nfqueue._recvmmsg
 
     def counted(*args: object) -> int:
-        batch_reads.append(args[2])
+        reads.append(args[2])  # type: ignore[arg-type]
         return real(*args)
-    real = nfqueue._recvmmsg
     monkeypatch.setattr(nfqueue, "_recvmmsg", counted)
+    return reads
+
+
+def test_after_an_empty_batch_read_waits_block_at_once_until_a_batch_read_finds_packets(
+        pair: tuple[NfQueue, socket.socket], batch_reads: list[int]) -> None:
+    q, peer = pair
     assert q.receive(4, wait=1e-3) == [] and len(batch_reads) == 1  # looked, found nothing, waited
     for i in range(nfqueue.DIRECT_WAITS):  # a low rate: one read per packet, no look first
         peer.send(packet_msg(4, i, 0, b"\x45"))
@@ -642,15 +648,8 @@ def test_an_empty_look_without_waiting_begins_no_direct_waits(pair: tuple[NfQueu
 
 
 def test_a_receive_served_from_the_backlog_alone_leaves_the_direct_waits(
-        pair: tuple[NfQueue, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+        pair: tuple[NfQueue, socket.socket], batch_reads: list[int]) -> None:
     q, peer = pair
-    batch_reads = []
-
-    def counted(*args: object) -> int:
-        batch_reads.append(args[2])
-        return real(*args)
-    real = nfqueue._recvmmsg
-    monkeypatch.setattr(nfqueue, "_recvmmsg", counted)
     assert q.receive(4, wait=1e-3) == [] and len(batch_reads) == 1  # an empty look: direct waits begin
     early = Delivery(1, 9, b"", 0, 0, 0, True)
     q._backlog = [early]
@@ -661,15 +660,8 @@ def test_a_receive_served_from_the_backlog_alone_leaves_the_direct_waits(
 
 
 def test_a_look_that_finds_nothing_beside_a_backlog_begins_the_direct_waits(
-        pair: tuple[NfQueue, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+        pair: tuple[NfQueue, socket.socket], batch_reads: list[int]) -> None:
     q, peer = pair
-    batch_reads = []
-
-    def counted(*args: object) -> int:
-        batch_reads.append(args[2])
-        return real(*args)
-    real = nfqueue._recvmmsg
-    monkeypatch.setattr(nfqueue, "_recvmmsg", counted)
     early = Delivery(1, 9, b"", 0, 0, 0, True)
     q._backlog = [early]
     assert q.receive(4, wait=1.0) == [early] and len(batch_reads) == 1  # the look beside it found nothing

@@ -212,9 +212,8 @@ class Binding:
 
     @functools.cached_property
     def prefix(self) -> Network:
-        if self.is_v4:
-            return ipaddress.IPv4Network((self.mapped_address & 0xFFFFFFFF, self.mapped_prefixlen - 96))
-        return ipaddress.IPv6Network((self.mapped_address, self.mapped_prefixlen))
+        v4 = _v4_part(self.mapped_address, self.mapped_prefixlen) if self.is_v4 else None
+        return self.mapped if v4 is None else v4
 
     @property
     def prefix_text(self) -> str:

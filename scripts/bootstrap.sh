@@ -14,6 +14,7 @@ packages=(
     wrk                                    # load generator of the restart tests and bench/reuseport.py
     systemd                                # systemd-analyze: the shipped units are verified by a test
     qemu-system-x86 busybox-static         # VMs of other kernels (scripts/test-kernels.sh, virtme-ng)
+    kmod                                   # depmod and modprobe for those kernels' modules
 )
 "$(dirname "$0")/apt-install.sh" "${packages[@]}"
 

@@ -42,7 +42,8 @@ if [[ -z $image ]]; then
     exit 1
 fi
 version=${image#linux-image-}
-if [[ -f /boot/vmlinuz-$version && -d /lib/modules/$version/kernel ]]; then
+# modules.dep is written last (by depmod), so a fetch that stopped half-way is done again
+if [[ -f /boot/vmlinuz-$version && -f /lib/modules/$version/modules.dep ]]; then
     echo "$version"
     exit 0
 fi

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import json
 import tomllib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flowsteer.errors import InvalidInput
 from flowsteer.files import read_input
 from flowsteer.lookup.bindings import Binding, building_many, parse_label, parse_port, parse_prefix, parse_protocol
 
 _KEYS = {"label", "protocol", "prefix", "prefixes", "port", "ports"}
+T = TypeVar("T")
 
 
 def load_file(path: str) -> list[Binding]:
@@ -73,25 +75,45 @@ def parse_entries(entries: Any, where: str) -> list[Binding]:
     if not isinstance(entries, list):
         raise InvalidInput(f"{where}: 'bindings' must be a list of tables")
     out: list[Binding] = []
+    fields = _FieldParses()
     with building_many():
         for index, entry in enumerate(entries, 1):
             try:
-                out.extend(_entry(entry))
+                out.extend(_entry(entry, fields))
             except InvalidInput as exc:
                 raise InvalidInput(f"{where}: binding entry {index}: {exc.message}") from None
     return out
 
 
-def _entry(entry: Any) -> list[Binding]:
+class _FieldParses:
+    """The parse of each distinct field value met so far in one file: a large file names far fewer
+    labels, protocols, prefixes and ports than it has entries, and parsing each again was most of the
+    cost of reading it."""
+
+    def __init__(self) -> None:
+        # keyed by type too: True == 1 == 1.0, but only 1 is a port
+        self._done: dict[tuple[Callable[[Any], Any], type, Any], Any] = {}
+
+    def parse(self, parse: Callable[[Any], T], value: Any) -> T:
+        """Returns ``parse(value)``, computed once per value; an error is raised each time."""
+        try:
+            return self._done[parse, type(value), value]  # type: ignore[no-any-return]
+        except KeyError:
+            parsed = self._done[parse, type(value), value] = parse(value)
+            return parsed
+        except TypeError:  # unhashable (a list or table where a value belongs): parse says what is wrong
+            return parse(value)
+
+
+def _entry(entry: Any, fields: _FieldParses) -> list[Binding]:
     if not isinstance(entry, dict):
         raise InvalidInput("must be a table with label, protocol, prefix(es) and port(s)")
-    unknown = set(entry) - _KEYS
-    if unknown:
-        raise InvalidInput(f"unknown field(s) {', '.join(sorted(unknown))}")
-    label = parse_label(_required(entry, "label"))
-    protocol = parse_protocol(_required(entry, "protocol"))
-    prefixes = [parse_prefix(p) for p in _one_or_many(entry, "prefix", "prefixes")]
-    ports = [parse_port(p) for p in _one_or_many(entry, "port", "ports")]
+    if not entry.keys() <= _KEYS:
+        raise InvalidInput(f"unknown field(s) {', '.join(sorted(entry.keys() - _KEYS))}")
+    label = fields.parse(parse_label, _required(entry, "label"))
+    protocol = fields.parse(parse_protocol, _required(entry, "protocol"))
+    prefixes = [fields.parse(parse_prefix, p) for p in _one_or_many(entry, "prefix", "prefixes")]
+    ports = [fields.parse(parse_port, p) for p in _one_or_many(entry, "port", "ports")]
     return [Binding.from_parts(label, protocol, port, *prefix) for prefix in prefixes for port in ports]
 
 

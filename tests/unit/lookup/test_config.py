@@ -65,3 +65,22 @@ def test_arbitrary_text_never_crashes(text: str) -> None:
             parse(text, fmt)
         except InvalidInput:
             pass
+
+
+@pytest.mark.parametrize("again, message", [
+    (True, "invalid port True"),          # True == 1, and hashes alike
+    (1.0, "invalid port 1.0"),
+    ([1], "invalid port \\[1\\]"),        # unhashable: parsed, not looked up
+    ("80", None),                          # the text of a number is a port
+])
+def test_a_value_seen_before_is_checked_as_itself(again: object, message: str | None) -> None:
+    # Each distinct value is parsed once per file; a value equal to an earlier one but of another type
+    # must still be refused.
+    entries = [{"label": "a", "protocol": "tcp", "prefix": "192.0.2.1", "port": 1},
+               {"label": "a", "protocol": "tcp", "prefix": "192.0.2.2", "port": again}]
+    text = json.dumps({"bindings": entries})
+    if message is None:
+        assert [x.port for x in parse(text, "json")] == [1, 80]
+    else:
+        with pytest.raises(InvalidInput, match=f"binding entry 2: {message}"):
+            parse(text, "json")

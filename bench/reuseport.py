@@ -3,8 +3,8 @@
 1. connection rate with flowsteer's program attached against the same sockets without a program, for
    policies consistent, source and locality, and the datagram rate of policy quic (QUIC short headers),
    each with the program's own run time per connection as the kernel counts it (BPF run-time statistics,
-   on only while the benchmark runs) and the ratio that cost alone leaves: the rates move by several
-   points between runs on a loaded machine, the program's cost does not;
+   on only while the benchmark runs) and the ratio that cost alone leaves; the halves alternate every
+   chunk of 128, and the median ratio of the chunk pairs is printed beside the ratio of the rates;
    the fraction of clients moved on a change under policy source; a restarted member's share of new
    connections along a slow start;
 2. balance of 100,000 UDP flows over 8 equal members (busiest member against the mean);
@@ -47,7 +47,7 @@ from flowsteer.reuseport.group import SO_ATTACH_REUSEPORT_EBPF
 from flowsteer.reuseport.quic import connection_id
 from flowsteer.reuseport.supervisor import GroupService
 from flowsteer.supervisor import Supervisor
-from flowsteer.testing.flows import random_flows, tcp_landing, udp_landing
+from flowsteer.testing.flows import BATCH, random_flows, tcp_landing, udp_landing
 
 SO_DETACH_REUSEPORT_BPF = 68
 PREFIXES = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "198.18.0.0/15")
@@ -68,43 +68,55 @@ def sandbox() -> Iterator[None]:
         ns.destroy()
 
 
-def connection_rate(rounds: int, flows_per_round: int, policy: Policy = Policy(), port: int = 7000,
-                    protocol: str = "tcp") -> tuple[float, float, float]:
-    """Returns the median connections/s (datagrams/s for UDP) without and with the program of a group with
-    ``policy``, alternating (in both orders) on the same sockets, and the program's own run time per
-    connection (datagram) in nanoseconds, as the kernel counted it. UDP datagrams of policy quic carry
-    short-header QUIC packets whose connection IDs name the members."""
+def connection_rate(flows: int, policy: Policy = Policy(), port: int = 7000,
+                    protocol: str = "tcp") -> tuple[float, float, float, float]:
+    """Returns the connections/s (datagrams/s for UDP) of ``flows`` connections without and with the
+    program of a group with ``policy``, the median of the ratios of chunk pairs, and the program's own run
+    time per connection (datagram) in nanoseconds, as the kernel counted it.
+
+    The same sockets alternate between no program and the program every chunk of BATCH connections (in
+    both orders): a chunk takes a few milliseconds, so a change in the machine's load meets both halves
+    alike, where rounds of 10,000 each left runs of the same setup 18 points apart. UDP datagrams of
+    policy quic carry short-header QUIC packets whose connection IDs name the members."""
     gid = GroupId.parse(f"{protocol}:192.0.2.1:{port}")
     group = Group(gid)
     group.create(policy)
     members = {slot: join(gid, slot) for slot in range(4)}
     sockets = {slot: m.socket for slot, m in members.items()}
-    rates: dict[bool, list[float]] = {False: [], True: []}
+    seconds = {False: 0.0, True: 0.0}
+    pair_ratios = []
     rng = random.Random(1)
+    landing = tcp_landing if protocol == "tcp" else udp_landing
     with group.program() as prog, run_time_stats():
-        for round_ in range(rounds + 1):  # round 0 warms up and is not counted
-            for attached in (False, True) if round_ % 2 else (True, False):
+        for pair in range(flows // BATCH + 1):  # pair 0 warms up and is not counted
+            took = {}
+            for attached in (False, True) if pair % 2 else (True, False):
                 if attached:
                     sockets[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog.fd)
                 else:
                     with contextlib.suppress(FileNotFoundError):  # ENOENT: no program attached
                         sockets[0].setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
-                flows = random_flows(protocol, gid.address, gid.port, flows_per_round, rng, "198.18.0.0/15")
+                chunk = random_flows(protocol, gid.address, gid.port, BATCH, rng, "198.18.0.0/15")
                 if policy.name == "quic":
-                    flows = [Flow(f.protocol, f.client, f.client_port, f.server, f.server_port,
+                    chunk = [Flow(f.protocol, f.client, f.client_port, f.server, f.server_port,
                                   b"\x40" + connection_id(i % 4, policy.key_len, policy.key_offset) + b"data")
-                             for i, f in enumerate(flows)]
+                             for i, f in enumerate(chunk)]
                 start = time.perf_counter()
-                landed = (tcp_landing if protocol == "tcp" else udp_landing)(sockets, flows)
-                if round_:
-                    rates[attached].append(len(flows) / (time.perf_counter() - start))
+                landed = landing(sockets, chunk)
+                took[attached] = time.perf_counter() - start
                 assert "dropped" not in landed.values() and "refused" not in landed.values()
-                if attached and policy.name == "quic":  # the IDs, not the table, chose
-                    assert all(d.reason == "connection id" for d in group.explain(flows[:50]))
+                if attached and policy.name == "quic" and pair == 0:  # the IDs, not the table, chose
+                    assert all(d.reason == "connection id" for d in group.explain(chunk[:50]))
+            if pair:
+                for attached, duration in took.items():
+                    seconds[attached] += duration
+                pair_ratios.append(took[False] / took[True])
         runs = prog.info()
     for member in members.values():
         member.socket.close()
-    return statistics.median(rates[False]), statistics.median(rates[True]), runs.run_time_ns / runs.run_count
+    counted = flows // BATCH * BATCH
+    return (counted / seconds[False], counted / seconds[True], statistics.median(pair_ratios),
+            runs.run_time_ns / runs.run_count)
 
 
 def balance(flows: int) -> tuple[float, float]:
@@ -409,16 +421,16 @@ def main() -> int:
                 parser.error(f"unknown restart kind(s): {', '.join(sorted(unknown))}")
             restarts(args.runs, args.settle, kinds)
             return 0
-        # rounds long enough (10,000 connections or datagrams) that a scheduling hiccup does not decide them
+        # 20,000 connections or datagrams each way, alternating every chunk
         for port, policy, protocol, target in ((7000, Policy(), "tcp", 0.95),
                                                (7010, Policy("source"), "tcp", 0.97),
                                                (7011, Policy("locality"), "tcp", 0.97),
                                                (7012, Policy("quic", 2, 8), "udp", 0.97)):
-            plain_rate, prog_rate, prog_ns = connection_rate(5, 10_000 // scale, policy, port, protocol)
+            plain_rate, prog_rate, paired, prog_ns = connection_rate(20_000 // scale, policy, port, protocol)
             unit = "connection" if protocol == "tcp" else "datagram"
             print(f"{unit} rate, policy {policy.name}: {prog_rate:,.0f}/s with the program, {plain_rate:,.0f}/s "
-                  f"without: ratio {prog_rate / plain_rate:.3f} (target >= {target}); the program runs "
-                  f"{prog_ns:,.0f} ns per {unit}, which alone leaves a ratio of "
+                  f"without: ratio {prog_rate / plain_rate:.3f}, median of chunk pairs {paired:.3f} (target >= "
+                  f"{target}); the program runs {prog_ns:,.0f} ns per {unit}, which alone leaves a ratio of "
                   f"{1 / (1 + prog_ns * 1e-9 * plain_rate):.4f}")
         for fraction, weight, share in slow_start_shares(2000 // scale):
             print(f"slow start at {fraction:.0%} of the ramp: restarted member's weight {weight}, share of new "

@@ -87,13 +87,31 @@ INSTALLED = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECOD
 it); some environments turn caching off, and every import then compiles its module again."""
 
 
-def command_seconds(args: list[str], repeats: int) -> float:
-    """Returns the best time of ``repeats`` runs of ``flowsteer ARGS`` as a whole command, after one
-    untimed run that writes the bytecode cache."""
-    argv = [sys.executable, "-m", "flowsteer", *args]
-    subprocess.run(argv, check=True, capture_output=True, env=INSTALLED)
-    return min(timed(lambda: subprocess.run(argv, check=True, capture_output=True, env=INSTALLED))
-               for _ in range(repeats))
+def command_seconds(args: list[str], repeats: int, python: str = sys.executable) -> float:
+    """Returns the best time of ``repeats`` runs of ``flowsteer ARGS`` as a whole command run by
+    ``python``, after one untimed run that writes the bytecode cache; with ``repeats`` 0, the time of that
+    one run (for a command whose second run would do something else)."""
+    argv = [python, "-m", "flowsteer", *args]
+    first = timed(lambda: subprocess.run(argv, check=True, capture_output=True, env=INSTALLED))
+    return min((timed(lambda: subprocess.run(argv, check=True, capture_output=True, env=INSTALLED))
+                for _ in range(repeats)), default=first)
+
+
+def python_start_seconds(python: str) -> float:
+    """Returns the best of 5 runs of ``python -c pass``: the floor of any command ``python`` runs."""
+    return min(timed(lambda: subprocess.run([python, "-c", "pass"], check=True, env=INSTALLED)) for _ in range(5))
+
+
+def installed_python(workdir: str) -> str:
+    """Installs this checkout into a fresh venv under ``workdir`` as an operator does (a regular install,
+    not the development venv's editable one, whose import hook costs every start some milliseconds) and
+    returns that venv's python."""
+    venv = os.path.join(workdir, "venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = os.path.join(venv, "bin", "python")
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q",
+                    os.path.join(os.path.dirname(__file__), "..")], check=True, env=INSTALLED)
+    return python
 
 
 def c_loader_seconds(count: int, workdir: str) -> float:
@@ -212,15 +230,24 @@ def main() -> None:
                 assert d.explain("tcp", *TARGET).outcome == "assign"
                 rows.append((f"dispatcher, {n} bindings", rate(cli, args.seconds, args.repeats)))
             explain_ms = min(timed(lambda: d.explain("tcp", *TARGET)) for _ in range(20)) * 1000
-            with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-                json.dump({"bindings": [x.to_dict() for x in bindings_with_target(max(sizes))]}, f)
-                f.flush()
-                cli_apply = command_seconds(["apply", "--bpffs", root, f.name], 1)
-            cli_explain = command_seconds(["explain", "--bpffs", root, "tcp", "203.0.113.2",
-                                           f"{TARGET[0]}:{TARGET[1]}"], 5)
-            cli_bindings = command_seconds(["bindings", "--bpffs", root], 3)
-            python_start = min(timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True,
-                                                            env=INSTALLED)) for _ in range(5))
+            with tempfile.TemporaryDirectory() as workdir:
+                pythons = {"development venv": sys.executable, "installed": installed_python(workdir)}
+                commands: dict[str, dict[str, float]] = {}
+                file, other = os.path.join(workdir, "bindings.json"), os.path.join(workdir, "other.json")
+                with open(file, "w") as f:
+                    json.dump({"bindings": [x.to_dict() for x in bindings_with_target(max(sizes))]}, f)
+                with open(other, "w") as f:  # every binding differs (its label): the whole set is written
+                    json.dump({"bindings": [{**x.to_dict(), "label": "new-" + x.label}
+                                            for x in bindings_with_target(max(sizes))]}, f)
+                for kind, python in pythons.items():
+                    commands[kind] = {
+                        "apply": command_seconds(["apply", "--bpffs", root, file], 1, python),
+                        "apply new set": command_seconds(["apply", "--bpffs", root, other], 0, python),
+                        "explain": command_seconds(["explain", "--bpffs", root, "tcp", "203.0.113.2",
+                                                    f"{TARGET[0]}:{TARGET[1]}"], 5, python),
+                        "bindings": command_seconds(["bindings", "--bpffs", root], 3, python),
+                        "python -c pass": python_start_seconds(python)}
+                    command_seconds(["apply", "--bpffs", root, file], 0, python)  # back to the set the rows use
             with tempfile.TemporaryDirectory() as workdir:
                 c_apply = c_loader_seconds(max(sizes), workdir)
             d.unload()
@@ -247,15 +274,15 @@ def main() -> None:
     for n, seconds in apply_times.items():
         print(f"apply of {n} bindings (API): {seconds:.3f} s")
     n = max(sizes)
-    print(f"apply of {n} bindings (flowsteer apply FILE, whole command): {cli_apply:.3f} s")
     print(f"baseline: a C loader with libbpf filling a new trie with {n} bindings: {c_apply:.3f} s "
-          f"(API {apply_times[n] / c_apply:.1f}x, whole command {cli_apply / c_apply:.1f}x)")
-    print(f"flowsteer bindings of {n} (whole command, best of 3): {cli_bindings:.3f} s")
-    print(f"explain (API, best of 20): {explain_ms:.2f} ms; flowsteer explain (whole command, best of 5): "
-          f"{cli_explain * 1000:.0f} ms")
-    print(f"baseline: python -c pass (best of 5): {python_start * 1000:.0f} ms "
-          f"(flowsteer explain {cli_explain / python_start:.1f}x)")
-
+          f"(API {apply_times[n] / c_apply:.1f}x)")
+    print(f"explain (API, best of 20): {explain_ms:.2f} ms")
+    for kind, times in commands.items():
+        print(f"whole commands, {kind}: flowsteer apply FILE of {n} (the set already applied) "
+              f"{times['apply']:.3f} s, (a new set) {times['apply new set']:.3f} s; flowsteer bindings of {n} (best of 3) {times['bindings']:.3f} s; "
+              f"flowsteer explain (best of 5) {times['explain'] * 1000:.0f} ms; baseline python -c pass "
+              f"(best of 5) {times['python -c pass'] * 1000:.0f} ms (explain "
+              f"{times['explain'] / times['python -c pass']:.1f}x)")
 
 if __name__ == "__main__":
     main()

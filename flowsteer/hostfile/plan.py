@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +24,49 @@ Held = Mapping[GroupId, tuple[tuple[int, int], ...]]
 
 @dataclass(frozen=True)
 class Change:
-    """One line of a plan: ``kind`` is add, remove or change; ``data`` the entry in the file's form (for a
-    change ``{"from": …, "to": …}``)."""
+    """One line of a plan: ``kind`` is add, remove or change; ``before`` the entry as the host has it
+    (None for an add), ``after`` as the file has it (None for a remove). An entry is a binding, a
+    group's spec or a rule's text; ``describe`` gives the line's text.
+
+    :attr:`text` and :attr:`data` are made when read: a plan that replaces 100,000 bindings is mostly
+    not printed line by line."""
 
     kind: str
-    text: str
-    data: Any
+    before: Any
+    after: Any
+    describe: Callable[[Change], str] = field(repr=False, compare=False)
+
+    @property
+    def text(self) -> str:
+        return self.describe(self)
+
+    @property
+    def data(self) -> Any:
+        """The entry in the file's form; for a change ``{"from": …, "to": …}``."""
+        if self.kind == "change":
+            return {"from": _file_form(self.before), "to": _file_form(self.after)}
+        return _file_form(self.before if self.after is None else self.after)
+
+
+def _file_form(entry: Any) -> Any:
+    return entry if isinstance(entry, str) else entry.to_dict()
+
+
+def _entry_text(change: Change) -> str:
+    """The text of an added or removed entry: its own (a binding, a rule)."""
+    return str(change.before if change.after is None else change.after)
+
+
+def _binding_text(change: Change) -> str:
+    if change.kind == "change":
+        return f"{change.before} (now {change.after.label})"
+    return _entry_text(change)
+
+
+def _group_text(change: Change) -> str:
+    if change.kind == "change":
+        return f"{describe_group(change.before)}  ->  {_group_settings(change.after)}"
+    return describe_group(change.before if change.after is None else change.after)
 
 
 @dataclass
@@ -109,13 +146,11 @@ def _lookup(plan: Plan, current: frozenset[Binding] | None, wanted: frozenset[Bi
     old = {x.key: x for x in current - wanted}
     new = {x.key: x for x in wanted - current}
     for x in sort_by_precedence([new[s] for s in new.keys() - old.keys()]):
-        hook.changes.append(Change("add", str(x), x.to_dict()))
+        hook.changes.append(Change("add", None, x, _binding_text))
     for x in sort_by_precedence([old[s] for s in old.keys() - new.keys()]):
-        hook.changes.append(Change("remove", str(x), x.to_dict()))
+        hook.changes.append(Change("remove", x, None, _binding_text))
     for x in sort_by_precedence([new[s] for s in new.keys() & old.keys() if new[s].label != old[s].label]):
-        before = old[x.key]
-        hook.changes.append(Change("change", f"{before} (now {x.label})",
-                                   {"from": before.to_dict(), "to": x.to_dict()}))
+        hook.changes.append(Change("change", old[x.key], x, _binding_text))
     return hook
 
 
@@ -127,10 +162,10 @@ def _reuseport(plan: Plan, current: tuple[GroupSpec, ...], wanted: tuple[GroupSp
     for gid in sorted(old.keys() - new.keys()):
         _refuse_if_held(gid, held, "remove it (it is not in the file)", force)
         plan.remove_groups.append(gid)
-        hook.changes.append(Change("remove", describe_group(old[gid]), old[gid].to_dict()))
+        hook.changes.append(Change("remove", old[gid], None, _group_text))
     for gid in sorted(new.keys() - old.keys()):
         plan.create_groups.append(new[gid])
-        hook.changes.append(Change("add", describe_group(new[gid]), new[gid].to_dict()))
+        hook.changes.append(Change("add", None, new[gid], _group_text))
     for gid in sorted(new.keys() & old.keys()):
         before, after = old[gid], _effective(new[gid], held)
         if before == after:
@@ -142,8 +177,7 @@ def _reuseport(plan: Plan, current: tuple[GroupSpec, ...], wanted: tuple[GroupSp
             hook.notes.append(f"make group {gid} anew (its table size changes)")
         else:
             plan.configure_groups.append(after)
-        hook.changes.append(Change("change", f"{describe_group(before)}  ->  {_group_settings(after)}",
-                                   {"from": before.to_dict(), "to": after.to_dict()}))
+        hook.changes.append(Change("change", before, after, _group_text))
     return hook
 
 
@@ -186,9 +220,9 @@ def _divert(current: tuple[Any, ...], wanted: tuple[Any, ...]) -> HookPlan:
     if old == new:
         return hook
     for text in (Counter(new) - Counter(old)).elements():
-        hook.changes.append(Change("add", text, text))
+        hook.changes.append(Change("add", None, text, _entry_text))
     for text in (Counter(old) - Counter(new)).elements():
-        hook.changes.append(Change("remove", text, text))
+        hook.changes.append(Change("remove", text, None, _entry_text))
     if Counter(old) == Counter(new):
         hook.notes.append("reorder the rules (the first match wins)")
     return hook

@@ -241,7 +241,7 @@ def main() -> None:
                                             for x in bindings_with_target(max(sizes))]}, f)
                 for kind, python in pythons.items():
                     commands[kind] = {
-                        "apply": command_seconds(["apply", "--bpffs", root, file], 1, python),
+                        "apply": command_seconds(["apply", "--bpffs", root, file], 3, python),
                         "apply new set": command_seconds(["apply", "--bpffs", root, other], 0, python),
                         "explain": command_seconds(["explain", "--bpffs", root, "tcp", "203.0.113.2",
                                                     f"{TARGET[0]}:{TARGET[1]}"], 5, python),
@@ -278,7 +278,7 @@ def main() -> None:
           f"(API {apply_times[n] / c_apply:.1f}x)")
     print(f"explain (API, best of 20): {explain_ms:.2f} ms")
     for kind, times in commands.items():
-        print(f"whole commands, {kind}: flowsteer apply FILE of {n} (the set already applied) "
+        print(f"whole commands, {kind}: flowsteer apply FILE of {n} (the set already applied, best of 3) "
               f"{times['apply']:.3f} s, (a new set) {times['apply new set']:.3f} s; flowsteer bindings of {n} (best of 3) {times['bindings']:.3f} s; "
               f"flowsteer explain (best of 5) {times['explain'] * 1000:.0f} ms; baseline python -c pass "
               f"(best of 5) {times['python -c pass'] * 1000:.0f} ms (explain "

@@ -97,9 +97,10 @@ def command_seconds(args: list[str], repeats: int, python: str = sys.executable)
                 for _ in range(repeats)), default=first)
 
 
-def python_start_seconds(python: str) -> float:
-    """Returns the best of 5 runs of ``python -c pass``: the floor of any command ``python`` runs."""
-    return min(timed(lambda: subprocess.run([python, "-c", "pass"], check=True, env=INSTALLED)) for _ in range(5))
+def python_seconds(python: str, code: str) -> float:
+    """Returns the best of 5 runs of ``python -c CODE``: with ``pass``, the floor of any command ``python``
+    runs; with ``import click``, the floor of a command line built on click."""
+    return min(timed(lambda: subprocess.run([python, "-c", code], check=True, env=INSTALLED)) for _ in range(5))
 
 
 def installed_python(workdir: str) -> str:
@@ -246,7 +247,8 @@ def main() -> None:
                         "explain": command_seconds(["explain", "--bpffs", root, "tcp", "203.0.113.2",
                                                     f"{TARGET[0]}:{TARGET[1]}"], 5, python),
                         "bindings": command_seconds(["bindings", "--bpffs", root], 3, python),
-                        "python -c pass": python_start_seconds(python)}
+                        "python -c pass": python_seconds(python, "pass"),
+                        "import click": python_seconds(python, "import click")}
                     command_seconds(["apply", "--bpffs", root, file], 0, python)  # back to the set the rows use
             with tempfile.TemporaryDirectory() as workdir:
                 c_apply = c_loader_seconds(max(sizes), workdir)
@@ -282,7 +284,8 @@ def main() -> None:
               f"{times['apply']:.3f} s, (a new set) {times['apply new set']:.3f} s; flowsteer bindings of {n} (best of 3) {times['bindings']:.3f} s; "
               f"flowsteer explain (best of 5) {times['explain'] * 1000:.0f} ms; baseline python -c pass "
               f"(best of 5) {times['python -c pass'] * 1000:.0f} ms (explain "
-              f"{times['explain'] / times['python -c pass']:.1f}x)")
+              f"{times['explain'] / times['python -c pass']:.1f}x), python -c 'import click' "
+              f"{times['import click'] * 1000:.0f} ms")
 
 if __name__ == "__main__":
     main()

@@ -204,6 +204,7 @@ def run(hooks: Iterable[str] = HOOKS, root: str | None = None) -> list[Check]:
                        check_program(hook, reuseport_state.SPEC, reuseport_state.SPEC.open_object, bpf_ok)]
         elif hook == "divert":
             checks += [check_capabilities(hook, ("CAP_NET_ADMIN",), have), *check_netfilter(hook),
+                       check_feature(hook, features.XDP_LIVE_FRAMES, required=False),
                        *(check_tool(hook, tool, "apt-get install iptables") for tool in DIVERT_TOOLS),
                        check_tool(hook, "conntrack", "apt-get install conntrack", missing=WARN,
                                   needed_for="`divert explain` of established connections")]

@@ -1,10 +1,6 @@
 """Injecting a packet as if it had arrived on an interface (divert(4)'s ``sendto`` with an interface
-address), with the kernel's XDP test run in "live frames" mode (Linux 5.18+).
-
-``BPF_PROG_TEST_RUN`` with ``BPF_F_TEST_XDP_LIVE_FRAMES`` runs an XDP program on a frame we build and,
-when the program returns ``XDP_PASS``, hands the frame to the receive path of the interface named by
-``ingress_ifindex``, exactly as a received frame: PREROUTING, routing, local delivery or forwarding.
-The program here is two instructions (``return XDP_PASS``), loaded once per process with ``bpf(2)``.
+address), with the kernel's XDP test run in "live frames" mode (Linux 5.18+,
+:mod:`flowsteer.kernel.live_frames`).
 
 The frame carries :data:`SOURCE_MAC` as its link-layer source, which the divert rule chain lets pass
 (``-m mac --mac-source``), so an injected packet is never diverted again; its destination is the
@@ -17,50 +13,20 @@ import ctypes
 import errno
 import fcntl
 import os
-import platform
 import socket
 import struct
 
-from flowsteer.errors import InvalidInput, kernel_error
-from flowsteer.kernel.libc import libc as _libc
+from flowsteer.errors import InvalidInput
+from flowsteer.kernel import features, live_frames
 
 SOURCE_MAC = "02:d1:ce:d1:ce:00"
 """Link-layer source of injected frames (locally administered); the divert rules skip it."""
 MAX_FRAME = 3000
 """Largest IP packet injected this way: a live frame must fit one page with the kernel's headroom."""
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
-_BPF_PROG_LOAD, _BPF_PROG_TEST_RUN = 5, 10
-_BPF_PROG_TYPE_XDP = 6
-_BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
-_RETURN_XDP_PASS = bytes.fromhex("b700000002000000" "9500000000000000")  # r0 = 2; exit
 _SIOCGIFHWADDR = 0x8927
 _ARPHRD_ETHER = 1
 _ETHERTYPE = {4: b"\x08\x00", 6: b"\x86\xdd"}
-_program_fd: int | None = None
-
-
-def _bpf(cmd: int, attr: bytes, what: str) -> int:
-    number = _SYS_BPF.get(platform.machine())
-    if number is None:
-        raise kernel_error(what, errno.ENOSYS, f"no bpf(2) number known for {platform.machine()}")
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    ret = _libc.syscall(number, cmd, buf, len(attr))
-    if ret < 0:
-        raise kernel_error(what, ctypes.get_errno())
-    return int(ret)
-
-
-def _program() -> int:
-    global _program_fd
-    if _program_fd is None:
-        insns = ctypes.create_string_buffer(_RETURN_XDP_PASS, len(_RETURN_XDP_PASS))
-        license_ = ctypes.create_string_buffer(b"GPL")
-        attr = struct.pack("=IIQQIIQII16s", _BPF_PROG_TYPE_XDP, len(_RETURN_XDP_PASS) // 8,
-                           ctypes.addressof(insns), ctypes.addressof(license_), 0, 0, 0, 0, 0, b"flowsteer_inj")
-        _program_fd = _bpf(_BPF_PROG_LOAD, attr.ljust(144, b"\0"), "loading the XDP injection program")
-        os.set_inheritable(_program_fd, False)
-    return _program_fd
 
 
 def link_address(ifname: str) -> tuple[int, bytes]:
@@ -80,7 +46,8 @@ def inject_incoming(packet: bytes, ifname: str, ifindex: int) -> None:
     in the calling thread's namespace, as if it had just arrived there.
 
     Raises InvalidInput when the interface is not Ethernet-like or the packet is larger than
-    :data:`MAX_FRAME`, KernelError when the kernel refuses (e.g. a kernel older than 5.18: EINVAL).
+    :data:`MAX_FRAME`, MissingFeature (EOPNOTSUPP) on a kernel without live-frame test runs (before
+    5.18), KernelError when the kernel refuses.
     """
     if len(packet) > MAX_FRAME:
         raise InvalidInput(f"a packet injected as incoming may have at most {MAX_FRAME} bytes, not {len(packet)}")
@@ -89,12 +56,8 @@ def inject_incoming(packet: bytes, ifname: str, ifindex: int) -> None:
         raise InvalidInput(f"interface {ifname} is not an Ethernet interface (ARPHRD {kind}): packets can be "
                            "injected as incoming only on Ethernet-like interfaces and lo")
     frame = hw + bytes.fromhex(SOURCE_MAC.replace(":", "")) + _ETHERTYPE[packet[0] >> 4] + packet
-    data = ctypes.create_string_buffer(frame, len(frame))
-    ctx = ctypes.create_string_buffer(struct.pack("=IIIIII", 0, len(frame), 0, ifindex, 0, 0), 24)
-    attr = struct.pack("=IIIIQQIIIIQQIII", _program(), 0, len(frame), 0, ctypes.addressof(data), 0, 1, 0,
-                       24, 0, ctypes.addressof(ctx), 0, _BPF_F_TEST_XDP_LIVE_FRAMES, 0, 0)
-    _bpf(_BPF_PROG_TEST_RUN, attr.ljust(80, b"\0"),
-         f"injecting a packet as incoming on {ifname} (an XDP live-frames test run, Linux 5.18+)")
+    features.require(features.XDP_LIVE_FRAMES, f"injecting a packet as incoming on {ifname}")
+    live_frames.deliver(frame, ifindex, f"injecting a packet as incoming on {ifname} (an XDP live-frames test run)")
 
 
 _SIOCGIFCONF = 0x8912

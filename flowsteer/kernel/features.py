@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from flowsteer.errors import KernelError, MissingFeature
-from flowsteer.kernel import capabilities, libbpf
+from flowsteer.kernel import capabilities, libbpf, live_frames
 from flowsteer.kernel.libbpf import AttachType, ProgType
 
 
@@ -38,6 +38,12 @@ REUSEPORT_MIGRATION = Feature(
     "5.14",
     "reuseport groups load a select-only program; a closing member's queued connections are reset instead "
     "of moved, so restarts use socket handover (reuseport supervisor --restart handover)")
+XDP_LIVE_FRAMES = Feature(
+    "xdp-live-frames", "XDP test runs in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES), which hand a frame to an "
+    "interface's receive path", "5.18",
+    "a divert write with an interface address (a packet re-entering, or a new one arriving, as incoming on "
+    "that interface) is refused with MissingFeature; writes back unchanged or changed in place, and writes "
+    "with the unspecified address (sent out through routing), work")
 UNPRIVILEGED_PINNED_READ = Feature(
     "unprivileged-pinned-read", "read-only opening of pinned maps by a user without CAP_BPF while kernel.unprivileged_bpf_disabled is set",
     "after 5.10 (6.1 has it)",
@@ -77,7 +83,8 @@ def _probe_reuseport_migration() -> bool:
     return True
 
 
-_PROBES = {SK_LOOKUP: _probe_sk_lookup, REUSEPORT_MIGRATION: _probe_reuseport_migration}
+_PROBES = {SK_LOOKUP: _probe_sk_lookup, REUSEPORT_MIGRATION: _probe_reuseport_migration,
+           XDP_LIVE_FRAMES: live_frames.supported}
 PROBED = tuple(_PROBES)
 
 

@@ -51,8 +51,8 @@ def test_require_raises_missing_feature_with_eopnotsupp(kernel: set[features.Fea
 
 
 def test_every_probed_feature_has_a_probe_and_a_release() -> None:
-    assert set(features.PROBED) == {features.SK_LOOKUP, features.REUSEPORT_MIGRATION}
-    assert [f.since for f in features.PROBED] == ["5.9", "5.14"]
+    assert set(features.PROBED) == {features.SK_LOOKUP, features.REUSEPORT_MIGRATION, features.XDP_LIVE_FRAMES}
+    assert [f.since for f in features.PROBED] == ["5.9", "5.14", "5.18"]
 
 
 def test_reuseport_falls_back_to_the_select_only_object(kernel: set[features.Feature]) -> None:
@@ -97,3 +97,31 @@ def test_build_lists_each_source_and_the_select_only_variant(tmp_path: Path) -> 
         ("reuseport.bpf.c", "reuseport-select.bpf.o", ("FLOWSTEER_SELECT_ONLY",)),
     ]
     assert all(os.path.dirname(o) == str(tmp_path) for _, o, _ in objects)
+
+
+@pytest.mark.parametrize("refusal, answer", [(errno.EINVAL, False), (None, True)])
+def test_live_frames_probe_reads_einval_as_absent(monkeypatch: pytest.MonkeyPatch, refusal: int | None,
+                                                  answer: bool) -> None:
+    from flowsteer.errors import kernel_error
+    from flowsteer.kernel import live_frames
+
+    def test_run(verdict: int, frame: bytes, ifindex: int, what: str) -> None:
+        assert verdict == live_frames._XDP_DROP and ifindex == 1  # dropped on lo: nothing is delivered
+        if refusal is not None:
+            raise kernel_error(what, refusal)
+
+    monkeypatch.setattr(live_frames, "_test_run", test_run)
+    assert live_frames.supported() is answer
+
+
+def test_live_frames_probe_passes_other_refusals_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowsteer.errors import KernelError, kernel_error
+    from flowsteer.kernel import live_frames
+
+    def refused(*_args: object) -> None:
+        raise kernel_error("probing", errno.EPERM)
+
+    monkeypatch.setattr(live_frames, "_test_run", refused)
+    with pytest.raises(KernelError) as caught:
+        live_frames.supported()
+    assert caught.value.errno == errno.EPERM

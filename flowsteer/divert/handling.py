@@ -37,9 +37,26 @@ def is_batch_handler(function: Callable[..., Any]) -> bool:
     return bool(getattr(function, "flowsteer_batch", False))
 
 
+class StopBetweenPackets:
+    """The SIGTERM handler of a process running :func:`serve_packets`: while it waits for packets it exits
+    at once (SystemExit); while it handles some, it exits once they are answered and counted. Exiting in
+    between lost the count of packets already answered, so a stop reported fewer than were written."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.requested = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.busy:
+            self.requested = True
+        else:
+            raise SystemExit(0)
+
+
 def serve_packets(sock: DivertSocket, handler: Handler | BatchHandler, counters: MutableSequence[int],
-                  base: int = 0, capture: BinaryIO | None = None) -> None:
-    """Reads packets from ``sock`` and answers them with ``handler`` until the process is stopped.
+                  base: int = 0, capture: BinaryIO | None = None, stop: StopBetweenPackets | None = None) -> None:
+    """Reads packets from ``sock`` and answers them with ``handler`` until the process is stopped, or
+    until ``stop`` (installed as the SIGTERM handler) was asked to while packets were being handled.
 
     ``counters[base:base + 4]`` are kept equal to received, written, dropped and errors. When
     ``capture`` (a file opened for binary writing) is given, every packet read is written to it in
@@ -48,9 +65,11 @@ def serve_packets(sock: DivertSocket, handler: Handler | BatchHandler, counters:
     writer = PcapngWriter(capture) if capture is not None else None
     batch = is_batch_handler(handler)
     counts = [0, 0, 0, 0]
+    stop = stop or StopBetweenPackets()  # never asked: only a signal handler sets it
     try:
         while True:
             packets = sock.recv_batch() if batch else [sock.recv_packet()]
+            stop.busy = True
             counts[0] += len(packets)
             if writer is not None:
                 for packet in packets:
@@ -79,6 +98,9 @@ def serve_packets(sock: DivertSocket, handler: Handler | BatchHandler, counters:
             counters[base:base + 4] = counts
             if writer is not None and not sock.pending():
                 writer.flush()
+            stop.busy = False
+            if stop.requested:
+                return
     finally:
         if writer is not None:
             writer.flush()

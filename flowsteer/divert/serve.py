@@ -18,14 +18,13 @@ import multiprocessing
 import os
 import signal
 import socket
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any
 
 from flowsteer.divert import control
-from flowsteer.divert.handling import COUNTERS, BatchHandler, Handler, serve_packets
+from flowsteer.divert.handling import COUNTERS, BatchHandler, Handler, StopBetweenPackets, serve_packets
 from flowsteer.divert.ports import SLOTS
 from flowsteer.divert.rules import check_divert_port
 from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket, check_hold_time
@@ -185,7 +184,8 @@ def capture_path(path: str, index: int, workers: int) -> str:
 def _worker(index: int, port: int, handler: Handler | BatchHandler, hold_time: float, counters: Any,
             ready: Ready, capture: str | None) -> None:
     """A worker process: bind the group, run the handler on every packet until SIGTERM."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    stop = StopBetweenPackets()
+    signal.signal(signal.SIGTERM, stop)
     sock = DivertSocket(hold_time=hold_time)
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, 1)
@@ -196,6 +196,6 @@ def _worker(index: int, port: int, handler: Handler | BatchHandler, hold_time: f
     ready(member=sock.slot)
     try:
         with open(capture, "ab") if capture else contextlib.nullcontext() as out:
-            serve_packets(sock, handler, counters, index * len(COUNTERS), out)
+            serve_packets(sock, handler, counters, index * len(COUNTERS), out, stop)
     finally:
         sock.close()

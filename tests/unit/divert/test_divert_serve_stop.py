@@ -1,0 +1,66 @@
+"""A worker's SIGTERM ends it between packets, never between a packet's answer and its count."""
+
+from __future__ import annotations
+
+import signal
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from flowsteer.divert.handling import StopBetweenPackets, batch_handler, serve_packets
+
+
+class AnsweredThenStopped:
+    """A divert socket stand-in: hands out ``batches``; the stop signal arrives just as the second batch
+    is answered (the moment the kernel has the verdicts and the count is not written yet)."""
+
+    def __init__(self, stop: StopBetweenPackets, batches: int = 3, size: int = 4) -> None:
+        self.stop, self.size = stop, size
+        self.batches = [[SimpleNamespace(address=("0.0.0.0", b * size + i)) for i in range(size)]
+                        for b in range(batches)]
+        self.answered = 0
+
+    def recv_batch(self) -> list[Any]:
+        if not self.batches:
+            raise AssertionError("read past the stop")
+        return self.batches.pop(0)
+
+    def recv_packet(self) -> Any:
+        return self.recv_batch()[0]
+
+    def _answered(self, count: int) -> None:
+        self.answered += count
+        if self.answered > self.size:
+            self.stop(signal.SIGTERM, None)
+
+    def send_batch(self, results: list[Any], packets: list[Any]) -> int:
+        self._answered(len(results))
+        return len(results)
+
+    def sendto(self, data: Any, address: Any) -> int:
+        self._answered(1)
+        return 1
+
+    def pending(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_a_stop_while_handling_counts_what_was_answered_then_ends(batch: bool) -> None:
+    stop = StopBetweenPackets()
+    sock = AnsweredThenStopped(stop, size=4 if batch else 1)
+    counters = [0] * 4
+    handler = batch_handler(lambda packets: packets) if batch else (lambda packet: packet)
+    serve_packets(sock, handler, counters, stop=stop)  # type: ignore[arg-type]
+    assert counters == [sock.answered, sock.answered, 0, 0] and sock.answered == 2 * sock.size
+    assert len(sock.batches) == 1  # the third batch was never read
+
+
+def test_a_stop_while_waiting_exits_at_once() -> None:
+    stop = StopBetweenPackets()
+    with pytest.raises(SystemExit):
+        stop(signal.SIGTERM, None)
+    stop.busy = True
+    stop(signal.SIGTERM, None)
+    assert stop.requested

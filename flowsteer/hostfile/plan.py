@@ -41,11 +41,16 @@ class Change:
         return self.describe(self)
 
     @property
+    def entry(self) -> Any:
+        """The entry added or removed (for a change, the one the file has)."""
+        return self.before if self.after is None else self.after
+
+    @property
     def data(self) -> Any:
         """The entry in the file's form; for a change ``{"from": …, "to": …}``."""
         if self.kind == "change":
             return {"from": _file_form(self.before), "to": _file_form(self.after)}
-        return _file_form(self.before if self.after is None else self.after)
+        return _file_form(self.entry)
 
 
 def _file_form(entry: Any) -> Any:
@@ -54,7 +59,7 @@ def _file_form(entry: Any) -> Any:
 
 def _entry_text(change: Change) -> str:
     """The text of an added or removed entry: its own (a binding, a rule)."""
-    return str(change.before if change.after is None else change.after)
+    return str(change.entry)
 
 
 def _binding_text(change: Change) -> str:
@@ -66,7 +71,7 @@ def _binding_text(change: Change) -> str:
 def _group_text(change: Change) -> str:
     if change.kind == "change":
         return f"{describe_group(change.before)}  ->  {_group_settings(change.after)}"
-    return describe_group(change.before if change.after is None else change.after)
+    return describe_group(change.entry)
 
 
 @dataclass

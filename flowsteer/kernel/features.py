@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import struct
 from dataclasses import dataclass
 
 from flowsteer.errors import KernelError, MissingFeature
@@ -50,21 +49,12 @@ UNPRIVILEGED_PINNED_READ = Feature(
     "only root reads pinned state: a member of the state's read group gets a MissingFeature error")
 
 # The probe for migration reads ctx->migrating_sk, a field of struct sk_reuseport_md that older verifiers
-# refuse. Opcodes and the offset from linux/bpf.h (tests/unit/test_shared_constants.py checks them).
+# refuse. The offset and SK_PASS from linux/bpf.h (tests/unit/test_shared_constants.py checks them).
 MIGRATING_SK_OFFSET = 48
-LDX_MEM_DW, MOV64_IMM, EXIT = 0x79, 0xB7, 0x95
 SK_PASS = 1
 
-
-def _instruction(code: int, dst: int = 0, src: int = 0, offset: int = 0, imm: int = 0) -> bytes:
-    return struct.pack("<BBhi", code, src << 4 | dst, offset, imm)
-
-
-_READ_MIGRATING_SK = b"".join((
-    _instruction(LDX_MEM_DW, dst=2, src=1, offset=MIGRATING_SK_OFFSET),  # r2 = ctx->migrating_sk
-    _instruction(MOV64_IMM, dst=0, imm=SK_PASS),                          # r0 = SK_PASS
-    _instruction(EXIT),
-))
+_READ_MIGRATING_SK = (libbpf.instruction(libbpf.LDX_MEM_DW, dst=2, src=1, offset=MIGRATING_SK_OFFSET)  # r2 = ctx->migrating_sk
+                      + libbpf.returning(SK_PASS))
 
 
 def _probe_sk_lookup() -> bool:

@@ -16,6 +16,7 @@ import ctypes
 import enum
 import errno as errno_mod
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class MapType(enum.IntEnum):
 
 
 class ProgType(enum.IntEnum):
+    XDP = 6
     SK_REUSEPORT = 21
     SK_LOOKUP = 30
 
@@ -102,6 +104,17 @@ class _ProgLoadOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_uint32), ("expected_attach_type", ctypes.c_uint32)]
 
 
+class _TestRunOpts(ctypes.Structure):
+    # struct bpf_test_run_opts of libbpf 1.x (bpf/bpf.h)
+    _fields_ = [
+        ("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32), ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
+    ]
+
+
 class _MapCreateOpts(ctypes.Structure):
     _fields_ = [
         ("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
@@ -161,6 +174,7 @@ def _load_library() -> ctypes.CDLL:
         "libbpf_set_print": (vp, [_PRINT_FN]),
         "libbpf_probe_bpf_prog_type": (i, [i, vp]),
         "bpf_prog_load": (i, [i, cp, cp, vp, sz, vp]),
+        "bpf_prog_test_run_opts": (i, [i, vp]),
         "bpf_enable_stats": (i, [i]),
     }
     for name, (restype, argtypes) in signatures.items():
@@ -263,6 +277,32 @@ def prog_load(prog_type: ProgType, name: str, instructions: bytes,
         fd = _lib.bpf_prog_load(int(prog_type), name.encode(), b"GPL", instructions, len(instructions) // 8,
                                 ctypes.byref(opts))
         return Program(_check(fd, f"load program {name}"))
+
+
+# Raw instructions, for probes and for programs too small to compile (opcodes from linux/bpf.h;
+# tests/unit/test_shared_constants.py checks them).
+LDX_MEM_DW, MOV64_IMM, EXIT = 0x79, 0xB7, 0x95
+
+
+def instruction(code: int, dst: int = 0, src: int = 0, offset: int = 0, imm: int = 0) -> bytes:
+    """Returns one BPF instruction (8 bytes): opcode ``code``, registers ``dst`` and ``src``."""
+    return struct.pack("<BBhi", code, src << 4 | dst, offset, imm)
+
+
+def returning(value: int) -> bytes:
+    """Returns the instructions of the program ``return value``."""
+    return instruction(MOV64_IMM, dst=0, imm=value) + instruction(EXIT)
+
+
+def prog_test_run(program: "Program", data: bytes, ctx: bytes, flags: int, what: str) -> int:
+    """Runs ``program`` once on the packet ``data`` with the context ``ctx`` (``BPF_PROG_TEST_RUN``, with
+    ``flags``) and returns the program's return value. Raises KernelError naming ``what`` when the
+    kernel refuses (EINVAL for flags it does not know)."""
+    data_in, ctx_in = ctypes.create_string_buffer(data, len(data)), ctypes.create_string_buffer(ctx, len(ctx))
+    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(data_in), data_size_in=len(data),
+                        ctx_in=ctypes.addressof(ctx_in), ctx_size_in=len(ctx), repeat=1, flags=flags)
+    _check(_lib.bpf_prog_test_run_opts(program.fd, ctypes.byref(opts)), what)
+    return int(opts.retval)
 
 
 def possible_cpus() -> int:

@@ -106,7 +106,7 @@ def test_live_frames_probe_reads_einval_as_absent(monkeypatch: pytest.MonkeyPatc
     from flowsteer.kernel import live_frames
 
     def test_run(verdict: int, frame: bytes, ifindex: int, what: str) -> None:
-        assert verdict == live_frames._XDP_DROP and ifindex == 1  # dropped on lo: nothing is delivered
+        assert verdict == live_frames.XDP_DROP and ifindex == 1  # dropped on lo: nothing is delivered
         if refusal is not None:
             raise kernel_error(what, refusal)
 

@@ -9,6 +9,7 @@ libbpf, no privilege needed) are checked against the Python encodings too.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import platform
 import re
@@ -22,7 +23,7 @@ import pytest
 
 import flowsteer.bpf
 from flowsteer.divert import metadata, nfqueue, packet
-from flowsteer.kernel import features, libbpf, pinned
+from flowsteer.kernel import features, libbpf, live_frames, pinned
 from flowsteer.lookup import bindings, dispatcher
 from flowsteer.lookup import state as lookup_state
 from flowsteer.reuseport import maglev, policy, quic, spec
@@ -283,13 +284,27 @@ def test_libbpf_layer_numbers_are_the_kernels() -> None:
     facts |= {name: getattr(libbpf, name) for name in
               ("BPF_ANY", "BPF_NOEXIST", "BPF_EXIST", "BPF_F_NO_PREALLOC", "BPF_F_RDONLY", "BPF_F_REPLACE")}
     facts |= {"__builtin_offsetof(struct sk_reuseport_md, migrating_sk)": features.MIGRATING_SK_OFFSET,
-              "BPF_LDX | BPF_MEM | BPF_DW": features.LDX_MEM_DW, "BPF_ALU64 | BPF_MOV | BPF_K": features.MOV64_IMM,
-              "BPF_JMP | BPF_EXIT": features.EXIT, "SK_PASS": features.SK_PASS,
+              "BPF_LDX | BPF_MEM | BPF_DW": libbpf.LDX_MEM_DW, "BPF_ALU64 | BPF_MOV | BPF_K": libbpf.MOV64_IMM,
+              "BPF_JMP | BPF_EXIT": libbpf.EXIT, "SK_PASS": features.SK_PASS,
+              "XDP_DROP": live_frames.XDP_DROP, "XDP_PASS": live_frames.XDP_PASS,
+              "BPF_F_TEST_XDP_LIVE_FRAMES": live_frames.BPF_F_TEST_XDP_LIVE_FRAMES,
               "BPF_STATS_RUN_TIME": libbpf.BPF_STATS_RUN_TIME}
+    facts |= _layout("xdp_md", live_frames.XDP_MD, ["data", "data_end", "data_meta", "ingress_ifindex",
+                                                     "rx_queue_index", "egress_ifindex"])
     for c_struct, fields in (("bpf_prog_info", libbpf._ProgInfo), ("bpf_map_info", libbpf._MapInfo)):
         facts |= {f"__builtin_offsetof(struct {c_struct}, {name})": getattr(fields, name).offset
                   for name, _ in fields._fields_ if not name.startswith("_")}
     _check_with_clang(UAPI_HEADERS, facts, [])
+
+
+def test_libbpf_option_structs_are_libbpfs() -> None:
+    """The head of ``struct bpf_prog_load_opts`` and the whole ``struct bpf_test_run_opts`` as libbpf's
+    header lays them out (libbpf reads ``sz`` and takes the fields after it as zero)."""
+    facts: dict[str, int] = {"sizeof(struct bpf_test_run_opts)": ctypes.sizeof(libbpf._TestRunOpts)}
+    for c_struct, fields in (("bpf_test_run_opts", libbpf._TestRunOpts), ("bpf_prog_load_opts", libbpf._ProgLoadOpts)):
+        facts |= {f"__builtin_offsetof(struct {c_struct}, {name})": getattr(fields, name).offset
+                  for name, _ in fields._fields_}
+    _check_with_clang("#include <stddef.h>\n#include <bpf/bpf.h>\n", facts, [])
 
 
 def test_a_disagreement_is_reported() -> None:

@@ -16,7 +16,7 @@ import pytest
 from flowsteer.errors import FlowsteerError, KernelError
 from flowsteer.kernel import features
 from flowsteer.kernel.libbpf import (BPF_NOEXIST, BpfObject, Map, MapType, ProgType, possible_cpus, prog_load,
-                                     run_time_stats)
+                                     returning, run_time_stats)
 from flowsteer.lookup.state import object_path
 from flowsteer.reuseport.group import SO_ATTACH_REUSEPORT_EBPF
 
@@ -119,8 +119,7 @@ def test_verifier_log_reaches_the_error_uncut(tmp_path: object) -> None:
 
 
 def test_run_time_stats_count_a_programs_runs_only_while_held(netns: object) -> None:
-    returns_pass = (features._instruction(features.MOV64_IMM, dst=0, imm=features.SK_PASS)
-                    + features._instruction(features.EXIT))  # no choice made: the kernel's hash picks
+    returns_pass = returning(features.SK_PASS)  # no choice made: the kernel's hash picks
     members = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
     with prog_load(ProgType.SK_REUSEPORT, "stats_probe", returns_pass) as prog:
         for sock in members:

@@ -19,7 +19,8 @@ divert rule sends them to a consumer that writes every packet back:
 
 Sender and receiver run on CPU 0, single consumers on CPU 1 (``taskset``); serve's workers are not pinned
 (but the identity serve row is). For the batched C consumer and the flowsteer socket the offered rate is
-also bisected (paced sender) for the highest rate delivered with < 1% loss. Delivered packets per second
+also bisected (paced sender) for the highest rate delivered with < 1% loss, each rate judged by the
+median of --repeat runs. Delivered packets per second
 are counted by a C receiver; loss is the share of sent packets that never arrived.
 Latency is one-way (sender and receiver sockets live in this process), at a low rate: one packet at a
 time, each sent LATENCY_GAP after the previous one arrived, so that every consumer is idle when a packet
@@ -383,24 +384,30 @@ def throughput(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, seconds: 
 
 
 def sustained(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, seconds: float,
-              flood_pps: float) -> tuple[float, float, float] | None:
+              flood_pps: float, repeat: int) -> tuple[float, float, float] | None:
     """Returns (offered, delivered packets/s, loss) at the highest paced rate found with < 1% loss, None
     when even the lowest rate tried lost more.
 
-    Bisects the offered rate between a tenth of and 1.2 times the rate delivered under flood.
+    Bisects the offered rate between a tenth of and 1.2 times the rate delivered under flood. Each rate
+    tried is judged by the median of ``repeat`` runs, so that one burst of loss from elsewhere on the
+    machine does not end the search low.
     """
+    def tried(rate: float) -> tuple[float, float, float]:
+        runs = sorted((throughput(tool, snd, rcv, size, seconds, rate) for _ in range(repeat)),
+                      key=lambda run: run[1])
+        pps, loss = runs[len(runs) // 2]
+        return rate, pps, loss
+
     low, high = flood_pps / 10, flood_pps * 1.2
-    pps, loss = throughput(tool, snd, rcv, size, seconds, low)
-    if loss >= 0.01:
+    best = tried(low)
+    if best[2] >= 0.01:
         return None
-    best = (low, pps, loss)
     for _ in range(SEARCH_STEPS):
-        rate = (low + high) / 2
-        pps, loss = throughput(tool, snd, rcv, size, seconds, rate)
-        if loss < 0.01:
-            low, best = rate, (rate, pps, loss)
+        attempt = tried((low + high) / 2)
+        if attempt[2] < 0.01:
+            low, best = attempt[0], attempt
         else:
-            high = rate
+            high = attempt[0]
     return best
 
 
@@ -473,8 +480,10 @@ def main() -> None:
                 try:
                     runs = [measure(tool, snd, rcv, size, args.seconds, rate, pids) for _ in range(args.repeat)]
                     p50, p99 = latency(snd, rcv, size, args.latency_samples)
-                    best = sustained(tool, snd, rcv, size, args.seconds, max(r["pps"] for r in runs)) \
-                        if name in (BATCHED_C, SOCKET) else None
+                    best = None
+                    if name in (BATCHED_C, SOCKET):
+                        best = sustained(tool, snd, rcv, size, args.seconds, max(r["pps"] for r in runs),
+                                         args.repeat)
                 finally:
                     if consumer is not None:
                         stopped(consumer)

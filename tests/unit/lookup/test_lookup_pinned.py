@@ -15,7 +15,7 @@ import pytest
 from flowsteer.errors import InvalidInput
 from flowsteer.lookup import bindings as b
 from flowsteer.lookup.bindings import Binding
-from flowsteer.lookup.config import load_file, parse
+from flowsteer.lookup.config import _FieldParses, load_file, parse
 from flowsteer.lookup.model import Decision, Destination, decide, mapped_address, matching
 
 LABEL_HELP = "use 1-63 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
@@ -285,6 +285,8 @@ def test_no_bindings_at_all() -> None:
     ({"bindings": [{k: v for k, v in ENTRY.items() if k != "port"}]},
      "binding entry 1: give exactly one of 'port' or 'ports'"),
     ({"bindings": [ENTRY | {"ports": [2]}]}, "binding entry 1: give exactly one of 'port' or 'ports'"),
+    ({"bindings": [ENTRY | {"prefixes": ["192.0.2.1"], "ports": [2]}]},  # every known field at once
+     "binding entry 1: give exactly one of 'prefix' or 'prefixes'"),
     ({"bindings": [{k: v for k, v in ENTRY.items() if k != "prefix"}]},
      "binding entry 1: give exactly one of 'prefix' or 'prefixes'"),
     ({"bindings": [ENTRY | {"prefixes": ["192.0.2.1"]}]},
@@ -299,6 +301,23 @@ def test_no_bindings_at_all() -> None:
 ])
 def test_file_errors_are_exact(doc: object, why: str) -> None:
     assert refused(json.dumps(doc)) == f"f.json: {why}"
+
+
+def test_each_distinct_field_value_is_parsed_once_per_file() -> None:
+    calls: list[object] = []
+
+    def counted(value: object) -> object:
+        calls.append(value)
+        return ("parsed", value)
+
+    fields = _FieldParses()
+    values = (1, 1, True, 1.0, True, 1)
+    parsed = [fields.parse(counted, v) for v in values]
+    assert parsed == [("parsed", v) for v in values]
+    assert [type(p[1]) for p in parsed] == [int, int, bool, float, bool, int]
+    assert calls == [1, True, 1.0]  # equal for a dict, but only 1 is a port: keyed by type too
+    assert fields.parse(counted, [1]) == ("parsed", [1]) and fields.parse(counted, [1]) == ("parsed", [1])
+    assert calls == [1, True, 1.0, [1], [1]]  # an unhashable value is parsed each time it comes
 
 
 def test_syntax_errors_name_the_format_and_source() -> None:

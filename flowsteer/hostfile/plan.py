@@ -8,8 +8,9 @@ A hook the file has no section for is not in the plan.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,23 +76,52 @@ def _group_text(change: Change) -> str:
 
 
 @dataclass
+class _Batch:
+    """Changes of one hook not made yet: how many of each kind, and the function that makes them."""
+
+    counts: Counter[str]
+    make: Callable[[], Iterable[Change]]
+
+
+@dataclass
 class HookPlan:
-    """The changes to one hook, and notes on how they are carried out (``load the dispatcher`` …)."""
+    """The changes to one hook, and notes on how they are carried out (``load the dispatcher`` …).
+
+    :attr:`changes` are made when first read, in the order they are shown; counting them
+    (:meth:`summary`, :attr:`empty`) makes none: a plan that replaces 100,000 bindings is mostly
+    applied without being shown line by line.
+    """
 
     hook: str
-    changes: list[Change] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    _batches: list[_Batch] = field(default_factory=list, repr=False)
+
+    def extend(self, changes: list[Change]) -> None:
+        """Appends changes made already."""
+        self._batches.append(_Batch(Counter(c.kind for c in changes), lambda: changes))
+
+    def later(self, kind: str, count: int, make: Callable[[], Iterable[Change]]) -> None:
+        """Appends ``count`` changes of ``kind`` that ``make`` makes when they are first read."""
+        self._batches.append(_Batch(Counter({kind: count}), make))
+
+    @functools.cached_property
+    def changes(self) -> list[Change]:
+        return [c for batch in self._batches for c in batch.make()]
 
     @property
     def empty(self) -> bool:
-        return not self.changes and not self.notes
+        return not self.count() and not self.notes
+
+    def count(self, kind: str | None = None) -> int:
+        """Returns how many changes of ``kind`` (None: of every kind) the hook has, without making them."""
+        return sum(b.counts.total() if kind is None else b.counts[kind] for b in self._batches)
 
     def of(self, kind: str) -> list[Change]:
         return [c for c in self.changes if c.kind == kind]
 
     def summary(self) -> str:
         """Returns ``N added, N removed, N changed``."""
-        return ", ".join(f"{len(self.of(k))} {word}" for k, word in
+        return ", ".join(f"{self.count(k)} {word}" for k, word in
                          (("add", "added"), ("remove", "removed"), ("change", "changed")))
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,27 +180,31 @@ def _lookup(plan: Plan, current: frozenset[Binding] | None, wanted: frozenset[Bi
     current = current or frozenset()
     old = {x.key: x for x in current - wanted}
     new = {x.key: x for x in wanted - current}
-    for x in sort_by_precedence([new[s] for s in new.keys() - old.keys()]):
-        hook.changes.append(Change("add", None, x, _binding_text))
-    for x in sort_by_precedence([old[s] for s in old.keys() - new.keys()]):
-        hook.changes.append(Change("remove", x, None, _binding_text))
-    for x in sort_by_precedence([new[s] for s in new.keys() & old.keys() if new[s].label != old[s].label]):
-        hook.changes.append(Change("change", old[x.key], x, _binding_text))
+    added = [new[s] for s in new.keys() - old.keys()]
+    removed = [old[s] for s in old.keys() - new.keys()]
+    changed = [new[s] for s in new.keys() & old.keys() if new[s].label != old[s].label]
+    hook.later("add", len(added),
+               lambda: [Change("add", None, x, _binding_text) for x in sort_by_precedence(added)])
+    hook.later("remove", len(removed),
+               lambda: [Change("remove", x, None, _binding_text) for x in sort_by_precedence(removed)])
+    hook.later("change", len(changed),
+               lambda: [Change("change", old[x.key], x, _binding_text) for x in sort_by_precedence(changed)])
     return hook
 
 
 def _reuseport(plan: Plan, current: tuple[GroupSpec, ...], wanted: tuple[GroupSpec, ...], held: Held,
                force: bool) -> HookPlan:
     hook = HookPlan("reuseport")
+    changes: list[Change] = []
     old = {g.group: g for g in current}
     new = {g.group: g for g in wanted}
     for gid in sorted(old.keys() - new.keys()):
         _refuse_if_held(gid, held, "remove it (it is not in the file)", force)
         plan.remove_groups.append(gid)
-        hook.changes.append(Change("remove", old[gid], None, _group_text))
+        changes.append(Change("remove", old[gid], None, _group_text))
     for gid in sorted(new.keys() - old.keys()):
         plan.create_groups.append(new[gid])
-        hook.changes.append(Change("add", None, new[gid], _group_text))
+        changes.append(Change("add", None, new[gid], _group_text))
     for gid in sorted(new.keys() & old.keys()):
         before, after = old[gid], _effective(new[gid], held)
         if before == after:
@@ -182,7 +216,8 @@ def _reuseport(plan: Plan, current: tuple[GroupSpec, ...], wanted: tuple[GroupSp
             hook.notes.append(f"make group {gid} anew (its table size changes)")
         else:
             plan.configure_groups.append(after)
-        hook.changes.append(Change("change", before, after, _group_text))
+        changes.append(Change("change", before, after, _group_text))
+    hook.extend(changes)
     return hook
 
 
@@ -224,10 +259,8 @@ def _divert(current: tuple[Any, ...], wanted: tuple[Any, ...]) -> HookPlan:
     old, new = [str(r) for r in current], [str(r) for r in wanted]
     if old == new:
         return hook
-    for text in (Counter(new) - Counter(old)).elements():
-        hook.changes.append(Change("add", None, text, _entry_text))
-    for text in (Counter(old) - Counter(new)).elements():
-        hook.changes.append(Change("remove", text, None, _entry_text))
+    hook.extend([Change("add", None, text, _entry_text) for text in (Counter(new) - Counter(old)).elements()]
+                + [Change("remove", text, None, _entry_text) for text in (Counter(old) - Counter(new)).elements()])
     if Counter(old) == Counter(new):
         hook.notes.append("reorder the rules (the first match wins)")
     return hook

@@ -211,3 +211,15 @@ def test_a_refused_new_table_size_is_named_exactly() -> None:
         "cannot change its table size from 65537 to 1021 (the group is made anew): group tcp:192.0.2.1:8080 has "
         "members holding sockets: 0 (pid 1); stop those workers first, keep the group in the file, or apply with "
         "--force (their sockets then keep the last table, unmanaged); nothing was changed")
+
+
+def test_counting_a_plans_changes_makes_none_of_them() -> None:
+    current = HostSpec(bindings=frozenset(B(f"a{i}", "tcp", f"192.0.2.{i}/32", 80) for i in range(50)))
+    wanted = HostSpec(bindings=frozenset(B(f"b{i}", "tcp", f"192.0.2.{i}/32", 80) for i in range(50)))
+    hook = diff(current, wanted, {}).hooks["lookup"]
+    made: list[str] = []
+    hook.later("add", 2, lambda: made.append("made") or [])  # type: ignore[func-returns-value]
+    assert hook.summary() == "2 added, 0 removed, 50 changed" and not hook.empty and hook.count() == 52
+    assert made == []
+    assert [c.kind for c in hook.changes] == ["change"] * 50 and made == ["made"]
+    assert [c.after.label for c in hook.changes] == [f"b{i}" for i in range(50)]  # in precedence, then address

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import socket
 import struct
 from dataclasses import dataclass
@@ -211,7 +212,7 @@ class NfQueue:
 
     def accept(self, queue: int, packet_id: int) -> None:
         """Accepts one packet. Raises KernelError when the kernel refuses the send."""
-        self._send(_verdict_msg(MSG_VERDICT, queue, NF_ACCEPT, packet_id, _VERDICT_SIZE))
+        self._send(_accept_head(queue) + _U32.pack(packet_id))
 
     def _set_rcvtimeo(self, wait: float | None) -> None:
         """Makes a blocking receive give up after ``wait`` seconds (None: never)."""
@@ -282,48 +283,77 @@ class NfQueue:
                 self._backlog.append(delivery)
 
     def _parse(self, buf: bytearray | memoryview, base: int, n: int) -> Delivery | None:
-        length, mtype = _NLHEAD.unpack_from(buf, base)
-        if mtype != MSG_PACKET:
-            if mtype == NLMSG_ERROR and _ERR.unpack_from(buf, base + 16)[0]:
-                self.verdict_errors += 1
-            return None
-        queue, packet_id, hook = _PKTHEAD.unpack_from(buf, base + 18)
-        end = min(length, n)
+        """Returns the packet of the message at ``base`` (``n`` bytes received), None for any other message
+        (counting the refused verdicts among them).
+
+        A message laid out like the one before (nearly all are) is read with the cached :class:`_Shape`:
+        one ``unpack`` checks the layout, one reads the numbers. Any other message is walked attribute by
+        attribute and its shape cached. A packet message without a whole payload is a truncated
+        delivery with none.
+        """
         shape = self._shape
-        for _ in range(2):  # the layout of the previous message, else this message's own
-            if shape is not None and shape.struct.size <= end:
-                heads = shape.struct.unpack_from(buf, base)
-                size = heads[-2]
-                if heads[-1] == NFQA_PAYLOAD and heads[:-2] == shape.expected and shape.payload_at + size <= end:
-                    at = base + shape.payload_at
-                    payload = bytes(buf[at + 4:at + size])
-                    cap = shape.cap_len_at
-                    return Delivery(queue, packet_id, payload, hook,
-                                    _U32.unpack_from(buf, base + shape.indev_at)[0] if shape.indev_at else 0,
-                                    _U32.unpack_from(buf, base + shape.outdev_at)[0] if shape.outdev_at else 0,
-                                    cap != 0 and _U32.unpack_from(buf, base + cap)[0] > len(payload),
-                                    bytes(buf[base + 32:at]))
-            shape = self._shape = _Shape.learn(buf, base, end)
-        return Delivery(queue, packet_id, b"", hook, 0, 0, True)  # no payload attribute: nothing to show
+        size = 0
+        if shape is not None and shape.size <= n:
+            heads = shape.heads.unpack_from(buf, base)
+            end = n if n < heads[0] else heads[0]
+            size = heads[-2]
+            if not (heads[1:-2] == shape.expected and heads[-1] == NFQA_PAYLOAD and shape.size <= end
+                    and shape.payload_at + size <= end):
+                shape = None
+        else:
+            shape = None
+        if shape is None:
+            length, mtype = _NLHEAD.unpack_from(buf, base)
+            if mtype != MSG_PACKET:
+                if mtype == NLMSG_ERROR and _ERR.unpack_from(buf, base + 16)[0]:
+                    self.verdict_errors += 1
+                return None
+            end = min(length, n)
+            shape = _Shape.learn(buf, base, end)
+            if shape is not None:
+                size = _ATTR.unpack_from(buf, base + shape.payload_at)[0]
+            if shape is None or shape.payload_at + size > end:
+                queue, packet_id, hook = _PKTHEAD.unpack_from(buf, base + 18)
+                return Delivery(queue, packet_id, b"", hook, 0, 0, True)
+            self._shape = shape
+        v = shape.values.unpack_from(buf, base) + (0,)  # an attribute the layout lacks reads as that 0
+        at = base + shape.payload_at
+        payload = bytes(buf[at + 4:at + size])
+        return Delivery(v[0], v[1], payload, v[2], v[shape.indev], v[shape.outdev], v[shape.cap_len] > len(payload),
+                        bytes(buf[base + 32:at]))
 
 
 class _Shape:
     """The attribute layout of one packet message, so that the next one laid out alike (nearly all are)
-    is parsed with a single ``unpack``: the headers of every attribute, the payload's last."""
+    is parsed with two ``unpack`` calls.
+
+    ``heads`` (native order, ``size`` bytes) reads the message's length and type and every attribute
+    header up to the payload's; a message has this layout when they equal ``expected`` (the payload's
+    length aside) and the last is the payload's. ``values`` (network order) reads the queue, packet id
+    and hook, then the interface and capture-length attributes the layout has; ``indev``, ``outdev`` and
+    ``cap_len`` are their indexes in what it returns, or the index just past it for one it lacks.
+    """
 
     def __init__(self, attrs: list[tuple[int, int, int]]) -> None:
-        fmt, pos, expected = ["="], 0, []
+        heads, values, expected = ["=IH26x"], ["!18xH4xI2xB"], [MSG_PACKET]
+        pos, value_pos, index = 32, 31, {}
         for off, atype, alen in attrs:
-            fmt.append(f"{off - pos}xHH")
+            heads.append(f"{off - pos}xHH")
             pos = off + 4
             expected += [alen, atype]
-        self.struct = struct.Struct("".join(fmt))
+            if atype in (NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_CAP_LEN):  # repeated: the last counts
+                values.append(f"{off + 4 - value_pos}xI")
+                value_pos = off + 8
+                index[atype] = len(values) + 1  # the first format reads three numbers
+        self.heads = struct.Struct("".join(heads))
+        self.size = self.heads.size
         self.expected = tuple(expected[:-2])
         self.payload_at = attrs[-1][0]
-        where = {atype: off + 4 for off, atype, _alen in attrs}
-        self.indev_at = where.get(NFQA_IFINDEX_INDEV, 0)
-        self.outdev_at = where.get(NFQA_IFINDEX_OUTDEV, 0)
-        self.cap_len_at = where.get(NFQA_CAP_LEN, 0)
+        self.values = struct.Struct("".join(values))
+        lacking = len(values) + 2
+        self.indev = index.get(NFQA_IFINDEX_INDEV, lacking)
+        self.outdev = index.get(NFQA_IFINDEX_OUTDEV, lacking)
+        self.cap_len = index.get(NFQA_CAP_LEN, lacking)
 
     @classmethod
     def learn(cls, buf: bytearray | memoryview, base: int, end: int) -> _Shape | None:
@@ -377,6 +407,12 @@ _recvmmsg.restype = ctypes.c_int
 def _attr(atype: int, data: bytes) -> bytes:
     alen = 4 + len(data)
     return _ATTR.pack(alen, atype) + data + b"\0" * (-alen & 3)
+
+
+@functools.cache
+def _accept_head(queue: int) -> bytes:
+    """Returns a plain accept of a packet of ``queue`` but for its last four bytes, the packet id."""
+    return _verdict_msg(MSG_VERDICT, queue, NF_ACCEPT, 0, _VERDICT_SIZE)[:-4]
 
 
 def _verdict_msg(mtype: int, queue: int, verdict: int, packet_id: int, total: int) -> bytes:

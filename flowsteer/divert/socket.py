@@ -412,12 +412,14 @@ class DivertSocket:
         """Sends every waiting verdict now. Raises KernelError when the kernel refuses them."""
         if self._nfq is None or not (self._verdicts or self._accepts):
             return
+        if not self._verdicts and len(self._accepts) == 1:  # a lone packet (low rate): one plain verdict
+            held = self._accepts.pop()
+            self.counters.accepted += 1
+            self._nfq.accept(held.queue, held.packet_id)
+            return
         verdicts, accepts = self._verdicts, self._accepts
         self._verdicts, self._accepts = [], []
         self.counters.accepted += len(accepts)
-        if not verdicts and len(accepts) == 1:  # a lone packet (low rate): one plain verdict, at once
-            self._nfq.accept(accepts[0].queue, accepts[0].packet_id)
-            return
         oldest_held: dict[int, int] = {}
         for delivery in self._held.values():
             oldest_held.setdefault(delivery.queue, delivery.packet_id)

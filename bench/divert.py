@@ -20,12 +20,14 @@ divert rule sends them to a consumer that writes every packet back:
 Sender and receiver run on CPU 0, single consumers on CPU 1 (``taskset``); serve's workers are not pinned
 (but the identity serve row is). For the batched C consumer and the flowsteer socket the offered rate is
 also bisected (paced sender) for the highest rate delivered with < 1% loss, each rate judged by the
-median of --repeat runs. Delivered packets per second
-are counted by a C receiver; loss is the share of sent packets that never arrived.
+median of --repeat runs. Delivered packets per second are counted by a C receiver; loss is the share of
+sent packets that never arrived.
 Latency is one-way (sender and receiver sockets live in this process), at a low rate: one packet at a
 time, each sent LATENCY_GAP after the previous one arrived, so that every consumer is idle when a packet
 comes (back to back, a consumer's work after its verdict would delay the next packet too); "added" is the
-median/99th percentile over the no-divert path's. Ratios compare numbers of this run.
+median/99th percentile over the no-divert path's. The socket's added latency over NetfilterQueue's, the
+target, is also measured in paired rounds (PAIRED_ROUNDS, each consumer measured right after the other)
+because rows measured minutes apart differ by more than the gap. Ratios compare numbers of this run.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ CONSUMER_CPU = ["taskset", "-c", "1"]
 WORK_ROUNDS = 3000
 SEARCH_STEPS = 5
 LATENCY_GAP = 0.001
+PAIRED_ROUNDS = 8
+"""Rounds of the paired latency comparison: each measures the socket and NetfilterQueue one after the other
+(the order alternating), so that the machine's drift over minutes does not decide the difference."""
 """Seconds between a latency packet's arrival and the next one's sending (a low rate: under 1,000/s)."""
 BATCHED_C = "C libnetfilter_queue, batched verdicts"
 SOCKET = "flowsteer socket"
@@ -436,6 +441,25 @@ def latency(snd: NamedNetns, rcv: NamedNetns, size: int, count: int) -> tuple[fl
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
 
 
+def paired_latency(snd: NamedNetns, rcv: NamedNetns, size: int, samples: int,
+                   first: Callable[[], subprocess.Popen[str]],
+                   second: Callable[[], subprocess.Popen[str]]) -> float:
+    """Returns the median over PAIRED_ROUNDS of ``first``'s p50 minus ``second``'s, in microseconds: each
+    round starts one consumer, measures ``samples`` lone packets, stops it, then does the same with the
+    other (which goes first alternates)."""
+    differences = []
+    for round_ in range(PAIRED_ROUNDS):
+        p50 = {}
+        for which in ((first, second) if round_ % 2 == 0 else (second, first)):
+            consumer = which()
+            try:
+                p50[which] = latency(snd, rcv, size, samples)[0]
+            finally:
+                stopped(consumer)
+        differences.append(p50[first] - p50[second])
+    return statistics.median(differences)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.5, help="sending time per measurement")
@@ -503,16 +527,24 @@ def main() -> None:
                       f"cpu {row['cpu_us']:5.2f} us/pkt  p50 {p50:7.1f} us  p99 {p99:7.1f} us"
                       + (f"  sustained {best[1]:,.0f} pkt/s at {best[2]:.2%} loss" if best else ""),
                       file=sys.stderr, flush=True)
+        results["paired_p50_us"] = {
+            size: round(paired_latency(snd, rcv, size, args.latency_samples // 4,
+                                       lambda: started([*CONSUMER_CPU, sys.executable, "-c", FLOWSTEER_SOCKET,
+                                                        str(PORT)], rcv),
+                                       lambda: started([*CONSUMER_CPU, sys.executable, "-c", NETFILTERQUEUE,
+                                                        str(queue)], rcv)), 1)
+            for size in (64, 1400)}
     results["load_end"] = os.getloadavg()
-    results["ratios"] = ratios(results["rows"])
+    results["ratios"] = ratios(results["rows"], results["paired_p50_us"])
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print(report(results))
 
 
-def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Returns the ratios the targets are about, per packet size."""
+def ratios(rows: list[dict[str, Any]], paired_p50_us: dict[int, float]) -> dict[str, float]:
+    """Returns the ratios the targets are about, per packet size; the socket's added latency over
+    NetfilterQueue's is the paired comparison's (``paired_p50_us``), the rows' own is beside it."""
     by = {(r["consumer"], r["size"]): r for r in rows}
     out = {}
     for size in (64, 1400):
@@ -526,7 +558,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         out[f"socket/fnfqueue {size}B"] = round(sock["pps"] / by[("python fnfqueue", size)]["pps"], 2)
         out[f"socket/C per-packet {size}B"] = round(sock["pps"] / by[("C libnetfilter_queue", size)]["pps"], 2)
         base = by[("no divert", size)]["p50_us"]
-        out[f"added p50 socket - NetfilterQueue {size}B, us (target <= 0)"] = round(
+        out[f"added p50 socket - NetfilterQueue {size}B, us, paired rounds (target <= 0)"] = paired_p50_us[size]
+        out[f"added p50 socket - NetfilterQueue {size}B, us, the rows"] = round(
             (sock["p50_us"] - base) - (nfq["p50_us"] - base), 1)
         out[f"serve cost beyond the handler {size}B, us CPU/pkt"] = round(
             by[(SERVE_IDENTITY, size)]["cpu_us"] - sock["cpu_us"], 2)

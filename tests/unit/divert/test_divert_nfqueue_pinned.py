@@ -108,6 +108,26 @@ def test_a_message_cut_short_by_the_receive_shows_nothing() -> None:
     assert parse(fresh(), msg, received=len(msg) - 4) == Delivery(3, 9, b"", 1, 0, 0, True)
 
 
+def test_a_message_whose_own_length_ends_inside_its_payload_shows_nothing() -> None:
+    msg = packet_msg(3, 9, 1, b"\x45" + bytes(100), u32(INDEV, 2))
+    short = (len(msg) - 40).to_bytes(4, "little") + msg[4:]  # more bytes came than the message says it has
+    q = fresh()
+    parse(q, msg)  # learn the shape
+    assert parse(q, short) == Delivery(3, 9, b"", 1, 0, 0, True)
+    assert parse(fresh(), short) == Delivery(3, 9, b"", 1, 0, 0, True)
+
+
+def test_each_ring_slot_is_read_at_its_own_offset() -> None:
+    first = packet_msg(3, 1, 1, b"\x45" + bytes(7), u32(INDEV, 2))
+    second = packet_msg(3, 2, 1, b"\x45" + bytes(40), u32(INDEV, 2))  # laid out alike, a longer payload
+    buf = bytearray(2 * nfqueue.SLOT)
+    buf[:len(first)], buf[nfqueue.SLOT:nfqueue.SLOT + len(second)] = first, second
+    q = fresh()
+    assert q._parse(buf, 0, len(first)) == Delivery(3, 1, b"\x45" + bytes(7), 1, 2, 0, False, u32(INDEV, 2))
+    assert q._parse(buf, nfqueue.SLOT, len(second)) == Delivery(3, 2, b"\x45" + bytes(40), 1, 2, 0, False,
+                                                                  u32(INDEV, 2))
+
+
 def test_a_malformed_attribute_ends_the_walk() -> None:
     broken = packet_msg(3, 9, 1, None) + (2).to_bytes(2, "little") + MARK.to_bytes(2, "little") + nlattr(PAYLOAD, b"x")
     broken = len(broken).to_bytes(4, "little") + broken[4:]

@@ -17,6 +17,7 @@ from flowsteer.hostfile import host
 from flowsteer.hostfile.plan import Plan
 from flowsteer.hostfile.render import render
 from flowsteer.hostfile.spec import load
+from flowsteer.numbers import counted
 
 _MARKS = {"add": "+", "remove": "-", "change": "~"}
 _NOUNS = {"lookup": "binding", "reuseport": "group", "divert": "rule"}
@@ -31,7 +32,7 @@ def _render(p: Plan, dry_run: bool) -> str:
     lines = ["plan (dry run, nothing was changed):" if dry_run else ""]
     for name, hook in p.hooks.items():
         count = _size(p, name)
-        noun = f"{count} {_NOUNS[name]}{'' if count == 1 else 's'}"
+        noun = counted(count, _NOUNS[name])
         if hook.empty:
             lines.append(f"{name}: unchanged ({noun})")
             continue

@@ -14,6 +14,7 @@ from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, 
 from flowsteer.errors import InvalidInput
 from flowsteer.lookup.bindings import Binding, parse_port, parse_protocol
 from flowsteer.lookup.dispatcher import DestinationStatus, Dispatcher
+from flowsteer.numbers import counted
 
 
 @main.group()
@@ -95,7 +96,8 @@ def status(netns: str | None, bpffs: str | None, as_json: bool) -> None:
     def render(s: dict[str, Any]) -> str:
         head = (f"dispatcher: program {s['program_id']} (tag {s['program_tag']}) via link {s['link_id']}\n"
                 f"state: {s['state']}\n"
-                f"{s['bindings']} bindings, {s['labels']} labels, {s['sockets']} sockets\n")
+                f"{counted(s['bindings'], 'binding')}, {counted(s['labels'], 'label')}, "
+                f"{counted(s['sockets'], 'socket')}\n")
         active = [d for d in s["destinations"]
                   if d["cookie"] is not None or d["lookups"] or d["misses"] or d["errors"]]
         return head + (_render_destinations(active) if active else "no sockets registered, no traffic yet")

@@ -13,6 +13,7 @@ import click
 from flowsteer.cli import main
 from flowsteer.cli.common import bpffs_option, emit, json_option, netns_option, reports_errors
 from flowsteer.errors import FlowsteerError, NotLoaded
+from flowsteer.numbers import counted
 
 
 def _lookup(netns: str | None, bpffs: str | None) -> dict[str, Any]:
@@ -68,15 +69,16 @@ def _render(data: dict[str, Any]) -> str:
             continue  # on stderr
         if hook == "lookup":
             lines.append("lookup:    not loaded" if not s["loaded"] else
-                         f"lookup:    {s['bindings']} bindings, {s['labels']} labels, {s['sockets']} sockets; "
-                         f"{s['lookups']} lookups, {s['drops']} dropped")
+                         f"lookup:    {counted(s['bindings'], 'binding')}, {counted(s['labels'], 'label')}, "
+                         f"{counted(s['sockets'], 'socket')}; "
+                         f"{counted(s['lookups'], 'lookup')}, {s['drops']} dropped")
         elif hook == "reuseport":
-            lines.append(f"reuseport: {len(s['groups'])} groups")
+            lines.append(f"reuseport: {counted(len(s['groups']), 'group')}")
             lines += [f"  {g['group']} ({g['policy']}): " + ", ".join(f"{n} {state}" for state, n in g["members"].items())
                       + f"; {g['migrated']} migrated, {g['dropped']} dropped" for g in s["groups"]]
         else:
-            lines.append(f"divert:    {s['rules']} rules, {len(s['ports'])} ports")
-            lines += [f"  port {p['port']}: {p['members']} members" + (" (rules stale)" if p["stale"] else "")
+            lines.append(f"divert:    {counted(s['rules'], 'rule')}, {counted(len(s['ports']), 'port')}")
+            lines += [f"  port {p['port']}: {counted(p['members'], 'member')}" + (" (rules stale)" if p["stale"] else "")
                       for p in s["ports"]]
     return "\n".join(lines)
 

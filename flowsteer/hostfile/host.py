@@ -17,6 +17,7 @@ from flowsteer.errors import FlowsteerError, NotLoaded
 from flowsteer.hostfile.plan import Held, Plan, diff
 from flowsteer.hostfile.spec import GroupSpec, HostSpec
 from flowsteer.kernel.netns import entered, locked
+from flowsteer.numbers import counted
 from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.dispatcher import Dispatcher
 from flowsteer.reuseport.group import Group
@@ -119,7 +120,7 @@ def _steps(p: Plan, netns: str | None, bpffs_root: str | None, force: bool) -> l
         wanted = p.wanted.bindings or frozenset()
         if p.load_lookup:
             out.append(("lookup: load the dispatcher", 1, dispatcher.load))
-        out.append((f"lookup: write {len(wanted)} binding{'' if len(wanted) == 1 else 's'}", len(wanted) + 1, lambda: dispatcher.apply(wanted)))
+        out.append((f"lookup: write {counted(len(wanted), 'binding')}", len(wanted) + 1, lambda: dispatcher.apply(wanted)))
 
     def group(gid: GroupId) -> Group:
         return Group(gid, netns, bpffs_root)
@@ -137,7 +138,7 @@ def _steps(p: Plan, netns: str | None, bpffs_root: str | None, force: bool) -> l
     divert = p.hooks.get("divert")
     if divert is not None and not divert.empty:
         rules = p.wanted.rules or ()
-        out.append((f"divert: install {len(rules)} rule{'' if len(rules) == 1 else 's'}", 1, lambda: _install_rules(rules, netns)))
+        out.append((f"divert: install {counted(len(rules), 'rule')}", 1, lambda: _install_rules(rules, netns)))
     return out
 
 

@@ -261,6 +261,18 @@ def _divert(current: tuple[Any, ...], wanted: tuple[Any, ...]) -> HookPlan:
         return hook
     hook.extend([Change("add", None, text, _entry_text) for text in (Counter(new) - Counter(old)).elements()]
                 + [Change("remove", text, None, _entry_text) for text in (Counter(old) - Counter(new)).elements()])
-    if Counter(old) == Counter(new):
+    kept = Counter(old) & Counter(new)
+    if _in_order(old, kept) != _in_order(new, kept):
         hook.notes.append("reorder the rules (the first match wins)")
     return hook
+
+
+def _in_order(rules: list[str], kept: Counter[str]) -> list[str]:
+    """Returns the rules of ``kept`` (as many of each as it counts) in the order ``rules`` has them."""
+    left = kept.copy()
+    out = []
+    for text in rules:
+        if left[text] > 0:
+            left[text] -= 1
+            out.append(text)
+    return out

@@ -36,8 +36,8 @@ def test_status_summarises_every_hook(netns: NamedNetns, bpffs_root: str) -> Non
             member.socket.close()
     assert text.returncode == 0, text.stderr
     assert text.stdout.splitlines() == [
-        "lookup:    1 bindings, 1 labels, 0 sockets; 0 lookups, 0 dropped",
-        "reuseport: 1 groups",
+        "lookup:    1 binding, 1 label, 0 sockets; 0 lookups, 0 dropped",
+        "reuseport: 1 group",
         "  tcp:192.0.2.5:8300 (consistent): 1 absent, 1 drained, 1 live; 0 migrated, 0 dropped",
         "divert:    0 rules, 0 ports",
     ]

@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from flowsteer.errors import FlowsteerError, InvalidInput, KernelError, PermissionDenied, kernel_error
-from flowsteer.numbers import is_whole_number
+from flowsteer.numbers import counted, is_whole_number
 
 
 def test_an_error_without_errno_is_its_message() -> None:
@@ -63,3 +63,8 @@ def test_already_exists_and_not_found_carry_their_errno() -> None:
     missing = NotFound("no member 4")
     assert (str(missing), missing.message, missing.errno) == (
         "no member 4: ENOENT (No such file or directory)", "no member 4", errno.ENOENT)
+
+
+@pytest.mark.parametrize("count, text", [(0, "0 sockets"), (1, "1 socket"), (2, "2 sockets"), (11, "11 sockets")])
+def test_a_count_says_its_noun_in_the_plural_unless_it_is_one(count: int, text: str) -> None:
+    assert counted(count, "socket") == text

@@ -90,6 +90,18 @@ def test_divert_rules_keep_their_order() -> None:
     assert not p.empty
     fewer = diff(current, parse(f"[divert]\nrules = ['{r2}', '{r2}']", "toml"), {}).hooks["divert"]
     assert [(c.kind, c.text) for c in fewer.changes] == [("add", r2), ("remove", r1)]
+    assert fewer.notes == []  # the one r2 kept stays where it was among the kept rules
+
+
+def test_kept_divert_rules_that_change_order_are_noted_beside_adds_and_removes() -> None:
+    r1, r2, r3, r4 = (f"in proto udp to any port {p} divert-packet port 700" for p in (5000, 8443, 5001, 6000))
+    current = parse(f"[divert]\nrules = ['{r1}', '{r2}', '{r3}']", "toml")
+    hook = diff(current, parse(f"[divert]\nrules = ['{r3}', '{r2}', '{r1}', '{r4}']", "toml"), {}).hooks["divert"]
+    assert [(c.kind, c.text) for c in hook.changes] == [("add", r4)]
+    assert hook.notes == ["reorder the rules (the first match wins)"]
+    kept_order = diff(current, parse(f"[divert]\nrules = ['{r1}', '{r4}', '{r3}']", "toml"), {}).hooks["divert"]
+    assert [(c.kind, c.text) for c in kept_order.changes] == [("add", r4), ("remove", r2)]
+    assert kept_order.notes == []  # r1 before r3, as before
 
 
 def test_hooks_without_a_section_are_not_planned() -> None:

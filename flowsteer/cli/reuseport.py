@@ -69,9 +69,13 @@ def show(group_id: str, as_json: bool, netns: str | None, bpffs: str | None) -> 
 
 
 def _changed(group_id: str, netns: str | None, bpffs: str | None, as_json: bool,
-             change: Callable[[Group], None]) -> None:
+             change: Callable[[Group], None], done: str | None) -> None:
+    """Makes ``change`` to the group, then says ``done`` (in text; None: nothing changed) and shows the
+    group as it is now."""
     handle = Group(group_id, netns, bpffs)
     change(handle)
+    if done and not as_json:
+        click.echo(done)
     emit(handle.status(), as_json, _render_status)
     shares = [m.share for m in handle.members()]
     if shares and None not in shares and not any(shares):  # None: policy hash, the kernel picks
@@ -79,18 +83,21 @@ def _changed(group_id: str, netns: str | None, bpffs: str | None, as_json: bool,
                    "drained, absent or of weight 0): they are dropped", err=True)
 
 
-def _member_command(name: str, doc: str, change: Callable[[Group, int], None]) -> None:
+def _member_command(name: str, doc: str, change: Callable[[Group, int], None], done: str) -> None:
     @group.command(name, help=doc)
     @click.argument("group_id", metavar="GROUP")
     @click.argument("member")
     @json_option
     @_common
     def command(group_id: str, member: str, as_json: bool, netns: str | None, bpffs: str | None) -> None:
-        _changed(group_id, netns, bpffs, as_json, lambda g: change(g, parse_slot(member)))
+        slot = parse_slot(member)
+        _changed(group_id, netns, bpffs, as_json, lambda g: change(g, slot), done.format(slot=slot))
 
 
-_member_command("drain", "Stop new connections and flows to MEMBER; established ones stay.", Group.drain)
-_member_command("undrain", "Let MEMBER take new connections and flows again.", Group.undrain)
+_member_command("drain", "Stop new connections and flows to MEMBER; established ones stay.", Group.drain,
+                "member {slot} drained: no new connections or flows; its established ones stay")
+_member_command("undrain", "Let MEMBER take new connections and flows again.", Group.undrain,
+                "member {slot} takes new connections and flows again")
 
 
 def _parse_weights(pairs: tuple[str, ...]) -> dict[int, int]:
@@ -113,7 +120,8 @@ def _parse_weights(pairs: tuple[str, ...]) -> dict[int, int]:
 def weights(group_id: str, pairs: tuple[str, ...], as_json: bool, netns: str | None, bpffs: str | None) -> None:
     """Set members' weights (0..1000; used by policy weighted); without pairs, show them."""
     wanted = _parse_weights(pairs)
-    _changed(group_id, netns, bpffs, as_json, lambda g: g.set_weights(wanted) if wanted else None)
+    _changed(group_id, netns, bpffs, as_json, lambda g: g.set_weights(wanted) if wanted else None,
+             "weights set: " + " ".join(f"{slot}={weight}" for slot, weight in wanted.items()) if wanted else None)
 
 
 def _policy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -168,7 +176,7 @@ def policy(group_id: str, name: str, key_offset: int, key_len: int, as_json: boo
            bpffs: str | None) -> None:
     """Switch the group to policy NAME (atomically, with its table)."""
     chosen = Policy(name, key_offset, key_len)
-    _changed(group_id, netns, bpffs, as_json, lambda g: g.set_policy(chosen))
+    _changed(group_id, netns, bpffs, as_json, lambda g: g.set_policy(chosen), f"policy {chosen.describe()} in force")
 
 
 @group.command()

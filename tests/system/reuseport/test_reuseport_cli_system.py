@@ -32,9 +32,14 @@ def test_commands_read_and_change_the_group(make_group: MakeGroup) -> None:
     drained = run("drain", spec, "1", "--json")
     assert [m["state"] for m in drained["members"]] == ["live", "drained", "live"]
     assert drained["members"][1]["share"] == 0
-    run("undrain", spec, "1")
+    assert run("undrain", spec, "1").splitlines()[0] == "member 1 takes new connections and flows again"
+    assert run("drain", spec, "2").splitlines()[0] == \
+        "member 2 drained: no new connections or flows; its established ones stay"
+    run("undrain", spec, "2")
 
-    run("policy", spec, "weighted")
+    assert run("policy", spec, "weighted").splitlines()[0] == "policy weighted in force"
+    assert run("weights", spec, "1=2").splitlines()[0] == "weights set: 1=2"
+    assert run("weights", spec).startswith("group tcp:192.0.2.30:9200 ")  # no pairs: shown, no change said
     weights = run("weights", spec, "0=1", "1=0", "2=3", "--json")
     assert [m["weight"] for m in weights["members"]] == [1, 0, 3]
     assert [m["state"] for m in weights["members"]] == ["live", "idle", "live"]  # weight 0: no new flows

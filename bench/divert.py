@@ -67,10 +67,10 @@ CONSUMER_CPU = ["taskset", "-c", "1"]
 WORK_ROUNDS = 3000
 SEARCH_STEPS = 5
 LATENCY_GAP = 0.001
+"""Seconds between a latency packet's arrival and the next one's sending (a low rate: under 1,000/s)."""
 PAIRED_ROUNDS = 8
 """Rounds of the paired latency comparison: each measures the socket and NetfilterQueue one after the other
 (the order alternating), so that the machine's drift over minutes does not decide the difference."""
-"""Seconds between a latency packet's arrival and the next one's sending (a low rate: under 1,000/s)."""
 BATCHED_C = "C libnetfilter_queue, batched verdicts"
 SOCKET = "flowsteer socket"
 SERVE_IDENTITY = "flowsteer serve 1 (identity handler)"
@@ -441,9 +441,12 @@ def latency(snd: NamedNetns, rcv: NamedNetns, size: int, count: int) -> tuple[fl
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
 
 
-def paired_latency(snd: NamedNetns, rcv: NamedNetns, size: int, samples: int,
-                   first: Callable[[], subprocess.Popen[str]],
-                   second: Callable[[], subprocess.Popen[str]]) -> float:
+Starter = Callable[[], tuple[subprocess.Popen[str] | None, list[int]]]
+"""Starts a consumer; returns its process (None: no consumer) and the pids whose CPU time counts."""
+
+
+def paired_latency(snd: NamedNetns, rcv: NamedNetns, size: int, samples: int, first: Starter,
+                   second: Starter) -> float:
     """Returns the median over PAIRED_ROUNDS of ``first``'s p50 minus ``second``'s, in microseconds: each
     round starts one consumer, measures ``samples`` lone packets, stops it, then does the same with the
     other (which goes first alternates)."""
@@ -451,7 +454,8 @@ def paired_latency(snd: NamedNetns, rcv: NamedNetns, size: int, samples: int,
     for round_ in range(PAIRED_ROUNDS):
         p50 = {}
         for which in ((first, second) if round_ % 2 == 0 else (second, first)):
-            consumer = which()
+            consumer, _pids = which()
+            assert consumer is not None
             try:
                 p50[which] = latency(snd, rcv, size, samples)[0]
             finally:
@@ -477,19 +481,21 @@ def main() -> None:
         with rcv.entered():
             control.add(Rule.parse(f"in proto udp to {DST} divert-packet port {PORT}"))
             queue = queue_number(netfilter.read().blocks[PORT], 0, False)
-        def single(argv: list[str]) -> Callable[[], tuple[subprocess.Popen[str], list[int]]]:
+        def single(argv: list[str]) -> Starter:
             def start() -> tuple[subprocess.Popen[str], list[int]]:
                 proc = started([*CONSUMER_CPU, *argv], rcv)
                 return proc, [proc.pid]
             return start
 
-        consumers: list[tuple[str, Callable[[], tuple[subprocess.Popen[str] | None, list[int]]], float]] = [
+        netfilterqueue = single([sys.executable, "-c", NETFILTERQUEUE, str(queue)])
+        flowsteer_socket = single([sys.executable, "-c", FLOWSTEER_SOCKET, str(PORT)])
+        consumers: list[tuple[str, Starter, float]] = [
             ("no divert", lambda: (None, []), FLOOD),
             ("C libnetfilter_queue", single([tool, "nfq", str(queue)]), FLOOD),
             (BATCHED_C, single([tool, "nfq", str(queue), "batched"]), FLOOD),
-            ("python NetfilterQueue", single([sys.executable, "-c", NETFILTERQUEUE, str(queue)]), FLOOD),
+            ("python NetfilterQueue", netfilterqueue, FLOOD),
             ("python fnfqueue", single([sys.executable, "-c", FNFQUEUE, str(queue)]), FLOOD),
-            (SOCKET, single([sys.executable, "-c", FLOWSTEER_SOCKET, str(PORT)]), FLOOD),
+            (SOCKET, flowsteer_socket, FLOOD),
             (SERVE_IDENTITY, lambda: serve_started(rcv, 1, "identity", CONSUMER_CPU), FLOOD),
             ("flowsteer serve 1 (handler work)", lambda: serve_started(rcv, 1), PACED),
             ("flowsteer serve 2 (handler work)", lambda: serve_started(rcv, 2), PACED),
@@ -528,11 +534,7 @@ def main() -> None:
                       + (f"  sustained {best[1]:,.0f} pkt/s at {best[2]:.2%} loss" if best else ""),
                       file=sys.stderr, flush=True)
         results["paired_p50_us"] = {
-            size: round(paired_latency(snd, rcv, size, args.latency_samples // 4,
-                                       lambda: started([*CONSUMER_CPU, sys.executable, "-c", FLOWSTEER_SOCKET,
-                                                        str(PORT)], rcv),
-                                       lambda: started([*CONSUMER_CPU, sys.executable, "-c", NETFILTERQUEUE,
-                                                        str(queue)], rcv)), 1)
+            size: round(paired_latency(snd, rcv, size, args.latency_samples // 4, flowsteer_socket, netfilterqueue), 1)
             for size in (64, 1400)}
     results["load_end"] = os.getloadavg()
     results["ratios"] = ratios(results["rows"], results["paired_p50_us"])
@@ -557,10 +559,8 @@ def ratios(rows: list[dict[str, Any]], paired_p50_us: dict[int, float]) -> dict[
         out[f"socket/NetfilterQueue {size}B (target >= 2)"] = round(sock["pps"] / nfq["pps"], 2)
         out[f"socket/fnfqueue {size}B"] = round(sock["pps"] / by[("python fnfqueue", size)]["pps"], 2)
         out[f"socket/C per-packet {size}B"] = round(sock["pps"] / by[("C libnetfilter_queue", size)]["pps"], 2)
-        base = by[("no divert", size)]["p50_us"]
         out[f"added p50 socket - NetfilterQueue {size}B, us, paired rounds (target <= 0)"] = paired_p50_us[size]
-        out[f"added p50 socket - NetfilterQueue {size}B, us, the rows"] = round(
-            (sock["p50_us"] - base) - (nfq["p50_us"] - base), 1)
+        out[f"added p50 socket - NetfilterQueue {size}B, us, the rows"] = round(sock["p50_us"] - nfq["p50_us"], 1)
         out[f"serve cost beyond the handler {size}B, us CPU/pkt"] = round(
             by[(SERVE_IDENTITY, size)]["cpu_us"] - sock["cpu_us"], 2)
         two, one = by[("flowsteer serve 2 (handler work)", size)], by[("flowsteer serve 1 (handler work)", size)]

@@ -17,9 +17,9 @@ from flowsteer.errors import FlowsteerError, NotLoaded
 from flowsteer.hostfile.plan import Held, Plan, diff
 from flowsteer.hostfile.spec import GroupSpec, HostSpec
 from flowsteer.kernel.netns import entered, locked
-from flowsteer.numbers import counted
 from flowsteer.lookup.bindings import Binding
 from flowsteer.lookup.dispatcher import Dispatcher
+from flowsteer.numbers import counted
 from flowsteer.reuseport.group import Group
 from flowsteer.reuseport.spec import GroupId
 

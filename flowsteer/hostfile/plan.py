@@ -259,9 +259,10 @@ def _divert(current: tuple[Any, ...], wanted: tuple[Any, ...]) -> HookPlan:
     old, new = [str(r) for r in current], [str(r) for r in wanted]
     if old == new:
         return hook
-    hook.extend([Change("add", None, text, _entry_text) for text in (Counter(new) - Counter(old)).elements()]
-                + [Change("remove", text, None, _entry_text) for text in (Counter(old) - Counter(new)).elements()])
-    kept = Counter(old) & Counter(new)
+    old_count, new_count = Counter(old), Counter(new)
+    hook.extend([Change("add", None, text, _entry_text) for text in (new_count - old_count).elements()]
+                + [Change("remove", text, None, _entry_text) for text in (old_count - new_count).elements()])
+    kept = old_count & new_count
     if _in_order(old, kept) != _in_order(new, kept):
         hook.notes.append("reorder the rules (the first match wins)")
     return hook

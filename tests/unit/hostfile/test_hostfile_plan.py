@@ -102,6 +102,9 @@ def test_kept_divert_rules_that_change_order_are_noted_beside_adds_and_removes()
     kept_order = diff(current, parse(f"[divert]\nrules = ['{r1}', '{r4}', '{r3}']", "toml"), {}).hooks["divert"]
     assert [(c.kind, c.text) for c in kept_order.changes] == [("add", r4), ("remove", r2)]
     assert kept_order.notes == []  # r1 before r3, as before
+    twice = diff(parse(f"[divert]\nrules = ['{r1}', '{r1}', '{r2}']", "toml"),
+                 parse(f"[divert]\nrules = ['{r1}', '{r2}', '{r1}']", "toml"), {}).hooks["divert"]
+    assert twice.changes == [] and twice.notes == ["reorder the rules (the first match wins)"]  # copies count
 
 
 def test_hooks_without_a_section_are_not_planned() -> None:

@@ -12,7 +12,7 @@ all: setup
 
 setup: $(VENV)/.installed bpf
 
-$(VENV)/.installed: pyproject.toml setup.py scripts/bootstrap.sh scripts/apt-install.sh
+$(VENV)/.installed: pyproject.toml setup.py scripts/bootstrap.sh scripts/apt-install.sh flowsteer/divert/_nfqueue.c
 	VENV=$(VENV) scripts/bootstrap.sh
 	touch $@
 

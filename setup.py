@@ -3,18 +3,18 @@
 - ``build_py`` also compiles ``flowsteer/bpf/*.bpf.c`` with clang (scripts/build_bpf.py): into the
   build tree for a wheel, in place for an editable install. So a wheel carries the BPF objects and
   installs on machines without clang; the sdist carries only the sources.
-- ``bdist_wheel`` tags the wheel ``py3-none-linux_<machine>``: the Python code is version-neutral, the
-  BPF objects are compiled for the build machine's byte order.
+- ``build_ext`` compiles ``flowsteer/divert/_nfqueue.c``, the divert socket's per-packet receive and
+  accept, against CPython's stable ABI (3.11 and later).
+- the wheel is tagged ``cp311-abi3-linux_<machine>``: any CPython from 3.11 on, this machine's platform
+  (the extension is machine code, the BPF objects are compiled for the build machine's byte order).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import sysconfig
 
-from setuptools import setup
-from setuptools.command.bdist_wheel import bdist_wheel
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 from setuptools.errors import ExecError
 
@@ -48,12 +48,8 @@ class BuildPyWithBpf(build_py):
         return outputs if self.editable_mode else [*outputs, *(obj for _, obj, _ in self._objects())]
 
 
-class PlatformWheel(bdist_wheel):
-    """A wheel for any Python 3 on this machine's platform (the BPF objects are not portable)."""
+NFQUEUE_EXTENSION = Extension("flowsteer.divert._nfqueue", ["flowsteer/divert/_nfqueue.c"], py_limited_api=True,
+                              extra_compile_args=["-O2", "-Wall", "-Werror"])
 
-    def get_tag(self) -> tuple[str, str, str]:
-        python, abi, _ = super().get_tag()
-        return python, abi, sysconfig.get_platform().replace("-", "_").replace(".", "_")
-
-
-setup(cmdclass={"build_py": BuildPyWithBpf, "bdist_wheel": PlatformWheel})
+setup(cmdclass={"build_py": BuildPyWithBpf}, ext_modules=[NFQUEUE_EXTENSION],
+      options={"bdist_wheel": {"py_limited_api": "cp311"}})

@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import socket
 import struct
 from dataclasses import dataclass
 
+from flowsteer.divert import _nfqueue
 from flowsteer.errors import kernel_error
 from flowsteer.kernel.libc import libc
 
@@ -51,8 +51,6 @@ DIRECT_WAITS = 8
 """How many waits go straight to a blocking read after a batch read found the queue empty."""
 _BUFSIZE = SLOT
 _NLHDR = struct.Struct("=IHHII")
-_NLHEAD = struct.Struct("=IH")
-_PKTHEAD = struct.Struct("!H4xIxxB")
 _VERDICT = struct.Struct("=IHHIIBBHHHII")
 _VERDICT_SIZE = _VERDICT.size
 _ATTR = struct.Struct("=HH")
@@ -122,7 +120,6 @@ class NfQueue:
         self._backlog: list[Delivery] = []
         self._buf = bytearray(_BUFSIZE)
         self._ring: _Ring | None = None
-        self._shape: _Shape | None = None
         self._rcvtimeo = 0
         self._direct_waits = 0
 
@@ -201,18 +198,20 @@ class NfQueue:
         is a packet."""
         self._set_rcvtimeo(wait)
         try:
-            n = self.sock.recv_into(self._buf, _BUFSIZE)
+            delivery = self._delivery(_nfqueue.receive(self.sock.fileno(), self._buf))
         except (BlockingIOError, InterruptedError):  # the wait ended (SO_RCVTIMEO) or a signal came
             return
         except OSError as exc:
             raise kernel_error("receiving diverted packets", exc.errno or errno.EIO) from None
-        delivery = self._parse(self._buf, 0, n)
         if delivery is not None:
             out.append(delivery)
 
     def accept(self, queue: int, packet_id: int) -> None:
         """Accepts one packet. Raises KernelError when the kernel refuses the send."""
-        self._send(_accept_head(queue) + _U32.pack(packet_id))
+        try:
+            _nfqueue.accept(self.sock.fileno(), queue, packet_id)
+        except OSError as exc:
+            raise kernel_error("sending verdicts", exc.errno or errno.EIO) from None
 
     def _set_rcvtimeo(self, wait: float | None) -> None:
         """Makes a blocking receive give up after ``wait`` seconds (None: never)."""
@@ -284,91 +283,18 @@ class NfQueue:
 
     def _parse(self, buf: bytearray | memoryview, base: int, n: int) -> Delivery | None:
         """Returns the packet of the message at ``base`` (``n`` bytes received), None for any other message
-        (counting the refused verdicts among them).
+        (counting the refused verdicts among them). A packet message without a whole payload is a
+        truncated delivery with none."""
+        return self._delivery(_nfqueue.parse(buf, base, n))
 
-        A message laid out like the one before (nearly all are) is read with the cached :class:`_Shape`:
-        one ``unpack`` checks the layout, one reads the numbers. Any other message is walked attribute by
-        attribute and its shape cached. A packet message without a whole payload is a truncated
-        delivery with none.
-        """
-        shape = self._shape
-        size = 0
-        if shape is not None and shape.size <= n:
-            heads = shape.heads.unpack_from(buf, base)
-            end = n if n < heads[0] else heads[0]
-            size = heads[-2]
-            if not (heads[1:-2] == shape.expected and heads[-1] == NFQA_PAYLOAD and shape.size <= end
-                    and shape.payload_at + size <= end):
-                shape = None
-        else:
-            shape = None
-        if shape is None:
-            length, mtype = _NLHEAD.unpack_from(buf, base)
-            if mtype != MSG_PACKET:
-                if mtype == NLMSG_ERROR and _ERR.unpack_from(buf, base + 16)[0]:
-                    self.verdict_errors += 1
-                return None
-            end = min(length, n)
-            shape = _Shape.learn(buf, base, end)
-            if shape is not None:
-                size = _ATTR.unpack_from(buf, base + shape.payload_at)[0]
-            if shape is None or shape.payload_at + size > end:
-                queue, packet_id, hook = _PKTHEAD.unpack_from(buf, base + 18)
-                return Delivery(queue, packet_id, b"", hook, 0, 0, True)
-            self._shape = shape
-        v = shape.values.unpack_from(buf, base) + (0,)  # an attribute the layout lacks reads as that 0
-        at = base + shape.payload_at
-        payload = bytes(buf[at + 4:at + size])
-        return Delivery(v[0], v[1], payload, v[2], v[shape.indev], v[shape.outdev], v[shape.cap_len] > len(payload),
-                        bytes(buf[base + 32:at]))
-
-
-class _Shape:
-    """The attribute layout of one packet message, so that the next one laid out alike (nearly all are)
-    is parsed with two ``unpack`` calls.
-
-    ``heads`` (native order, ``size`` bytes) reads the message's length and type and every attribute
-    header up to the payload's; a message has this layout when they equal ``expected`` (the payload's
-    length aside) and the last is the payload's. ``values`` (network order) reads the queue, packet id
-    and hook, then the interface and capture-length attributes the layout has; ``indev``, ``outdev`` and
-    ``cap_len`` are their indexes in what it returns, or the index just past it for one it lacks.
-    """
-
-    def __init__(self, attrs: list[tuple[int, int, int]]) -> None:
-        heads, values, expected = ["=IH26x"], ["!18xH4xI2xB"], [MSG_PACKET]
-        pos, value_pos, index = 32, 31, {}
-        for off, atype, alen in attrs:
-            heads.append(f"{off - pos}xHH")
-            pos = off + 4
-            expected += [alen, atype]
-            if atype in (NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_CAP_LEN):  # repeated: the last counts
-                values.append(f"{off + 4 - value_pos}xI")
-                value_pos = off + 8
-                index[atype] = len(values) + 1  # the first format reads three numbers
-        self.heads = struct.Struct("".join(heads))
-        self.size = self.heads.size
-        self.expected = tuple(expected[:-2])
-        self.payload_at = attrs[-1][0]
-        self.values = struct.Struct("".join(values))
-        lacking = len(values) + 2
-        self.indev = index.get(NFQA_IFINDEX_INDEV, lacking)
-        self.outdev = index.get(NFQA_IFINDEX_OUTDEV, lacking)
-        self.cap_len = index.get(NFQA_CAP_LEN, lacking)
-
-    @classmethod
-    def learn(cls, buf: bytearray | memoryview, base: int, end: int) -> _Shape | None:
-        """Returns the shape of the message at ``base`` (``end`` bytes), None when it has no payload."""
-        attrs: list[tuple[int, int, int]] = []
-        off = 32  # NFQA_PACKET_HDR always comes first
-        while off + 4 <= end:
-            alen, atype = _ATTR.unpack_from(buf, base + off)
-            attrs.append((off, atype, alen))
-            if atype == NFQA_PAYLOAD or alen < 4:  # the payload is always the last attribute
-                break
-            off += (alen + 3) & ~3
-        if not attrs or attrs[-1][1] != NFQA_PAYLOAD:
-            return None
-        return cls(attrs)
+    def _delivery(self, parsed: tuple[int, int, bytes, int, int, int, bool, bytes] | int | None) -> Delivery | None:
+        """Returns the Delivery of what :mod:`flowsteer.divert._nfqueue` parsed, None for another message
+        (an int is a refused verdict's error: counted)."""
+        if type(parsed) is tuple:
+            return Delivery(*parsed)
+        if parsed is not None:
+            self.verdict_errors += 1
+        return None
 
 
 class _Ring:
@@ -407,12 +333,6 @@ _recvmmsg.restype = ctypes.c_int
 def _attr(atype: int, data: bytes) -> bytes:
     alen = 4 + len(data)
     return _ATTR.pack(alen, atype) + data + b"\0" * (-alen & 3)
-
-
-@functools.cache
-def _accept_head(queue: int) -> bytes:
-    """Returns a plain accept of a packet of ``queue`` but for its last four bytes, the packet id."""
-    return _verdict_msg(MSG_VERDICT, queue, NF_ACCEPT, 0, _VERDICT_SIZE)[:-4]
 
 
 def _verdict_msg(mtype: int, queue: int, verdict: int, packet_id: int, total: int) -> bytes:

@@ -79,15 +79,17 @@ def test_sdist_carries_sources_and_wheel_carries_objects(dist: Path) -> None:
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     assert {"setup.py", "scripts/build_bpf.py", "flowsteer/bpf/lookup.bpf.c",
-            "flowsteer/bpf/reuseport.bpf.c", "packaging/systemd/flowsteer.service"} <= names
-    assert not [name for name in names if name.endswith(".bpf.o")]
+            "flowsteer/bpf/reuseport.bpf.c", "flowsteer/divert/_nfqueue.c",
+            "packaging/systemd/flowsteer.service"} <= names
+    assert not [name for name in names if name.endswith((".bpf.o", ".so"))]
 
-    (wheel,) = dist.glob("flowsteer-*-py3-none-linux_*.whl")
+    (wheel,) = dist.glob("flowsteer-*-cp311-abi3-linux_*.whl")  # any CPython from 3.11: the stable ABI
     with zipfile.ZipFile(wheel) as whl:
         names = set(whl.namelist())
         for obj in OBJECTS:
             header = whl.read(f"flowsteer/bpf/{obj}")[:20]
             assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == EM_BPF, obj
+        assert whl.read("flowsteer/divert/_nfqueue.abi3.so")[:4] == b"\x7fELF"
     assert "flowsteer/py.typed" in names
     assert f"flowsteer-{flowsteer.__version__}.data/data/share/flowsteer/systemd/flowsteer.service" in names
 
@@ -101,6 +103,8 @@ def test_installed_wheel_steers_a_connection_without_a_compiler(dist: Path, netn
     versions = json.loads(run(["flowsteer", "version", "--json"], env=env, cwd=tmp_path))
     assert versions["flowsteer"] == flowsteer.__version__ and versions["kernel"] == os.uname().release
     assert versions["libbpf"]
+    code = "import flowsteer.divert._nfqueue as m; print(m.__file__)"  # the divert socket's compiled part
+    assert Path(run(["python", "-c", code], env=env, cwd=tmp_path).strip()).is_relative_to(tmp_path / "venv")
 
     run(["flowsteer", "load"], env=env, cwd=tmp_path)
     run(["flowsteer", "bind", "web", "tcp", "192.0.2.0/24", "80"], env=env, cwd=tmp_path)

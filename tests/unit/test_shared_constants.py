@@ -230,15 +230,6 @@ def test_nfqueue_wire_constants_are_the_kernels() -> None:
         "sizeof(struct nfqnl_msg_config_cmd)": 4,
         "sizeof(struct nfqnl_msg_config_params)": 5,
     }
-    # _PKTHEAD is read at 18: the nfgenmsg's res_id (the queue), then the first attribute, the packet header
-    facts |= {
-        "sizeof(struct nlmsghdr) + __builtin_offsetof(struct nfgenmsg, res_id)": 18,
-        "sizeof(struct nlmsghdr) + sizeof(struct nfgenmsg) + NLA_HDRLEN "
-        "+ __builtin_offsetof(struct nfqnl_msg_packet_hdr, packet_id)": 18 + struct.calcsize("!H4x"),
-        "sizeof(struct nlmsghdr) + sizeof(struct nfgenmsg) + NLA_HDRLEN "
-        "+ __builtin_offsetof(struct nfqnl_msg_packet_hdr, hook)": 18 + struct.calcsize("!H4xIxx"),
-        "NFQA_PACKET_HDR": 1,
-    }
     _check_with_clang(UAPI_HEADERS, facts, [])
 
 

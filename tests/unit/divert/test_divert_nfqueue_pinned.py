@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import struct
 
@@ -51,7 +52,7 @@ def ack(seq: int, error: int = 0) -> bytes:
 
 def fresh() -> NfQueue:
     q = NfQueue.__new__(NfQueue)
-    q.verdict_errors, q._shape, q._seq, q._backlog, q._ring, q._rcvtimeo = 0, None, 0, [], None, 0
+    q.verdict_errors, q._seq, q._backlog, q._ring, q._rcvtimeo = 0, 0, [], None, 0
     q._direct_waits = 0
     q._buf = bytearray(nfqueue.SLOT)
     return q
@@ -431,10 +432,26 @@ def test_a_request_waits_for_its_answer_without_timeout() -> None:
     assert len(sock.options) == 1  # already without timeout
 
 
-def test_accept_sends_one_plain_verdict() -> None:
-    sock = FakeSocket()
-    with_socket(sock).accept(65535, 0xFFFFFFFF)
-    assert sock.sent == [verdict_bytes(MSG_VERDICT, 65535, 1, 0xFFFFFFFF)]
+def test_accept_sends_one_plain_verdict(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    q.accept(65535, 0xFFFFFFFF)
+    q.accept(0, 0)
+    assert [peer.recv(100), peer.recv(100)] == [verdict_bytes(MSG_VERDICT, 65535, 1, 0xFFFFFFFF),
+                                               verdict_bytes(MSG_VERDICT, 0, 1, 0)]
+
+
+@pytest.mark.parametrize("queue, packet_id", [(-1, 0), (1 << 32, 0), (0, -1), (0, 1 << 64)])
+def test_accept_refuses_numbers_out_of_range(pair: tuple[NfQueue, socket.socket], queue: int, packet_id: int) -> None:
+    with pytest.raises(OverflowError):
+        pair[0].accept(queue, packet_id)
+
+
+def test_a_refused_accept_names_it(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    peer.close()  # the peer is gone: ECONNREFUSED
+    with pytest.raises(KernelError) as exc:
+        q.accept(1, 1)
+    assert (exc.value.message, exc.value.errno) == ("sending verdicts", errno.ECONNREFUSED)
 
 
 def test_a_failing_receive_names_it(pair: tuple[NfQueue, socket.socket]) -> None:
@@ -578,22 +595,6 @@ def test_the_attribute_walk_reads_nothing_past_the_message() -> None:
     assert fresh()._parse(buf, 0, len(msg)) == Delivery(3, 9, b"", 1, 0, 0, True)
 
 
-def test_a_message_laid_out_like_the_one_before_is_parsed_from_the_cached_shape(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    walks: list[int] = []
-    learn = nfqueue._Shape.learn
-
-    def counting(buf: bytearray | memoryview, base: int, end: int) -> object:
-        walks.append(end)
-        return learn(buf, base, end)
-
-    monkeypatch.setattr(nfqueue._Shape, "learn", staticmethod(counting))
-    q = fresh()
-    got = [parse(q, packet_msg(4, i, 0, b"\x45" + bytes(i), u32(INDEV, 1))) for i in range(5)]
-    assert [d.payload if d else None for d in got] == [b"\x45" + bytes(i) for i in range(5)]
-    assert len(walks) == 1
-
-
 def test_batch_accepts_count_toward_the_mebibyte_of_a_send() -> None:
     sock = FakeSocket()
     # 2 batch accepts and 32766 verdicts are exactly 1 MiB; the next verdict makes it more
@@ -611,34 +612,45 @@ def test_each_later_send_holds_a_whole_mebibyte_too() -> None:
 # --- the waits of the rewritten receive (survivors of its mutation run, docs/testing.md) -------------
 
 
-class RecvFails:
-    """A socket whose batch reads find nothing (a real idle socket) and whose blocking read fails."""
-
-    def __init__(self, sock: socket.socket, error: OSError) -> None:
-        self.sock, self.error = sock, error
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def setsockopt(self, level: int, opt: int, value: bytes) -> None:
-        pass
-
-    def recv_into(self, buf: bytearray, size: int) -> int:
-        raise self.error
-
-
 @pytest.mark.parametrize("err, cls, code", [(OSError(errno.ENOTCONN, "x"), KernelError, errno.ENOTCONN),
                                             (OSError("no errno"), KernelError, errno.EIO),
                                             (PermissionError(errno.EACCES, "no"), PermissionDenied, errno.EACCES)])
-def test_a_failing_wait_names_it(pair: tuple[NfQueue, socket.socket], err: OSError, cls: type, code: int) -> None:
-    q, _peer = pair
-    real = q.sock
-    q.sock = RecvFails(real, err)  # type: ignore[assignment]
+def test_a_failing_wait_names_it(pair: tuple[NfQueue, socket.socket], monkeypatch: pytest.MonkeyPatch,
+                                 err: OSError, cls: type, code: int) -> None:
+    def failing(fd: int, buf: bytearray) -> None:
+        raise err
+    monkeypatch.setattr(nfqueue._nfqueue, "receive", failing)
     with pytest.raises(KernelError) as exc:
-        q.receive(1, wait=1.0)
+        pair[0].receive(1, wait=1.0)  # the batch read finds nothing, the wait fails
     assert type(exc.value) is cls
     assert (exc.value.message, exc.value.errno) == ("receiving diverted packets", code)
-    q.sock = real
+
+
+def test_a_wait_ended_by_a_signal_returns_nothing(pair: tuple[NfQueue, socket.socket]) -> None:
+    q = pair[0]
+    previous = signal.signal(signal.SIGALRM, lambda *_: None)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        assert q.receive(1, wait=5.0) == []  # the handler did not raise: the receive returns empty
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_signal_handler_that_raises_ends_the_wait_with_its_exception(pair: tuple[NfQueue, socket.socket]) -> None:
+    class Stop(Exception):
+        pass
+
+    def stop(*_: object) -> None:
+        raise Stop
+    previous = signal.signal(signal.SIGALRM, stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Stop):
+            pair[0].receive(1, wait=5.0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_a_new_socket_looks_for_a_batch_before_its_first_wait(pair: tuple[NfQueue, socket.socket]) -> None:

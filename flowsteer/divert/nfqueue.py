@@ -3,7 +3,9 @@
 One :class:`NfQueue` is one netlink socket; it may bind many queue numbers (the kernel allows each queue
 number to be bound by one socket only). Packets are read in batches without blocking; verdicts are
 encoded into one buffer and sent with one ``send`` (a run of plain accepts ending at the newest held
-packet becomes a single ``NFQNL_MSG_VERDICT_BATCH``).
+packet becomes a single ``NFQNL_MSG_VERDICT_BATCH``). What runs for every packet (the parse of a queue
+message, the blocking receive, a lone accept) is compiled, in :mod:`flowsteer.divert._nfqueue`
+(``_nfqueue.c``): a lone packet finds the process's caches cold, where Python costs far more.
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ class NfQueue:
         truncated delivery with none."""
         return self._delivery(_nfqueue.parse(buf, base, n))
 
-    def _delivery(self, parsed: tuple[int, int, bytes, int, int, int, bool, bytes] | int | None) -> Delivery | None:
+    def _delivery(self, parsed: _nfqueue.Parsed) -> Delivery | None:
         """Returns the Delivery of what :mod:`flowsteer.divert._nfqueue` parsed, None for another message
         (an int is a refused verdict's error: counted)."""
         if type(parsed) is tuple:

@@ -504,13 +504,14 @@ class DivertSocket:
         nfq = self._bound()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self._expire()
+            if self._held:  # (tested first: a lone packet at a low rate finds nothing held, and skips two calls)
+                self._expire()
             if self._verdicts or self._accepts or timeout == 0:
                 fetched = nfq.receive(self.batch)
                 if fetched:
                     break
                 self.flush()  # answer everything before waiting
-            wait = self._until_expiry()
+            wait = self._until_expiry() if self._held else None
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:

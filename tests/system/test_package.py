@@ -90,7 +90,7 @@ def test_sdist_carries_sources_and_wheel_carries_objects(dist: Path) -> None:
             header = whl.read(f"flowsteer/bpf/{obj}")[:20]
             assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == EM_BPF, obj
         assert whl.read("flowsteer/divert/_nfqueue.abi3.so")[:4] == b"\x7fELF"
-    assert "flowsteer/py.typed" in names
+    assert {"flowsteer/py.typed", "flowsteer/divert/_nfqueue.pyi"} <= names
     assert f"flowsteer-{flowsteer.__version__}.data/data/share/flowsteer/systemd/flowsteer.service" in names
 
 

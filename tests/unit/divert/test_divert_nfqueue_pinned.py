@@ -135,6 +135,21 @@ def test_a_malformed_attribute_ends_the_walk() -> None:
     assert parse(fresh(), broken) == Delivery(3, 9, b"", 1, 0, 0, True)
 
 
+@pytest.mark.parametrize("base, received", [(-1, 40), (0, -1), (nfqueue.SLOT - 31, 0), (0, nfqueue.SLOT + 1),
+                                             (nfqueue.SLOT - 40, 41)])
+def test_a_message_that_does_not_fit_the_buffer_is_refused(base: int, received: int) -> None:
+    with pytest.raises(ValueError, match="the message does not fit the buffer"):
+        nfqueue._nfqueue.parse(bytearray(nfqueue.SLOT), base, received)
+
+
+def test_a_receive_into_a_buffer_too_small_for_a_header_is_refused(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    peer.send(packet_msg(4, 1, 0, b"\x45"))
+    with pytest.raises(ValueError, match="cannot hold a message header"):
+        nfqueue._nfqueue.receive(q.fileno(), bytearray(31))
+    assert nfqueue._nfqueue.receive(q.fileno(), bytearray(64)) == (4, 1, b"\x45", 0, 0, 0, False, b"")
+
+
 def test_other_messages_are_not_packets_and_errors_are_counted() -> None:
     q = fresh()
     assert parse(q, ack(5)) is None and q.verdict_errors == 0

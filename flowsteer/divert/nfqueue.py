@@ -159,7 +159,10 @@ class NfQueue:
         look: at a low rate each packet then costs one system call and no batching, and when load comes
         back the look after them returns to batches. Raises KernelError when the socket fails.
         """
-        out, self._backlog = self._backlog[:limit], self._backlog[limit:]
+        if self._backlog:
+            out, self._backlog = self._backlog[:limit], self._backlog[limit:]
+        else:
+            out = []  # (nearly always: a backlog forms only while a request waits for its answer)
         if wait != 0 and not out and self._direct_waits:
             self._direct_waits -= 1
         elif len(out) < limit:

@@ -501,7 +501,7 @@ class DivertSocket:
 
     def _fill(self, timeout: float | None) -> None:
         """Fetches a batch of packets into the ready list, waiting as ``timeout`` allows."""
-        nfq = self._bound()
+        nfq = self._nfq or self._bound()  # (a closed socket has none either: _bound raises)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._held:  # (tested first: a lone packet at a low rate finds nothing held, and skips two calls)

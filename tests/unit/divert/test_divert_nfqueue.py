@@ -19,7 +19,7 @@ def attr(atype: int, data: bytes) -> bytes:
 def message(packet_id: int, payload: bytes, extra: list[bytes], queue: int = 32, hook: int = 0) -> bytes:
     body = struct.pack("!BBH", 2, 0, queue) + attr(1, struct.pack("!IHB", packet_id, 0x800, hook))
     body += b"".join(extra) + attr(10, payload)
-    return struct.pack("=IHHII", 16 + len(body), nfqueue.MSG_PACKET, 0, 0, 0) + body
+    return struct.pack("=IHHII", 16 + len(body), 3 << 8, 0, 0, 0) + body  # type NFQNL_MSG_PACKET
 
 
 def parser() -> NfQueue:

@@ -118,10 +118,14 @@ def test_installed_wheel_steers_a_connection_without_a_compiler(dist: Path, netn
 
 def test_pip_install_of_a_clone_installs_the_objects(clone: Path, netns: object, bpffs_root: str,
                                                      tmp_path: Path) -> None:
+    cache = clone / "examples" / "__pycache__"  # an example was run in the clone: its bytecode is no example
+    cache.mkdir(exist_ok=True)
+    (cache / "reuseport_asyncio.cpython-311.pyc").write_bytes(b"")
     env = fresh_venv(tmp_path / "venv", str(clone))
     objects = installed_objects(env, tmp_path)
     assert objects.is_relative_to(tmp_path / "venv")
     assert all((objects / obj).is_file() for obj in OBJECTS)
+    assert (tmp_path / "venv" / "share" / "flowsteer" / "examples" / "host.toml").is_file()
     run(["flowsteer", "load"], env=env, cwd=tmp_path)
     run(["flowsteer", "unload"], env=env, cwd=tmp_path)
 

@@ -63,8 +63,8 @@ static PyObject *parse_message(const uint8_t *p, size_t received) {
                                  hook, indev, outdev, cap_len > size ? Py_True : Py_False,
                                  (const char *)p + ATTRS_AT, (Py_ssize_t)(off - ATTRS_AT));
         }
-        if (alen < 4)
-            break;
+        if (alen < 4 || off + 8 > end)
+            break; /* no whole header, or no room for a value: nothing can follow, not even the payload */
         if (atype == NFQA_IFINDEX_INDEV)
             indev = big32(p + off + 4);
         else if (atype == NFQA_IFINDEX_OUTDEV)
@@ -91,7 +91,7 @@ static PyObject *parse(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*nn", &buffer, &base, &received))
         return NULL;
     PyObject *result = NULL;
-    if (base < 0 || received < 0 || base + (Py_ssize_t)ATTRS_AT > buffer.len || base + received > buffer.len)
+    if (base < 0 || received < 0 || base > buffer.len - (Py_ssize_t)ATTRS_AT || received > buffer.len - base)
         PyErr_SetString(PyExc_ValueError, "the message does not fit the buffer");
     else
         result = parse_message((const uint8_t *)buffer.buf + base, (size_t)received);

@@ -13,6 +13,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -136,10 +138,40 @@ def test_a_malformed_attribute_ends_the_walk() -> None:
 
 
 @pytest.mark.parametrize("base, received", [(-1, 40), (0, -1), (nfqueue.SLOT - 31, 0), (0, nfqueue.SLOT + 1),
-                                             (nfqueue.SLOT - 40, 41)])
+                                             (nfqueue.SLOT - 40, 41), (2**63 - 1, 1), (2**63 - 8, 100),
+                                             (0, 2**63 - 1)])
 def test_a_message_that_does_not_fit_the_buffer_is_refused(base: int, received: int) -> None:
     with pytest.raises(ValueError, match="the message does not fit the buffer"):
         nfqueue._nfqueue.parse(bytearray(nfqueue.SLOT), base, received)
+
+
+GUARDED_PARSE = """
+import ctypes, mmap, sys
+from flowsteer.divert import _nfqueue
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+page = mmap.PAGESIZE
+addr = libc.mmap(None, 2 * page, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+assert libc.mprotect(ctypes.c_void_p(addr + page), page, 0) == 0  # PROT_NONE: a read past the buffer faults
+msg = bytes.fromhex(sys.argv[1])
+start = addr + page - len(msg)
+ctypes.memmove(start, msg, len(msg))
+print(_nfqueue.parse(memoryview((ctypes.c_char * len(msg)).from_address(start)).cast("B"), 0, len(msg)))
+"""
+
+
+@pytest.mark.parametrize("cut", [
+    (8).to_bytes(2, "little") + INDEV.to_bytes(2, "little"),  # a whole header, its value missing
+    (5).to_bytes(2, "little") + CAP_LEN.to_bytes(2, "little"),  # a header that says one byte of value
+    u32(OUTDEV, 3)[:6],  # half a value
+])
+def test_a_message_ending_inside_an_attribute_is_read_no_further_than_its_end(cut: bytes) -> None:
+    msg = packet_msg(3, 9, 1, None) + cut  # the buffer ends where the message does; a page nobody may read follows
+    msg = (len(msg) + 4).to_bytes(4, "little") + msg[4:]  # its header claims more than came
+    proc = subprocess.run([sys.executable, "-c", GUARDED_PARSE, msg.hex()], capture_output=True, text=True,
+                          timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "(3, 9, b'', 1, 0, 0, True, b'')\n"), proc.stderr
 
 
 def test_a_receive_into_a_buffer_too_small_for_a_header_is_refused(pair: tuple[NfQueue, socket.socket]) -> None:

@@ -501,17 +501,16 @@ class DivertSocket:
 
     def _fill(self, timeout: float | None) -> None:
         """Fetches a batch of packets into the ready list, waiting as ``timeout`` allows."""
-        nfq = self._nfq or self._bound()  # (a closed socket has none either: _bound raises)
+        nfq = self._bound()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._held:  # (tested first: a lone packet at a low rate finds nothing held, and skips two calls)
-                self._expire()
+            self._expire()
             if self._verdicts or self._accepts or timeout == 0:
                 fetched = nfq.receive(self.batch)
                 if fetched:
                     break
                 self.flush()  # answer everything before waiting
-            wait = self._until_expiry() if self._held else None
+            wait = self._until_expiry()
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -557,6 +556,8 @@ class DivertSocket:
         return held
 
     def _expire(self) -> None:
+        if not self._held:  # a lone packet at a low rate finds nothing held: no clock to read
+            return
         now = time.monotonic()
         while self._held:
             tag, delivery = next(iter(self._held.items()))

@@ -1,9 +1,17 @@
-/* The per-packet work of flowsteer.divert.nfqueue, compiled: read one queue message, parse it, accept a packet.
+/* The per-packet work of flowsteer.divert, compiled: read a queue message, parse it, hand a lone packet
+ * over and accept it.
  *
  * A lone packet at a low rate reaches an idle process whose caches went cold while it waited; every
- * line of Python it runs then costs cache misses, which made the pure-Python receive path 10-20 us
- * slower per packet than NetfilterQueue's compiled one (docs/benchmarks.md). These three functions are
- * what runs for every packet; everything else (binding, batches, verdict lists) stays in Python.
+ * line of Python it runs then costs cache misses (measured: 2-4 us for a bare loop of two Python
+ * calls, 9-24 us for the divert socket's Python bookkeeping between the receive and the verdict,
+ * docs/benchmarks.md). What runs for every packet is therefore here:
+ *
+ * - Delivery: one queued packet and what the socket adds to it (its hold deadline and address host);
+ * - QueueCore, the base of nfqueue.NfQueue: the parse of a queue message and the blocking receive;
+ * - SocketCore, the base of socket.DivertSocket: recvfrom and sendto for a lone packet (nothing else
+ *   fetched, held or waiting for a verdict, a blocking socket, a queue at a low rate), without a line
+ *   of Python; every other case goes to the Python methods _recvfrom and _sendto. Its _admit gives
+ *   fetched packets their deadline and address, for both paths.
  *
  * The wire layout (linux/netfilter/nfnetlink_queue.h): struct nlmsghdr (native order), struct nfgenmsg
  * with a big-endian queue number, then attributes (native u16 length and type, big-endian values), the
@@ -12,6 +20,7 @@
 #define PY_SSIZE_T_CLEAN
 #define Py_LIMITED_API 0x030B0000
 #include <Python.h>
+#include <structmember.h>
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -23,33 +32,192 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #define MSG_PACKET ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET)
 #define MSG_VERDICT ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT)
 #define QUEUE_AT (NLMSG_HDRLEN + offsetof(struct nfgenmsg, res_id))
 #define PACKET_HDR_AT (NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(struct nfgenmsg)) + NLA_HDRLEN)
 #define ATTRS_AT (PACKET_HDR_AT + NLA_ALIGN(sizeof(struct nfqnl_msg_packet_hdr)))
+#define INTERFACE_CACHE_SECONDS 1.0 /* socket.py's _IF_CACHE_SECONDS */
+
+static PyTypeObject *DeliveryType, *QueueCoreType, *SocketCoreType;
+/* Made once: the unspecified hosts, an empty bytes, the names this file calls or counts by */
+static PyObject *unspecified4, *unspecified6, *empty_bytes, *empty_str, *name_append, *name_interface, *name_recvfrom,
+    *name_sendto, *name_received, *name_accepted;
 
 static uint16_t native16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static uint32_t native32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint32_t big32(const uint8_t *p) { return ntohl(native32(p)); }
 
-/* Returns what nfqueue.NfQueue._parse documents for the message at ``p`` (``received`` bytes came),
- * as the tuple Delivery takes, the error number of a refused verdict, or None. The caller made sure
- * ATTRS_AT bytes can be read at p. */
-static PyObject *parse_message(const uint8_t *p, size_t received) {
+static double monotonic(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now); /* what time.monotonic() reads on Linux */
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+/* ---- Delivery ------------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    unsigned int queue, packet_id, hook, indev, outdev;
+    char truncated;
+    double deadline;
+    PyObject *payload, *attrs, *host;
+} Delivery;
+
+/* Returns a new Delivery that takes references to payload, attrs and host. */
+static PyObject *make_delivery(unsigned queue, unsigned packet_id, PyObject *payload, unsigned hook, unsigned indev,
+                               unsigned outdev, int truncated, PyObject *attrs, double deadline, PyObject *host) {
+    allocfunc alloc = (allocfunc)PyType_GetSlot(DeliveryType, Py_tp_alloc);
+    Delivery *d = (Delivery *)alloc(DeliveryType, 0);
+    if (d == NULL)
+        return NULL;
+    d->queue = queue;
+    d->packet_id = packet_id;
+    d->hook = hook;
+    d->indev = indev;
+    d->outdev = outdev;
+    d->truncated = (char)(truncated != 0);
+    d->deadline = deadline;
+    Py_INCREF(payload);
+    d->payload = payload;
+    Py_INCREF(attrs);
+    d->attrs = attrs;
+    Py_INCREF(host);
+    d->host = host;
+    return (PyObject *)d;
+}
+
+static int to_u32(PyObject *value, void *out) {
+    unsigned long v = PyLong_AsUnsignedLong(value);
+    if (v == (unsigned long)-1 && PyErr_Occurred())
+        return 0;
+    if (v > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "a Delivery number is beyond 32 bits");
+        return 0;
+    }
+    *(unsigned int *)out = (unsigned int)v;
+    return 1;
+}
+
+static PyObject *delivery_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"queue", "packet_id", "payload", "hook", "indev", "outdev", "truncated", "attrs",
+                            "deadline", "host", NULL};
+    unsigned queue, packet_id, hook, indev, outdev;
+    int truncated;
+    PyObject *payload, *attrs = empty_bytes, *host = empty_str;
+    double deadline = 0.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&O&SO&O&O&p|SdU:Delivery", names, to_u32, &queue, to_u32,
+                                     &packet_id, &payload, to_u32, &hook, to_u32, &indev, to_u32, &outdev,
+                                     &truncated, &attrs, &deadline, &host))
+        return NULL;
+    return make_delivery(queue, packet_id, payload, hook, indev, outdev, truncated, attrs, deadline, host);
+}
+
+static void delivery_dealloc(PyObject *self) {
+    Delivery *d = (Delivery *)self;
+    PyTypeObject *type = Py_TYPE(self);
+    Py_XDECREF(d->payload);
+    Py_XDECREF(d->attrs);
+    Py_XDECREF(d->host);
+    ((freefunc)PyType_GetSlot(type, Py_tp_free))(self);
+    Py_DECREF(type);
+}
+
+static PyObject *delivery_richcompare(PyObject *a, PyObject *b, int op) {
+    if ((op != Py_EQ && op != Py_NE) || !PyObject_TypeCheck(b, DeliveryType))
+        Py_RETURN_NOTIMPLEMENTED;
+    Delivery *x = (Delivery *)a, *y = (Delivery *)b;
+    int same = x->queue == y->queue && x->packet_id == y->packet_id && x->hook == y->hook && x->indev == y->indev
+               && x->outdev == y->outdev && x->truncated == y->truncated && x->deadline == y->deadline;
+    PyObject *pairs[][2] = {{x->payload, y->payload}, {x->attrs, y->attrs}, {x->host, y->host}};
+    for (size_t i = 0; same && i < sizeof(pairs) / sizeof(pairs[0]); i++) {
+        if (pairs[i][0] == NULL || pairs[i][1] == NULL) {
+            same = pairs[i][0] == pairs[i][1];
+            continue;
+        }
+        same = PyObject_RichCompareBool(pairs[i][0], pairs[i][1], Py_EQ);
+        if (same < 0)
+            return NULL;
+    }
+    return PyBool_FromLong(op == Py_EQ ? same : !same);
+}
+
+static PyObject *delivery_repr(PyObject *self) {
+    Delivery *d = (Delivery *)self;
+    PyObject *deadline = PyFloat_FromDouble(d->deadline);
+    if (deadline == NULL)
+        return NULL;
+    PyObject *text = PyUnicode_FromFormat(
+        "Delivery(queue=%u, packet_id=%u, payload=%R, hook=%u, indev=%u, outdev=%u, truncated=%s, attrs=%R, "
+        "deadline=%R, host=%R)", d->queue, d->packet_id, d->payload ? d->payload : Py_None, d->hook, d->indev,
+        d->outdev, d->truncated ? "True" : "False", d->attrs ? d->attrs : Py_None, deadline,
+        d->host ? d->host : Py_None);
+    Py_DECREF(deadline);
+    return text;
+}
+
+static PyMemberDef delivery_members[] = {
+    {"queue", T_UINT, offsetof(Delivery, queue), 0, "The queue number the packet waits in."},
+    {"packet_id", T_UINT, offsetof(Delivery, packet_id), 0, "The kernel's id of the packet in its queue."},
+    {"payload", T_OBJECT_EX, offsetof(Delivery, payload), 0, "The packet's bytes, from the IP header on."},
+    {"hook", T_UINT, offsetof(Delivery, hook), 0, "The netfilter hook that queued it (0 PREROUTING ... 4 POSTROUTING)."},
+    {"indev", T_UINT, offsetof(Delivery, indev), 0, "Receiving interface index (0 when none: outbound packets)."},
+    {"outdev", T_UINT, offsetof(Delivery, outdev), 0, "Sending interface index (0 when none)."},
+    {"truncated", T_BOOL, offsetof(Delivery, truncated), 0,
+     "True when the kernel held more bytes than it copied (NFQA_CAP_LEN beyond the payload)."},
+    {"attrs", T_OBJECT_EX, offsetof(Delivery, attrs), 0,
+     "The message's attributes before the payload, as sent (see flowsteer.divert.metadata)."},
+    {"deadline", T_DOUBLE, offsetof(Delivery, deadline), 0, "When the packet's hold time ends (set by _admit)."},
+    {"host", T_OBJECT_EX, offsetof(Delivery, host), 0,
+     "The address host the divert socket gave with it (interface address inbound, unspecified outbound)."},
+    {NULL},
+};
+
+PyDoc_STRVAR(delivery_doc,
+"Delivery(queue, packet_id, payload, hook, indev, outdev, truncated, attrs=b'', deadline=0.0, host='')\n\n"
+"One packet the kernel queued to user space and holds until it gets a verdict. Equal when every field is;\n"
+"mutable, so not hashable.");
+
+static PyType_Slot delivery_slots[] = {
+    {Py_tp_new, delivery_new},
+    {Py_tp_dealloc, delivery_dealloc},
+    {Py_tp_richcompare, delivery_richcompare},
+    {Py_tp_repr, delivery_repr},
+    {Py_tp_hash, PyObject_HashNotImplemented},
+    {Py_tp_members, delivery_members},
+    {Py_tp_doc, (void *)delivery_doc},
+    {0, NULL},
+};
+
+static PyType_Spec delivery_spec = {"flowsteer.divert._nfqueue.Delivery", sizeof(Delivery), 0, Py_TPFLAGS_DEFAULT,
+                                    delivery_slots};
+
+/* ---- QueueCore: parse and receive ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    int fd, direct_waits;
+    Py_ssize_t verdict_errors;
+    PyObject *buffer, *backlog;
+} QueueCore;
+
+/* Returns the Delivery of the message at ``p`` (``received`` bytes came), or None for another message
+ * (a refused verdict's is counted in q->verdict_errors). The caller made sure ATTRS_AT bytes can be
+ * read at p. */
+static PyObject *parse_message(QueueCore *q, const uint8_t *p, size_t received) {
     uint32_t length = native32(p);
     uint16_t type = native16(p + 4);
     if (type != MSG_PACKET) {
-        int32_t error = (int32_t)native32(p + NLMSG_HDRLEN + offsetof(struct nlmsgerr, error));
-        if (type == NLMSG_ERROR && error != 0)
-            return PyLong_FromLong(error < 0 ? -(long)error : (long)error);
+        if (type == NLMSG_ERROR && native32(p + NLMSG_HDRLEN + offsetof(struct nlmsgerr, error)) != 0)
+            q->verdict_errors++;
         Py_RETURN_NONE;
     }
     size_t end = length < received ? length : received;
     unsigned queue = ntohs(native16(p + QUEUE_AT));
     unsigned hook = p[PACKET_HDR_AT + offsetof(struct nfqnl_msg_packet_hdr, hook)];
-    unsigned long packet_id = big32(p + PACKET_HDR_AT + offsetof(struct nfqnl_msg_packet_hdr, packet_id));
+    unsigned packet_id = big32(p + PACKET_HDR_AT + offsetof(struct nfqnl_msg_packet_hdr, packet_id));
     uint32_t indev = 0, outdev = 0, cap_len = 0;
     size_t off = ATTRS_AT;
     while (off + 4 <= end) {
@@ -59,9 +227,13 @@ static PyObject *parse_message(const uint8_t *p, size_t received) {
             if (off + 4 + size > end)
                 break;
             /* an attribute before the payload is whole: its value ends before the payload's header */
-            return Py_BuildValue("(Iky#IIIOy#)", queue, packet_id, (const char *)p + off + 4, (Py_ssize_t)size,
-                                 hook, indev, outdev, cap_len > size ? Py_True : Py_False,
-                                 (const char *)p + ATTRS_AT, (Py_ssize_t)(off - ATTRS_AT));
+            PyObject *payload = PyBytes_FromStringAndSize((const char *)p + off + 4, (Py_ssize_t)size);
+            PyObject *attrs = PyBytes_FromStringAndSize((const char *)p + ATTRS_AT, (Py_ssize_t)(off - ATTRS_AT));
+            PyObject *d = payload && attrs ? make_delivery(queue, packet_id, payload, hook, indev, outdev,
+                                                           cap_len > size, attrs, 0.0, empty_str) : NULL;
+            Py_XDECREF(payload);
+            Py_XDECREF(attrs);
+            return d;
         }
         if (alen < 4 || off + 8 > end)
             break; /* no whole header, or no room for a value: nothing can follow, not even the payload */
@@ -74,18 +246,17 @@ static PyObject *parse_message(const uint8_t *p, size_t received) {
         off += (alen + 3u) & ~3u;
     }
     /* no whole payload: a truncated delivery with none, so that the packet still gets its verdict */
-    return Py_BuildValue("(Iky#IIIOy#)", queue, packet_id, "", (Py_ssize_t)0, hook, 0u, 0u, Py_True, "",
-                         (Py_ssize_t)0);
+    return make_delivery(queue, packet_id, empty_bytes, hook, 0, 0, 1, empty_bytes, 0.0, empty_str);
 }
 
 PyDoc_STRVAR(parse_doc,
-"parse(buffer, base, received) -> tuple | int | None\n\n"
-"Parses the queue message at ``base`` of ``buffer`` (``received`` bytes came): a packet message gives the\n"
-"fields of a Delivery (queue, packet_id, payload, hook, indev, outdev, truncated, attrs), a refused verdict\n"
-"its error number, anything else None. Raises ValueError when the buffer cannot hold a message header\n"
-"at ``base`` or ``received`` overruns it.");
+"_parse(buffer, base, received) -> Delivery | None\n\n"
+"Returns the packet of the queue message at ``base`` of ``buffer`` (``received`` bytes came), None for any\n"
+"other message (counting the refused verdicts among them in verdict_errors). A packet message without a\n"
+"whole payload is a truncated delivery with none. Raises ValueError when the buffer cannot hold a message\n"
+"header at ``base`` or ``received`` overruns it.");
 
-static PyObject *parse(PyObject *module, PyObject *args) {
+static PyObject *queue_parse(PyObject *self, PyObject *args) {
     Py_buffer buffer;
     Py_ssize_t base, received;
     if (!PyArg_ParseTuple(args, "y*nn", &buffer, &base, &received))
@@ -94,22 +265,19 @@ static PyObject *parse(PyObject *module, PyObject *args) {
     if (base < 0 || received < 0 || base > buffer.len - (Py_ssize_t)ATTRS_AT || received > buffer.len - base)
         PyErr_SetString(PyExc_ValueError, "the message does not fit the buffer");
     else
-        result = parse_message((const uint8_t *)buffer.buf + base, (size_t)received);
+        result = parse_message((QueueCore *)self, (const uint8_t *)buffer.buf + base, (size_t)received);
     PyBuffer_Release(&buffer);
     return result;
 }
 
-PyDoc_STRVAR(receive_doc,
-"receive(fd, buffer) -> tuple | int | None\n\n"
-"Waits for one message on netlink socket ``fd`` (as its SO_RCVTIMEO allows, without holding the GIL),\n"
-"reads it into ``buffer`` and returns what parse() returns for it. Raises OSError when recv fails\n"
-"(BlockingIOError when the receive timeout passed, InterruptedError when a signal came and its\n"
-"handler did not raise) and ValueError for a buffer too small for a message header.");
-
-static PyObject *receive(PyObject *module, PyObject *args) {
-    int fd;
+/* Returns what queue_receive documents. */
+static PyObject *receive_message(QueueCore *q) {
+    if (q->buffer == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the queue has no receive buffer");
+        return NULL;
+    }
     Py_buffer buffer;
-    if (!PyArg_ParseTuple(args, "iw*", &fd, &buffer))
+    if (PyObject_GetBuffer(q->buffer, &buffer, PyBUF_WRITABLE) < 0)
         return NULL;
     PyObject *result = NULL;
     if (buffer.len < (Py_ssize_t)ATTRS_AT) {
@@ -117,6 +285,7 @@ static PyObject *receive(PyObject *module, PyObject *args) {
         goto done;
     }
     ssize_t n;
+    int fd = q->fd;
     Py_BEGIN_ALLOW_THREADS
     n = recv(fd, buffer.buf, (size_t)buffer.len, 0);
     Py_END_ALLOW_THREADS
@@ -128,10 +297,95 @@ static PyObject *receive(PyObject *module, PyObject *args) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
-    result = parse_message(buffer.buf, (size_t)n);
+    result = parse_message(q, buffer.buf, (size_t)n);
 done:
     PyBuffer_Release(&buffer);
     return result;
+}
+
+PyDoc_STRVAR(receive_doc,
+"_receive() -> Delivery | None\n\n"
+"Waits for one message on the netlink socket ``_fd`` (as its SO_RCVTIMEO allows, without holding the GIL),\n"
+"reads it into ``_buf`` and returns what _parse() returns for it. Raises OSError when recv fails\n"
+"(BlockingIOError when the receive timeout passed, InterruptedError when a signal came and its handler did\n"
+"not raise) and ValueError for a buffer too small for a message header.");
+
+static PyObject *queue_receive(PyObject *self, PyObject *unused) { return receive_message((QueueCore *)self); }
+
+static int queue_traverse(PyObject *self, visitproc visit, void *arg) {
+    QueueCore *q = (QueueCore *)self;
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(q->buffer);
+    Py_VISIT(q->backlog);
+    return 0;
+}
+
+static int queue_clear(PyObject *self) {
+    QueueCore *q = (QueueCore *)self;
+    Py_CLEAR(q->buffer);
+    Py_CLEAR(q->backlog);
+    return 0;
+}
+
+static void core_dealloc(PyObject *self, inquiry clear) {
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    clear(self);
+    ((freefunc)PyType_GetSlot(type, Py_tp_free))(self);
+    Py_DECREF(type);
+}
+
+static void queue_dealloc(PyObject *self) { core_dealloc(self, queue_clear); }
+
+static PyMemberDef queue_members[] = {
+    {"_fd", T_INT, offsetof(QueueCore, fd), 0, "The netlink socket's file descriptor."},
+    {"_direct_waits", T_INT, offsetof(QueueCore, direct_waits), 0,
+     "How many more waits go straight to a blocking read (see NfQueue.receive)."},
+    {"verdict_errors", T_PYSSIZET, offsetof(QueueCore, verdict_errors), 0, "Verdicts the kernel refused."},
+    {"_buf", T_OBJECT_EX, offsetof(QueueCore, buffer), 0, "The buffer of a single receive."},
+    {"_backlog", T_OBJECT_EX, offsetof(QueueCore, backlog), 0, "Packets read while a request waited."},
+    {NULL},
+};
+
+static PyMethodDef queue_methods[] = {
+    {"_parse", queue_parse, METH_VARARGS, parse_doc},
+    {"_receive", queue_receive, METH_NOARGS, receive_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot queue_slots[] = {
+    {Py_tp_dealloc, queue_dealloc},
+    {Py_tp_traverse, queue_traverse},
+    {Py_tp_clear, queue_clear},
+    {Py_tp_members, queue_members},
+    {Py_tp_methods, queue_methods},
+    {Py_tp_doc, "The compiled part of nfqueue.NfQueue: its receive state, the parse and the blocking receive."},
+    {0, NULL},
+};
+
+static PyType_Spec queue_spec = {"flowsteer.divert._nfqueue.QueueCore", sizeof(QueueCore), 0,
+                                 Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, queue_slots};
+
+/* ---- accept ---------------------------------------------------------------------------------------- */
+
+/* Sends NF_ACCEPT for one packet; returns 0, or the errno of a failed send. */
+static int send_accept(int fd, unsigned queue, unsigned packet_id) {
+    struct {
+        struct nlmsghdr header;
+        struct nfgenmsg nfgen;
+        struct nlattr attr;
+        struct nfqnl_msg_verdict_hdr verdict;
+    } msg = {
+        .header = {.nlmsg_len = sizeof(msg), .nlmsg_type = MSG_VERDICT, .nlmsg_flags = NLM_F_REQUEST},
+        .nfgen = {.nfgen_family = AF_UNSPEC, .version = NFNETLINK_V0, .res_id = htons((uint16_t)queue)},
+        .attr = {.nla_len = sizeof(msg.attr) + sizeof(msg.verdict), .nla_type = NFQA_VERDICT_HDR},
+        .verdict = {.verdict = htonl(NF_ACCEPT), .id = htonl((uint32_t)packet_id)},
+    };
+    ssize_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = send(fd, &msg, sizeof(msg), 0);
+    Py_END_ALLOW_THREADS
+    return n < 0 ? errno : 0;
 }
 
 PyDoc_STRVAR(accept_doc,
@@ -148,36 +402,358 @@ static PyObject *accept_packet(PyObject *module, PyObject *args) {
         PyErr_SetString(PyExc_OverflowError, "the queue number or packet id is out of range");
         return NULL;
     }
-    struct {
-        struct nlmsghdr header;
-        struct nfgenmsg nfgen;
-        struct nlattr attr;
-        struct nfqnl_msg_verdict_hdr verdict;
-    } msg = {
-        .header = {.nlmsg_len = sizeof(msg), .nlmsg_type = MSG_VERDICT, .nlmsg_flags = NLM_F_REQUEST},
-        .nfgen = {.nfgen_family = AF_UNSPEC, .version = NFNETLINK_V0, .res_id = htons((uint16_t)queue)},
-        .attr = {.nla_len = sizeof(msg.attr) + sizeof(msg.verdict), .nla_type = NFQA_VERDICT_HDR},
-        .verdict = {.verdict = htonl(NF_ACCEPT), .id = htonl((uint32_t)packet_id)},
-    };
-    ssize_t n;
-    Py_BEGIN_ALLOW_THREADS
-    n = send(fd, &msg, sizeof(msg), 0);
-    Py_END_ALLOW_THREADS
-    if (n < 0)
+    int error = send_accept(fd, (unsigned)queue, (unsigned)packet_id);
+    if (error) {
+        errno = error;
         return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 
+/* ---- SocketCore: the lone packet's way through the divert socket ----------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *nfq, *ready, *held, *accepts, *verdicts, *interfaces, *timeout, *counters;
+    double hold_time, interfaces_until;
+    char defer;
+} SocketCore;
+
+/* Returns 1 when ``container`` is empty, 0 when not (or missing), -1 with an exception set. */
+static int empty(PyObject *container) {
+    if (container == NULL)
+        return 0;
+    Py_ssize_t size = PyObject_Size(container);
+    return size < 0 ? -1 : size == 0;
+}
+
+/* Returns the socket's queue when nothing is fetched, held or waiting for a verdict; NULL otherwise (with
+ * an exception set when one came). */
+static QueueCore *idle_queue(SocketCore *s) {
+    if (s->nfq == NULL || !PyObject_TypeCheck(s->nfq, QueueCoreType) || s->defer)
+        return NULL;
+    PyObject *containers[] = {s->ready, s->accepts, s->verdicts};
+    for (size_t i = 0; i < sizeof(containers) / sizeof(containers[0]); i++)
+        if (empty(containers[i]) != 1)
+            return NULL;
+    return (QueueCore *)s->nfq;
+}
+
+static int count(PyObject *counters, PyObject *name, Py_ssize_t n) {
+    if (counters == NULL)
+        return 0;
+    PyObject *value = PyObject_GetAttr(counters, name);
+    if (value == NULL)
+        return -1;
+    PyObject *by = PyLong_FromSsize_t(n), *sum = by ? PyNumber_Add(value, by) : NULL;
+    Py_DECREF(value);
+    Py_XDECREF(by);
+    if (sum == NULL)
+        return -1;
+    int result = PyObject_SetAttr(counters, name, sum);
+    Py_DECREF(sum);
+    return result;
+}
+
+/* Empties the interface cache when it is older than INTERFACE_CACHE_SECONDS. */
+static void refresh_interfaces(SocketCore *s, double now) {
+    if (now > s->interfaces_until && s->interfaces != NULL && PyDict_Check(s->interfaces)) {
+        PyDict_Clear(s->interfaces);
+        s->interfaces_until = now + INTERFACE_CACHE_SECONDS;
+    }
+}
+
+/* Gives ``d`` its deadline and address host (the receiving interface's address inbound, the unspecified
+ * address outbound); returns a new reference to its address (host, tag), NULL with an exception set. */
+static PyObject *admit(SocketCore *s, Delivery *d, double now) {
+    d->deadline = now + s->hold_time;
+    int version = 4;
+    if (d->payload != NULL && PyBytes_Check(d->payload) && PyBytes_Size(d->payload) > 0)
+        version = ((unsigned char)PyBytes_AsString(d->payload)[0]) >> 4;
+    PyObject *host;
+    if (d->indev && (d->hook == NF_INET_PRE_ROUTING || d->hook == NF_INET_LOCAL_IN || d->hook == NF_INET_FORWARD)) {
+        PyObject *index = PyLong_FromUnsignedLong(d->indev), *ip = PyLong_FromLong(version), *interface = NULL;
+        PyObject *key = index && ip ? PyTuple_Pack(2, index, ip) : NULL;
+        Py_XDECREF(index);
+        Py_XDECREF(ip);
+        if (key == NULL)
+            return NULL;
+        if (s->interfaces != NULL && (interface = PyDict_GetItemWithError(s->interfaces, key)) != NULL)
+            Py_INCREF(interface);
+        else if (!PyErr_Occurred()) /* not cached: the Python lookup finds it and caches it */
+            interface = PyObject_CallMethodObjArgs((PyObject *)s, name_interface, PyTuple_GetItem(key, 0),
+                                                   PyTuple_GetItem(key, 1), NULL);
+        Py_DECREF(key);
+        if (interface == NULL)
+            return NULL;
+        host = PySequence_GetItem(interface, 1);
+        Py_DECREF(interface);
+        if (host == NULL)
+            return NULL;
+    } else {
+        host = version == 6 ? unspecified6 : unspecified4;
+        Py_INCREF(host);
+    }
+    PyObject *old = d->host;
+    d->host = host;
+    Py_XDECREF(old);
+    PyObject *tag = PyLong_FromUnsignedLongLong(((unsigned long long)d->queue << 32) | d->packet_id);
+    PyObject *address = tag ? PyTuple_Pack(2, host, tag) : NULL;
+    Py_XDECREF(tag);
+    return address;
+}
+
+PyDoc_STRVAR(admit_doc,
+"_admit(deliveries) -> None\n\n"
+"Appends ``((payload, address), delivery)`` to ``_ready`` for each fetched delivery, after giving it its hold\n"
+"deadline and address host, and counts them as received. Raises TypeError at the first item that is no\n"
+"Delivery (the ones before it are admitted and counted).");
+
+static PyObject *socket_admit(PyObject *self, PyObject *deliveries) {
+    SocketCore *s = (SocketCore *)self;
+    double now = monotonic();
+    refresh_interfaces(s, now);
+    PyObject *iterator = PyObject_GetIter(deliveries), *item;
+    if (iterator == NULL)
+        return NULL;
+    Py_ssize_t admitted = 0;
+    while ((item = PyIter_Next(iterator)) != NULL) {
+        PyObject *address = NULL, *entry = NULL, *appended = NULL;
+        if (!PyObject_TypeCheck(item, DeliveryType))
+            PyErr_SetString(PyExc_TypeError, "_admit takes Deliveries");
+        else if ((address = admit(s, (Delivery *)item, now)) != NULL
+                 && (entry = Py_BuildValue("((OO)O)", ((Delivery *)item)->payload, address, item)) != NULL)
+            appended = PyObject_CallMethodObjArgs(s->ready, name_append, entry, NULL);
+        Py_DECREF(item);
+        Py_XDECREF(address);
+        Py_XDECREF(entry);
+        if (appended == NULL)
+            break;
+        Py_DECREF(appended);
+        admitted++;
+    }
+    Py_DECREF(iterator);
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback); /* the ones appended count, whatever stopped the rest */
+    if (count(s->counters, name_received, admitted) < 0) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        return NULL;
+    }
+    if (type != NULL) {
+        PyErr_Restore(type, value, traceback);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* Puts (or, for d NULL, takes) the packet of ``address`` in (out of) the held table; returns 0, or -1 with an
+ * exception set. */
+static int hold(SocketCore *s, PyObject *address, PyObject *d) {
+    if (s->held == NULL || !PyDict_Check(s->held)) {
+        PyErr_SetString(PyExc_TypeError, "the socket's held table is not a dict");
+        return -1;
+    }
+    PyObject *tag = PyTuple_GetItem(address, 1);
+    return d == NULL ? PyDict_DelItem(s->held, tag) : PyDict_SetItem(s->held, tag, d);
+}
+
+PyDoc_STRVAR(recvfrom_doc,
+"recvfrom() -> (bytes, (host, tag))\n\n"
+"Returns the next packet and its address, waiting as the timeout allows.\n\n"
+"Raises BlockingIOError (non-blocking, nothing waiting), TimeoutError (timeout passed), InvalidInput when\n"
+"the socket is not bound or closed, KernelError when the socket fails.");
+
+static PyObject *socket_recvfrom(PyObject *self, PyObject *unused) {
+    SocketCore *s = (SocketCore *)self;
+    QueueCore *q = idle_queue(s);
+    /* the compiled way: a blocking socket, nothing held (no hold time bounds the wait), a low rate */
+    if (q != NULL && s->timeout == Py_None && empty(s->held) == 1 && q->direct_waits > 0 && empty(q->backlog) == 1) {
+        q->direct_waits--;
+        Py_INCREF((PyObject *)q); /* a signal handler run during the wait may close the socket */
+        PyObject *d = receive_message(q);
+        Py_DECREF((PyObject *)q);
+        if (d == NULL && !PyErr_ExceptionMatches(PyExc_OSError))
+            return NULL; /* a signal handler raised */
+        if (d != NULL && d != Py_None) {
+            double now = monotonic();
+            refresh_interfaces(s, now);
+            PyObject *address = admit(s, (Delivery *)d, now), *result = NULL;
+            if (address != NULL && count(s->counters, name_received, 1) == 0 && hold(s, address, d) == 0)
+                result = PyTuple_Pack(2, ((Delivery *)d)->payload, address);
+            Py_XDECREF(address);
+            Py_DECREF(d);
+            return result;
+        }
+        /* no packet: the wait was cut short, or a message of another kind came; the Python path waits on
+         * (and meets a failure that lasts again, which it reports) */
+        Py_XDECREF(d);
+        PyErr_Clear();
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    return PyObject_CallMethodObjArgs(self, name_recvfrom, NULL);
+}
+
+PyDoc_STRVAR(sendto_doc,
+"sendto(data, address) -> int\n\n"
+"Writes a packet back (address from ``recvfrom``) or writes a new one (tag 0 or a host string).\n\n"
+"Returns the number of bytes written. Raises InvalidInput when ``data`` is not a valid IP packet or\n"
+"``address`` names no held packet (already answered, or its hold time passed); nothing is sent then and a\n"
+"held packet stays held. Raises KernelError when the kernel refuses a new packet.");
+
+/* Returns the held packet when ``data`` writes it back unchanged to the address it came with and it is
+ * the only verdict to send now (so that it leaves at once, alone); NULL otherwise. */
+static Delivery *lone_verdict(SocketCore *s, PyObject *data, PyObject *address) {
+    if (idle_queue(s) == NULL || !PyTuple_CheckExact(address) || PyTuple_Size(address) != 2
+        || !PyBytes_CheckExact(data) || s->held == NULL || !PyDict_Check(s->held))
+        return NULL;
+    PyObject *host = PyTuple_GetItem(address, 0), *tag = PyTuple_GetItem(address, 1);
+    if (!PyUnicode_CheckExact(host) || !PyLong_CheckExact(tag))
+        return NULL;
+    PyObject *found = PyDict_GetItemWithError(s->held, tag);
+    if (found == NULL || !PyObject_TypeCheck(found, DeliveryType))
+        return NULL;
+    Delivery *d = (Delivery *)found;
+    if (d->host == NULL || (d->host != host && PyUnicode_Compare(d->host, host) != 0) || d->payload == NULL)
+        return NULL;
+    if (d->payload != data && (!PyBytes_Check(d->payload) || PyBytes_Size(d->payload) != PyBytes_Size(data)
+                               || memcmp(PyBytes_AsString(d->payload), PyBytes_AsString(data),
+                                         (size_t)PyBytes_Size(data)) != 0))
+        return NULL;
+    return d;
+}
+
+static PyObject *socket_sendto(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    SocketCore *s = (SocketCore *)self;
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "sendto takes 2 arguments (data, address), not %zd", nargs);
+        return NULL;
+    }
+    PyObject *data = args[0], *address = args[1];
+    Delivery *d = lone_verdict(s, data, address);
+    /* counted before the send, as the Python path does: a thread that sees the packet's effect sees it
+     * counted; a failed send is uncounted and left to the Python path, which meets the failure again and
+     * reports it */
+    if (d != NULL && count(s->counters, name_accepted, 1) == 0) {
+        if (send_accept(((QueueCore *)s->nfq)->fd, d->queue, d->packet_id) == 0) {
+            if (hold(s, address, NULL) < 0)
+                return NULL;
+            return PyLong_FromSsize_t(PyBytes_Size(data));
+        }
+        if (count(s->counters, name_accepted, -1) < 0)
+            return NULL;
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    return PyObject_CallMethodObjArgs(self, name_sendto, data, address, NULL);
+}
+
+static int socket_traverse(PyObject *self, visitproc visit, void *arg) {
+    SocketCore *s = (SocketCore *)self;
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(s->nfq);
+    Py_VISIT(s->ready);
+    Py_VISIT(s->held);
+    Py_VISIT(s->accepts);
+    Py_VISIT(s->verdicts);
+    Py_VISIT(s->interfaces);
+    Py_VISIT(s->timeout);
+    Py_VISIT(s->counters);
+    return 0;
+}
+
+static int socket_clear(PyObject *self) {
+    SocketCore *s = (SocketCore *)self;
+    Py_CLEAR(s->nfq);
+    Py_CLEAR(s->ready);
+    Py_CLEAR(s->held);
+    Py_CLEAR(s->accepts);
+    Py_CLEAR(s->verdicts);
+    Py_CLEAR(s->interfaces);
+    Py_CLEAR(s->timeout);
+    Py_CLEAR(s->counters);
+    return 0;
+}
+
+static void socket_dealloc(PyObject *self) { core_dealloc(self, socket_clear); }
+
+static PyMemberDef socket_members[] = {
+    {"_nfq", T_OBJECT_EX, offsetof(SocketCore, nfq), 0, "The bound queue socket (None until bound and after close)."},
+    {"_ready", T_OBJECT_EX, offsetof(SocketCore, ready), 0, "Fetched packets not yet read: ((payload, address), delivery)."},
+    {"_held", T_OBJECT_EX, offsetof(SocketCore, held), 0, "Read packets waiting for their verdict, by tag, oldest first."},
+    {"_accepts", T_OBJECT_EX, offsetof(SocketCore, accepts), 0, "Held packets written back unchanged, to accept."},
+    {"_verdicts", T_OBJECT_EX, offsetof(SocketCore, verdicts), 0, "Other verdicts waiting to be sent."},
+    {"_interfaces", T_OBJECT_EX, offsetof(SocketCore, interfaces), 0, "(ifindex, version) -> (name, address)."},
+    {"_interfaces_until", T_DOUBLE, offsetof(SocketCore, interfaces_until), 0, "When the interface cache empties."},
+    {"_timeout", T_OBJECT_EX, offsetof(SocketCore, timeout), 0, "The timeout settimeout() set."},
+    {"_defer", T_BOOL, offsetof(SocketCore, defer), 0, "True while a batch of verdicts is being collected."},
+    {"hold_time", T_DOUBLE, offsetof(SocketCore, hold_time), 0, "Seconds a read packet waits for its verdict."},
+    {"counters", T_OBJECT_EX, offsetof(SocketCore, counters), 0, "What the socket did (socket.Counters)."},
+    {NULL},
+};
+
+static PyMethodDef socket_methods[] = {
+    {"recvfrom", socket_recvfrom, METH_NOARGS, recvfrom_doc},
+    {"sendto", (PyCFunction)(void (*)(void))socket_sendto, METH_FASTCALL, sendto_doc},
+    {"_admit", socket_admit, METH_O, admit_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot socket_slots[] = {
+    {Py_tp_dealloc, socket_dealloc},
+    {Py_tp_traverse, socket_traverse},
+    {Py_tp_clear, socket_clear},
+    {Py_tp_members, socket_members},
+    {Py_tp_methods, socket_methods},
+    {Py_tp_doc, "The compiled part of socket.DivertSocket: its state, and recvfrom and sendto for a lone packet."},
+    {0, NULL},
+};
+
+static PyType_Spec socket_spec = {"flowsteer.divert._nfqueue.SocketCore", sizeof(SocketCore), 0,
+                                  Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, socket_slots};
+
+/* ---- the module ------------------------------------------------------------------------------------- */
+
 static PyMethodDef methods[] = {
-    {"parse", parse, METH_VARARGS, parse_doc},
-    {"receive", receive, METH_VARARGS, receive_doc},
     {"accept", accept_packet, METH_VARARGS, accept_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "flowsteer.divert._nfqueue",
-    "The per-packet work of flowsteer.divert.nfqueue, compiled (see _nfqueue.c).", -1, methods,
+    "The per-packet work of flowsteer.divert, compiled (see _nfqueue.c).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__nfqueue(void) { return PyModule_Create(&module); }
+static int add_type(PyObject *m, PyTypeObject **type, PyType_Spec *spec) {
+    *type = (PyTypeObject *)PyType_FromSpec(spec);
+    if (*type == NULL)
+        return -1;
+    Py_INCREF((PyObject *)*type);
+    if (PyModule_AddObject(m, strrchr(spec->name, '.') + 1, (PyObject *)*type) < 0) {
+        Py_DECREF(*type);
+        return -1;
+    }
+    return 0;
+}
+
+PyMODINIT_FUNC PyInit__nfqueue(void) {
+    struct { PyObject **name; const char *text; } names[] = {
+        {&empty_str, ""}, {&unspecified4, "0.0.0.0"}, {&unspecified6, "::"}, {&name_append, "append"},
+        {&name_interface, "_interface"}, {&name_recvfrom, "_recvfrom"}, {&name_sendto, "_sendto"},
+        {&name_received, "received"}, {&name_accepted, "accepted"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)
+            return NULL;
+    if ((empty_bytes = PyBytes_FromStringAndSize("", 0)) == NULL)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL || add_type(m, &DeliveryType, &delivery_spec) < 0 || add_type(m, &QueueCoreType, &queue_spec) < 0
+        || add_type(m, &SocketCoreType, &socket_spec) < 0) {
+        Py_XDECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,10 +1,50 @@
-"""Types of the compiled per-packet path (``_nfqueue.c``); see its functions' docstrings."""
+"""Types of the compiled per-packet path (``_nfqueue.c``); see its docstrings."""
 
-from _typeshed import ReadableBuffer, WriteableBuffer
+from collections import deque
+from typing import Any
 
-Parsed = tuple[int, int, bytes, int, int, int, bool, bytes] | int | None
-"""The fields of a Delivery for a packet message, a refused verdict's error number, or None."""
+from _typeshed import ReadableBuffer
 
-def parse(buffer: ReadableBuffer, base: int, received: int, /) -> Parsed: ...
-def receive(fd: int, buffer: WriteableBuffer, /) -> Parsed: ...
+class Delivery:
+    """One packet the kernel queued to user space and holds until it gets a verdict."""
+
+    queue: int
+    packet_id: int
+    payload: bytes
+    hook: int
+    indev: int
+    outdev: int
+    truncated: bool
+    attrs: bytes
+    deadline: float
+    host: str
+    def __init__(self, queue: int, packet_id: int, payload: bytes, hook: int, indev: int, outdev: int,
+                 truncated: bool, attrs: bytes = b"", deadline: float = 0.0, host: str = "") -> None: ...
+    __hash__: None  # type: ignore[assignment]
+
+class QueueCore:
+    _fd: int
+    _direct_waits: int
+    verdict_errors: int
+    _buf: bytearray
+    _backlog: list[Delivery]
+    def _parse(self, buffer: ReadableBuffer, base: int, received: int, /) -> Delivery | None: ...
+    def _receive(self) -> Delivery | None: ...
+
+class SocketCore:
+    _nfq: Any  # nfqueue.NfQueue | None (a QueueCore)
+    _ready: deque[tuple[tuple[bytes, tuple[str, int]], Delivery]]
+    _held: dict[int, Delivery]
+    _accepts: list[Delivery]
+    _verdicts: list[Any]  # nfqueue.Verdict
+    _interfaces: dict[tuple[int, int], tuple[str, str]]
+    _interfaces_until: float
+    _timeout: float | None
+    _defer: bool
+    hold_time: float
+    counters: Any  # socket.Counters
+    def recvfrom(self) -> tuple[bytes, tuple[str, int]]: ...
+    def sendto(self, data: Any, address: Any, /) -> int: ...
+    def _admit(self, deliveries: list[Delivery], /) -> None: ...
+
 def accept(fd: int, queue: int, packet_id: int, /) -> None: ...

@@ -5,7 +5,8 @@ number to be bound by one socket only). Packets are read in batches without bloc
 encoded into one buffer and sent with one ``send`` (a run of plain accepts ending at the newest held
 packet becomes a single ``NFQNL_MSG_VERDICT_BATCH``). What runs for every packet (the parse of a queue
 message, the blocking receive, a lone accept) is compiled, in :mod:`flowsteer.divert._nfqueue`
-(``_nfqueue.c``): a lone packet finds the process's caches cold, where Python costs far more.
+(``_nfqueue.c``): a lone packet finds the process's caches cold, where Python costs far more. So is
+:class:`Delivery`, the packet a message carries (re-exported here).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import struct
 from dataclasses import dataclass
 
 from flowsteer.divert import _nfqueue
+from flowsteer.divert._nfqueue import Delivery
 from flowsteer.errors import kernel_error
 from flowsteer.kernel.libc import libc
 
@@ -60,28 +62,6 @@ _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 
 @dataclass(slots=True)
-class Delivery:
-    """One packet the kernel queued to user space and holds until it gets a verdict."""
-
-    queue: int
-    packet_id: int
-    payload: bytes
-    hook: int
-    """The netfilter hook that queued it (0 PREROUTING … 4 POSTROUTING)."""
-    indev: int
-    """Receiving interface index (0 when none, i.e. for outbound packets)."""
-    outdev: int
-    truncated: bool
-    """True when the kernel held more bytes than it copied (``NFQA_CAP_LEN`` > payload length)."""
-    attrs: bytes = b""
-    """The message's attributes before the payload, as sent (see :mod:`flowsteer.divert.metadata`)."""
-    deadline: float = 0.0
-    """When the packet's hold time ends (set by the divert socket)."""
-    host: str = ""
-    """The address the divert socket gave with it (interface address inbound, unspecified outbound)."""
-
-
-@dataclass(slots=True)
 class Verdict:
     """A verdict on one held packet; ``payload`` replaces the packet's bytes when given."""
 
@@ -93,10 +73,12 @@ class Verdict:
     """A new packet mark (None keeps the mark)."""
 
 
-class NfQueue:
+class NfQueue(_nfqueue.QueueCore):
     """A netlink socket speaking nfnetlink_queue in the calling thread's network namespace.
 
-    Raises KernelError (with errno) when the socket cannot be made.
+    Its receive state and the per-packet parse (``_parse``) and blocking receive (``_receive``) are compiled
+    (:class:`flowsteer.divert._nfqueue.QueueCore`); a refused verdict's error message counts in
+    ``verdict_errors``. Raises KernelError (with errno) when the socket cannot be made.
     """
 
     def __init__(self, rcvbuf: int = 8 << 20) -> None:
@@ -115,6 +97,7 @@ class NfQueue:
             self.sock.close()
             raise kernel_error("setting up the netfilter netlink socket", exc.errno or errno.EIO) from None
         self.portid: int = self.sock.getsockname()[0]
+        self._fd = self.sock.fileno()
         self.verdict_errors = 0
         self._seq = 0
         self._backlog: list[Delivery] = []
@@ -201,7 +184,7 @@ class NfQueue:
         is a packet."""
         self._set_rcvtimeo(wait)
         try:
-            delivery = self._delivery(_nfqueue.receive(self.sock.fileno(), self._buf))
+            delivery = self._receive()
         except (BlockingIOError, InterruptedError):  # the wait ended (SO_RCVTIMEO) or a signal came
             return
         except OSError as exc:
@@ -212,7 +195,7 @@ class NfQueue:
     def accept(self, queue: int, packet_id: int) -> None:
         """Accepts one packet. Raises KernelError when the kernel refuses the send."""
         try:
-            _nfqueue.accept(self.sock.fileno(), queue, packet_id)
+            _nfqueue.accept(self._fd, queue, packet_id)
         except OSError as exc:
             raise kernel_error("sending verdicts", exc.errno or errno.EIO) from None
 
@@ -283,21 +266,6 @@ class NfQueue:
             delivery = self._parse(self._buf, 0, n)
             if delivery is not None:
                 self._backlog.append(delivery)
-
-    def _parse(self, buf: bytearray | memoryview, base: int, n: int) -> Delivery | None:
-        """Returns the packet of the message at ``base`` (``n`` bytes received), None for any other message
-        (counting the refused verdicts among them). A packet message without a whole payload is a
-        truncated delivery with none."""
-        return self._delivery(_nfqueue.parse(buf, base, n))
-
-    def _delivery(self, parsed: _nfqueue.Parsed) -> Delivery | None:
-        """Returns the Delivery of what :mod:`flowsteer.divert._nfqueue` parsed, None for another message
-        (an int is a refused verdict's error: counted)."""
-        if type(parsed) is tuple:
-            return Delivery(*parsed)
-        if parsed is not None:
-            self.verdict_errors += 1
-        return None
 
 
 class _Ring:

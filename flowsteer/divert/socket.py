@@ -15,6 +15,11 @@ it writes a new packet, which leaves as a locally generated packet and skips the
 
 Verdicts are sent in batches: when every packet already fetched from the kernel has been handled, when
 ``batch`` verdicts are waiting, before the socket blocks, and on :meth:`flush` and :meth:`close`.
+
+A lone packet at a low rate (a blocking socket with nothing else fetched, held or waiting for a verdict)
+goes through ``recvfrom`` and ``sendto`` without a line of Python: the socket's state and those two methods
+are compiled (:class:`flowsteer.divert._nfqueue.SocketCore`, the base class), and every other case runs
+:meth:`DivertSocket._recvfrom` and :meth:`DivertSocket._sendto` here.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
-from flowsteer.divert import control, netfilter
+from flowsteer.divert import _nfqueue, control, netfilter
 from flowsteer.divert.inject import inject_incoming, local_addresses
 from flowsteer.divert.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Delivery, NfQueue, Verdict
 from flowsteer.divert.packet import Origin, Packet, finalize
@@ -59,7 +64,7 @@ the receiving interface's address (inbound) or the unspecified address (outbound
 held packet (0 for a new packet)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Counters:
     """What one divert socket did."""
 
@@ -88,7 +93,7 @@ def check_hold_time(hold_time: float) -> None:
         raise InvalidInput(f"hold time {hold_time} s is not within 0.001..60 s")
 
 
-class DivertSocket:
+class DivertSocket(_nfqueue.SocketCore):
     """A divert socket; see the module documentation.
 
     ``hold_time`` bounds how long a read packet waits for ``sendto`` before it is dropped (seconds,
@@ -197,12 +202,8 @@ class DivertSocket:
 
     # -- reading ------------------------------------------------------------------------------------
 
-    def recvfrom(self) -> tuple[bytes, DivertAddress]:
-        """Returns the next packet and its address, waiting as the timeout allows.
-
-        Raises BlockingIOError (non-blocking, nothing waiting), TimeoutError (timeout passed),
-        InvalidInput when the socket is not bound or closed, KernelError when the socket fails.
-        """
+    def _recvfrom(self) -> tuple[bytes, DivertAddress]:
+        """``recvfrom`` (compiled, see the base class) for every case but the lone packet's; raises as it."""
         if not self._ready:
             self._fill(self._timeout)
         result, delivery = self._ready.popleft()
@@ -303,13 +304,9 @@ class DivertSocket:
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def sendto(self, data: bytes | bytearray | Packet, address: DivertAddress | str) -> int:
-        """Writes a packet back (address from ``recvfrom``) or writes a new one (tag 0 or a host string).
-
-        Returns the number of bytes written. Raises InvalidInput when ``data`` is not a valid IP packet
-        or ``address`` names no held packet (already answered, or its hold time passed); nothing is sent
-        then and a held packet stays held. Raises KernelError when the kernel refuses a new packet.
-        """
+    def _sendto(self, data: bytes | bytearray | Packet, address: DivertAddress | str) -> int:
+        """``sendto`` (compiled, see the base class) for every case but a lone packet written back
+        unchanged; returns and raises as it."""
         raw: bytes | bytearray
         if isinstance(data, Packet):
             raw, mark = data.data, data.new_mark
@@ -521,25 +518,7 @@ class DivertSocket:
             fetched = nfq.receive(self.batch, wait)
             if fetched:
                 break
-        now = time.monotonic()
-        if now > self._interfaces_until:
-            self._interfaces.clear()
-            self._interfaces_until = now + _IF_CACHE_SECONDS
-        expires = now + self.hold_time
-        self.counters.received += len(fetched)
-        append = self._ready.append
-        known = self._interfaces
-        for d in fetched:
-            d.deadline = expires
-            payload = d.payload
-            version = payload[0] >> 4 if payload else 4
-            if d.indev and d.hook in _INBOUND_HOOKS:
-                interface = known.get((d.indev, version)) or self._interface(d.indev, version)
-                host = interface[1]
-            else:
-                host = _UNSPECIFIED.get(version, "0.0.0.0")
-            d.host = host
-            append(((payload, (host, d.queue << 32 | d.packet_id)), d))
+        self._admit(fetched)
 
     def _fill_now(self) -> None:
         """Fetches what is waiting without blocking (nothing when nothing is)."""

@@ -142,7 +142,7 @@ def test_a_malformed_attribute_ends_the_walk() -> None:
                                              (0, 2**63 - 1)])
 def test_a_message_that_does_not_fit_the_buffer_is_refused(base: int, received: int) -> None:
     with pytest.raises(ValueError, match="the message does not fit the buffer"):
-        nfqueue._nfqueue.parse(bytearray(nfqueue.SLOT), base, received)
+        fresh()._parse(bytearray(nfqueue.SLOT), base, received)
 
 
 GUARDED_PARSE = """
@@ -157,7 +157,7 @@ assert libc.mprotect(ctypes.c_void_p(addr + page), page, 0) == 0  # PROT_NONE: a
 msg = bytes.fromhex(sys.argv[1])
 start = addr + page - len(msg)
 ctypes.memmove(start, msg, len(msg))
-print(_nfqueue.parse(memoryview((ctypes.c_char * len(msg)).from_address(start)).cast("B"), 0, len(msg)))
+print(_nfqueue.QueueCore()._parse(memoryview((ctypes.c_char * len(msg)).from_address(start)).cast("B"), 0, len(msg)))
 """
 
 
@@ -171,15 +171,17 @@ def test_a_message_ending_inside_an_attribute_is_read_no_further_than_its_end(cu
     msg = (len(msg) + 4).to_bytes(4, "little") + msg[4:]  # its header claims more than came
     proc = subprocess.run([sys.executable, "-c", GUARDED_PARSE, msg.hex()], capture_output=True, text=True,
                           timeout=60)
-    assert (proc.returncode, proc.stdout) == (0, "(3, 9, b'', 1, 0, 0, True, b'')\n"), proc.stderr
+    assert (proc.returncode, proc.stdout) == (0, f"{Delivery(3, 9, b'', 1, 0, 0, True)!r}\n"), proc.stderr
 
 
 def test_a_receive_into_a_buffer_too_small_for_a_header_is_refused(pair: tuple[NfQueue, socket.socket]) -> None:
     q, peer = pair
     peer.send(packet_msg(4, 1, 0, b"\x45"))
+    q._buf = bytearray(31)
     with pytest.raises(ValueError, match="cannot hold a message header"):
-        nfqueue._nfqueue.receive(q.fileno(), bytearray(31))
-    assert nfqueue._nfqueue.receive(q.fileno(), bytearray(64)) == (4, 1, b"\x45", 0, 0, 0, False, b"")
+        q._receive()
+    q._buf = bytearray(64)
+    assert q._receive() == Delivery(4, 1, b"\x45", 0, 0, 0, False)
 
 
 def test_other_messages_are_not_packets_and_errors_are_counted() -> None:
@@ -338,7 +340,7 @@ def test_a_failed_request_send_or_receive_names_the_queue() -> None:
 def pair() -> tuple[NfQueue, socket.socket]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     q = fresh()
-    q.sock = a
+    q.sock, q._fd = a, a.fileno()
     yield q, b
     a.close()
     b.close()
@@ -463,7 +465,7 @@ def test_a_first_wait_of_one_microsecond_is_set(pair: tuple[NfQueue, socket.sock
     q = NfQueue()  # as made, not as the fixture sets it up
     q.close()
     rec = Recording(pair[0].sock)
-    q.sock = rec  # type: ignore[assignment]
+    q.sock, q._fd = rec, pair[0].sock.fileno()  # type: ignore[assignment]
     assert q.receive(1, wait=1e-6) == []
     assert rec.timeouts == [(0, 1)]
 
@@ -664,9 +666,9 @@ def test_each_later_send_holds_a_whole_mebibyte_too() -> None:
                                             (PermissionError(errno.EACCES, "no"), PermissionDenied, errno.EACCES)])
 def test_a_failing_wait_names_it(pair: tuple[NfQueue, socket.socket], monkeypatch: pytest.MonkeyPatch,
                                  err: OSError, cls: type, code: int) -> None:
-    def failing(fd: int, buf: bytearray) -> None:
+    def failing() -> None:
         raise err
-    monkeypatch.setattr(nfqueue._nfqueue, "receive", failing)
+    monkeypatch.setattr(pair[0], "_receive", failing)
     with pytest.raises(KernelError) as exc:
         pair[0].receive(1, wait=1.0)  # the batch read finds nothing, the wait fails
     assert type(exc.value) is cls
@@ -757,3 +759,48 @@ def test_a_receive_the_backlog_fills_makes_no_look_and_begins_no_direct_waits(
     for i in range(3):
         peer.send(packet_msg(4, i, 0, b"\x45"))
     assert [d.packet_id for d in q.receive(4, wait=1.0)] == [0, 1, 2]  # the wait looks first: one batch
+
+
+# --- the compiled Delivery and the socket core's admission --------------------------------------------
+
+
+def test_a_delivery_is_built_compared_and_shown_like_the_record_it_is() -> None:
+    d = Delivery(3, 0xFFFFFFFF, b"\x45", 1, 2, 0, True, b"a", deadline=1.5, host="198.18.0.1")
+    assert (d.queue, d.packet_id, d.payload, d.hook, d.indev, d.outdev, d.truncated, d.attrs, d.deadline, d.host) \
+        == (3, 0xFFFFFFFF, b"\x45", 1, 2, 0, True, b"a", 1.5, "198.18.0.1")
+    assert Delivery(3, 1, b"", 1, 0, 0, False) == Delivery(queue=3, packet_id=1, payload=b"", hook=1, indev=0,
+                                                        outdev=0, truncated=False, attrs=b"", deadline=0.0, host="")
+    assert repr(d) == ("Delivery(queue=3, packet_id=4294967295, payload=b'E', hook=1, indev=2, outdev=0, "
+                       "truncated=True, attrs=b'a', deadline=1.5, host='198.18.0.1')")
+    for field, value in [("queue", 4), ("packet_id", 2), ("payload", b"\x46"), ("hook", 2), ("indev", 3),
+                         ("outdev", 1), ("truncated", False), ("attrs", b"b"), ("deadline", 2.0), ("host", "::")]:
+        other = Delivery(3, 0xFFFFFFFF, b"\x45", 1, 2, 0, True, b"a", deadline=1.5, host="198.18.0.1")
+        setattr(other, field, value)
+        assert other != d and not other == d, field
+    assert d != (3, 0xFFFFFFFF) and d.__eq__(object()) is NotImplemented
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(d)
+
+
+@pytest.mark.parametrize("args, error", [((1 << 32, 0, b"", 0, 0, 0, False), OverflowError),
+                                         ((0, -1, b"", 0, 0, 0, False), OverflowError),
+                                         ((0, 0, "text", 0, 0, 0, False), TypeError),
+                                         ((0, 0, b"", 0, 0, 0, False, "attrs"), TypeError),
+                                         ((0, 0, b"", 0, 0), TypeError)])
+def test_a_delivery_refuses_fields_it_cannot_hold(args: tuple[object, ...], error: type) -> None:
+    with pytest.raises(error):
+        Delivery(*args)  # type: ignore[arg-type]
+
+
+def test_the_socket_core_admits_only_deliveries() -> None:
+    from flowsteer.divert.socket import DivertSocket
+    sock = DivertSocket()
+    try:
+        with pytest.raises(TypeError, match="_admit takes Deliveries"):
+            sock._admit([Delivery(1, 1, b"\x45", 4, 0, 1, False), (1, 2)])  # type: ignore[list-item]
+        sock._admit([Delivery(2, 7, b"\x60", 4, 0, 9, False)])  # outbound IPv6: the unspecified host
+        assert [entry[0] for entry in sock._ready] == [(b"\x45", ("0.0.0.0", 1 << 32 | 1)),
+                                                        (b"\x60", ("::", 2 << 32 | 7))]
+        assert sock.counters.received == 2
+    finally:
+        sock.close()

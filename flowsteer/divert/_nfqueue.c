@@ -439,6 +439,7 @@ static QueueCore *idle_queue(SocketCore *s) {
     return (QueueCore *)s->nfq;
 }
 
+/* Adds ``n`` to the counter ``name`` of socket.Counters; returns 0, or -1 with an exception set. */
 static int count(PyObject *counters, PyObject *name, Py_ssize_t n) {
     if (counters == NULL)
         return 0;

@@ -7,6 +7,7 @@
  * docs/benchmarks.md). What runs for every packet is therefore here:
  *
  * - Delivery: one queued packet and what the socket adds to it (its hold deadline and address host);
+ * - Counters: what one divert socket did;
  * - QueueCore, the base of nfqueue.NfQueue: the parse of a queue message and the blocking receive;
  * - SocketCore, the base of socket.DivertSocket: recvfrom and sendto for a lone packet (nothing else
  *   fetched, held or waiting for a verdict, a blocking socket, a queue at a low rate), without a line
@@ -41,10 +42,10 @@
 #define ATTRS_AT (PACKET_HDR_AT + NLA_ALIGN(sizeof(struct nfqnl_msg_packet_hdr)))
 #define INTERFACE_CACHE_SECONDS 1.0 /* socket.py's _IF_CACHE_SECONDS */
 
-static PyTypeObject *DeliveryType, *QueueCoreType, *SocketCoreType;
+static PyTypeObject *DeliveryType, *CountersType, *QueueCoreType, *SocketCoreType;
 /* Made once: the unspecified hosts, an empty bytes, the names this file calls or counts by */
 static PyObject *unspecified4, *unspecified6, *empty_bytes, *empty_str, *name_append, *name_interface, *name_recvfrom,
-    *name_sendto, *name_received, *name_accepted;
+    *name_sendto;
 
 static uint16_t native16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static uint32_t native32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -193,6 +194,87 @@ static PyType_Slot delivery_slots[] = {
 
 static PyType_Spec delivery_spec = {"flowsteer.divert._nfqueue.Delivery", sizeof(Delivery), 0, Py_TPFLAGS_DEFAULT,
                                     delivery_slots};
+
+/* ---- Counters ------------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t received, accepted, modified, dropped, expired, injected, requeued, redirected;
+} Counters;
+
+static PyMemberDef counters_members[] = {
+    {"received", T_PYSSIZET, offsetof(Counters, received), 0,
+     "Fetched from the kernel (``received - requeued`` were handed to the user)."},
+    {"accepted", T_PYSSIZET, offsetof(Counters, accepted), 0, "Written back unchanged."},
+    {"modified", T_PYSSIZET, offsetof(Counters, modified), 0, "Written back with new bytes."},
+    {"dropped", T_PYSSIZET, offsetof(Counters, dropped), 0, "Dropped on request (DivertSocket.drop)."},
+    {"expired", T_PYSSIZET, offsetof(Counters, expired), 0, "Not written back within the hold time, so dropped."},
+    {"injected", T_PYSSIZET, offsetof(Counters, injected), 0, "New packets written."},
+    {"requeued", T_PYSSIZET, offsetof(Counters, requeued), 0,
+     "Returned to the rules when the socket closed before reading them (they reach the other members)."},
+    {"redirected", T_PYSSIZET, offsetof(Counters, redirected), 0,
+     "Written back with another address than they came with: the held packet was dropped and the bytes\n"
+     "written anew, as incoming on that address's interface or (unspecified address) as outgoing."},
+    {NULL},
+};
+
+#define COUNTERS (sizeof(counters_members) / sizeof(counters_members[0]) - 1)
+
+static Py_ssize_t *counter_at(PyObject *self, size_t i) {
+    return (Py_ssize_t *)((char *)self + counters_members[i].offset);
+}
+
+static PyObject *counters_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *names[COUNTERS + 1];
+    for (size_t i = 0; i < COUNTERS; i++)
+        names[i] = (char *)counters_members[i].name;
+    Py_ssize_t v[COUNTERS] = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|nnnnnnnn:Counters", names, &v[0], &v[1], &v[2], &v[3], &v[4],
+                                     &v[5], &v[6], &v[7]))
+        return NULL;
+    PyObject *self = ((allocfunc)PyType_GetSlot(type, Py_tp_alloc))(type, 0);
+    if (self != NULL)
+        for (size_t i = 0; i < COUNTERS; i++)
+            *counter_at(self, i) = v[i];
+    return self;
+}
+
+static void counters_dealloc(PyObject *self) {
+    PyTypeObject *type = Py_TYPE(self);
+    ((freefunc)PyType_GetSlot(type, Py_tp_free))(self);
+    Py_DECREF(type);
+}
+
+static PyObject *counters_richcompare(PyObject *a, PyObject *b, int op) {
+    if ((op != Py_EQ && op != Py_NE) || !PyObject_TypeCheck(b, CountersType))
+        Py_RETURN_NOTIMPLEMENTED;
+    int same = 1;
+    for (size_t i = 0; same && i < COUNTERS; i++)
+        same = *counter_at(a, i) == *counter_at(b, i);
+    return PyBool_FromLong(op == Py_EQ ? same : !same);
+}
+
+static PyObject *counters_repr(PyObject *self) {
+    Counters *c = (Counters *)self;
+    return PyUnicode_FromFormat("Counters(received=%zd, accepted=%zd, modified=%zd, dropped=%zd, expired=%zd, "
+                                "injected=%zd, requeued=%zd, redirected=%zd)", c->received, c->accepted,
+                                c->modified, c->dropped, c->expired, c->injected, c->requeued, c->redirected);
+}
+
+static PyType_Slot counters_slots[] = {
+    {Py_tp_new, counters_new},
+    {Py_tp_dealloc, counters_dealloc},
+    {Py_tp_richcompare, counters_richcompare},
+    {Py_tp_repr, counters_repr},
+    {Py_tp_hash, PyObject_HashNotImplemented},
+    {Py_tp_members, counters_members},
+    {Py_tp_doc, "Counters(received=0, accepted=0, ...)\n\nWhat one divert socket did (compiled: a lone packet "
+                "counts without Python). Equal when every counter is; mutable, so not hashable."},
+    {0, NULL},
+};
+
+static PyType_Spec counters_spec = {"flowsteer.divert._nfqueue.Counters", sizeof(Counters), 0, Py_TPFLAGS_DEFAULT,
+                                    counters_slots};
 
 /* ---- QueueCore: parse and receive ------------------------------------------------------------------ */
 
@@ -439,21 +521,14 @@ static QueueCore *idle_queue(SocketCore *s) {
     return (QueueCore *)s->nfq;
 }
 
-/* Adds ``n`` to the counter ``name`` of socket.Counters; returns 0, or -1 with an exception set. */
-static int count(PyObject *counters, PyObject *name, Py_ssize_t n) {
-    if (counters == NULL)
-        return 0;
-    PyObject *value = PyObject_GetAttr(counters, name);
-    if (value == NULL)
+/* Adds ``n`` to the counter at ``offset`` of the socket's Counters; returns 0, or -1 with an exception set. */
+static int count(SocketCore *s, size_t offset, Py_ssize_t n) {
+    if (s->counters == NULL || !PyObject_TypeCheck(s->counters, CountersType)) {
+        PyErr_SetString(PyExc_TypeError, "the socket's counters are not a Counters");
         return -1;
-    PyObject *by = PyLong_FromSsize_t(n), *sum = by ? PyNumber_Add(value, by) : NULL;
-    Py_DECREF(value);
-    Py_XDECREF(by);
-    if (sum == NULL)
-        return -1;
-    int result = PyObject_SetAttr(counters, name, sum);
-    Py_DECREF(sum);
-    return result;
+    }
+    *(Py_ssize_t *)((char *)s->counters + offset) += n;
+    return 0;
 }
 
 /* Empties the interface cache when it is older than INTERFACE_CACHE_SECONDS. */
@@ -536,7 +611,7 @@ static PyObject *socket_admit(PyObject *self, PyObject *deliveries) {
     Py_DECREF(iterator);
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback); /* the ones appended count, whatever stopped the rest */
-    if (count(s->counters, name_received, admitted) < 0) {
+    if (count(s, offsetof(Counters, received), admitted) < 0) {
         Py_XDECREF(type);
         Py_XDECREF(value);
         Py_XDECREF(traceback);
@@ -581,7 +656,7 @@ static PyObject *socket_recvfrom(PyObject *self, PyObject *unused) {
             double now = monotonic();
             refresh_interfaces(s, now);
             PyObject *address = admit(s, (Delivery *)d, now), *result = NULL;
-            if (address != NULL && count(s->counters, name_received, 1) == 0 && hold(s, address, d) == 0)
+            if (address != NULL && count(s, offsetof(Counters, received), 1) == 0 && hold(s, address, d) == 0)
                 result = PyTuple_Pack(2, ((Delivery *)d)->payload, address);
             Py_XDECREF(address);
             Py_DECREF(d);
@@ -637,13 +712,13 @@ static PyObject *socket_sendto(PyObject *self, PyObject *const *args, Py_ssize_t
     /* counted before the send, as the Python path does: a thread that sees the packet's effect sees it
      * counted; a failed send is uncounted and left to the Python path, which meets the failure again and
      * reports it */
-    if (d != NULL && count(s->counters, name_accepted, 1) == 0) {
+    if (d != NULL && count(s, offsetof(Counters, accepted), 1) == 0) {
         if (send_accept(((QueueCore *)s->nfq)->fd, d->queue, d->packet_id) == 0) {
             if (hold(s, address, NULL) < 0)
                 return NULL;
             return PyLong_FromSsize_t(PyBytes_Size(data));
         }
-        if (count(s->counters, name_accepted, -1) < 0)
+        if (count(s, offsetof(Counters, accepted), -1) < 0)
             return NULL;
     }
     if (PyErr_Occurred())
@@ -691,7 +766,7 @@ static PyMemberDef socket_members[] = {
     {"_timeout", T_OBJECT_EX, offsetof(SocketCore, timeout), 0, "The timeout settimeout() set."},
     {"_defer", T_BOOL, offsetof(SocketCore, defer), 0, "True while a batch of verdicts is being collected."},
     {"hold_time", T_DOUBLE, offsetof(SocketCore, hold_time), 0, "Seconds a read packet waits for its verdict."},
-    {"counters", T_OBJECT_EX, offsetof(SocketCore, counters), 0, "What the socket did (socket.Counters)."},
+    {"counters", T_OBJECT_EX, offsetof(SocketCore, counters), 0, "What the socket did (a Counters)."},
     {NULL},
 };
 
@@ -743,7 +818,6 @@ PyMODINIT_FUNC PyInit__nfqueue(void) {
     struct { PyObject **name; const char *text; } names[] = {
         {&empty_str, ""}, {&unspecified4, "0.0.0.0"}, {&unspecified6, "::"}, {&name_append, "append"},
         {&name_interface, "_interface"}, {&name_recvfrom, "_recvfrom"}, {&name_sendto, "_sendto"},
-        {&name_received, "received"}, {&name_accepted, "accepted"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)
@@ -751,7 +825,7 @@ PyMODINIT_FUNC PyInit__nfqueue(void) {
     if ((empty_bytes = PyBytes_FromStringAndSize("", 0)) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m == NULL || add_type(m, &DeliveryType, &delivery_spec) < 0 || add_type(m, &QueueCoreType, &queue_spec) < 0
+    if (m == NULL || add_type(m, &DeliveryType, &delivery_spec) < 0 || add_type(m, &CountersType, &counters_spec) < 0 || add_type(m, &QueueCoreType, &queue_spec) < 0
         || add_type(m, &SocketCoreType, &socket_spec) < 0) {
         Py_XDECREF(m);
         return NULL;

@@ -22,6 +22,30 @@ class Delivery:
                  truncated: bool, attrs: bytes = b"", deadline: float = 0.0, host: str = "") -> None: ...
     __hash__: None  # type: ignore[assignment]
 
+class Counters:
+    """What one divert socket did."""
+
+    received: int
+    """Fetched from the kernel (``received - requeued`` were handed to the user)."""
+    accepted: int
+    """Written back unchanged."""
+    modified: int
+    """Written back with new bytes."""
+    dropped: int
+    """Dropped on request (``DivertSocket.drop``)."""
+    expired: int
+    """Not written back within the hold time, so dropped."""
+    injected: int
+    """New packets written."""
+    requeued: int
+    """Returned to the rules when the socket closed before reading them (they reach the other members)."""
+    redirected: int
+    """Written back with another address than they came with: the held packet was dropped and the bytes
+    written anew, as incoming on that address's interface or (unspecified address) as outgoing."""
+    def __init__(self, received: int = 0, accepted: int = 0, modified: int = 0, dropped: int = 0, expired: int = 0,
+                 injected: int = 0, requeued: int = 0, redirected: int = 0) -> None: ...
+    __hash__: None  # type: ignore[assignment]
+
 class QueueCore:
     _fd: int
     _direct_waits: int
@@ -42,7 +66,7 @@ class SocketCore:
     _timeout: float | None
     _defer: bool
     hold_time: float
-    counters: Any  # socket.Counters
+    counters: Counters
     def recvfrom(self) -> tuple[bytes, tuple[str, int]]: ...
     def sendto(self, data: Any, address: Any, /) -> int: ...
     def _admit(self, deliveries: list[Delivery], /) -> None: ...

@@ -34,9 +34,9 @@ import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
 
 from flowsteer.divert import _nfqueue, control, netfilter
+from flowsteer.divert._nfqueue import Counters  # what a socket did (compiled: a lone packet counts without Python)
 from flowsteer.divert.inject import inject_incoming, local_addresses
 from flowsteer.divert.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Delivery, NfQueue, Verdict
 from flowsteer.divert.packet import Origin, Packet, finalize
@@ -62,29 +62,6 @@ DivertAddress = tuple[str, int]
 """What ``recvfrom`` returns with a packet and ``sendto`` takes back: ``(host, tag)``, where ``host`` is
 the receiving interface's address (inbound) or the unspecified address (outbound) and ``tag`` names the
 held packet (0 for a new packet)."""
-
-
-@dataclass(slots=True)
-class Counters:
-    """What one divert socket did."""
-
-    received: int = 0
-    """Fetched from the kernel (``received - requeued`` were handed to the user)."""
-    accepted: int = 0
-    """Written back unchanged."""
-    modified: int = 0
-    """Written back with new bytes."""
-    dropped: int = 0
-    """Dropped on request (:meth:`DivertSocket.drop`)."""
-    expired: int = 0
-    """Not written back within the hold time, so dropped."""
-    injected: int = 0
-    """New packets written."""
-    requeued: int = 0
-    """Returned to the rules when the socket closed before reading them (they reach the other members)."""
-    redirected: int = 0
-    """Written back with another address than they came with: the held packet was dropped and the bytes
-    written anew, as incoming on that address's interface or (unspecified address) as outgoing."""
 
 
 def check_hold_time(hold_time: float) -> None:

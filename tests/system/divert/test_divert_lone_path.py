@@ -24,6 +24,10 @@ from flowsteer.errors import KernelError
 
 PORT = 5000
 COUNT = 30
+GAP = 0.01
+"""Seconds before each datagram is sent: long enough for the socket to wait again even on a busy machine
+(back to back, the next datagram would already be queued when the socket looks for a batch, and the
+socket would rightly read batches)."""
 
 
 class Alarm(Exception):
@@ -84,9 +88,12 @@ class Lone:
         self.arrived: list[bytes] = []
 
     def send(self, payloads: list[bytes], before_each: Callable[[], None] = lambda: None) -> threading.Thread:
-        """Starts the thread that sends ``payloads``; it stops at the first datagram that does not arrive."""
+        """Starts the thread that sends ``payloads``, each GAP after the previous one arrived (the first GAP
+        after the start), so that the socket is back in its wait as at a low rate; it stops at the first
+        datagram that does not arrive."""
         def run() -> None:
             for payload in payloads:
+                time.sleep(GAP)  # pacing, not synchronisation: a sender at a low rate
                 before_each()
                 self.tx.sendto(payload, (self.dst, PORT))
                 try:

@@ -804,3 +804,19 @@ def test_the_socket_core_admits_only_deliveries() -> None:
         assert sock.counters.received == 2
     finally:
         sock.close()
+
+
+def test_counters_start_at_zero_count_and_compare_like_records() -> None:
+    from flowsteer.divert.socket import Counters
+    counters = Counters()
+    assert repr(counters) == ("Counters(received=0, accepted=0, modified=0, dropped=0, expired=0, injected=0, "
+                              "requeued=0, redirected=0)")
+    counters.accepted += 2
+    counters.modified += True  # the socket adds comparisons
+    assert counters == Counters(accepted=2, modified=1) and counters != Counters(accepted=2)
+    names = ["received", "accepted", "modified", "dropped", "expired", "injected", "requeued", "redirected"]
+    assert [getattr(Counters(*range(1, 9)), name) for name in names] == list(range(1, 9))
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(counters)
+    with pytest.raises(TypeError):
+        Counters(received="1")  # type: ignore[arg-type]

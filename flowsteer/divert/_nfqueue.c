@@ -132,13 +132,19 @@ static PyObject *delivery_richcompare(PyObject *a, PyObject *b, int op) {
     Delivery *x = (Delivery *)a, *y = (Delivery *)b;
     int same = x->queue == y->queue && x->packet_id == y->packet_id && x->hook == y->hook && x->indev == y->indev
                && x->outdev == y->outdev && x->truncated == y->truncated && x->deadline == y->deadline;
-    PyObject *pairs[][2] = {{x->payload, y->payload}, {x->attrs, y->attrs}, {x->host, y->host}};
-    for (size_t i = 0; same && i < sizeof(pairs) / sizeof(pairs[0]); i++) {
-        if (pairs[i][0] == NULL || pairs[i][1] == NULL) {
-            same = pairs[i][0] == pairs[i][1];
+    size_t fields[] = {offsetof(Delivery, payload), offsetof(Delivery, attrs), offsetof(Delivery, host)};
+    for (size_t i = 0; same && i < sizeof(fields) / sizeof(fields[0]); i++) {
+        /* read each pair when it is compared, and hold it: a field's __eq__ may replace the others */
+        PyObject *u = *(PyObject **)((char *)x + fields[i]), *v = *(PyObject **)((char *)y + fields[i]);
+        if (u == NULL || v == NULL) {
+            same = u == v;
             continue;
         }
-        same = PyObject_RichCompareBool(pairs[i][0], pairs[i][1], Py_EQ);
+        Py_INCREF(u);
+        Py_INCREF(v);
+        same = PyObject_RichCompareBool(u, v, Py_EQ);
+        Py_DECREF(u);
+        Py_DECREF(v);
         if (same < 0)
             return NULL;
     }
@@ -281,6 +287,7 @@ static PyType_Spec counters_spec = {"flowsteer.divert._nfqueue.Counters", sizeof
 typedef struct {
     PyObject_HEAD
     int fd, direct_waits;
+    long long rcvtimeo;
     Py_ssize_t verdict_errors;
     PyObject *buffer, *backlog;
 } QueueCore;
@@ -352,8 +359,9 @@ static PyObject *queue_parse(PyObject *self, PyObject *args) {
     return result;
 }
 
-/* Returns what queue_receive documents. */
-static PyObject *receive_message(QueueCore *q) {
+/* Returns what queue_receive documents; sets *failed to recv's errno when the OSError raised is recv's own
+ * (not, say, an exception from a signal handler). */
+static PyObject *receive_message(QueueCore *q, int *failed) {
     if (q->buffer == NULL) {
         PyErr_SetString(PyExc_ValueError, "the queue has no receive buffer");
         return NULL;
@@ -375,7 +383,7 @@ static PyObject *receive_message(QueueCore *q) {
         int error = errno;
         if (error == EINTR && PyErr_CheckSignals() < 0)
             goto done;
-        errno = error;
+        errno = *failed = error;
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
@@ -392,7 +400,10 @@ PyDoc_STRVAR(receive_doc,
 "(BlockingIOError when the receive timeout passed, InterruptedError when a signal came and its handler did\n"
 "not raise) and ValueError for a buffer too small for a message header.");
 
-static PyObject *queue_receive(PyObject *self, PyObject *unused) { return receive_message((QueueCore *)self); }
+static PyObject *queue_receive(PyObject *self, PyObject *unused) {
+    int failed = 0;
+    return receive_message((QueueCore *)self, &failed);
+}
 
 static int queue_traverse(PyObject *self, visitproc visit, void *arg) {
     QueueCore *q = (QueueCore *)self;
@@ -423,6 +434,8 @@ static PyMemberDef queue_members[] = {
     {"_fd", T_INT, offsetof(QueueCore, fd), 0, "The netlink socket's file descriptor."},
     {"_direct_waits", T_INT, offsetof(QueueCore, direct_waits), 0,
      "How many more waits go straight to a blocking read (see NfQueue.receive)."},
+    {"_rcvtimeo", T_LONGLONG, offsetof(QueueCore, rcvtimeo), 0,
+     "The socket's SO_RCVTIMEO in microseconds (0: a receive waits as long as it takes)."},
     {"verdict_errors", T_PYSSIZET, offsetof(QueueCore, verdict_errors), 0, "Verdicts the kernel refused."},
     {"_buf", T_OBJECT_EX, offsetof(QueueCore, buffer), 0, "The buffer of a single receive."},
     {"_backlog", T_OBJECT_EX, offsetof(QueueCore, backlog), 0, "Packets read while a request waited."},
@@ -509,15 +522,19 @@ static int empty(PyObject *container) {
     return size < 0 ? -1 : size == 0;
 }
 
-/* Returns the socket's queue when nothing is fetched, held or waiting for a verdict; NULL otherwise (with
- * an exception set when one came). */
+/* Returns a new reference to the socket's queue when nothing is fetched or waiting for a verdict; NULL
+ * otherwise (with an exception set when one came). The queue is checked last: the emptiness checks may run
+ * Python code (a container's __len__), which may replace it. */
 static QueueCore *idle_queue(SocketCore *s) {
-    if (s->nfq == NULL || !PyObject_TypeCheck(s->nfq, QueueCoreType) || s->defer)
+    if (s->defer)
         return NULL;
     PyObject *containers[] = {s->ready, s->accepts, s->verdicts};
     for (size_t i = 0; i < sizeof(containers) / sizeof(containers[0]); i++)
         if (empty(containers[i]) != 1)
             return NULL;
+    if (s->nfq == NULL || !PyObject_TypeCheck(s->nfq, QueueCoreType))
+        return NULL;
+    Py_INCREF(s->nfq);
     return (QueueCore *)s->nfq;
 }
 
@@ -643,15 +660,18 @@ PyDoc_STRVAR(recvfrom_doc,
 
 static PyObject *socket_recvfrom(PyObject *self, PyObject *unused) {
     SocketCore *s = (SocketCore *)self;
-    QueueCore *q = idle_queue(s);
-    /* the compiled way: a blocking socket, nothing held (no hold time bounds the wait), a low rate */
-    if (q != NULL && s->timeout == Py_None && empty(s->held) == 1 && q->direct_waits > 0 && empty(q->backlog) == 1) {
+    /* the compiled way: a blocking socket, nothing held (no hold time bounds the wait), a low rate; the queue
+     * is held while Python code may run (a signal handler during the wait may close the socket) */
+    QueueCore *q = s->timeout == Py_None && empty(s->held) == 1 ? idle_queue(s) : NULL;
+    if (q != NULL && (q->direct_waits <= 0 || q->rcvtimeo != 0 || empty(q->backlog) != 1))
+        Py_CLEAR(q);
+    if (q != NULL) {
         q->direct_waits--;
-        Py_INCREF((PyObject *)q); /* a signal handler run during the wait may close the socket */
-        PyObject *d = receive_message(q);
+        int failed = 0;
+        PyObject *d = receive_message(q, &failed);
         Py_DECREF((PyObject *)q);
-        if (d == NULL && !PyErr_ExceptionMatches(PyExc_OSError))
-            return NULL; /* a signal handler raised */
+        if (d == NULL && !failed)
+            return NULL; /* a signal handler raised (whatever it raised), or the buffer was unusable */
         if (d != NULL && d != Py_None) {
             double now = monotonic();
             refresh_interfaces(s, now);
@@ -679,11 +699,12 @@ PyDoc_STRVAR(sendto_doc,
 "``address`` names no held packet (already answered, or its hold time passed); nothing is sent then and a\n"
 "held packet stays held. Raises KernelError when the kernel refuses a new packet.");
 
-/* Returns the held packet when ``data`` writes it back unchanged to the address it came with and it is
- * the only verdict to send now (so that it leaves at once, alone); NULL otherwise. */
-static Delivery *lone_verdict(SocketCore *s, PyObject *data, PyObject *address) {
-    if (idle_queue(s) == NULL || !PyTuple_CheckExact(address) || PyTuple_Size(address) != 2
-        || !PyBytes_CheckExact(data) || s->held == NULL || !PyDict_Check(s->held))
+/* Returns (new references) the held packet and the socket's queue when ``data`` writes the packet back
+ * unchanged to the address it came with and it is the only verdict to send now (so that it leaves at once,
+ * alone); NULL otherwise (with an exception set when one came). */
+static Delivery *lone_verdict(SocketCore *s, PyObject *data, PyObject *address, QueueCore **queue) {
+    if (!PyTuple_CheckExact(address) || PyTuple_Size(address) != 2 || !PyBytes_CheckExact(data) || s->held == NULL
+        || !PyDict_Check(s->held))
         return NULL;
     PyObject *host = PyTuple_GetItem(address, 0), *tag = PyTuple_GetItem(address, 1);
     if (!PyUnicode_CheckExact(host) || !PyLong_CheckExact(tag))
@@ -691,13 +712,18 @@ static Delivery *lone_verdict(SocketCore *s, PyObject *data, PyObject *address) 
     PyObject *found = PyDict_GetItemWithError(s->held, tag);
     if (found == NULL || !PyObject_TypeCheck(found, DeliveryType))
         return NULL;
+    Py_INCREF(found); /* the checks below may run Python code, which may take it out of the table */
     Delivery *d = (Delivery *)found;
-    if (d->host == NULL || (d->host != host && PyUnicode_Compare(d->host, host) != 0) || d->payload == NULL)
+    *queue = idle_queue(s);
+    int same = *queue != NULL && d->host != NULL && PyUnicode_CheckExact(d->host)
+               && (d->host == host || PyUnicode_Compare(d->host, host) == 0) && d->payload != NULL
+               && (d->payload == data || (PyBytes_CheckExact(d->payload) && PyBytes_Size(d->payload) == PyBytes_Size(data)
+                   && memcmp(PyBytes_AsString(d->payload), PyBytes_AsString(data), (size_t)PyBytes_Size(data)) == 0));
+    if (!same) {
+        Py_DECREF(found);
+        Py_CLEAR(*queue);
         return NULL;
-    if (d->payload != data && (!PyBytes_Check(d->payload) || PyBytes_Size(d->payload) != PyBytes_Size(data)
-                               || memcmp(PyBytes_AsString(d->payload), PyBytes_AsString(data),
-                                         (size_t)PyBytes_Size(data)) != 0))
-        return NULL;
+    }
     return d;
 }
 
@@ -708,17 +734,18 @@ static PyObject *socket_sendto(PyObject *self, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     PyObject *data = args[0], *address = args[1];
-    Delivery *d = lone_verdict(s, data, address);
+    QueueCore *q = NULL;
+    Delivery *d = lone_verdict(s, data, address, &q);
     /* counted before the send, as the Python path does: a thread that sees the packet's effect sees it
      * counted; a failed send is uncounted and left to the Python path, which meets the failure again and
      * reports it */
-    if (d != NULL && count(s, offsetof(Counters, accepted), 1) == 0) {
-        if (send_accept(((QueueCore *)s->nfq)->fd, d->queue, d->packet_id) == 0) {
-            if (hold(s, address, NULL) < 0)
-                return NULL;
-            return PyLong_FromSsize_t(PyBytes_Size(data));
-        }
-        if (count(s, offsetof(Counters, accepted), -1) < 0)
+    if (d != NULL) {
+        int sent = count(s, offsetof(Counters, accepted), 1) == 0 && send_accept(q->fd, d->queue, d->packet_id) == 0;
+        Py_DECREF((PyObject *)d);
+        Py_DECREF((PyObject *)q);
+        if (sent)
+            return hold(s, address, NULL) < 0 ? NULL : PyLong_FromSsize_t(PyBytes_Size(data));
+        if (!PyErr_Occurred() && count(s, offsetof(Counters, accepted), -1) < 0)
             return NULL;
     }
     if (PyErr_Occurred())

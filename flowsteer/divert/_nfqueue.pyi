@@ -49,6 +49,7 @@ class Counters:
 class QueueCore:
     _fd: int
     _direct_waits: int
+    _rcvtimeo: int
     verdict_errors: int
     _buf: bytearray
     _backlog: list[Delivery]

@@ -113,6 +113,7 @@ class NfQueue(_nfqueue.QueueCore):
     def close(self) -> None:
         """Closes the socket; the kernel unbinds its queues and drops the packets they hold."""
         self.sock.close()
+        self._fd = -1  # the number may soon name another file: nothing compiled may use it
 
     def bind(self, queue: int, *, fail_open: bool, maxlen: int, conntrack: bool = False) -> None:
         """Binds ``queue`` to this socket and configures it (whole packets up to 64 KiB, GSO kept whole,

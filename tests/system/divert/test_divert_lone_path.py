@@ -229,6 +229,17 @@ def test_a_signal_during_the_compiled_wait(peer: Peer) -> None:
         with pytest.raises(Alarm):
             sock.recvfrom()
         assert paths.reads == reads  # the wait it ended was the compiled one
+
+        def timed_out(_signum: int, _frame: FrameType | None) -> None:
+            raise TimeoutError("the handler's own")
+        previous = signal.signal(signal.SIGALRM, timed_out)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)  # an OSError from the handler is not the receive's
+            with pytest.raises(TimeoutError, match="the handler's own"):
+                sock.recvfrom()
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+        assert paths.reads == reads
         rang = threading.Event()
         previous = signal.signal(signal.SIGALRM, lambda *_: rang.set())
         try:
@@ -243,7 +254,7 @@ def test_a_signal_during_the_compiled_wait(peer: Peer) -> None:
         assert lone.arrived[arrived:] == [b"after the signal"]
 
 
-def test_a_verdict_the_kernel_refuses_on_the_compiled_path_is_reported(peer: Peer) -> None:
+def test_a_verdict_whose_send_fails_on_the_compiled_path_is_reported_and_counted_once(peer: Peer) -> None:
     with inbound(peer) as (sock, lone, paths), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unconnected:
         sender = lone.send([b"refused"])
         data, address = sock.recvfrom()
@@ -256,6 +267,7 @@ def test_a_verdict_the_kernel_refuses_on_the_compiled_path_is_reported(peer: Pee
             queue._fd = netlink_fd
         assert (exc.value.message, exc.value.errno) == ("sending verdicts", errno.EDESTADDRREQ)
         assert paths.writes == 1  # the compiled send failed; the Python path met the failure and named it
+        assert sock.counters.accepted == 1  # counted by the Python path alone (it counts before its send)
         lone.rx.settimeout(0.2)
         sender.join(5)
         assert lone.arrived == []

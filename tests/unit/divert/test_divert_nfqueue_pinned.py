@@ -820,3 +820,9 @@ def test_counters_start_at_zero_count_and_compare_like_records() -> None:
         hash(counters)
     with pytest.raises(TypeError):
         Counters(received="1")  # type: ignore[arg-type]
+
+
+def test_a_closed_queue_forgets_its_file_descriptor() -> None:
+    q = NfQueue()
+    q.close()
+    assert q._fd == -1  # the number may be reused by the next socket opened

@@ -290,7 +290,7 @@ class DivertSocket(_nfqueue.SocketCore):
         else:
             raw, mark = data, None
         if type(address) is tuple and len(address) == 2 and type(address[1]) is int:
-            host, tag = address  # the common case, checked inline: this runs for every packet
+            host, tag = address  # the common case, checked inline: every packet of a batch comes here
         else:
             tag = _tag(address)
             host = address if isinstance(address, str) else address[0]  # type: ignore[assignment]

@@ -51,6 +51,12 @@ RING = 64
 """Receive slots: messages read per system call."""
 DIRECT_WAITS = 8
 """How many waits go straight to a blocking read after a batch read found the queue empty."""
+MIN_RCVBUF = 8 << 20
+"""The netlink receive buffer's least size, in bytes (the kernel doubles what is set, for its bookkeeping)."""
+RCVBUF_PER_PACKET = 2 << 10
+"""Receive buffer set aside per queued packet: doubled by the kernel, it holds one full-size Ethernet
+packet's message (about 2.3 KiB of buffer for 1400 bytes, 0.8 KiB for 64)."""
+MAX_RCVBUF = 1 << 30
 _BUFSIZE = SLOT
 _NLHDR = struct.Struct("=IHHII")
 _VERDICT = struct.Struct("=IHHIIBBHHHII")
@@ -73,6 +79,13 @@ class Verdict:
     """A new packet mark (None keeps the mark)."""
 
 
+def rcvbuf_for(maxlen: int) -> int:
+    """Returns the receive buffer (bytes, as set; the kernel doubles it) that holds ``maxlen`` queued
+    packets of up to full Ethernet size: RCVBUF_PER_PACKET each, MIN_RCVBUF at least, MAX_RCVBUF at most.
+    A smaller buffer than the queue's length would make the kernel drop packets the queue has room for."""
+    return max(MIN_RCVBUF, min(MAX_RCVBUF, maxlen * RCVBUF_PER_PACKET))
+
+
 class NfQueue(_nfqueue.QueueCore):
     """A netlink socket speaking nfnetlink_queue in the calling thread's network namespace.
 
@@ -81,7 +94,7 @@ class NfQueue(_nfqueue.QueueCore):
     ``verdict_errors``. Raises KernelError (with errno) when the socket cannot be made.
     """
 
-    def __init__(self, rcvbuf: int = 8 << 20) -> None:
+    def __init__(self, rcvbuf: int = MIN_RCVBUF) -> None:
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                       NETLINK_NETFILTER)

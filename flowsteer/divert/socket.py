@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from flowsteer.divert import _nfqueue, control, netfilter
 from flowsteer.divert._nfqueue import Counters  # what a socket did (compiled: a lone packet counts without Python)
 from flowsteer.divert.inject import inject_incoming, local_addresses
-from flowsteer.divert.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Delivery, NfQueue, Verdict
+from flowsteer.divert.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Delivery, NfQueue, Verdict, rcvbuf_for
 from flowsteer.divert.packet import Origin, Packet, finalize
 from flowsteer.divert.ports import SLOTS, allocate_block, bound_queues, port_state, queue_number
 from flowsteer.divert.rules import check_divert_port
@@ -75,7 +75,8 @@ class DivertSocket(_nfqueue.SocketCore):
 
     ``hold_time`` bounds how long a read packet waits for ``sendto`` before it is dropped (seconds,
     0.001..60); ``queue_maxlen`` is how many packets the kernel holds for this socket per queue before
-    it drops (or, for fail-open rules, accepts) more; ``batch`` is how many packets one read fetches;
+    it drops (or, for fail-open rules, accepts) more (the socket's receive buffer is sized to hold them:
+    :func:`flowsteer.divert.nfqueue.rcvbuf_for`); ``batch`` is how many packets one read fetches;
     ``conntrack`` asks the kernel for each packet's connection state and id (it costs the kernel some
     work per packet, so it is off unless asked for).
     Like a socket, it belongs to the network namespace of the thread that creates it: binding, closing and
@@ -158,7 +159,7 @@ class DivertSocket(_nfqueue.SocketCore):
                 raise kernel_error(what, errno.ENOSPC, f"the group already has {SLOTS} members")
             slot = min(set(range(SLOTS)) - set(state.members)) if self._lb else 0
             slots = [slot] if self._lb else list(range(SLOTS))
-            nfq = NfQueue()
+            nfq = NfQueue(rcvbuf_for(self.queue_maxlen))
             try:
                 for s in slots:
                     for fail_open in (False, True):

@@ -9,12 +9,14 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from divert_net import Peer, Pump, bound, ping_here, veth
 
 from flowsteer.divert import control
 from flowsteer.divert.packet import Packet
+from flowsteer.divert.ports import QueueStats, bound_queues
 from flowsteer.divert.rules import Rule
 from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket
 from flowsteer.errors import FlowsteerError, InvalidInput, PermissionDenied
@@ -206,6 +208,36 @@ def test_full_queue_drops_or_with_fail_open_accepts(peer: Peer, fail_open: bool)
                                "-W", "1", peer.b4], capture_output=True, text=True, timeout=20)
         received = int(ping.stdout.split(" received")[0].rsplit(" ", 1)[1])
         assert received == (3 if fail_open else 0)
+
+
+def test_a_deep_queue_holds_as_many_full_size_packets_as_its_length(peer: Peer) -> None:
+    """The receive buffer grows with queue_maxlen: 10,000 held 1400-byte packets need about 23 MB of it, more
+    than the 16 MB a fixed 8 MiB buffer gives (the kernel then drops them: user_dropped)."""
+    add("in proto udp to any port 9 divert-packet port 7")
+    count, payload = 10_000, bytes(1400 - 28)
+    with DivertSocket(queue_maxlen=count, hold_time=30) as sock:
+        sock.bind(7)  # not read until every packet is queued
+        tx = peer.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with tx:
+            for chunk in range(0, count, 500):  # chunks the veth backlog (1,000 by default) takes whole
+                for _ in range(500):
+                    tx.sendto(payload, (peer.b4, 9))
+                queued = wait_queued(chunk + 500)
+        assert (queued.held, queued.user_dropped, queued.dropped) == (count, 0, 0)
+        sock.settimeout(2)
+        assert sum(len(sock.recv_batch(1000)) for _ in range(count // 1000)) == count
+
+
+def wait_queued(total: int) -> QueueStats:
+    """Returns the stats of the one queue holding packets once it holds, or dropped, ``total`` in all (at
+    most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        busy = [q for q in bound_queues().values() if q.sequence]
+        if len(busy) == 1 and busy[0].held + busy[0].dropped + busy[0].user_dropped >= total:
+            return busy[0]
+        assert time.monotonic() < deadline, f"the queue did not reach {total} packets: {busy}"
+        time.sleep(0.005)
 
 
 def test_new_outbound_packets_are_written_and_skip_the_rules(peer: Peer) -> None:

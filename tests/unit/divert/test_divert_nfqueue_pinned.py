@@ -826,3 +826,10 @@ def test_a_closed_queue_forgets_its_file_descriptor() -> None:
     q = NfQueue()
     q.close()
     assert q._fd == -1  # the number may be reused by the next socket opened
+
+
+def test_the_receive_buffer_holds_the_queue_length_within_its_bounds() -> None:
+    assert nfqueue.rcvbuf_for(1) == nfqueue.rcvbuf_for(4096) == nfqueue.MIN_RCVBUF == 8 << 20
+    assert nfqueue.rcvbuf_for(4097) == 4097 * 2048
+    assert nfqueue.rcvbuf_for(1 << 20) == nfqueue.rcvbuf_for(1 << 19) == nfqueue.MAX_RCVBUF == 1 << 30
+    assert nfqueue.rcvbuf_for((1 << 19) - 1) == ((1 << 19) - 1) * 2048

@@ -21,7 +21,13 @@ Sender and receiver run on CPU 0, single consumers on CPU 1 (``taskset``); serve
 (but the identity serve row is). For the batched C consumer and the flowsteer socket the offered rate is
 also bisected (paced sender) for the highest rate delivered with < 1% loss, each rate judged by the
 median of --repeat runs. Delivered packets per second are counted by a C receiver; loss is the share of
-sent packets that never arrived.
+sent packets that never arrived. Flooded, every consumer delivers about what CPU 0 can send and receive
+(the no-divert row), so those rows and their ratios say little about the consumers themselves.
+
+What a consumer can deliver is measured by draining: each single consumer is started with room for
+DRAIN_PACKETS queued packets (queue length and receive buffer), stopped (SIGSTOP) while that many arrive,
+then let go; its rate is the packets it delivered over the time between the first and the last one's
+arrival at the receiver. The sender is then out of the way, and the targets' ratios use these rates.
 Latency is one-way (sender and receiver sockets live in this process), at a low rate: one packet at a
 time, each sent LATENCY_GAP after the previous one arrived, so that every consumer is idle when a packet
 comes (back to back, a consumer's work after its verdict would delay the next packet too); "added" is the
@@ -51,7 +57,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from flowsteer.divert import control, netfilter  # noqa: E402
 from flowsteer.divert.packet import Packet  # noqa: E402
-from flowsteer.divert.ports import queue_number  # noqa: E402
+from flowsteer.divert.nfqueue import rcvbuf_for  # noqa: E402
+from flowsteer.divert.ports import bound_queues, queue_number  # noqa: E402
 from flowsteer.divert.rules import Rule  # noqa: E402
 from flowsteer.kernel.netns import NamedNetns  # noqa: E402
 
@@ -68,12 +75,20 @@ WORK_ROUNDS = 3000
 SEARCH_STEPS = 5
 LATENCY_GAP = 0.001
 """Seconds between a latency packet's arrival and the next one's sending (a low rate: under 1,000/s)."""
+FLOOD_MAXLEN = 1024
+"""Queue length of the consumers under flood (packets held for a verdict before the kernel drops)."""
+DRAIN_PACKETS = 20_000
+DRAIN_MAXLEN = 32_768
+"""Queue length of the consumers that drain DRAIN_PACKETS (their receive buffer is sized for it)."""
+DRAIN_RATE = 100_000.0
+"""Rate at which the drained packets are queued (the stopped consumer's queue takes them all)."""
 PAIRED_ROUNDS = 24
 """Rounds of the paired latency comparison: each measures the socket and NetfilterQueue one after the other
 (the order alternating), so that the machine's drift over minutes does not decide the difference. Single
 rounds differ by up to ±20 µs on a busy 2-core VM, and the median of 8 moved by 7–8 µs between two runs."""
 BATCHED_C = "C libnetfilter_queue, batched verdicts"
 SOCKET = "flowsteer socket"
+NETFILTERQUEUE_ROW = "python NetfilterQueue"
 SERVE_IDENTITY = "flowsteer serve 1 (identity handler)"
 
 C_TOOLS = r"""
@@ -142,7 +157,7 @@ static int do_send(char **argv) {
     return 0;
 }
 
-/* recv ADDR PORT: count datagrams until SIGTERM. */
+/* recv ADDR PORT: count datagrams until SIGTERM; prints the count and the times of the first and last. */
 static int do_recv(char **argv) {
     int fd = socket(AF_INET, SOCK_DGRAM, 0), big = 16 << 20;
     struct sockaddr_in me = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
@@ -161,11 +176,16 @@ static int do_recv(char **argv) {
     }
     printf("ready\n");
     fflush(stdout);
+    double first = 0, last = 0;
     while (!stop) {
         int n = recvmmsg(fd, msgs, 64, 0, NULL);
-        if (n > 0) count += n;
+        if (n > 0) {
+            last = now();
+            if (!count) first = last;
+            count += n;
+        }
     }
-    printf("%llu\n", count);
+    printf("%llu %.9f %.9f\n", count, first, last);
     return 0;
 }
 
@@ -194,17 +214,17 @@ static int on_packet_batched(struct nfq_q_handle *qh, struct nfgenmsg *msg, stru
     return 0;
 }
 
-/* nfq QUEUE [batched]: accept every packet of QUEUE until SIGTERM. */
+/* nfq QUEUE MAXLEN RCVBUF [batched]: accept every packet of QUEUE until SIGTERM. */
 static int do_nfq(char **argv) {
     struct nfq_handle *h = nfq_open();
     if (!h) { perror("nfq_open"); return 1; }
-    int batched = argv[1] != NULL && !strcmp(argv[1], "batched");
+    int batched = argv[3] != NULL && !strcmp(argv[3], "batched");
     struct nfq_q_handle *qh = nfq_create_queue(h, atoi(argv[0]), batched ? &on_packet_batched : &on_packet, NULL);
     if (!qh) { perror("nfq_create_queue"); return 1; }
     batch_qh = qh;
     nfq_set_mode(qh, NFQNL_COPY_PACKET, 0xffff);
-    nfq_set_queue_maxlen(qh, 1024);
-    nfnl_rcvbufsiz(nfq_nfnlh(h), 8 << 20);
+    nfq_set_queue_maxlen(qh, atoi(argv[1]));
+    nfnl_rcvbufsiz(nfq_nfnlh(h), atoi(argv[2]));
     int fd = nfq_fd(h), one = 1;
     setsockopt(fd, SOL_NETLINK, NETLINK_NO_ENOBUFS, &one, sizeof(one));
     struct timeval tv = {0, 100000};
@@ -232,7 +252,7 @@ int main(int argc, char **argv) {
     signal(SIGINT, on_signal);
     if (argc >= 8 && !strcmp(argv[1], "send")) return do_send(argv + 2);
     if (argc >= 4 && !strcmp(argv[1], "recv")) return do_recv(argv + 2);
-    if (argc >= 3 && !strcmp(argv[1], "nfq")) return do_nfq(argv + 2);
+    if (argc >= 5 && !strcmp(argv[1], "nfq")) return do_nfq(argv + 2);
     fprintf(stderr, "usage: send|recv|nfq ...\n");
     return 2;
 }
@@ -247,7 +267,7 @@ def accept(packet):
     count += 1
     packet.accept()
 q = NetfilterQueue()
-q.bind(int(sys.argv[1]), accept, max_len=1024, sock_len=8 << 20)
+q.bind(int(sys.argv[1]), accept, max_len=int(sys.argv[2]), sock_len=int(sys.argv[3]))
 signal.signal(signal.SIGTERM, lambda *a: q.unbind() or print(count, flush=True) or sys.exit(0))
 print("ready", flush=True)
 q.run()
@@ -259,8 +279,8 @@ import fnfqueue
 conn = fnfqueue.Connection()
 queue = conn.bind(int(sys.argv[1]))
 queue.set_mode(0xFFFF, fnfqueue.COPY_PACKET)
-queue.set_maxlen(1024)
-socket.socket(fileno=os.dup(conn._conn.fd)).setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+queue.set_maxlen(int(sys.argv[2]))
+socket.socket(fileno=os.dup(conn._conn.fd)).setsockopt(socket.SOL_SOCKET, 33, int(sys.argv[3]))  # SO_RCVBUFFORCE
 count = 0
 signal.signal(signal.SIGTERM, lambda *a: print(count, flush=True) or os._exit(0))
 print("ready", flush=True)
@@ -272,7 +292,7 @@ for packet in conn:
 FLOWSTEER_SOCKET = r"""
 import signal, sys
 from flowsteer.divert.socket import DivertSocket
-sock = DivertSocket()
+sock = DivertSocket(queue_maxlen=int(sys.argv[2]))
 sock.bind(int(sys.argv[1]))
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 print("ready", flush=True)
@@ -385,8 +405,42 @@ def throughput(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, seconds: 
         sent = int(snd.run(argv, timeout=seconds + 30).stdout)
         time.sleep(0.3)  # let queued packets drain to the receiver
     finally:
-        got = int(stopped(receiver).split()[-1])
+        got = int(stopped(receiver).split()[-3])
     return got / seconds, 1 - got / sent if sent else 1.0
+
+
+def drained(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, start: Starter) -> tuple[float, float]:
+    """Returns (delivered packets/s, loss fraction) of a consumer emptying a queue of DRAIN_PACKETS packets:
+    started by ``start`` with room for them, stopped while they are queued, then let go; timed by the
+    receiver, from the first packet's arrival to the last one's. Raises RuntimeError when the kernel did not
+    queue what was sent (within 10 s)."""
+    consumer, _pids = start(DRAIN_MAXLEN)
+    assert consumer is not None
+    receiver = started([*TRAFFIC_CPU, tool, "recv", DST, str(DPORT)], rcv)
+    try:
+        os.kill(consumer.pid, signal.SIGSTOP)  # ip netns exec and taskset exec it: the pid is the consumer's
+        argv = [*TRAFFIC_CPU, tool, "send", DST, str(DPORT), str(size), str(DRAIN_PACKETS / DRAIN_RATE),
+                str(DRAIN_RATE), "1"]
+        sent = int(snd.run(argv, timeout=60).stdout)
+        deadline = time.monotonic() + 10
+        while (held := queued(rcv)) < sent:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{held} of {sent} packets were queued for the stopped consumer")
+            time.sleep(0.01)
+        os.kill(consumer.pid, signal.SIGCONT)
+        while queued(rcv) and time.monotonic() < deadline + 10:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the last verdicts' packets reach the receiver
+    finally:
+        got, first, last = stopped(receiver).split()[-3:]
+        stopped(consumer)
+    return (int(got) - 1) / (float(last) - float(first)), 1 - int(got) / held
+
+
+def queued(rcv: NamedNetns) -> int:
+    """Returns how many packets the kernel holds (or dropped) in the queues of ``rcv``."""
+    with rcv.entered():
+        return sum(q.held + q.dropped + q.user_dropped for q in bound_queues().values())
 
 
 def sustained(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, seconds: float,
@@ -442,8 +496,9 @@ def latency(snd: NamedNetns, rcv: NamedNetns, size: int, count: int) -> tuple[fl
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
 
 
-Starter = Callable[[], tuple[subprocess.Popen[str] | None, list[int]]]
-"""Starts a consumer; returns its process (None: no consumer) and the pids whose CPU time counts."""
+Starter = Callable[[int], tuple[subprocess.Popen[str] | None, list[int]]]
+"""Starts a consumer with a queue of the given length; returns its process (None: no consumer) and the pids
+whose CPU time counts."""
 
 
 def paired_latency(snd: NamedNetns, rcv: NamedNetns, size: int, samples: int, first: Starter,
@@ -455,7 +510,7 @@ def paired_latency(snd: NamedNetns, rcv: NamedNetns, size: int, samples: int, fi
     for round_ in range(PAIRED_ROUNDS):
         p50 = {}
         for which in ((first, second) if round_ % 2 == 0 else (second, first)):
-            consumer, _pids = which()
+            consumer, _pids = which(FLOOD_MAXLEN)
             assert consumer is not None
             try:
                 p50[which] = latency(snd, rcv, size, samples)[0]
@@ -482,32 +537,35 @@ def main() -> None:
         with rcv.entered():
             control.add(Rule.parse(f"in proto udp to {DST} divert-packet port {PORT}"))
             queue = queue_number(netfilter.read().blocks[PORT], 0, False)
-        def single(argv: list[str]) -> Starter:
-            def start() -> tuple[subprocess.Popen[str], list[int]]:
-                proc = started([*CONSUMER_CPU, *argv], rcv)
+        def single(argv: list[str], *extra: str) -> Starter:
+            """A consumer started as ``argv`` + queue length + receive buffer (for the socket: + queue
+            length) + ``extra``."""
+            def start(maxlen: int) -> tuple[subprocess.Popen[str], list[int]]:
+                sizes = [str(maxlen)] if argv[-1] == str(PORT) else [str(maxlen), str(rcvbuf_for(maxlen))]
+                proc = started([*CONSUMER_CPU, *argv, *sizes, *extra], rcv)
                 return proc, [proc.pid]
             return start
 
         netfilterqueue = single([sys.executable, "-c", NETFILTERQUEUE, str(queue)])
         flowsteer_socket = single([sys.executable, "-c", FLOWSTEER_SOCKET, str(PORT)])
-        consumers: list[tuple[str, Starter, float]] = [
-            ("no divert", lambda: (None, []), FLOOD),
-            ("C libnetfilter_queue", single([tool, "nfq", str(queue)]), FLOOD),
-            (BATCHED_C, single([tool, "nfq", str(queue), "batched"]), FLOOD),
-            ("python NetfilterQueue", netfilterqueue, FLOOD),
-            ("python fnfqueue", single([sys.executable, "-c", FNFQUEUE, str(queue)]), FLOOD),
-            (SOCKET, flowsteer_socket, FLOOD),
-            (SERVE_IDENTITY, lambda: serve_started(rcv, 1, "identity", CONSUMER_CPU), FLOOD),
-            ("flowsteer serve 1 (handler work)", lambda: serve_started(rcv, 1), PACED),
-            ("flowsteer serve 2 (handler work)", lambda: serve_started(rcv, 2), PACED),
+        consumers: list[tuple[str, Starter, float, bool]] = [  # name, starter, offered rate, drained
+            ("no divert", lambda _: (None, []), FLOOD, False),
+            ("C libnetfilter_queue", single([tool, "nfq", str(queue)]), FLOOD, True),
+            (BATCHED_C, single([tool, "nfq", str(queue)], "batched"), FLOOD, True),
+            (NETFILTERQUEUE_ROW, netfilterqueue, FLOOD, True),
+            ("python fnfqueue", single([sys.executable, "-c", FNFQUEUE, str(queue)]), FLOOD, True),
+            (SOCKET, flowsteer_socket, FLOOD, True),
+            (SERVE_IDENTITY, lambda _: serve_started(rcv, 1, "identity", CONSUMER_CPU), FLOOD, False),
+            ("flowsteer serve 1 (handler work)", lambda _: serve_started(rcv, 1), PACED, False),
+            ("flowsteer serve 2 (handler work)", lambda _: serve_started(rcv, 2), PACED, False),
         ]
-        for name, start, rate in consumers:
+        for name, start, rate, drains in consumers:
             for size in (64, 1400):
                 if name == "no divert":
                     with rcv.entered():
                         saved = control.rules()
                         control.flush()
-                consumer, pids = start()
+                consumer, pids = start(FLOOD_MAXLEN)
                 try:
                     runs = [measure(tool, snd, rcv, size, args.seconds, rate, pids) for _ in range(args.repeat)]
                     p50, p99 = latency(snd, rcv, size, args.latency_samples)
@@ -522,17 +580,23 @@ def main() -> None:
                         with rcv.entered():
                             for rule in saved:
                                 control.add(rule)
+                if drains:
+                    drain_runs = sorted(drained(tool, snd, rcv, size, start) for _ in range(args.repeat))
+                    row_drain = drain_runs[len(drain_runs) // 2]
                 median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 row = {"consumer": name, "size": size, "pps": round(median["pps"]),
                        "loss": round(median["loss"], 3), "cpu_us": round(median["cpu_us"], 2),
                        "p50_us": round(p50, 1), "p99_us": round(p99, 1), "offered": rate}
+                if drains:
+                    row["drained"] = {"pps": round(row_drain[0]), "loss": round(row_drain[1], 4)}
                 if name in (BATCHED_C, SOCKET):
                     row["sustained"] = None if best is None else \
                         {"offered": round(best[0]), "pps": round(best[1]), "loss": round(best[2], 4)}
                 results["rows"].append(row)
                 print(f"{name:34} {size:5}B {row['pps']:10} pkt/s  loss {row['loss']:6.1%}  "
                       f"cpu {row['cpu_us']:5.2f} us/pkt  p50 {p50:7.1f} us  p99 {p99:7.1f} us"
-                      + (f"  sustained {best[1]:,.0f} pkt/s at {best[2]:.2%} loss" if best else ""),
+                      + (f"  sustained {best[1]:,.0f} pkt/s at {best[2]:.2%} loss" if best else "")
+                      + (f"  drained {row_drain[0]:,.0f} pkt/s" if drains else ""),
                       file=sys.stderr, flush=True)
         results["paired_p50_us"] = {
             size: round(paired_latency(snd, rcv, size, args.latency_samples // 4, flowsteer_socket, netfilterqueue), 1)
@@ -551,13 +615,18 @@ def ratios(rows: list[dict[str, Any]], paired_p50_us: dict[int, float]) -> dict[
     by = {(r["consumer"], r["size"]): r for r in rows}
     out = {}
     for size in (64, 1400):
-        sock, nfq = by[(SOCKET, size)], by[("python NetfilterQueue", size)]
+        sock, nfq = by[(SOCKET, size)], by[(NETFILTERQUEUE_ROW, size)]
         batched = by[(BATCHED_C, size)]
-        out[f"socket/batched C {size}B (target >= 0.9)"] = round(sock["pps"] / batched["pps"], 2)
+        drained = {name: by[(name, size)]["drained"]["pps"] for name in (SOCKET, BATCHED_C, NETFILTERQUEUE_ROW)}
+        out[f"socket/batched C drained {size}B (target >= 0.9)"] = round(drained[SOCKET] / drained[BATCHED_C], 2)
+        out[f"socket/NetfilterQueue drained {size}B (target >= 2)"] = round(
+            drained[SOCKET] / drained[NETFILTERQUEUE_ROW], 2)
+        out[f"batched C/NetfilterQueue drained {size}B"] = round(drained[BATCHED_C] / drained[NETFILTERQUEUE_ROW], 2)
+        out[f"socket/batched C flooded {size}B"] = round(sock["pps"] / batched["pps"], 2)
         if sock["sustained"] and batched["sustained"]:
             out[f"socket/batched C at < 1% loss {size}B"] = round(
                 sock["sustained"]["pps"] / batched["sustained"]["pps"], 2)
-        out[f"socket/NetfilterQueue {size}B (target >= 2)"] = round(sock["pps"] / nfq["pps"], 2)
+        out[f"socket/NetfilterQueue flooded {size}B"] = round(sock["pps"] / nfq["pps"], 2)
         out[f"socket/fnfqueue {size}B"] = round(sock["pps"] / by[("python fnfqueue", size)]["pps"], 2)
         out[f"socket/C per-packet {size}B"] = round(sock["pps"] / by[("C libnetfilter_queue", size)]["pps"], 2)
         out[f"added p50 socket - NetfilterQueue {size}B, us, paired rounds (target <= 0)"] = paired_p50_us[size]
@@ -576,8 +645,8 @@ def report(results: dict[str, Any]) -> str:
     lines = [f"{results['date']}, nproc {results['nproc']}, kernel {results['kernel']}, load average "
              f"{load[0]} at the start and {load[1]} at the end", "",
              "| consumer | packet | offered pkt/s | delivered pkt/s | loss | highest rate with < 1% loss (paced) "
-             "| consumer CPU per packet | one-way p50 / p99 | added p50 / p99 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| drained pkt/s (loss) | consumer CPU per packet | one-way p50 / p99 | added p50 / p99 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         b = base[r["size"]]
         added = "" if r["consumer"] == "no divert" else \
@@ -586,8 +655,9 @@ def report(results: dict[str, Any]) -> str:
         best = r.get("sustained", "")
         held = f"{best['pps']:,} ({best['loss']:.2%} at {best['offered']:,})" if best else \
             ("none: >= 1% loss at a tenth of the flood rate" if best is None else "")
+        drained = f"{r['drained']['pps']:,} ({r['drained']['loss']:.1%})" if "drained" in r else ""
         lines.append(f"| {r['consumer']} | {r['size']} B | {r['offered']:,.0f} | {r['pps']:,} | {r['loss']:.1%} | "
-                     f"{held} | {cpu} | {r['p50_us']:.1f} / {r['p99_us']:.1f} us | {added} |")
+                     f"{held} | {drained} | {cpu} | {r['p50_us']:.1f} / {r['p99_us']:.1f} us | {added} |")
     lines += ["", *(f"- {k}: **{v}{'' if ' us' in k else 'x'}**" for k, v in results["ratios"].items())]
     return "\n".join(lines)
 

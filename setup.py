@@ -50,7 +50,7 @@ class BuildPyWithBpf(build_py):
 
 # -Wall without -Werror: a user's newer compiler may warn about what this one does not
 NFQUEUE_EXTENSION = Extension("flowsteer.divert._nfqueue", ["flowsteer/divert/_nfqueue.c"], py_limited_api=True,
-                              extra_compile_args=["-Wall"])
+                              extra_compile_args=["-Wall", "-Werror=implicit-function-declaration"])
 
 setup(cmdclass={"build_py": BuildPyWithBpf}, ext_modules=[NFQUEUE_EXTENSION],
       options={"bdist_wheel": {"py_limited_api": "cp311"}})

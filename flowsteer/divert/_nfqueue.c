@@ -8,16 +8,20 @@
  *
  * - Delivery: one queued packet and what the socket adds to it (its hold deadline and address host);
  * - Counters: what one divert socket did;
- * - QueueCore, the base of nfqueue.NfQueue: the parse of a queue message and the blocking receive;
- * - SocketCore, the base of socket.DivertSocket: recvfrom and sendto for a lone packet (nothing else
- *   fetched, held or waiting for a verdict, a blocking socket, a queue at a low rate), without a line
- *   of Python; every other case goes to the Python methods _recvfrom and _sendto. Its _admit gives
- *   fetched packets their deadline and address, for both paths.
+ * - QueueCore, the base of nfqueue.NfQueue: the parse of a queue message, the batch read (recvmmsg)
+ *   and the blocking receive;
+ * - SocketCore, the base of socket.DivertSocket: recvfrom and sendto without a line of Python for a lone
+ *   packet (nothing else fetched, held or waiting for a verdict, a blocking socket, a queue at a low
+ *   rate: its accept leaves at once) and for each packet of a batch already fetched (written back
+ *   unchanged, its accept joins the batch's verdicts). Fetching a batch (the Python _fill), changed
+ *   bytes, drops, new packets and the batch's verdicts (flush) go to Python. Its _admit gives fetched
+ *   packets their deadline and address, for both paths.
  *
  * The wire layout (linux/netfilter/nfnetlink_queue.h): struct nlmsghdr (native order), struct nfgenmsg
  * with a big-endian queue number, then attributes (native u16 length and type, big-endian values), the
  * first NFQA_PACKET_HDR {be32 packet_id, be16 hw_protocol, u8 hook} and the last NFQA_PAYLOAD.
  */
+#define _GNU_SOURCE /* recvmmsg */
 #define PY_SSIZE_T_CLEAN
 #define Py_LIMITED_API 0x030B0000
 #include <Python.h>
@@ -41,11 +45,13 @@
 #define PACKET_HDR_AT (NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(struct nfgenmsg)) + NLA_HDRLEN)
 #define ATTRS_AT (PACKET_HDR_AT + NLA_ALIGN(sizeof(struct nfqnl_msg_packet_hdr)))
 #define INTERFACE_CACHE_SECONDS 1.0 /* socket.py's _IF_CACHE_SECONDS */
+#define RING 64                      /* receive slots: messages read per recvmmsg */
+#define SLOT (0xFFFF + 4096)         /* bytes per slot: a whole packet (64 KiB at most) with its headers */
 
 static PyTypeObject *DeliveryType, *CountersType, *QueueCoreType, *SocketCoreType;
 /* Made once: the unspecified hosts, an empty bytes, the names this file calls or counts by */
-static PyObject *unspecified4, *unspecified6, *empty_bytes, *empty_str, *name_append, *name_interface, *name_recvfrom,
-    *name_sendto;
+static PyObject *unspecified4, *unspecified6, *empty_bytes, *empty_str, *name_append, *name_interface, *name_fill,
+    *name_sendto, *name_popleft, *name_flush;
 
 static uint16_t native16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static uint32_t native32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -290,6 +296,10 @@ typedef struct {
     long long rcvtimeo;
     Py_ssize_t verdict_errors;
     PyObject *buffer, *backlog;
+    /* the batch reads' RING slots (allocated at the first, zeroed: pages are touched only when used) */
+    char *ring;
+    struct mmsghdr *headers;
+    struct iovec *iovecs;
 } QueueCore;
 
 /* Returns the Delivery of the message at ``p`` (``received`` bytes came), or None for another message
@@ -405,6 +415,64 @@ static PyObject *queue_receive(PyObject *self, PyObject *unused) {
     return receive_message((QueueCore *)self, &failed);
 }
 
+/* Gives ``q`` its receive slots; returns 0, or -1 with MemoryError set. */
+static int make_ring(QueueCore *q) {
+    q->ring = PyMem_Calloc(RING, SLOT);
+    q->headers = PyMem_Calloc(RING, sizeof(struct mmsghdr));
+    q->iovecs = PyMem_Calloc(RING, sizeof(struct iovec));
+    if (q->ring == NULL || q->headers == NULL || q->iovecs == NULL) {
+        PyMem_Free(q->ring);
+        PyMem_Free(q->headers);
+        PyMem_Free(q->iovecs);
+        q->ring = NULL;
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (size_t i = 0; i < RING; i++) {
+        q->iovecs[i] = (struct iovec){.iov_base = q->ring + i * SLOT, .iov_len = SLOT};
+        q->headers[i].msg_hdr.msg_iov = &q->iovecs[i];
+        q->headers[i].msg_hdr.msg_iovlen = 1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(read_waiting_doc,
+"_read_waiting(out, limit) -> None\n\n"
+"Appends to the list ``out`` the packets already waiting on ``_fd``, until it holds ``limit``, without\n"
+"blocking: RING messages at most per recvmmsg, each parsed as _parse() does. Raises OSError when recvmmsg\n"
+"fails (not for nothing waiting), MemoryError when the slots cannot be allocated.");
+
+static PyObject *queue_read_waiting(PyObject *self, PyObject *args) {
+    QueueCore *q = (QueueCore *)self;
+    PyObject *out;
+    Py_ssize_t limit, have;
+    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &out, &limit))
+        return NULL;
+    if (q->ring == NULL && make_ring(q) < 0)
+        return NULL;
+    while ((have = PyList_Size(out)) < limit) {
+        unsigned want = limit - have < RING ? (unsigned)(limit - have) : RING;
+        int got = recvmmsg(q->fd, q->headers, want, MSG_DONTWAIT, NULL);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                break;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        for (int i = 0; i < got; i++) {
+            PyObject *d = parse_message(q, (const uint8_t *)q->ring + (size_t)i * SLOT, q->headers[i].msg_len);
+            if (d == NULL)
+                return NULL;
+            int failed = d != Py_None && PyList_Append(out, d) < 0;
+            Py_DECREF(d);
+            if (failed)
+                return NULL;
+        }
+        if ((unsigned)got < want)
+            break;
+    }
+    Py_RETURN_NONE;
+}
+
 static int queue_traverse(PyObject *self, visitproc visit, void *arg) {
     QueueCore *q = (QueueCore *)self;
     Py_VISIT(Py_TYPE(self));
@@ -428,7 +496,13 @@ static void core_dealloc(PyObject *self, inquiry clear) {
     Py_DECREF(type);
 }
 
-static void queue_dealloc(PyObject *self) { core_dealloc(self, queue_clear); }
+static void queue_dealloc(PyObject *self) {
+    QueueCore *q = (QueueCore *)self;
+    PyMem_Free(q->ring);
+    PyMem_Free(q->headers);
+    PyMem_Free(q->iovecs);
+    core_dealloc(self, queue_clear);
+}
 
 static PyMemberDef queue_members[] = {
     {"_fd", T_INT, offsetof(QueueCore, fd), 0, "The netlink socket's file descriptor."},
@@ -445,6 +519,7 @@ static PyMemberDef queue_members[] = {
 static PyMethodDef queue_methods[] = {
     {"_parse", queue_parse, METH_VARARGS, parse_doc},
     {"_receive", queue_receive, METH_NOARGS, receive_doc},
+    {"_read_waiting", queue_read_waiting, METH_VARARGS, read_waiting_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -454,7 +529,7 @@ static PyType_Slot queue_slots[] = {
     {Py_tp_clear, queue_clear},
     {Py_tp_members, queue_members},
     {Py_tp_methods, queue_methods},
-    {Py_tp_doc, "The compiled part of nfqueue.NfQueue: its receive state, the parse and the blocking receive."},
+    {Py_tp_doc, "The compiled part of nfqueue.NfQueue: its receive state, the parse, the batch read and the blocking receive."},
     {0, NULL},
 };
 
@@ -505,12 +580,44 @@ static PyObject *accept_packet(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(newest_ids_doc,
+"newest_ids(deliveries) -> dict[int, int]\n\n"
+"Returns, for each queue among ``deliveries`` (a list of Delivery), the highest packet id of it there.\n"
+"Raises TypeError for a list holding something else.");
+
+static PyObject *newest_ids(PyObject *module, PyObject *deliveries) {
+    if (!PyList_Check(deliveries)) {
+        PyErr_SetString(PyExc_TypeError, "newest_ids takes a list of Deliveries");
+        return NULL;
+    }
+    PyObject *newest = PyDict_New();
+    for (Py_ssize_t i = 0; newest != NULL && i < PyList_Size(deliveries); i++) {
+        PyObject *item = PyList_GetItem(deliveries, i), *queue = NULL, *id = NULL, *known;
+        if (!PyObject_TypeCheck(item, DeliveryType)) {
+            PyErr_SetString(PyExc_TypeError, "newest_ids takes a list of Deliveries");
+            Py_CLEAR(newest);
+            break;
+        }
+        Delivery *d = (Delivery *)item;
+        int failed = (queue = PyLong_FromUnsignedLong(d->queue)) == NULL;
+        if (!failed && ((known = PyDict_GetItemWithError(newest, queue)) == NULL || PyLong_AsUnsignedLong(known) < d->packet_id))
+            failed = PyErr_Occurred() || (id = PyLong_FromUnsignedLong(d->packet_id)) == NULL
+                     || PyDict_SetItem(newest, queue, id) < 0;
+        Py_XDECREF(queue);
+        Py_XDECREF(id);
+        if (failed)
+            Py_CLEAR(newest);
+    }
+    return newest;
+}
+
 /* ---- SocketCore: the lone packet's way through the divert socket ----------------------------------- */
 
 typedef struct {
     PyObject_HEAD
     PyObject *nfq, *ready, *held, *accepts, *verdicts, *interfaces, *timeout, *counters;
     double hold_time, interfaces_until;
+    Py_ssize_t batch;
     char defer;
 } SocketCore;
 
@@ -652,6 +759,28 @@ static int hold(SocketCore *s, PyObject *address, PyObject *d) {
     return d == NULL ? PyDict_DelItem(s->held, tag) : PyDict_SetItem(s->held, tag, d);
 }
 
+/* Moves the first fetched packet from the ready list to the held table; returns a new reference to its
+ * (payload, address), NULL with an exception set. */
+static PyObject *take_ready(SocketCore *s) {
+    if (s->ready == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "the socket has no _ready");
+        return NULL;
+    }
+    PyObject *entry = PyObject_CallMethodObjArgs(s->ready, name_popleft, NULL), *result = NULL;
+    if (entry == NULL)
+        return NULL;
+    PyObject *read = PyTuple_Check(entry) && PyTuple_Size(entry) == 2 ? PyTuple_GetItem(entry, 0) : NULL;
+    PyObject *address = read != NULL && PyTuple_Check(read) && PyTuple_Size(read) == 2 ? PyTuple_GetItem(read, 1) : NULL;
+    if (address == NULL || !PyTuple_Check(address) || PyTuple_Size(address) != 2)
+        PyErr_SetString(PyExc_TypeError, "the socket's ready list holds no ((payload, address), delivery)");
+    else if (hold(s, address, PyTuple_GetItem(entry, 1)) == 0) {
+        result = read;
+        Py_INCREF(result);
+    }
+    Py_DECREF(entry);
+    return result;
+}
+
 PyDoc_STRVAR(recvfrom_doc,
 "recvfrom() -> (bytes, (host, tag))\n\n"
 "Returns the next packet and its address, waiting as the timeout allows.\n\n"
@@ -682,14 +811,29 @@ static PyObject *socket_recvfrom(PyObject *self, PyObject *unused) {
             Py_DECREF(d);
             return result;
         }
-        /* no packet: the wait was cut short, or a message of another kind came; the Python path waits on
+        /* no packet: the wait was cut short, or a message of another kind came; the Python _fill waits on
          * (and meets a failure that lasts again, which it reports) */
         Py_XDECREF(d);
         PyErr_Clear();
     }
     if (PyErr_Occurred())
         return NULL;
-    return PyObject_CallMethodObjArgs(self, name_recvfrom, NULL);
+    /* every other read: the packets fetched go first; with none, the Python _fill fetches a batch, waiting as
+     * the timeout allows */
+    int none = s->ready == NULL ? 1 : empty(s->ready);
+    if (none < 0)
+        return NULL;
+    if (none) {
+        if (s->timeout == NULL) {
+            PyErr_SetString(PyExc_AttributeError, "the socket has no _timeout");
+            return NULL;
+        }
+        PyObject *filled = PyObject_CallMethodObjArgs(self, name_fill, s->timeout, NULL);
+        if (filled == NULL)
+            return NULL;
+        Py_DECREF(filled);
+    }
+    return take_ready(s);
 }
 
 PyDoc_STRVAR(sendto_doc,
@@ -699,10 +843,9 @@ PyDoc_STRVAR(sendto_doc,
 "``address`` names no held packet (already answered, or its hold time passed); nothing is sent then and a\n"
 "held packet stays held. Raises KernelError when the kernel refuses a new packet.");
 
-/* Returns (new references) the held packet and the socket's queue when ``data`` writes the packet back
- * unchanged to the address it came with and it is the only verdict to send now (so that it leaves at once,
- * alone); NULL otherwise (with an exception set when one came). */
-static Delivery *lone_verdict(SocketCore *s, PyObject *data, PyObject *address, QueueCore **queue) {
+/* Returns a new reference to the held packet when ``data`` writes it back unchanged to the address it came
+ * with; NULL otherwise (with an exception set when one came). */
+static Delivery *held_unchanged(SocketCore *s, PyObject *data, PyObject *address) {
     if (!PyTuple_CheckExact(address) || PyTuple_Size(address) != 2 || !PyBytes_CheckExact(data) || s->held == NULL
         || !PyDict_Check(s->held))
         return NULL;
@@ -712,19 +855,54 @@ static Delivery *lone_verdict(SocketCore *s, PyObject *data, PyObject *address, 
     PyObject *found = PyDict_GetItemWithError(s->held, tag);
     if (found == NULL || !PyObject_TypeCheck(found, DeliveryType))
         return NULL;
-    Py_INCREF(found); /* the checks below may run Python code, which may take it out of the table */
     Delivery *d = (Delivery *)found;
-    *queue = idle_queue(s);
-    int same = *queue != NULL && d->host != NULL && PyUnicode_CheckExact(d->host)
+    int same = d->host != NULL && PyUnicode_CheckExact(d->host)
                && (d->host == host || PyUnicode_Compare(d->host, host) == 0) && d->payload != NULL
                && (d->payload == data || (PyBytes_CheckExact(d->payload) && PyBytes_Size(d->payload) == PyBytes_Size(data)
                    && memcmp(PyBytes_AsString(d->payload), PyBytes_AsString(data), (size_t)PyBytes_Size(data)) == 0));
-    if (!same) {
-        Py_DECREF(found);
-        Py_CLEAR(*queue);
+    if (!same)
         return NULL;
-    }
+    Py_INCREF(found);
     return d;
+}
+
+PyDoc_STRVAR(flush_if_due_doc,
+"_flush_if_due() -> None\n\n"
+"Sends the waiting verdicts (flush()) when they are due: every fetched packet was read and no batch is\n"
+"being collected, or ``batch`` verdicts wait. Raises as flush().");
+
+/* What _flush_if_due documents; returns 0, or -1 with an exception set. */
+static int flush_if_due(SocketCore *s) {
+    int due = s->defer ? 0 : empty(s->ready);
+    Py_ssize_t accepts = due ? 0 : PyObject_Size(s->accepts), verdicts = due ? 0 : PyObject_Size(s->verdicts);
+    if (due < 0 || accepts < 0 || verdicts < 0)
+        return -1;
+    if (!due && accepts + verdicts < s->batch)
+        return 0;
+    PyObject *flushed = PyObject_CallMethodObjArgs((PyObject *)s, name_flush, NULL);
+    Py_XDECREF(flushed);
+    return flushed == NULL ? -1 : 0;
+}
+
+static PyObject *socket_flush_if_due(PyObject *self, PyObject *unused) {
+    if (flush_if_due((SocketCore *)self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Accepts a lone packet at once (nothing else fetched or waiting: it leaves alone, with no batch to wait
+ * for); returns 1 when sent, 0 when not lone or the send failed (the packet then joins the accepts like any
+ * other, and the flush meets the failure again and reports it), -1 with an exception set. Counted before
+ * the send, as flush() does: a thread that sees the packet's effect sees it counted. */
+static int accept_lone(SocketCore *s, Delivery *d) {
+    QueueCore *q = idle_queue(s);
+    if (q == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    int sent = count(s, offsetof(Counters, accepted), 1) == 0 && send_accept(q->fd, d->queue, d->packet_id) == 0;
+    Py_DECREF((PyObject *)q);
+    if (sent)
+        return 1;
+    return PyErr_Occurred() || count(s, offsetof(Counters, accepted), -1) < 0 ? -1 : 0;
 }
 
 static PyObject *socket_sendto(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -734,19 +912,21 @@ static PyObject *socket_sendto(PyObject *self, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     PyObject *data = args[0], *address = args[1];
-    QueueCore *q = NULL;
-    Delivery *d = lone_verdict(s, data, address, &q);
-    /* counted before the send, as the Python path does: a thread that sees the packet's effect sees it
-     * counted; a failed send is uncounted and left to the Python path, which meets the failure again and
-     * reports it */
+    Delivery *d = held_unchanged(s, data, address);
     if (d != NULL) {
-        int sent = count(s, offsetof(Counters, accepted), 1) == 0 && send_accept(q->fd, d->queue, d->packet_id) == 0;
+        /* the checks of accept_lone may run Python code (a container's __len__): d is held meanwhile */
+        int lone = accept_lone(s, d), queued = 0;
+        if (lone == 0) { /* written back among others: its accept joins the next batch of verdicts */
+            if (s->accepts == NULL || !PyList_Check(s->accepts))
+                PyErr_SetString(PyExc_TypeError, "the socket's accepts are not a list");
+            else
+                queued = hold(s, address, NULL) == 0 && PyList_Append(s->accepts, (PyObject *)d) == 0;
+        }
         Py_DECREF((PyObject *)d);
-        Py_DECREF((PyObject *)q);
-        if (sent)
-            return hold(s, address, NULL) < 0 ? NULL : PyLong_FromSsize_t(PyBytes_Size(data));
-        if (!PyErr_Occurred() && count(s, offsetof(Counters, accepted), -1) < 0)
-            return NULL;
+        if (lone == 1 && hold(s, address, NULL) == 0)
+            return PyLong_FromSsize_t(PyBytes_Size(data));
+        if (queued && flush_if_due(s) == 0)
+            return PyLong_FromSsize_t(PyBytes_Size(data));
     }
     if (PyErr_Occurred())
         return NULL;
@@ -792,6 +972,7 @@ static PyMemberDef socket_members[] = {
     {"_interfaces_until", T_DOUBLE, offsetof(SocketCore, interfaces_until), 0, "When the interface cache empties."},
     {"_timeout", T_OBJECT_EX, offsetof(SocketCore, timeout), 0, "The timeout settimeout() set."},
     {"_defer", T_BOOL, offsetof(SocketCore, defer), 0, "True while a batch of verdicts is being collected."},
+    {"batch", T_PYSSIZET, offsetof(SocketCore, batch), 0, "How many packets one read fetches, and verdicts one send carries."},
     {"hold_time", T_DOUBLE, offsetof(SocketCore, hold_time), 0, "Seconds a read packet waits for its verdict."},
     {"counters", T_OBJECT_EX, offsetof(SocketCore, counters), 0, "What the socket did (a Counters)."},
     {NULL},
@@ -801,6 +982,7 @@ static PyMethodDef socket_methods[] = {
     {"recvfrom", socket_recvfrom, METH_NOARGS, recvfrom_doc},
     {"sendto", (PyCFunction)(void (*)(void))socket_sendto, METH_FASTCALL, sendto_doc},
     {"_admit", socket_admit, METH_O, admit_doc},
+    {"_flush_if_due", socket_flush_if_due, METH_NOARGS, flush_if_due_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -821,6 +1003,7 @@ static PyType_Spec socket_spec = {"flowsteer.divert._nfqueue.SocketCore", sizeof
 
 static PyMethodDef methods[] = {
     {"accept", accept_packet, METH_VARARGS, accept_doc},
+    {"newest_ids", newest_ids, METH_O, newest_ids_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -844,7 +1027,8 @@ static int add_type(PyObject *m, PyTypeObject **type, PyType_Spec *spec) {
 PyMODINIT_FUNC PyInit__nfqueue(void) {
     struct { PyObject **name; const char *text; } names[] = {
         {&empty_str, ""}, {&unspecified4, "0.0.0.0"}, {&unspecified6, "::"}, {&name_append, "append"},
-        {&name_interface, "_interface"}, {&name_recvfrom, "_recvfrom"}, {&name_sendto, "_sendto"},
+        {&name_interface, "_interface"}, {&name_fill, "_fill"}, {&name_sendto, "_sendto"},
+        {&name_popleft, "popleft"}, {&name_flush, "flush"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)
@@ -853,7 +1037,8 @@ PyMODINIT_FUNC PyInit__nfqueue(void) {
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL || add_type(m, &DeliveryType, &delivery_spec) < 0 || add_type(m, &CountersType, &counters_spec) < 0 || add_type(m, &QueueCoreType, &queue_spec) < 0
-        || add_type(m, &SocketCoreType, &socket_spec) < 0) {
+        || add_type(m, &SocketCoreType, &socket_spec) < 0 || PyModule_AddIntConstant(m, "RING", RING) < 0
+        || PyModule_AddIntConstant(m, "SLOT", SLOT) < 0) {
         Py_XDECREF(m);
         return NULL;
     }

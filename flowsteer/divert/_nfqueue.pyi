@@ -5,6 +5,11 @@ from typing import Any
 
 from _typeshed import ReadableBuffer
 
+RING: int
+"""Receive slots of a batch read: messages read per recvmmsg."""
+SLOT: int
+"""Bytes per receive slot: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
+
 class Delivery:
     """One packet the kernel queued to user space and holds until it gets a verdict."""
 
@@ -55,6 +60,7 @@ class QueueCore:
     _backlog: list[Delivery]
     def _parse(self, buffer: ReadableBuffer, base: int, received: int, /) -> Delivery | None: ...
     def _receive(self) -> Delivery | None: ...
+    def _read_waiting(self, out: list[Delivery], limit: int, /) -> None: ...
 
 class SocketCore:
     _nfq: Any  # nfqueue.NfQueue | None (a QueueCore)
@@ -66,10 +72,13 @@ class SocketCore:
     _interfaces_until: float
     _timeout: float | None
     _defer: bool
+    batch: int
     hold_time: float
     counters: Counters
     def recvfrom(self) -> tuple[bytes, tuple[str, int]]: ...
     def sendto(self, data: Any, address: Any, /) -> int: ...
     def _admit(self, deliveries: list[Delivery], /) -> None: ...
+    def _flush_if_due(self) -> None: ...
 
 def accept(fd: int, queue: int, packet_id: int, /) -> None: ...
+def newest_ids(deliveries: list[Delivery], /) -> dict[int, int]: ...

@@ -4,7 +4,7 @@ One :class:`NfQueue` is one netlink socket; it may bind many queue numbers (the 
 number to be bound by one socket only). Packets are read in batches without blocking; verdicts are
 encoded into one buffer and sent with one ``send`` (a run of plain accepts ending at the newest held
 packet becomes a single ``NFQNL_MSG_VERDICT_BATCH``). What runs for every packet (the parse of a queue
-message, the blocking receive, a lone accept) is compiled, in :mod:`flowsteer.divert._nfqueue`
+message, the batch read, the blocking receive, a lone accept) is compiled, in :mod:`flowsteer.divert._nfqueue`
 (``_nfqueue.c``): a lone packet finds the process's caches cold, where Python costs far more. So is
 :class:`Delivery`, the packet a message carries (re-exported here).
 """
@@ -12,8 +12,8 @@ message, the blocking receive, a lone accept) is compiled, in :mod:`flowsteer.di
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
+import itertools
 import socket
 import struct
 from dataclasses import dataclass
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from flowsteer.divert import _nfqueue
 from flowsteer.divert._nfqueue import Delivery
 from flowsteer.errors import kernel_error
-from flowsteer.kernel.libc import libc
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -45,9 +44,9 @@ NF_DROP, NF_ACCEPT, NF_REPEAT = 0, 1, 4
 """Verdicts: drop the packet, let it continue after the rule, or run the hook's rules on it again."""
 
 COPY_RANGE = 0xFFFF
-SLOT = COPY_RANGE + 4096
+SLOT = _nfqueue.SLOT
 """Bytes per receive slot: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
-RING = 64
+RING = _nfqueue.RING
 """Receive slots: messages read per system call."""
 DIRECT_WAITS = 8
 """How many waits go straight to a blocking read after a batch read found the queue empty."""
@@ -64,7 +63,6 @@ _VERDICT_SIZE = _VERDICT.size
 _ATTR = struct.Struct("=HH")
 _U32 = struct.Struct("!I")
 _ERR = struct.Struct("=i")
-_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 
 @dataclass(slots=True)
@@ -89,7 +87,8 @@ def rcvbuf_for(maxlen: int) -> int:
 class NfQueue(_nfqueue.QueueCore):
     """A netlink socket speaking nfnetlink_queue in the calling thread's network namespace.
 
-    Its receive state and the per-packet parse (``_parse``) and blocking receive (``_receive``) are compiled
+    Its receive state and the per-packet parse (``_parse``), batch read (``_read_waiting``) and blocking
+    receive (``_receive``) are compiled
     (:class:`flowsteer.divert._nfqueue.QueueCore`); a refused verdict's error message counts in
     ``verdict_errors``. Raises KernelError (with errno) when the socket cannot be made.
     """
@@ -115,7 +114,6 @@ class NfQueue(_nfqueue.QueueCore):
         self._seq = 0
         self._backlog: list[Delivery] = []
         self._buf = bytearray(_BUFSIZE)
-        self._ring: _Ring | None = None
         self._rcvtimeo = 0
         self._direct_waits = 0
 
@@ -162,7 +160,10 @@ class NfQueue(_nfqueue.QueueCore):
             self._direct_waits -= 1
         elif len(out) < limit:
             from_backlog = len(out)
-            self._read_waiting(out, limit)
+            try:
+                self._read_waiting(out, limit)
+            except OSError as exc:
+                raise kernel_error("receiving diverted packets", exc.errno or errno.EIO) from None
             if len(out) > from_backlog:
                 self._direct_waits = 0
             elif wait != 0:
@@ -170,28 +171,6 @@ class NfQueue(_nfqueue.QueueCore):
         if wait != 0 and not out:
             self._read_one(out, wait)
         return out
-
-    def _read_waiting(self, out: list[Delivery], limit: int) -> None:
-        """Appends to ``out`` the packets already waiting, up to ``limit`` in all, without blocking."""
-        if self._ring is None:
-            self._ring = _Ring()
-        ring = self._ring
-        fd = self.sock.fileno()
-        parse = self._parse
-        while len(out) < limit:
-            want = min(RING, limit - len(out))
-            got = _recvmmsg(fd, ring.headers, want, _MSG_DONTWAIT, None)
-            if got < 0:
-                err = ctypes.get_errno()
-                if err in (errno.EAGAIN, errno.EINTR):
-                    return
-                raise kernel_error("receiving diverted packets", err)
-            for i in range(got):
-                delivery = parse(ring.view, i * SLOT, ring.headers[i].msg_len)
-                if delivery is not None:
-                    out.append(delivery)
-            if got < want:
-                return
 
     def _read_one(self, out: list[Delivery], wait: float | None) -> None:
         """Waits up to ``wait`` seconds (None: forever) for one message; appends it to ``out`` when it
@@ -222,28 +201,20 @@ class NfQueue(_nfqueue.QueueCore):
             self._rcvtimeo = micros
 
     def send_verdicts(self, verdicts: list[Verdict], batch_upto: dict[int, int]) -> None:
-        """Sends ``verdicts`` and, for each ``queue: id`` in ``batch_upto``, one batch accept of every
-        packet of that queue with an id up to ``id``, all in as few sends as the socket buffer allows.
+        """Sends ``verdicts`` and, after them, for each ``queue: id`` in ``batch_upto``, one batch accept of
+        every packet of that queue with an id up to ``id`` still queued, all in as few sends as the socket
+        buffer allows (a send is cut once it holds more than a mebibyte).
 
+        The batch accepts come last so that they do not take the packets that ``verdicts`` drop.
         Raises KernelError when the kernel refuses the send.
         """
+        batches = [_verdict_msg(MSG_VERDICT_BATCH, queue, NF_ACCEPT, upto, _VERDICT_SIZE)
+                   for queue, upto in batch_upto.items()]
         parts: list[bytes] = []
         size = 0
-        for queue, upto in batch_upto.items():
-            parts.append(_verdict_msg(MSG_VERDICT_BATCH, queue, NF_ACCEPT, upto, _VERDICT_SIZE))
-            size += _VERDICT_SIZE
-        for v in verdicts:
-            if v.payload is None and v.mark is None:
-                parts.append(_verdict_msg(MSG_VERDICT, v.queue, v.verdict, v.packet_id, _VERDICT_SIZE))
-                size += _VERDICT_SIZE
-            else:
-                extra = b"" if v.mark is None else _ATTR.pack(8, NFQA_MARK) + _U32.pack(v.mark)
-                if v.payload is not None:
-                    alen = 4 + len(v.payload)
-                    extra += _ATTR.pack(alen, NFQA_PAYLOAD) + v.payload + b"\0" * (-alen & 3)
-                total = _VERDICT_SIZE + len(extra)
-                parts += [_verdict_msg(MSG_VERDICT, v.queue, v.verdict, v.packet_id, total), extra]
-                size += total
+        for message in itertools.chain(map(_verdict_bytes, verdicts), batches):
+            parts.append(message)
+            size += len(message)
             if size > 1 << 20:
                 self._send(b"".join(parts))
                 parts, size = [], 0
@@ -282,42 +253,20 @@ class NfQueue(_nfqueue.QueueCore):
                 self._backlog.append(delivery)
 
 
-class _Ring:
-    """:data:`RING` receive slots of :data:`SLOT` bytes each, described by an ``mmsghdr`` array."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray(RING * SLOT)  # calloc'd: pages are touched only when used
-        self.view = memoryview(self.buffer)
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
-        self.iovecs = (_IOVec * RING)(*[_IOVec(base + i * SLOT, SLOT) for i in range(RING)])
-        self.headers = (_MMsgHdr * RING)()
-        for i in range(RING):
-            self.headers[i].msg_hdr.msg_iov = ctypes.pointer(self.iovecs[i])
-            self.headers[i].msg_hdr.msg_iovlen = 1
-
-
-class _IOVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-class _MsgHdr(ctypes.Structure):
-    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
-                ("msg_iov", ctypes.POINTER(_IOVec)), ("msg_iovlen", ctypes.c_size_t),
-                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t), ("msg_flags", ctypes.c_int)]
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
-
-
-_recvmmsg = libc.recvmmsg
-_recvmmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_MMsgHdr), ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
-_recvmmsg.restype = ctypes.c_int
-
-
 def _attr(atype: int, data: bytes) -> bytes:
     alen = 4 + len(data)
     return _ATTR.pack(alen, atype) + data + b"\0" * (-alen & 3)
+
+
+def _verdict_bytes(v: Verdict) -> bytes:
+    """Returns the message of one verdict (with the packet's new bytes and mark when it has them)."""
+    if v.payload is None and v.mark is None:
+        return _verdict_msg(MSG_VERDICT, v.queue, v.verdict, v.packet_id, _VERDICT_SIZE)
+    extra = b"" if v.mark is None else _ATTR.pack(8, NFQA_MARK) + _U32.pack(v.mark)
+    if v.payload is not None:
+        alen = 4 + len(v.payload)
+        extra += _ATTR.pack(alen, NFQA_PAYLOAD) + v.payload + b"\0" * (-alen & 3)
+    return _verdict_msg(MSG_VERDICT, v.queue, v.verdict, v.packet_id, _VERDICT_SIZE + len(extra)) + extra
 
 
 def _verdict_msg(mtype: int, queue: int, verdict: int, packet_id: int, total: int) -> bytes:

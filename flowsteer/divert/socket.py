@@ -16,10 +16,11 @@ it writes a new packet, which leaves as a locally generated packet and skips the
 Verdicts are sent in batches: when every packet already fetched from the kernel has been handled, when
 ``batch`` verdicts are waiting, before the socket blocks, and on :meth:`flush` and :meth:`close`.
 
-A lone packet at a low rate (a blocking socket with nothing else fetched, held or waiting for a verdict)
-goes through ``recvfrom`` and ``sendto`` without a line of Python: the socket's state and those two methods
-are compiled (:class:`flowsteer.divert._nfqueue.SocketCore`, the base class), and every other case runs
-:meth:`DivertSocket._recvfrom` and :meth:`DivertSocket._sendto` here.
+``recvfrom`` and ``sendto`` are compiled (:class:`flowsteer.divert._nfqueue.SocketCore`, the base class,
+holds the socket's state): a lone packet at a low rate (a blocking socket with nothing else fetched, held
+or waiting for a verdict) goes through both without a line of Python, and so does each packet of a batch
+already fetched that is written back unchanged. Fetching a batch (:meth:`DivertSocket._fill`), writing
+changed bytes, a :class:`Packet`, a drop or a new packet, and sending a batch's verdicts run here.
 """
 
 from __future__ import annotations
@@ -180,14 +181,6 @@ class DivertSocket(_nfqueue.SocketCore):
 
     # -- reading ------------------------------------------------------------------------------------
 
-    def _recvfrom(self) -> tuple[bytes, DivertAddress]:
-        """``recvfrom`` (compiled, see the base class) for every case but the lone packet's; raises as it."""
-        if not self._ready:
-            self._fill(self._timeout)
-        result, delivery = self._ready.popleft()
-        self._held[result[1][1]] = delivery
-        return result
-
     def recv_packet(self) -> Packet:
         """Like :meth:`recvfrom`, but returns a parsed :class:`Packet` carrying its address and the
         kernel's metadata."""
@@ -283,8 +276,8 @@ class DivertSocket(_nfqueue.SocketCore):
     # -- writing ------------------------------------------------------------------------------------
 
     def _sendto(self, data: bytes | bytearray | Packet, address: DivertAddress | str) -> int:
-        """``sendto`` (compiled, see the base class) for every case but a lone packet written back
-        unchanged; returns and raises as it."""
+        """``sendto`` (compiled, see the base class) for every case but a packet written back unchanged
+        (bytes to the address it came with); returns and raises as it."""
         raw: bytes | bytearray
         if isinstance(data, Packet):
             raw, mark = data.data, data.new_mark
@@ -317,8 +310,7 @@ class DivertSocket(_nfqueue.SocketCore):
             del self._held[tag]
             self._verdicts.append(Verdict(held.queue, held.packet_id, NF_ACCEPT, payload))
             self.counters.modified += 1
-        if (not self._ready and not self._defer) or len(self._accepts) + len(self._verdicts) >= self.batch:
-            self.flush()
+        self._flush_if_due()
         return len(raw)
 
     def _redirect(self, tag: int, held: Delivery, raw: bytes | bytearray, host: str) -> int:
@@ -380,8 +372,7 @@ class DivertSocket(_nfqueue.SocketCore):
         del self._held[tag]
         self._verdicts.append(Verdict(delivery.queue, delivery.packet_id, NF_DROP))
         self.counters.dropped += 1
-        if (not self._ready and not self._defer) or len(self._accepts) + len(self._verdicts) >= self.batch:
-            self.flush()
+        self._flush_if_due()
 
     def flush(self) -> None:
         """Sends every waiting verdict now. Raises KernelError when the kernel refuses them."""
@@ -398,12 +389,10 @@ class DivertSocket(_nfqueue.SocketCore):
         oldest_held: dict[int, int] = {}
         for delivery in self._held.values():
             oldest_held.setdefault(delivery.queue, delivery.packet_id)
-        upto: dict[int, int] = {}
-        for d in accepts:
-            if d.packet_id > upto.get(d.queue, -1):
-                upto[d.queue] = d.packet_id
+        upto = _nfqueue.newest_ids(accepts)  # compiled: no Python runs per packet of a batch
         batch = {q: last for q, last in upto.items() if oldest_held.get(q, last + 1) > last}
-        verdicts += [Verdict(d.queue, d.packet_id, NF_ACCEPT) for d in accepts if d.queue not in batch]
+        if len(batch) < len(upto):  # a queue with an older packet still held: its accepts one by one
+            verdicts += [Verdict(d.queue, d.packet_id, NF_ACCEPT) for d in accepts if d.queue not in batch]
         self._nfq.send_verdicts(verdicts, batch)
 
     # -- life cycle ---------------------------------------------------------------------------------

@@ -228,6 +228,41 @@ def test_a_deep_queue_holds_as_many_full_size_packets_as_its_length(peer: Peer) 
         assert sum(len(sock.recv_batch(1000)) for _ in range(count // 1000)) == count
 
 
+def test_packets_dropped_or_expired_do_not_leave_with_a_later_batch_accept(peer: Peer) -> None:
+    """The accepts of a flush go out as one batch accept (every packet of the queue up to the newest
+    accepted): the packets dropped or expired before them, whose verdicts leave in the same flush, must not
+    be taken with it."""
+    add("in proto udp to any port 9 divert-packet port 7")
+    with DivertSocket(hold_time=0.05) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind((peer.b4, 9))
+        rx.settimeout(0.5)
+        sock.bind(7)
+
+        def send(*payloads: bytes) -> None:
+            for payload in payloads:
+                tx.sendto(payload, (peer.b4, 9))
+
+        send(b"dropped", b"kept")
+        wait_queued(2)  # queued before the first read: one batch
+        sock.drop(sock.recvfrom()[1])  # answered while the rest of the batch waits: its verdict waits too
+        sock.sendto(*sock.recvfrom())  # the batch's last: the drop and the accept leave together
+        assert rx.recv(100) == b"kept"
+        send(b"expired")
+        wait_queued(1)
+        sock.recvfrom()  # read alone, not answered
+        send(b"kept 2", b"kept 3")
+        wait_queued(3)
+        time.sleep(0.1)  # past the hold time (a deadline, nothing to await)
+        sock.sendto(*sock.recvfrom())  # this read expires the held packet, then fetches both
+        sock.sendto(*sock.recvfrom())
+        assert sorted(rx.recv(100) for _ in range(2)) == [b"kept 2", b"kept 3"]
+        with pytest.raises(TimeoutError):
+            rx.recv(100)
+        assert (sock.counters.dropped, sock.counters.expired, sock.counters.accepted) == (1, 1, 3)
+        assert sock._nfq.verdict_errors == 0
+
+
 def wait_queued(total: int) -> QueueStats:
     """Returns the stats of the one queue holding packets once it holds, or dropped, ``total`` in all (at
     most 10 s)."""

@@ -92,7 +92,7 @@ def test_verdicts_are_concatenated_into_one_send() -> None:
         verdict, packet_id = struct.unpack_from("!II", data, off + 24)
         seen.append((mtype, queue, verdict, packet_id, length))
         off += (length + 3) & ~3
-    assert [s[:4] for s in seen] == [(nfqueue.MSG_VERDICT_BATCH, 32, nfqueue.NF_ACCEPT, 99),
-                                     (nfqueue.MSG_VERDICT, 7, nfqueue.NF_DROP, 5),
-                                     (nfqueue.MSG_VERDICT, 7, nfqueue.NF_ACCEPT, 6)]
-    assert seen[2][4] == 32 + 4 + 4 and data.endswith(b"\x45abc")
+    assert [s[:4] for s in seen] == [(nfqueue.MSG_VERDICT, 7, nfqueue.NF_DROP, 5),
+                                     (nfqueue.MSG_VERDICT, 7, nfqueue.NF_ACCEPT, 6),
+                                     (nfqueue.MSG_VERDICT_BATCH, 32, nfqueue.NF_ACCEPT, 99)]  # after the drops
+    assert seen[1][4] == 32 + 4 + 4 and data[:-32].endswith(b"\x45abc")

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from flowsteer.divert import nfqueue
+from flowsteer.divert import _nfqueue, nfqueue
 from flowsteer.divert.nfqueue import Delivery, NfQueue, Verdict
 from flowsteer.errors import KernelError, PermissionDenied
 
@@ -54,7 +54,7 @@ def ack(seq: int, error: int = 0) -> bytes:
 
 def fresh() -> NfQueue:
     q = NfQueue.__new__(NfQueue)
-    q.verdict_errors, q._seq, q._backlog, q._ring, q._rcvtimeo = 0, 0, [], None, 0
+    q.verdict_errors, q._seq, q._backlog, q._rcvtimeo = 0, 0, [], 0
     q._direct_waits = 0
     q._buf = bytearray(nfqueue.SLOT)
     return q
@@ -243,9 +243,9 @@ def test_verdict_messages_are_the_wire_bytes() -> None:
          Verdict(2, 3, 1, b"")],
         {32: 99, 65535: 0})
     assert sock.sent == [
-        verdict_bytes(MSG_VERDICT_BATCH, 32, 1, 99) + verdict_bytes(MSG_VERDICT_BATCH, 65535, 1, 0)
-        + verdict_bytes(MSG_VERDICT, 65535, 0, 0xFFFFFFFF) + verdict_bytes(MSG_VERDICT, 7, 1, 6, b"\x45abc")
-        + verdict_bytes(MSG_VERDICT, 1, 4, 2, b"\x45abcdefg") + verdict_bytes(MSG_VERDICT, 2, 1, 3, b"")]
+        verdict_bytes(MSG_VERDICT, 65535, 0, 0xFFFFFFFF) + verdict_bytes(MSG_VERDICT, 7, 1, 6, b"\x45abc")
+        + verdict_bytes(MSG_VERDICT, 1, 4, 2, b"\x45abcdefg") + verdict_bytes(MSG_VERDICT, 2, 1, 3, b"")
+        + verdict_bytes(MSG_VERDICT_BATCH, 32, 1, 99) + verdict_bytes(MSG_VERDICT_BATCH, 65535, 1, 0)]
 
 
 def test_verdicts_with_a_new_mark() -> None:
@@ -277,8 +277,8 @@ def test_large_payload_verdicts_are_split_too() -> None:
     with_socket(sock).send_verdicts([Verdict(1, i, 1, payload) for i in range(20)], {5: 1})
     one = len(verdict_bytes(MSG_VERDICT, 1, 1, 0, payload))
     assert one == 32 + 4 + 60000
-    assert [len(s) for s in sock.sent] == [32 + 18 * one, 2 * one]
-    assert sock.sent[0].startswith(verdict_bytes(MSG_VERDICT_BATCH, 5, 1, 1))
+    assert [len(s) for s in sock.sent] == [18 * one, 2 * one + 32]
+    assert sock.sent[1].endswith(verdict_bytes(MSG_VERDICT_BATCH, 5, 1, 1))
 
 
 @pytest.mark.parametrize("err, cls, code", [(OSError(errno.ENOBUFS, "full"), KernelError, errno.ENOBUFS),
@@ -433,15 +433,16 @@ def test_a_waiting_receive_blocks_with_a_receive_timeout(pair: tuple[NfQueue, so
 
 
 @pytest.fixture
-def batch_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Records the message count of every batch read (``recvmmsg``) the queue socket makes."""
+def batch_reads(pair: tuple[NfQueue, socket.socket]) -> list[int]:
+    """Records the limit of every batch read (``_read_waiting``, compiled: recvmmsg) the queue makes."""
+    q, _peer = pair
     reads: list[int] = []
-    real = nfqueue._recvmmsg
+    real = q._read_waiting
 
-    def counted(*args: object) -> int:
-        reads.append(args[2])  # type: ignore[arg-type]
-        return real(*args)
-    monkeypatch.setattr(nfqueue, "_recvmmsg", counted)
+    def counted(out: list[Delivery], limit: int) -> None:
+        reads.append(limit)
+        real(out, limit)
+    q._read_waiting = counted  # type: ignore[method-assign]
     return reads
 
 
@@ -506,6 +507,7 @@ def test_a_refused_accept_names_it(pair: tuple[NfQueue, socket.socket]) -> None:
 def test_a_failing_receive_names_it(pair: tuple[NfQueue, socket.socket]) -> None:
     q, _peer = pair
     q.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # not connected: ENOTCONN
+    q._fd = q.sock.fileno()
     try:
         with pytest.raises(KernelError) as exc:
             q.receive(1)
@@ -646,10 +648,12 @@ def test_the_attribute_walk_reads_nothing_past_the_message() -> None:
 
 def test_batch_accepts_count_toward_the_mebibyte_of_a_send() -> None:
     sock = FakeSocket()
-    # 2 batch accepts and 32766 verdicts are exactly 1 MiB; the next verdict makes it more
+    # 32768 verdicts are exactly 1 MiB; the first batch accept makes it more: the send is cut after it, the
+    # other batch accept goes in the next
     with_socket(sock).send_verdicts([Verdict(1, i, 1) for i in range(32768)], {1: 5, 2: 6})
     assert [len(s) for s in sock.sent] == [32769 * 32, 32]
-    assert sock.sent[1] == verdict_bytes(MSG_VERDICT, 1, 1, 32767)
+    assert sock.sent[0].endswith(verdict_bytes(MSG_VERDICT_BATCH, 1, 1, 5))
+    assert sock.sent[1] == verdict_bytes(MSG_VERDICT_BATCH, 2, 1, 6)
 
 
 def test_each_later_send_holds_a_whole_mebibyte_too() -> None:
@@ -705,7 +709,7 @@ def test_a_signal_handler_that_raises_ends_the_wait_with_its_exception(pair: tup
 def test_a_new_socket_looks_for_a_batch_before_its_first_wait(pair: tuple[NfQueue, socket.socket]) -> None:
     q = NfQueue()  # as made, not as the fixture sets it up
     q.close()
-    q.sock, peer = pair[0].sock, pair[1]
+    q.sock, q._fd, peer = pair[0].sock, pair[0]._fd, pair[1]
     for i in range(3):
         peer.send(packet_msg(4, i, 0, b"\x45"))
     assert [d.packet_id for d in q.receive(4, wait=1.0)] == [0, 1, 2]
@@ -833,3 +837,15 @@ def test_the_receive_buffer_holds_the_queue_length_within_its_bounds() -> None:
     assert nfqueue.rcvbuf_for(4097) == 4097 * 2048
     assert nfqueue.rcvbuf_for(1 << 20) == nfqueue.rcvbuf_for(1 << 19) == nfqueue.MAX_RCVBUF == 1 << 30
     assert nfqueue.rcvbuf_for((1 << 19) - 1) == ((1 << 19) - 1) * 2048
+
+
+def test_newest_ids_gives_each_queue_its_highest_packet_id() -> None:
+    def d(queue: int, packet_id: int) -> Delivery:
+        return Delivery(queue, packet_id, b"", 0, 0, 0, False)
+    assert _nfqueue.newest_ids([]) == {}
+    assert _nfqueue.newest_ids([d(1, 5), d(2, 7), d(1, 9), d(1, 6), d(2, 3), d(0, 0)]) == {1: 9, 2: 7, 0: 0}
+    assert _nfqueue.newest_ids([d(65535, 2**32 - 1), d(65535, 0)]) == {65535: 2**32 - 1}
+    with pytest.raises(TypeError, match="list of Deliveries"):
+        _nfqueue.newest_ids([d(1, 1), (1, 2)])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="list of Deliveries"):
+        _nfqueue.newest_ids((d(1, 1),))  # type: ignore[arg-type]

@@ -664,8 +664,8 @@ static void refresh_interfaces(SocketCore *s, double now) {
 }
 
 /* Gives ``d`` its deadline and address host (the receiving interface's address inbound, the unspecified
- * address outbound); returns a new reference to its address (host, tag), NULL with an exception set. */
-static PyObject *admit(SocketCore *s, Delivery *d, double now) {
+ * address outbound); returns 0, or -1 with an exception set. */
+static int admit(SocketCore *s, Delivery *d, double now) {
     d->deadline = now + s->hold_time;
     int version = 4;
     if (d->payload != NULL && PyBytes_Check(d->payload) && PyBytes_Size(d->payload) > 0)
@@ -677,7 +677,7 @@ static PyObject *admit(SocketCore *s, Delivery *d, double now) {
         Py_XDECREF(index);
         Py_XDECREF(ip);
         if (key == NULL)
-            return NULL;
+            return -1;
         if (s->interfaces != NULL && (interface = PyDict_GetItemWithError(s->interfaces, key)) != NULL)
             Py_INCREF(interface);
         else if (!PyErr_Occurred()) /* not cached: the Python lookup finds it and caches it */
@@ -685,11 +685,11 @@ static PyObject *admit(SocketCore *s, Delivery *d, double now) {
                                                    PyTuple_GetItem(key, 1), NULL);
         Py_DECREF(key);
         if (interface == NULL)
-            return NULL;
+            return -1;
         host = PySequence_GetItem(interface, 1);
         Py_DECREF(interface);
         if (host == NULL)
-            return NULL;
+            return -1;
     } else {
         host = version == 6 ? unspecified6 : unspecified4;
         Py_INCREF(host);
@@ -697,15 +697,23 @@ static PyObject *admit(SocketCore *s, Delivery *d, double now) {
     PyObject *old = d->host;
     d->host = host;
     Py_XDECREF(old);
+    return 0;
+}
+
+/* Returns a new reference to the address of an admitted packet: (host, tag), the tag naming it among the
+ * held; NULL with an exception set. */
+static PyObject *address_of(Delivery *d) {
     PyObject *tag = PyLong_FromUnsignedLongLong(((unsigned long long)d->queue << 32) | d->packet_id);
-    PyObject *address = tag ? PyTuple_Pack(2, host, tag) : NULL;
+    PyObject *address = tag != NULL && d->host != NULL ? PyTuple_Pack(2, d->host, tag) : NULL;
     Py_XDECREF(tag);
+    if (address == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "the packet has no host");
     return address;
 }
 
 PyDoc_STRVAR(admit_doc,
 "_admit(deliveries) -> None\n\n"
-"Appends ``((payload, address), delivery)`` to ``_ready`` for each fetched delivery, after giving it its hold\n"
+"Appends each fetched delivery to ``_ready``, after giving it its hold\n"
 "deadline and address host, and counts them as received. Raises TypeError at the first item that is no\n"
 "Delivery (the ones before it are admitted and counted).");
 
@@ -718,15 +726,12 @@ static PyObject *socket_admit(PyObject *self, PyObject *deliveries) {
         return NULL;
     Py_ssize_t admitted = 0;
     while ((item = PyIter_Next(iterator)) != NULL) {
-        PyObject *address = NULL, *entry = NULL, *appended = NULL;
+        PyObject *appended = NULL;
         if (!PyObject_TypeCheck(item, DeliveryType))
             PyErr_SetString(PyExc_TypeError, "_admit takes Deliveries");
-        else if ((address = admit(s, (Delivery *)item, now)) != NULL
-                 && (entry = Py_BuildValue("((OO)O)", ((Delivery *)item)->payload, address, item)) != NULL)
-            appended = PyObject_CallMethodObjArgs(s->ready, name_append, entry, NULL);
+        else if (admit(s, (Delivery *)item, now) == 0)
+            appended = PyObject_CallMethodObjArgs(s->ready, name_append, item, NULL);
         Py_DECREF(item);
-        Py_XDECREF(address);
-        Py_XDECREF(entry);
         if (appended == NULL)
             break;
         Py_DECREF(appended);
@@ -766,18 +771,15 @@ static PyObject *take_ready(SocketCore *s) {
         PyErr_SetString(PyExc_AttributeError, "the socket has no _ready");
         return NULL;
     }
-    PyObject *entry = PyObject_CallMethodObjArgs(s->ready, name_popleft, NULL), *result = NULL;
-    if (entry == NULL)
+    PyObject *d = PyObject_CallMethodObjArgs(s->ready, name_popleft, NULL), *address = NULL, *result = NULL;
+    if (d == NULL)
         return NULL;
-    PyObject *read = PyTuple_Check(entry) && PyTuple_Size(entry) == 2 ? PyTuple_GetItem(entry, 0) : NULL;
-    PyObject *address = read != NULL && PyTuple_Check(read) && PyTuple_Size(read) == 2 ? PyTuple_GetItem(read, 1) : NULL;
-    if (address == NULL || !PyTuple_Check(address) || PyTuple_Size(address) != 2)
-        PyErr_SetString(PyExc_TypeError, "the socket's ready list holds no ((payload, address), delivery)");
-    else if (hold(s, address, PyTuple_GetItem(entry, 1)) == 0) {
-        result = read;
-        Py_INCREF(result);
-    }
-    Py_DECREF(entry);
+    if (!PyObject_TypeCheck(d, DeliveryType))
+        PyErr_SetString(PyExc_TypeError, "the socket's ready list holds something else than Deliveries");
+    else if ((address = address_of((Delivery *)d)) != NULL && hold(s, address, d) == 0)
+        result = PyTuple_Pack(2, ((Delivery *)d)->payload, address);
+    Py_XDECREF(address);
+    Py_DECREF(d);
     return result;
 }
 
@@ -804,7 +806,7 @@ static PyObject *socket_recvfrom(PyObject *self, PyObject *unused) {
         if (d != NULL && d != Py_None) {
             double now = monotonic();
             refresh_interfaces(s, now);
-            PyObject *address = admit(s, (Delivery *)d, now), *result = NULL;
+            PyObject *address = admit(s, (Delivery *)d, now) == 0 ? address_of((Delivery *)d) : NULL, *result = NULL;
             if (address != NULL && count(s, offsetof(Counters, received), 1) == 0 && hold(s, address, d) == 0)
                 result = PyTuple_Pack(2, ((Delivery *)d)->payload, address);
             Py_XDECREF(address);
@@ -964,7 +966,7 @@ static void socket_dealloc(PyObject *self) { core_dealloc(self, socket_clear); }
 
 static PyMemberDef socket_members[] = {
     {"_nfq", T_OBJECT_EX, offsetof(SocketCore, nfq), 0, "The bound queue socket (None until bound and after close)."},
-    {"_ready", T_OBJECT_EX, offsetof(SocketCore, ready), 0, "Fetched packets not yet read: ((payload, address), delivery)."},
+    {"_ready", T_OBJECT_EX, offsetof(SocketCore, ready), 0, "Fetched packets not yet read (Deliveries)."},
     {"_held", T_OBJECT_EX, offsetof(SocketCore, held), 0, "Read packets waiting for their verdict, by tag, oldest first."},
     {"_accepts", T_OBJECT_EX, offsetof(SocketCore, accepts), 0, "Held packets written back unchanged, to accept."},
     {"_verdicts", T_OBJECT_EX, offsetof(SocketCore, verdicts), 0, "Other verdicts waiting to be sent."},

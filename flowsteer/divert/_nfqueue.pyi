@@ -64,7 +64,7 @@ class QueueCore:
 
 class SocketCore:
     _nfq: Any  # nfqueue.NfQueue | None (a QueueCore)
-    _ready: deque[tuple[tuple[bytes, tuple[str, int]], Delivery]]
+    _ready: deque[Delivery]
     _held: dict[int, Delivery]
     _accepts: list[Delivery]
     _verdicts: list[Any]  # nfqueue.Verdict

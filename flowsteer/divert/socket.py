@@ -104,7 +104,7 @@ class DivertSocket(_nfqueue.SocketCore):
         self._defer = False
         self._timeout: float | None = None
         self._nfq: NfQueue | None = None
-        self._ready: deque[tuple[tuple[bytes, DivertAddress], Delivery]] = deque()
+        self._ready: deque[Delivery] = deque()
         self._held: dict[int, Delivery] = {}
         self._verdicts: list[Verdict] = []
         self._accepts: list[Delivery] = []
@@ -432,7 +432,7 @@ class DivertSocket(_nfqueue.SocketCore):
                 with self._home(), locked():
                     control.apply_locked(exclude_portid=nfq.portid)
                     self.flush()
-                    unread = [d for _, d in self._ready] + nfq.receive(1 << 16)
+                    unread = list(self._ready) + nfq.receive(1 << 16)
                     self._ready.clear()
                     self.counters.requeued += len(unread)
                     nfq.send_verdicts([Verdict(d.queue, d.packet_id, NF_REPEAT) for d in unread], {})

@@ -803,8 +803,10 @@ def test_the_socket_core_admits_only_deliveries() -> None:
         with pytest.raises(TypeError, match="_admit takes Deliveries"):
             sock._admit([Delivery(1, 1, b"\x45", 4, 0, 1, False), (1, 2)])  # type: ignore[list-item]
         sock._admit([Delivery(2, 7, b"\x60", 4, 0, 9, False)])  # outbound IPv6: the unspecified host
-        assert [entry[0] for entry in sock._ready] == [(b"\x45", ("0.0.0.0", 1 << 32 | 1)),
-                                                        (b"\x60", ("::", 2 << 32 | 7))]
+        assert [(d.payload, d.host) for d in sock._ready] == [(b"\x45", "0.0.0.0"), (b"\x60", "::")]
+        assert sock.recvfrom() == (b"\x45", ("0.0.0.0", 1 << 32 | 1))
+        assert sock.recvfrom() == (b"\x60", ("::", 2 << 32 | 7))
+        assert list(sock._held) == [1 << 32 | 1, 2 << 32 | 7]  # read what was fetched: no fetch, no binding
         assert sock.counters.received == 2
     finally:
         sock.close()

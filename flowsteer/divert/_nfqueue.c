@@ -616,6 +616,11 @@ static PyObject *newest_ids(PyObject *module, PyObject *deliveries) {
 typedef struct {
     PyObject_HEAD
     PyObject *nfq, *ready, *held, *accepts, *verdicts, *interfaces, *timeout, *counters;
+    /* the host of the last inbound interface looked up (while the interface cache holds it): packets of a
+     * flow come in on one interface, and a lone packet finds it without a lookup */
+    PyObject *last_host;
+    unsigned last_indev;
+    int last_version;
     double hold_time, interfaces_until;
     Py_ssize_t batch;
     char defer;
@@ -659,6 +664,7 @@ static int count(SocketCore *s, size_t offset, Py_ssize_t n) {
 static void refresh_interfaces(SocketCore *s, double now) {
     if (now > s->interfaces_until && s->interfaces != NULL && PyDict_Check(s->interfaces)) {
         PyDict_Clear(s->interfaces);
+        Py_CLEAR(s->last_host);
         s->interfaces_until = now + INTERFACE_CACHE_SECONDS;
     }
 }
@@ -671,7 +677,11 @@ static int admit(SocketCore *s, Delivery *d, double now) {
     if (d->payload != NULL && PyBytes_Check(d->payload) && PyBytes_Size(d->payload) > 0)
         version = ((unsigned char)PyBytes_AsString(d->payload)[0]) >> 4;
     PyObject *host;
-    if (d->indev && (d->hook == NF_INET_PRE_ROUTING || d->hook == NF_INET_LOCAL_IN || d->hook == NF_INET_FORWARD)) {
+    int inbound = d->indev && (d->hook == NF_INET_PRE_ROUTING || d->hook == NF_INET_LOCAL_IN || d->hook == NF_INET_FORWARD);
+    if (inbound && s->last_host != NULL && s->last_indev == d->indev && s->last_version == version) {
+        host = s->last_host;
+        Py_INCREF(host);
+    } else if (inbound) {
         PyObject *index = PyLong_FromUnsignedLong(d->indev), *ip = PyLong_FromLong(version), *interface = NULL;
         PyObject *key = index && ip ? PyTuple_Pack(2, index, ip) : NULL;
         Py_XDECREF(index);
@@ -690,6 +700,11 @@ static int admit(SocketCore *s, Delivery *d, double now) {
         Py_DECREF(interface);
         if (host == NULL)
             return -1;
+        Py_INCREF(host);
+        Py_XDECREF(s->last_host);
+        s->last_host = host;
+        s->last_indev = d->indev;
+        s->last_version = version;
     } else {
         host = version == 6 ? unspecified6 : unspecified4;
         Py_INCREF(host);
@@ -946,6 +961,7 @@ static int socket_traverse(PyObject *self, visitproc visit, void *arg) {
     Py_VISIT(s->interfaces);
     Py_VISIT(s->timeout);
     Py_VISIT(s->counters);
+    Py_VISIT(s->last_host);
     return 0;
 }
 
@@ -959,6 +975,7 @@ static int socket_clear(PyObject *self) {
     Py_CLEAR(s->interfaces);
     Py_CLEAR(s->timeout);
     Py_CLEAR(s->counters);
+    Py_CLEAR(s->last_host);
     return 0;
 }
 

@@ -263,6 +263,24 @@ def test_packets_dropped_or_expired_do_not_leave_with_a_later_batch_accept(peer:
         assert sock._nfq.verdict_errors == 0
 
 
+def test_an_inbound_packets_host_follows_its_interfaces_address_within_a_second(peer: Peer, netns: NamedNetns) -> None:
+    """The receiving interface's address is cached (and the last one remembered) for at most a second."""
+    add("in proto udp to any port 9 divert-packet port 7")
+    with DivertSocket() as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        sock.bind(7)  # blocking: the lone packet's compiled way, each read after its packet is queued
+
+        def echo(dst: str) -> str:
+            tx.sendto(b"x", (dst, 9))
+            wait_queued(1)
+            data, address = sock.recvfrom()
+            sock.sendto(data, address)
+            return address[0]
+        assert echo(peer.b4) == peer.b4
+        netns.batch(["addr del 198.18.77.2/24 dev vb", "addr add 198.18.77.3/24 dev vb"])
+        time.sleep(1.1)  # past the cache's second (a deadline, nothing to await)
+        assert echo("198.18.77.3") == "198.18.77.3"
+
+
 def wait_queued(total: int) -> QueueStats:
     """Returns the stats of the one queue holding packets once it holds, or dropped, ``total`` in all (at
     most 10 s)."""

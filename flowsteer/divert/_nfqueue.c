@@ -8,7 +8,7 @@
  *
  * - Delivery: one queued packet and what the socket adds to it (its hold deadline and address host);
  * - Counters: what one divert socket did;
- * - QueueCore, the base of nfqueue.NfQueue: the parse of a queue message, the batch read (recvmmsg)
+ * - QueueCore, the base of nfqueue.NfQueue: the parse of a queue message, the read of what is waiting
  *   and the blocking receive;
  * - SocketCore, the base of socket.DivertSocket: recvfrom and sendto without a line of Python for a lone
  *   packet (nothing else fetched, held or waiting for a verdict, a blocking socket, a queue at a low
@@ -21,7 +21,6 @@
  * with a big-endian queue number, then attributes (native u16 length and type, big-endian values), the
  * first NFQA_PACKET_HDR {be32 packet_id, be16 hw_protocol, u8 hook} and the last NFQA_PAYLOAD.
  */
-#define _GNU_SOURCE /* recvmmsg */
 #define PY_SSIZE_T_CLEAN
 #define Py_LIMITED_API 0x030B0000
 #include <Python.h>
@@ -45,8 +44,7 @@
 #define PACKET_HDR_AT (NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(struct nfgenmsg)) + NLA_HDRLEN)
 #define ATTRS_AT (PACKET_HDR_AT + NLA_ALIGN(sizeof(struct nfqnl_msg_packet_hdr)))
 #define INTERFACE_CACHE_SECONDS 1.0 /* socket.py's _IF_CACHE_SECONDS */
-#define RING 64                      /* receive slots: messages read per recvmmsg */
-#define SLOT (0xFFFF + 4096)         /* bytes per slot: a whole packet (64 KiB at most) with its headers */
+#define SLOT (0xFFFF + 4096)         /* receive buffer: a whole packet (64 KiB at most) with its headers */
 
 static PyTypeObject *DeliveryType, *CountersType, *QueueCoreType, *SocketCoreType;
 /* Made once: the unspecified hosts, an empty bytes, the names this file calls or counts by */
@@ -296,10 +294,6 @@ typedef struct {
     long long rcvtimeo;
     Py_ssize_t verdict_errors;
     PyObject *buffer, *backlog;
-    /* the batch reads' RING slots (allocated at the first, zeroed: pages are touched only when used) */
-    char *ring;
-    struct mmsghdr *headers;
-    struct iovec *iovecs;
 } QueueCore;
 
 /* Returns the Delivery of the message at ``p`` (``received`` bytes came), or None for another message
@@ -371,19 +365,28 @@ static PyObject *queue_parse(PyObject *self, PyObject *args) {
 
 /* Returns what queue_receive documents; sets *failed to recv's errno when the OSError raised is recv's own
  * (not, say, an exception from a signal handler). */
-static PyObject *receive_message(QueueCore *q, int *failed) {
+/* Gets the queue's receive buffer (``_buf``) for writing; returns 0, or -1 with ValueError (or what the
+ * buffer protocol raised) set. The caller releases it. */
+static int receive_buffer(QueueCore *q, Py_buffer *buffer) {
     if (q->buffer == NULL) {
         PyErr_SetString(PyExc_ValueError, "the queue has no receive buffer");
-        return NULL;
+        return -1;
     }
+    if (PyObject_GetBuffer(q->buffer, buffer, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (buffer->len < (Py_ssize_t)ATTRS_AT) {
+        PyBuffer_Release(buffer);
+        PyErr_SetString(PyExc_ValueError, "the buffer cannot hold a message header");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *receive_message(QueueCore *q, int *failed) {
     Py_buffer buffer;
-    if (PyObject_GetBuffer(q->buffer, &buffer, PyBUF_WRITABLE) < 0)
+    if (receive_buffer(q, &buffer) < 0)
         return NULL;
     PyObject *result = NULL;
-    if (buffer.len < (Py_ssize_t)ATTRS_AT) {
-        PyErr_SetString(PyExc_ValueError, "the buffer cannot hold a message header");
-        goto done;
-    }
     ssize_t n;
     int fd = q->fd;
     Py_BEGIN_ALLOW_THREADS
@@ -415,62 +418,38 @@ static PyObject *queue_receive(PyObject *self, PyObject *unused) {
     return receive_message((QueueCore *)self, &failed);
 }
 
-/* Gives ``q`` its receive slots; returns 0, or -1 with MemoryError set. */
-static int make_ring(QueueCore *q) {
-    q->ring = PyMem_Calloc(RING, SLOT);
-    q->headers = PyMem_Calloc(RING, sizeof(struct mmsghdr));
-    q->iovecs = PyMem_Calloc(RING, sizeof(struct iovec));
-    if (q->ring == NULL || q->headers == NULL || q->iovecs == NULL) {
-        PyMem_Free(q->ring);
-        PyMem_Free(q->headers);
-        PyMem_Free(q->iovecs);
-        q->ring = NULL;
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (size_t i = 0; i < RING; i++) {
-        q->iovecs[i] = (struct iovec){.iov_base = q->ring + i * SLOT, .iov_len = SLOT};
-        q->headers[i].msg_hdr.msg_iov = &q->iovecs[i];
-        q->headers[i].msg_hdr.msg_iovlen = 1;
-    }
-    return 0;
-}
-
 PyDoc_STRVAR(read_waiting_doc,
 "_read_waiting(out, limit) -> None\n\n"
 "Appends to the list ``out`` the packets already waiting on ``_fd``, until it holds ``limit``, without\n"
-"blocking: RING messages at most per recvmmsg, each parsed as _parse() does. Raises OSError when recvmmsg\n"
-"fails (not for nothing waiting), MemoryError when the slots cannot be allocated.");
+"blocking: one recv into ``_buf`` per message (a buffer that stays in the cache), each parsed as _parse()\n"
+"does. Raises OSError when recv fails (not for nothing waiting), ValueError as _receive().");
 
 static PyObject *queue_read_waiting(PyObject *self, PyObject *args) {
     QueueCore *q = (QueueCore *)self;
-    PyObject *out;
-    Py_ssize_t limit, have;
-    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &out, &limit))
+    PyObject *out, *result = NULL;
+    Py_ssize_t limit;
+    Py_buffer buffer;
+    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &out, &limit) || receive_buffer(q, &buffer) < 0)
         return NULL;
-    if (q->ring == NULL && make_ring(q) < 0)
-        return NULL;
-    while ((have = PyList_Size(out)) < limit) {
-        unsigned want = limit - have < RING ? (unsigned)(limit - have) : RING;
-        int got = recvmmsg(q->fd, q->headers, want, MSG_DONTWAIT, NULL);
-        if (got < 0) {
+    while (PyList_Size(out) < limit) {
+        ssize_t n = recv(q->fd, buffer.buf, (size_t)buffer.len, MSG_DONTWAIT);
+        if (n < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 break;
-            return PyErr_SetFromErrno(PyExc_OSError);
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
         }
-        for (int i = 0; i < got; i++) {
-            PyObject *d = parse_message(q, (const uint8_t *)q->ring + (size_t)i * SLOT, q->headers[i].msg_len);
-            if (d == NULL)
-                return NULL;
-            int failed = d != Py_None && PyList_Append(out, d) < 0;
-            Py_DECREF(d);
-            if (failed)
-                return NULL;
-        }
-        if ((unsigned)got < want)
-            break;
+        PyObject *d = parse_message(q, buffer.buf, (size_t)n);
+        int failed = d == NULL || (d != Py_None && PyList_Append(out, d) < 0);
+        Py_XDECREF(d);
+        if (failed)
+            goto done;
     }
-    Py_RETURN_NONE;
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&buffer);
+    return result;
 }
 
 static int queue_traverse(PyObject *self, visitproc visit, void *arg) {
@@ -496,13 +475,7 @@ static void core_dealloc(PyObject *self, inquiry clear) {
     Py_DECREF(type);
 }
 
-static void queue_dealloc(PyObject *self) {
-    QueueCore *q = (QueueCore *)self;
-    PyMem_Free(q->ring);
-    PyMem_Free(q->headers);
-    PyMem_Free(q->iovecs);
-    core_dealloc(self, queue_clear);
-}
+static void queue_dealloc(PyObject *self) { core_dealloc(self, queue_clear); }
 
 static PyMemberDef queue_members[] = {
     {"_fd", T_INT, offsetof(QueueCore, fd), 0, "The netlink socket's file descriptor."},
@@ -529,7 +502,7 @@ static PyType_Slot queue_slots[] = {
     {Py_tp_clear, queue_clear},
     {Py_tp_members, queue_members},
     {Py_tp_methods, queue_methods},
-    {Py_tp_doc, "The compiled part of nfqueue.NfQueue: its receive state, the parse, the batch read and the blocking receive."},
+    {Py_tp_doc, "The compiled part of nfqueue.NfQueue: its receive state, the parse, the read of what is waiting and the blocking receive."},
     {0, NULL},
 };
 
@@ -1056,8 +1029,7 @@ PyMODINIT_FUNC PyInit__nfqueue(void) {
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL || add_type(m, &DeliveryType, &delivery_spec) < 0 || add_type(m, &CountersType, &counters_spec) < 0 || add_type(m, &QueueCoreType, &queue_spec) < 0
-        || add_type(m, &SocketCoreType, &socket_spec) < 0 || PyModule_AddIntConstant(m, "RING", RING) < 0
-        || PyModule_AddIntConstant(m, "SLOT", SLOT) < 0) {
+        || add_type(m, &SocketCoreType, &socket_spec) < 0 || PyModule_AddIntConstant(m, "SLOT", SLOT) < 0) {
         Py_XDECREF(m);
         return NULL;
     }

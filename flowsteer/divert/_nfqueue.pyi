@@ -5,10 +5,8 @@ from typing import Any
 
 from _typeshed import ReadableBuffer
 
-RING: int
-"""Receive slots of a batch read: messages read per recvmmsg."""
 SLOT: int
-"""Bytes per receive slot: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
+"""Bytes of the receive buffer: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
 
 class Delivery:
     """One packet the kernel queued to user space and holds until it gets a verdict."""

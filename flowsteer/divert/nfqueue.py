@@ -1,10 +1,10 @@
 """The nfnetlink_queue protocol over a raw AF_NETLINK socket: bind queues, read packets, send verdicts.
 
 One :class:`NfQueue` is one netlink socket; it may bind many queue numbers (the kernel allows each queue
-number to be bound by one socket only). Packets are read in batches without blocking; verdicts are
+number to be bound by one socket only). What is waiting is read in batches without blocking; verdicts are
 encoded into one buffer and sent with one ``send`` (a run of plain accepts ending at the newest held
 packet becomes a single ``NFQNL_MSG_VERDICT_BATCH``). What runs for every packet (the parse of a queue
-message, the batch read, the blocking receive, a lone accept) is compiled, in :mod:`flowsteer.divert._nfqueue`
+message, the read of what is waiting, the blocking receive, a lone accept) is compiled, in :mod:`flowsteer.divert._nfqueue`
 (``_nfqueue.c``): a lone packet finds the process's caches cold, where Python costs far more. So is
 :class:`Delivery`, the packet a message carries (re-exported here).
 """
@@ -45,11 +45,9 @@ NF_DROP, NF_ACCEPT, NF_REPEAT = 0, 1, 4
 
 COPY_RANGE = 0xFFFF
 SLOT = _nfqueue.SLOT
-"""Bytes per receive slot: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
-RING = _nfqueue.RING
-"""Receive slots: messages read per system call."""
+"""Bytes of the receive buffer: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
 DIRECT_WAITS = 8
-"""How many waits go straight to a blocking read after a batch read found the queue empty."""
+"""How many waits go straight to a blocking read after a look at what is waiting found nothing."""
 MIN_RCVBUF = 8 << 20
 """The netlink receive buffer's least size, in bytes (the kernel doubles what is set, for its bookkeeping)."""
 RCVBUF_PER_PACKET = 2 << 10
@@ -146,11 +144,13 @@ class NfQueue(_nfqueue.QueueCore):
         """Returns up to ``limit`` packets, waiting at most ``wait`` seconds for the first (None: as long
         as it takes; 0: not at all) and not at all for the others (an empty list when none came).
 
-        What is already waiting is read in batches of up to :data:`RING` messages per ``recvmmsg``; a
-        wait is a plain blocking ``recv`` (``SO_RCVTIMEO``) that hands over the packet ending it at once.
-        Once a batch read found nothing, the next :data:`DIRECT_WAITS` waits block at once without that
-        look: at a low rate each packet then costs one system call and no batching, and when load comes
-        back the look after them returns to batches. Raises KernelError when the socket fails.
+        What is already waiting is read without blocking, one ``recv`` per message into one buffer that
+        stays in the cache (``recvmmsg`` into a slot per message cost more: it copies a header per message
+        from user space and spreads the copies over megabytes); a wait is a plain blocking ``recv``
+        (``SO_RCVTIMEO``) that hands over the packet ending it at once. Once a look at what is waiting
+        found nothing, the next :data:`DIRECT_WAITS` waits block at once without that look: at a low rate
+        each packet then costs one system call, and when load comes back the look after them returns to
+        batches. Raises KernelError when the socket fails.
         """
         if self._backlog:
             out, self._backlog = self._backlog[:limit], self._backlog[limit:]

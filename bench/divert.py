@@ -32,8 +32,8 @@ Latency is one-way (sender and receiver sockets live in this process), at a low 
 time, each sent LATENCY_GAP after the previous one arrived, so that every consumer is idle when a packet
 comes (back to back, a consumer's work after its verdict would delay the next packet too); "added" is the
 median/99th percentile over the no-divert path's. The socket's added latency over NetfilterQueue's, the
-target, is also measured in paired rounds (PAIRED_ROUNDS, each consumer measured right after the other)
-because rows measured minutes apart differ by more than the gap. Ratios compare numbers of this run.
+target, is also measured side by side (interleaved): both wait at once on CPU 1, each behind its own rule,
+and lone packets alternate between them, because rows measured minutes apart differ by more than the gap. Ratios compare numbers of this run.
 """
 
 from __future__ import annotations
@@ -82,10 +82,6 @@ DRAIN_MAXLEN = 32_768
 """Queue length of the consumers that drain DRAIN_PACKETS (their receive buffer is sized for it)."""
 DRAIN_RATE = 100_000.0
 """Rate at which the drained packets are queued (the stopped consumer's queue takes them all)."""
-PAIRED_ROUNDS = 24
-"""Rounds of the paired latency comparison: each measures the socket and NetfilterQueue one after the other
-(the order alternating), so that the machine's drift over minutes does not decide the difference. Single
-rounds differ by up to ±20 µs on a busy 2-core VM, and the median of 8 moved by 7–8 µs between two runs."""
 BATCHED_C = "C libnetfilter_queue, batched verdicts"
 SOCKET = "flowsteer socket"
 NETFILTERQUEUE_ROW = "python NetfilterQueue"
@@ -471,53 +467,73 @@ def sustained(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, seconds: f
     return best
 
 
-def latency(snd: NamedNetns, rcv: NamedNetns, size: int, count: int) -> tuple[float, float]:
-    """Returns one-way (p50, p99) in microseconds, one packet at a time, LATENCY_GAP apart."""
+def lone_samples(snd: NamedNetns, rcv: NamedNetns, size: int, count: int, ports: list[int]) -> list[list[float]]:
+    """Returns, for each of ``ports``, the one-way microseconds of ``count`` lone packets sent to it (DST): in
+    each round one packet per port (which goes first rotates), each LATENCY_GAP after the previous one
+    arrived. A packet that does not arrive within 2 s is left out."""
     with rcv.entered():
-        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receivers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in ports]
     with snd.entered():
         tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.bind((DST, DPORT + 1))
-    rx.settimeout(2)
+    for rx, port in zip(receivers, ports, strict=True):
+        rx.bind((DST, port))
+        rx.settimeout(2)
     payload = bytes(size - 28)
-    samples = []
-    for _ in range(count):
-        time.sleep(LATENCY_GAP)
-        t0 = time.perf_counter()
-        tx.sendto(payload, (DST, DPORT + 1))
-        try:
-            rx.recv(2048)
-        except TimeoutError:
-            continue
-        samples.append((time.perf_counter() - t0) * 1e6)
+    samples: list[list[float]] = [[] for _ in ports]
+    for round_ in range(count):
+        for i in (list(range(round_ % len(ports), len(ports))) + list(range(round_ % len(ports)))):
+            time.sleep(LATENCY_GAP)
+            t0 = time.perf_counter()
+            tx.sendto(payload, (DST, ports[i]))
+            try:
+                receivers[i].recv(2048)
+            except TimeoutError:
+                continue
+            samples[i].append((time.perf_counter() - t0) * 1e6)
     tx.close()
-    rx.close()
-    samples.sort()
+    for rx in receivers:
+        rx.close()
+    return samples
+
+
+def latency(snd: NamedNetns, rcv: NamedNetns, size: int, count: int) -> tuple[float, float]:
+    """Returns one-way (p50, p99) in microseconds, one packet at a time, LATENCY_GAP apart."""
+    samples = sorted(lone_samples(snd, rcv, size, count, [DPORT + 1])[0])
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+
+
+def interleaved_latency(snd: NamedNetns, rcv: NamedNetns, size: int, count: int) -> float:
+    """Returns the socket's one-way p50 minus NetfilterQueue's, in microseconds, measured side by side: both
+    wait on CPU 1 at once, each behind its own rule (DPORT + 1 to divert port PORT, DPORT + 2 to divert port
+    PORT + 1, whose queue NetfilterQueue binds), and ``count`` rounds of lone packets alternate between them.
+    So the machine's drift and whatever else runs on CPU 1 weigh on both alike (rows measured minutes
+    apart differ by more than the gap). The other rules are put back afterwards."""
+    with rcv.entered():
+        saved = control.rules()
+        control.flush()
+        control.add(Rule.parse(f"in proto udp to {DST} port {DPORT + 1} divert-packet port {PORT}"))
+        control.add(Rule.parse(f"in proto udp to {DST} port {DPORT + 2} divert-packet port {PORT + 1}"))
+        queue = queue_number(netfilter.read().blocks[PORT + 1], 0, False)
+    consumers = []
+    try:
+        consumers.append(started([*CONSUMER_CPU, sys.executable, "-c", FLOWSTEER_SOCKET, str(PORT),
+                                  str(FLOOD_MAXLEN)], rcv))
+        consumers.append(started([*CONSUMER_CPU, sys.executable, "-c", NETFILTERQUEUE, str(queue),
+                                  str(FLOOD_MAXLEN), str(rcvbuf_for(FLOOD_MAXLEN))], rcv))
+        sock, nfq = lone_samples(snd, rcv, size, count, [DPORT + 1, DPORT + 2])
+    finally:
+        for consumer in consumers:
+            stopped(consumer)
+        with rcv.entered():
+            control.flush()
+            for rule in saved:
+                control.add(rule)
+    return statistics.median(sock) - statistics.median(nfq)
 
 
 Starter = Callable[[int], tuple[subprocess.Popen[str] | None, list[int]]]
 """Starts a consumer with a queue of the given length; returns its process (None: no consumer) and the pids
 whose CPU time counts."""
-
-
-def paired_latency(snd: NamedNetns, rcv: NamedNetns, size: int, samples: int, first: Starter,
-                   second: Starter) -> float:
-    """Returns the median over PAIRED_ROUNDS of ``first``'s p50 minus ``second``'s, in microseconds: each
-    round starts one consumer, measures ``samples`` lone packets, stops it, then does the same with the
-    other (which goes first alternates)."""
-    differences = []
-    for round_ in range(PAIRED_ROUNDS):
-        p50 = {}
-        for which in ((first, second) if round_ % 2 == 0 else (second, first)):
-            consumer, _pids = which(FLOOD_MAXLEN)
-            assert consumer is not None
-            try:
-                p50[which] = latency(snd, rcv, size, samples)[0]
-            finally:
-                stopped(consumer)
-        differences.append(p50[first] - p50[second])
-    return statistics.median(differences)
 
 
 def main() -> None:
@@ -598,20 +614,20 @@ def main() -> None:
                       + (f"  sustained {best[1]:,.0f} pkt/s at {best[2]:.2%} loss" if best else "")
                       + (f"  drained {row_drain[0]:,.0f} pkt/s" if drains else ""),
                       file=sys.stderr, flush=True)
-        results["paired_p50_us"] = {
-            size: round(paired_latency(snd, rcv, size, args.latency_samples // 4, flowsteer_socket, netfilterqueue), 1)
+        results["interleaved_p50_us"] = {
+            size: round(interleaved_latency(snd, rcv, size, args.latency_samples), 1)
             for size in (64, 1400)}
     results["load_end"] = os.getloadavg()
-    results["ratios"] = ratios(results["rows"], results["paired_p50_us"])
+    results["ratios"] = ratios(results["rows"], results["interleaved_p50_us"])
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print(report(results))
 
 
-def ratios(rows: list[dict[str, Any]], paired_p50_us: dict[int, float]) -> dict[str, float]:
+def ratios(rows: list[dict[str, Any]], interleaved_p50_us: dict[int, float]) -> dict[str, float]:
     """Returns the ratios the targets are about, per packet size; the socket's added latency over
-    NetfilterQueue's is the paired comparison's (``paired_p50_us``), the rows' own is beside it."""
+    NetfilterQueue's is the side-by-side one's (``interleaved_p50_us``), the rows' own is beside it."""
     by = {(r["consumer"], r["size"]): r for r in rows}
     out = {}
     for size in (64, 1400):
@@ -629,7 +645,7 @@ def ratios(rows: list[dict[str, Any]], paired_p50_us: dict[int, float]) -> dict[
         out[f"socket/NetfilterQueue flooded {size}B"] = round(sock["pps"] / nfq["pps"], 2)
         out[f"socket/fnfqueue {size}B"] = round(sock["pps"] / by[("python fnfqueue", size)]["pps"], 2)
         out[f"socket/C per-packet {size}B"] = round(sock["pps"] / by[("C libnetfilter_queue", size)]["pps"], 2)
-        out[f"added p50 socket - NetfilterQueue {size}B, us, paired rounds (target <= 0)"] = paired_p50_us[size]
+        out[f"added p50 socket - NetfilterQueue {size}B, us, side by side (target <= 0)"] = interleaved_p50_us[size]
         out[f"added p50 socket - NetfilterQueue {size}B, us, the rows"] = round(sock["p50_us"] - nfq["p50_us"], 1)
         out[f"serve cost beyond the handler {size}B, us CPU/pkt"] = round(
             by[(SERVE_IDENTITY, size)]["cpu_us"] - sock["cpu_us"], 2)

@@ -320,8 +320,7 @@ class DivertSocket(_nfqueue.SocketCore):
         del self._held[tag]
         self._verdicts.append(Verdict(held.queue, held.packet_id, NF_DROP))
         self.counters.redirected += 1
-        if not self._ready and not self._defer:
-            self.flush()
+        self._flush_if_due()
         return sent
 
     def _write_new(self, packet: bytes, host: str) -> int:

@@ -21,7 +21,9 @@ Sender and receiver run on CPU 0, single consumers on CPU 1 (``taskset``); serve
 (but the identity serve row is). For the batched C consumer and the flowsteer socket the offered rate is
 also bisected (paced sender) for the highest rate delivered with < 1% loss, each rate judged by the
 median of --repeat runs. Delivered packets per second are counted by a C receiver; loss is the share of
-sent packets that never arrived. Flooded, every consumer delivers about what CPU 0 can send and receive
+sent packets that never arrived. Each Python consumer runs its per-packet code in a function (local
+names, as NetfilterQueue's callback is) and counts nothing itself: at module level, the socket's loop paid
+about 2 us more per lone packet for its global names (measured side by side, 2026-12-04). Flooded, every consumer delivers about what CPU 0 can send and receive
 (the no-divert row), so those rows and their ratios say little about the consumers themselves.
 
 What a consumer can deliver is measured by draining: each single consumer is started with room for
@@ -80,6 +82,9 @@ FLOOD_MAXLEN = 1024
 DRAIN_PACKETS = 20_000
 DRAIN_MAXLEN = 32_768
 """Queue length of the consumers that drain DRAIN_PACKETS (their receive buffer is sized for it)."""
+DRAIN_REPEAT = 5
+"""Drains per row (the median is kept): single drains of one consumer spread by up to a third on a busy
+2-core VM."""
 DRAIN_RATE = 100_000.0
 """Rate at which the drained packets are queued (the stopped consumer's queue takes them all)."""
 BATCHED_C = "C libnetfilter_queue, batched verdicts"
@@ -252,14 +257,11 @@ int main(int argc, char **argv) {
 NETFILTERQUEUE = r"""
 import signal, sys
 from netfilterqueue import NetfilterQueue
-count = 0
 def accept(packet):
-    global count
-    count += 1
     packet.accept()
 q = NetfilterQueue()
 q.bind(int(sys.argv[1]), accept, max_len=int(sys.argv[2]), sock_len=int(sys.argv[3]))
-signal.signal(signal.SIGTERM, lambda *a: q.unbind() or print(count, flush=True) or sys.exit(0))
+signal.signal(signal.SIGTERM, lambda *a: q.unbind() or sys.exit(0))
 print("ready", flush=True)
 q.run()
 """
@@ -272,26 +274,26 @@ queue = conn.bind(int(sys.argv[1]))
 queue.set_mode(0xFFFF, fnfqueue.COPY_PACKET)
 queue.set_maxlen(int(sys.argv[2]))
 socket.socket(fileno=os.dup(conn._conn.fd)).setsockopt(socket.SOL_SOCKET, 33, int(sys.argv[3]))  # SO_RCVBUFFORCE
-count = 0
-signal.signal(signal.SIGTERM, lambda *a: print(count, flush=True) or os._exit(0))
+def accept_all(conn):
+    for packet in conn:
+        packet.accept()
+signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
 print("ready", flush=True)
-for packet in conn:
-    packet.accept()
-    count += 1
+accept_all(conn)
 """
 
 FLOWSTEER_SOCKET = r"""
 import signal, sys
 from flowsteer.divert.socket import DivertSocket
+def echo(sock):
+    while True:
+        data, address = sock.recvfrom()
+        sock.sendto(data, address)
 sock = DivertSocket(queue_maxlen=int(sys.argv[2]))
 sock.bind(int(sys.argv[1]))
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 print("ready", flush=True)
-try:
-    for data, address in iter(sock.recvfrom, None):
-        sock.sendto(data, address)
-finally:
-    print(sock.counters.received, flush=True)
+echo(sock)
 """
 
 
@@ -612,7 +614,7 @@ def main() -> None:
                             for rule in saved:
                                 control.add(rule)
                 if drains:
-                    drain_runs = sorted(drained(tool, snd, rcv, size, start) for _ in range(args.repeat))
+                    drain_runs = sorted(drained(tool, snd, rcv, size, start) for _ in range(DRAIN_REPEAT))
                     row_drain = drain_runs[len(drain_runs) // 2]
                 median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 row = {"consumer": name, "size": size, "pps": round(median["pps"]),

@@ -29,7 +29,8 @@ about 2 us more per lone packet for its global names (measured side by side, 202
 What a consumer can deliver is measured by draining: each single consumer is started with room for
 DRAIN_PACKETS queued packets (queue length and receive buffer), stopped (SIGSTOP) while that many arrive,
 then let go; its rate is the packets it held over the time until the kernel holds none (every verdict
-given). The sender is then out of the way, and the targets' ratios use these rates.
+given). The sender is then out of the way, and the targets' ratios use these rates: the median of
+DRAIN_ROUNDS rounds, each draining every single consumer once, one right after the other.
 Latency is one-way (sender and receiver sockets live in this process), at a low rate: one packet at a
 time, each sent LATENCY_GAP after the previous one arrived, so that every consumer is idle when a packet
 comes (back to back, a consumer's work after its verdict would delay the next packet too); "added" is the
@@ -82,9 +83,10 @@ FLOOD_MAXLEN = 1024
 DRAIN_PACKETS = 20_000
 DRAIN_MAXLEN = 32_768
 """Queue length of the consumers that drain DRAIN_PACKETS (their receive buffer is sized for it)."""
-DRAIN_REPEAT = 5
-"""Drains per row (the median is kept): single drains of one consumer spread by up to a third on a busy
-2-core VM."""
+DRAIN_ROUNDS = 5
+"""Rounds of drains: each round drains every single consumer once, one right after the other (the order
+alternating), and each consumer's median is kept; consumers drained minutes apart differ by up to a third
+on a busy 2-core VM."""
 DRAIN_RATE = 100_000.0
 """Rate at which the drained packets are queued (the stopped consumer's queue takes them all)."""
 BATCHED_C = "C libnetfilter_queue, batched verdicts"
@@ -450,6 +452,19 @@ def held_now(table: int) -> int:
     return sum(int(line.split()[2]) for line in os.read(table, 1 << 20).decode().splitlines())
 
 
+def drain_rounds(tool: str, snd: NamedNetns, rcv: NamedNetns,
+                 starters: dict[str, Starter]) -> dict[tuple[str, int], tuple[float, float]]:
+    """Returns, for each consumer of ``starters`` and packet size, the median of DRAIN_ROUNDS drains (packets/s)
+    and the loss of that drain: in each round every consumer is drained once, right after the other (the
+    order alternating), so that ratios between them do not measure the machine's drift."""
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for round_ in range(DRAIN_ROUNDS):
+        for size in (64, 1400):
+            for name in (list(starters) if round_ % 2 == 0 else list(reversed(starters))):
+                runs.setdefault((name, size), []).append(drained(tool, snd, rcv, size, starters[name]))
+    return {key: sorted(found)[len(found) // 2] for key, found in runs.items()}
+
+
 def queued(rcv: NamedNetns) -> int:
     """Returns how many packets the kernel holds (or dropped) in the queues of ``rcv``."""
     with rcv.entered():
@@ -592,7 +607,7 @@ def main() -> None:
             ("flowsteer serve 1 (handler work)", lambda _: serve_started(rcv, 1), PACED, False),
             ("flowsteer serve 2 (handler work)", lambda _: serve_started(rcv, 2), PACED, False),
         ]
-        for name, start, rate, drains in consumers:
+        for name, start, rate, _drained in consumers:
             for size in (64, 1400):
                 if name == "no divert":
                     with rcv.entered():
@@ -613,23 +628,24 @@ def main() -> None:
                         with rcv.entered():
                             for rule in saved:
                                 control.add(rule)
-                if drains:
-                    drain_runs = sorted(drained(tool, snd, rcv, size, start) for _ in range(DRAIN_REPEAT))
-                    row_drain = drain_runs[len(drain_runs) // 2]
                 median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 row = {"consumer": name, "size": size, "pps": round(median["pps"]),
                        "loss": round(median["loss"], 3), "cpu_us": round(median["cpu_us"], 2),
                        "p50_us": round(p50, 1), "p99_us": round(p99, 1), "offered": rate}
-                if drains:
-                    row["drained"] = {"pps": round(row_drain[0]), "loss": round(row_drain[1], 4)}
                 if name in (BATCHED_C, SOCKET):
                     row["sustained"] = None if best is None else \
                         {"offered": round(best[0]), "pps": round(best[1]), "loss": round(best[2], 4)}
                 results["rows"].append(row)
                 print(f"{name:34} {size:5}B {row['pps']:10} pkt/s  loss {row['loss']:6.1%}  "
                       f"cpu {row['cpu_us']:5.2f} us/pkt  p50 {p50:7.1f} us  p99 {p99:7.1f} us"
-                      + (f"  sustained {best[1]:,.0f} pkt/s at {best[2]:.2%} loss" if best else "")
-                      + (f"  drained {row_drain[0]:,.0f} pkt/s" if drains else ""),
+                      + (f"  sustained {best[1]:,.0f} pkt/s at {best[2]:.2%} loss" if best else ""),
+                      file=sys.stderr, flush=True)
+        rates = drain_rounds(tool, snd, rcv, {name: start for name, start, _, drains in consumers if drains})
+        for row in results["rows"]:
+            if (row["consumer"], row["size"]) in rates:
+                pps, loss = rates[(row["consumer"], row["size"])]
+                row["drained"] = {"pps": round(pps), "loss": round(loss, 4)}
+                print(f"{row['consumer']:34} {row['size']:5}B drained {pps:10,.0f} pkt/s  loss {loss:.2%}",
                       file=sys.stderr, flush=True)
         results["interleaved_p50_us"] = {
             size: round(interleaved_latency(snd, rcv, size, args.latency_samples), 1)

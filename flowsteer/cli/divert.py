@@ -187,14 +187,17 @@ def _render_workers(e: dict[str, Any]) -> None:
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes (1..32).")
 @click.option("--hold-time", type=float, default=1.0, show_default=True,
               help="Seconds a packet waits for its verdict before it is dropped.")
+@click.option("--queue-maxlen", type=int, default=1024, show_default=True,
+              help="Packets the kernel holds for each worker before it drops (or, for fail-open rules, accepts) "
+                   "more (1..1048576).")
 @click.option("--report-interval", type=float, default=None, help="Print counters every this many seconds.")
 @click.option("--capture", "capture_file", default=None, metavar="FILE.pcapng",
               help="Also write every packet read to this pcapng file (FILE-N.pcapng per worker when several).")
 @netns_option
 @json_option
 @reports_errors
-def serve_cmd(handler: str, port: int, workers: int, hold_time: float, report_interval: float | None,
-              capture_file: str | None, netns: str | None, as_json: bool) -> None:
+def serve_cmd(handler: str, port: int, workers: int, hold_time: float, queue_maxlen: int,
+              report_interval: float | None, capture_file: str | None, netns: str | None, as_json: bool) -> None:
     """Run HANDLER (module:function or file.py:function) on every packet diverted to --port.
 
     The handler gets a flowsteer.divert.Packet and returns it (or bytes) to write it back, or None to
@@ -213,8 +216,8 @@ def serve_cmd(handler: str, port: int, workers: int, hold_time: float, report_in
             click.echo(str(e))
         sys.stdout.flush()
 
-    Divert(netns).serve(port, workers, function, hold_time=hold_time, capture_file=capture_file, events=event,
-                        report_every=report_interval)
+    Divert(netns).serve(port, workers, function, hold_time=hold_time, queue_maxlen=queue_maxlen,
+                        capture_file=capture_file, events=event, report_every=report_interval)
 
 
 @divert.command("capture")

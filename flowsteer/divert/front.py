@@ -71,12 +71,12 @@ class Divert:
             return explain(flow, ct_mark=mark)
 
     def serve(self, port: int, workers: int, handler: Handler | BatchHandler, *, hold_time: float = 1.0,
-              capture_file: str | None = None, events: Callable[[Event], None] = lambda event: None,
-              report_every: float | None = None) -> None:
+              queue_maxlen: int = 1024, capture_file: str | None = None,
+              events: Callable[[Event], None] = lambda event: None, report_every: float | None = None) -> None:
         """Runs ``handler`` in ``workers`` workers on divert ``port`` until SIGTERM (see divert.serve)."""
         with entered(self.netns):
-            supervisor(port, workers, handler, hold_time=hold_time, capture=capture_file, events=events,
-                       report_every=report_every).run()
+            supervisor(port, workers, handler, hold_time=hold_time, queue_maxlen=queue_maxlen, capture=capture_file,
+                       events=events, report_every=report_every).run()
 
     def capture(self, port: int, path: str, *, count: int | None = None, seconds: float | None = None,
                 group: bool = False, ready: Callable[[], None] = lambda: None) -> int:

@@ -27,7 +27,7 @@ from flowsteer.divert import control
 from flowsteer.divert.handling import COUNTERS, BatchHandler, Handler, StopBetweenPackets, serve_packets
 from flowsteer.divert.ports import SLOTS
 from flowsteer.divert.rules import check_divert_port
-from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket, check_hold_time
+from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket, check_hold_time, check_queue_maxlen
 from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
 from flowsteer.supervisor import Event, Ready, Supervisor
 from flowsteer.supervisor.probe import Target
@@ -82,15 +82,17 @@ class DivertService:
     Before a worker replaces one that ended, the rules are recompiled so that the ended member's
     connections are re-pinned at once. ``capture`` names a pcapng file every packet read is written to (one
     file per worker when there are several: see :func:`capture_path`; a restarted worker appends a new
-    section to its file). Raises InvalidInput for a bad port, worker count or hold time, KernelError when a
+    section to its file). ``queue_maxlen`` is each worker's socket's queue length. Raises InvalidInput for
+    a bad port, worker count, hold time or queue length, KernelError when a
     capture file cannot be created."""
 
     overlap = False
 
     def __init__(self, port: int, workers: int, handler: Handler | BatchHandler, *, hold_time: float = 1.0,
-                 capture: str | None = None) -> None:
+                 queue_maxlen: int = 1024, capture: str | None = None) -> None:
         check_divert_port(port)
         check_hold_time(hold_time)
+        check_queue_maxlen(queue_maxlen)
         if not 1 <= workers <= SLOTS:
             raise InvalidInput(f"workers {workers} is not within 1..{SLOTS}")
         self.captures = [capture_path(capture, i, workers) if capture else None for i in range(workers)]
@@ -99,7 +101,7 @@ class DivertService:
                 open(path, "wb").close()  # noqa: SIM115 (created empty now, so that a bad path fails here)
             except OSError as exc:
                 raise kernel_error(f"creating capture file {path}", exc.errno or 5) from None
-        self.port, self.handler, self.hold_time = port, handler, hold_time
+        self.port, self.handler, self.hold_time, self.queue_maxlen = port, handler, hold_time, queue_maxlen
         self.workers = [WorkerInfo(i) for i in range(workers)]
         self._counters: SynchronizedArray[int] = _MP.Array("Q", workers * len(COUNTERS), lock=False)
 
@@ -119,7 +121,8 @@ class DivertService:
             self._counters[base + i] = 0
 
     def run(self, slot: int, ready: Ready) -> None:
-        _worker(slot, self.port, self.handler, self.hold_time, self._counters, ready, self.captures[slot])
+        _worker(slot, self.port, self.handler, (self.hold_time, self.queue_maxlen), self._counters, ready,
+                self.captures[slot])
 
     def started(self, slot: int, pid: int, detail: Mapping[str, Any]) -> None:
         self.workers[slot].pid = pid
@@ -163,12 +166,13 @@ class DivertService:
 
 
 def supervisor(port: int, workers: int, handler: Handler | BatchHandler, *, hold_time: float = 1.0,
-               capture: str | None = None, events: Callable[[Event], None] = lambda event: None,
-               report_every: float | None = None) -> Supervisor:
+               queue_maxlen: int = 1024, capture: str | None = None,
+               events: Callable[[Event], None] = lambda event: None, report_every: float | None = None) -> Supervisor:
     """Returns the supervisor of ``workers`` workers running ``handler`` on divert port ``port`` (see
     :class:`DivertService`); ``report_every`` seconds it reports the counters. Raises InvalidInput for a
-    bad port, worker count or hold time, KernelError when a capture file cannot be created."""
-    return Supervisor(DivertService(port, workers, handler, hold_time=hold_time, capture=capture), workers,
+    bad port, worker count, hold time or queue length, KernelError when a capture file cannot be created."""
+    return Supervisor(DivertService(port, workers, handler, hold_time=hold_time, queue_maxlen=queue_maxlen,
+                                    capture=capture), workers,
                       ready_timeout=_START_SECONDS, stop_timeout=_STOP_SECONDS, events=events,
                       report_every=report_every)
 
@@ -181,12 +185,14 @@ def capture_path(path: str, index: int, workers: int) -> str:
     return f"{stem}-{index}{dot}{ext}"
 
 
-def _worker(index: int, port: int, handler: Handler | BatchHandler, hold_time: float, counters: Any,
-            ready: Ready, capture: str | None) -> None:
-    """A worker process: bind the group, run the handler on every packet until SIGTERM."""
+def _worker(index: int, port: int, handler: Handler | BatchHandler, socket_options: tuple[float, int],
+            counters: Any, ready: Ready, capture: str | None) -> None:
+    """A worker process: bind the group with a socket of ``socket_options`` (hold time, queue length), run
+    the handler on every packet until SIGTERM."""
     stop = StopBetweenPackets()
     signal.signal(signal.SIGTERM, stop)
-    sock = DivertSocket(hold_time=hold_time)
+    hold_time, queue_maxlen = socket_options
+    sock = DivertSocket(hold_time=hold_time, queue_maxlen=queue_maxlen)
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, 1)
         sock.bind(port)

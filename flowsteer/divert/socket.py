@@ -71,6 +71,12 @@ def check_hold_time(hold_time: float) -> None:
         raise InvalidInput(f"hold time {hold_time} s is not within 0.001..60 s")
 
 
+def check_queue_maxlen(queue_maxlen: int) -> None:
+    """Raises InvalidInput unless ``queue_maxlen`` (packets) is within 1..2**20."""
+    if not 1 <= queue_maxlen <= 1 << 20:
+        raise InvalidInput(f"queue length {queue_maxlen} is not within 1..{1 << 20}")
+
+
 class DivertSocket(_nfqueue.SocketCore):
     """A divert socket; see the module documentation.
 
@@ -88,8 +94,7 @@ class DivertSocket(_nfqueue.SocketCore):
     def __init__(self, *, hold_time: float = 1.0, queue_maxlen: int = 1024, batch: int = 64,
                  conntrack: bool = False) -> None:
         check_hold_time(hold_time)
-        if not 1 <= queue_maxlen <= 1 << 20:
-            raise InvalidInput(f"queue length {queue_maxlen} is not within 1..{1 << 20}")
+        check_queue_maxlen(queue_maxlen)
         if not 1 <= batch <= 1024:
             raise InvalidInput(f"batch {batch} is not within 1..1024")
         self.hold_time = hold_time

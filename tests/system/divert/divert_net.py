@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowsteer.divert.packet import Packet
+from flowsteer.divert.ports import QueueStats, bound_queues
 from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertAddress, DivertSocket
 from flowsteer.kernel.netns import NamedNetns
 
@@ -217,3 +218,15 @@ def read_event(proc: subprocess.Popen[bytes], want: str, timeout: float = 30.0) 
         event = json.loads(line)
         if event["event"] == want:
             return event  # type: ignore[no-any-return]
+
+
+def wait_queued(total: int) -> QueueStats:
+    """Returns the stats of the one queue holding packets once it holds, or dropped, ``total`` in all (at
+    most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        busy = [q for q in bound_queues().values() if q.sequence]
+        if len(busy) == 1 and busy[0].held + busy[0].dropped + busy[0].user_dropped >= total:
+            return busy[0]
+        assert time.monotonic() < deadline, f"the queue did not reach {total} packets: {busy}"
+        time.sleep(0.005)

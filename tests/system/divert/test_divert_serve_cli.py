@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from divert_net import Flows, Peer, read_event
+from divert_net import Flows, Peer, read_event, wait_queued
 
 from flowsteer.divert.socket import DivertSocket
 from flowsteer.kernel.netns import NamedNetns
@@ -66,7 +66,8 @@ def test_user_mistakes_are_errors_not_tracebacks(netns: NamedNetns) -> None:
                  ("serve", "--netns", netns.name, "--port", "7", "no_such_module:handle"),
                  ("serve", "--netns", netns.name, "--port", "65536", "os:getpid"),
                  ("serve", "--netns", netns.name, "--port", "7", "--workers", "33", "os:getpid"),
-                 ("serve", "--netns", netns.name, "--port", "7", "--hold-time", "0", "os:getpid")):
+                 ("serve", "--netns", netns.name, "--port", "7", "--hold-time", "0", "os:getpid"),
+                 ("serve", "--netns", netns.name, "--port", "7", "--queue-maxlen", "0", "os:getpid")):
         proc = run(*args)
         assert proc.returncode == 1 and proc.stderr.startswith("flowsteer: error: "), (args, proc.stderr)
         assert "Traceback" not in proc.stderr
@@ -148,3 +149,35 @@ def test_workers_do_not_outlive_a_killed_supervisor(netns: NamedNetns, tmp_path:
             assert select.select([pidfd], [], [], 10)[0], f"worker {pid} outlived its supervisor"
         finally:
             os.close(pidfd)
+
+
+def test_serve_queue_maxlen_lets_a_stopped_worker_hold_more_than_the_default(peer: Peer, netns: NamedNetns,
+                                                                             tmp_path: Path) -> None:
+    """--queue-maxlen reaches each worker's socket: a stopped worker's queue holds 2,500 packets (the default
+    1,024 drops the rest), and all of them arrive once it goes on."""
+    count = 2500
+    assert run("add", "--netns", netns.name, "in proto udp to any port 5000 divert-packet port 9").returncode == 0
+    (tmp_path / "echo.py").write_text("def handle(packet):\n    return packet\n")
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: room for every datagram
+    receiver.bind((peer.b4, 5000))
+    receiver.settimeout(5)
+    argv = [*CLI, "divert", "serve", "--netns", netns.name, "--port", "9", "--queue-maxlen", str(count + 100),
+            "--json", f"{tmp_path}/echo.py:handle"]
+    serve = subprocess.Popen(argv, stdout=subprocess.PIPE, bufsize=0)
+    try:
+        (worker,) = [w["pid"] for w in read_event(serve, "ready")["workers"]]
+        os.kill(worker, signal.SIGSTOP)
+        with peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for chunk in range(0, count, 500):  # chunks the veth backlog takes whole
+                for _ in range(500):
+                    tx.sendto(b"x", (peer.b4, 5000))
+                queued = wait_queued(chunk + 500)
+        assert (queued.held, queued.dropped, queued.user_dropped) == (count, 0, 0)
+        os.kill(worker, signal.SIGCONT)
+        assert sum(len(receiver.recv(10)) for _ in range(count)) == count
+    finally:
+        os.kill(worker, signal.SIGCONT)
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(30)
+        receiver.close()

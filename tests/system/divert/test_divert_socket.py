@@ -12,11 +12,10 @@ import threading
 import time
 
 import pytest
-from divert_net import Peer, Pump, bound, ping_here, veth
+from divert_net import Peer, Pump, bound, ping_here, veth, wait_queued
 
 from flowsteer.divert import control
 from flowsteer.divert.packet import Packet
-from flowsteer.divert.ports import QueueStats, bound_queues
 from flowsteer.divert.rules import Rule
 from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket
 from flowsteer.errors import FlowsteerError, InvalidInput, PermissionDenied
@@ -279,18 +278,6 @@ def test_an_inbound_packets_host_follows_its_interfaces_address_within_a_second(
         netns.batch(["addr del 198.18.77.2/24 dev vb", "addr add 198.18.77.3/24 dev vb"])
         time.sleep(1.1)  # past the cache's second (a deadline, nothing to await)
         assert echo("198.18.77.3") == "198.18.77.3"
-
-
-def wait_queued(total: int) -> QueueStats:
-    """Returns the stats of the one queue holding packets once it holds, or dropped, ``total`` in all (at
-    most 10 s)."""
-    deadline = time.monotonic() + 10
-    while True:
-        busy = [q for q in bound_queues().values() if q.sequence]
-        if len(busy) == 1 and busy[0].held + busy[0].dropped + busy[0].user_dropped >= total:
-            return busy[0]
-        assert time.monotonic() < deadline, f"the queue did not reach {total} packets: {busy}"
-        time.sleep(0.005)
 
 
 def test_new_outbound_packets_are_written_and_skip_the_rules(peer: Peer) -> None:

@@ -12,7 +12,8 @@ divert rule sends them to a consumer that writes every packet back:
 - ``python fnfqueue``: the fnfqueue binding (batched reads by ``recvmmsg`` in a reader thread), accepting;
 - ``flowsteer socket``: one DivertSocket reading and writing back (batched reads and verdicts);
 - ``flowsteer serve 1 (identity handler)``: ``divert serve`` with a handler that returns the packet, to
-  measure serve's own cost per packet beyond the handler's work (its CPU per packet minus the socket's);
+  measure serve's own cost per packet beyond the handler's work (drained, its time per packet minus the
+  socket's);
 - ``flowsteer serve 1/2``: ``divert serve`` with 1 and 2 workers and a handler doing real Python work
   per packet (parse the packet, then a fixed amount of arithmetic), with the sender paced so that the
   handler, not the sender, is the bottleneck.
@@ -355,13 +356,13 @@ def stopped(proc: subprocess.Popen[str]) -> str:
     return out
 
 
-def serve_started(rcv: NamedNetns, workers: int, handler: str = "work",
-                  pin: list[str] | None = None) -> tuple[subprocess.Popen[str], list[int]]:
-    """Starts ``flowsteer divert serve`` with ``handler`` (a function of this file); returns it and its
-    workers' pids. ``pin`` prefixes the command (e.g. taskset)."""
+def serve_started(rcv: NamedNetns, workers: int, handler: str = "work", pin: list[str] | None = None,
+                  maxlen: int = FLOOD_MAXLEN) -> tuple[subprocess.Popen[str], list[int]]:
+    """Starts ``flowsteer divert serve`` with ``handler`` (a function of this file) and queues of ``maxlen``;
+    returns it and its workers' pids. ``pin`` prefixes the command (e.g. taskset)."""
     argv = [*(pin or []), sys.executable, "-c", "from flowsteer.cli import main; main()", "divert", "serve",
             "--json", "--netns", rcv.name, "--port", str(PORT), "--workers", str(workers),
-            f"{os.path.abspath(__file__)}:{handler}"]
+            "--queue-maxlen", str(maxlen), f"{os.path.abspath(__file__)}:{handler}"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:  # worker events, then one "ready" once every worker serves
@@ -411,14 +412,15 @@ def drained(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, start: Start
     taken here, polling the kernel's queue table from CPU 0, not by the receiver: the receiver, on CPU 0
     too, at times drains its socket at half the consumer's rate. Raises RuntimeError when the kernel did
     not queue what was sent, or the consumer did not empty it (10 s each)."""
-    consumer, _pids = start(DRAIN_MAXLEN)
+    consumer, pids = start(DRAIN_MAXLEN)  # the processes that answer: the consumer, or serve's workers
     assert consumer is not None
     receiver = started([*TRAFFIC_CPU, tool, "recv", DST, str(DPORT)], rcv)
     affinity = os.sched_getaffinity(0)
     with rcv.entered():
         table = os.open(QUEUE_TABLE, os.O_RDONLY)
     try:
-        os.kill(consumer.pid, signal.SIGSTOP)  # ip netns exec and taskset exec it: the pid is the consumer's
+        for pid in pids:  # ip netns exec and taskset exec a single consumer: its pid is the consumer's
+            os.kill(pid, signal.SIGSTOP)
         argv = [*TRAFFIC_CPU, tool, "send", DST, str(DPORT), str(size), str(DRAIN_PACKETS / DRAIN_RATE),
                 str(DRAIN_RATE), "1"]
         sent = int(snd.run(argv, timeout=60).stdout)
@@ -429,7 +431,8 @@ def drained(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, start: Start
             time.sleep(0.01)
         os.sched_setaffinity(0, {0})  # the polling stays off the consumer's CPU
         start_time = time.perf_counter()
-        os.kill(consumer.pid, signal.SIGCONT)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
         while held_now(table):
             if time.perf_counter() - start_time > 10:
                 raise RuntimeError("the consumer did not empty its queue in 10 s")
@@ -603,7 +606,7 @@ def main() -> None:
             (NETFILTERQUEUE_ROW, netfilterqueue, FLOOD, True),
             ("python fnfqueue", single([sys.executable, "-c", FNFQUEUE, str(queue)]), FLOOD, True),
             (SOCKET, flowsteer_socket, FLOOD, True),
-            (SERVE_IDENTITY, lambda _: serve_started(rcv, 1, "identity", CONSUMER_CPU), FLOOD, False),
+            (SERVE_IDENTITY, lambda maxlen: serve_started(rcv, 1, "identity", CONSUMER_CPU, maxlen), FLOOD, True),
             ("flowsteer serve 1 (handler work)", lambda _: serve_started(rcv, 1), PACED, False),
             ("flowsteer serve 2 (handler work)", lambda _: serve_started(rcv, 2), PACED, False),
         ]
@@ -680,8 +683,8 @@ def ratios(rows: list[dict[str, Any]], interleaved_p50_us: dict[int, float]) -> 
         out[f"socket/C per-packet {size}B"] = round(sock["pps"] / by[("C libnetfilter_queue", size)]["pps"], 2)
         out[f"added p50 socket - NetfilterQueue {size}B, us, side by side (target <= 0)"] = interleaved_p50_us[size]
         out[f"added p50 socket - NetfilterQueue {size}B, us, the rows"] = round(sock["p50_us"] - nfq["p50_us"], 1)
-        out[f"serve cost beyond the handler {size}B, us CPU/pkt"] = round(
-            by[(SERVE_IDENTITY, size)]["cpu_us"] - sock["cpu_us"], 2)
+        out[f"serve cost beyond the handler {size}B, us/pkt, drained"] = round(
+            1e6 / by[(SERVE_IDENTITY, size)]["drained"]["pps"] - 1e6 / drained[SOCKET], 2)
         two, one = by[("flowsteer serve 2 (handler work)", size)], by[("flowsteer serve 1 (handler work)", size)]
         out[f"serve 2/serve 1 {size}B"] = round(two["pps"] / one["pps"], 2)
     return out

@@ -439,6 +439,8 @@ def drained(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, start: Start
         elapsed = time.perf_counter() - start_time
         time.sleep(0.5)  # the receiver reads the last packets
     finally:
+        for pid in pids:  # a consumer left stopped would not stop on SIGTERM
+            os.kill(pid, signal.SIGCONT)
         os.sched_setaffinity(0, affinity)
         os.close(table)
         got = int(stopped(receiver).split()[-1])

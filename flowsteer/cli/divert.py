@@ -189,7 +189,8 @@ def _render_workers(e: dict[str, Any]) -> None:
               help="Seconds a packet waits for its verdict before it is dropped.")
 @click.option("--queue-maxlen", type=int, default=1024, show_default=True,
               help="Packets the kernel holds for each worker before it drops (or, for fail-open rules, accepts) "
-                   "more (1..1048576).")
+                   "more (1..1048576); each worker's receive buffer grows with it (4 KiB of kernel memory per "
+                   "held full-size packet, 1 GiB at most).")
 @click.option("--report-interval", type=float, default=None, help="Print counters every this many seconds.")
 @click.option("--capture", "capture_file", default=None, metavar="FILE.pcapng",
               help="Also write every packet read to this pcapng file (FILE-N.pcapng per worker when several).")

@@ -635,8 +635,9 @@ static int count(SocketCore *s, size_t offset, Py_ssize_t n) {
 
 /* Empties the interface cache when it is older than INTERFACE_CACHE_SECONDS. */
 static void refresh_interfaces(SocketCore *s, double now) {
-    if (now > s->interfaces_until && s->interfaces != NULL && PyDict_Check(s->interfaces)) {
-        PyDict_Clear(s->interfaces);
+    if (now > s->interfaces_until) {
+        if (s->interfaces != NULL && PyDict_Check(s->interfaces))
+            PyDict_Clear(s->interfaces);
         Py_CLEAR(s->last_host);
         s->interfaces_until = now + INTERFACE_CACHE_SECONDS;
     }
@@ -701,9 +702,9 @@ static PyObject *address_of(Delivery *d) {
 
 PyDoc_STRVAR(admit_doc,
 "_admit(deliveries) -> None\n\n"
-"Appends each fetched delivery to ``_ready``, after giving it its hold\n"
-"deadline and address host, and counts them as received. Raises TypeError at the first item that is no\n"
-"Delivery (the ones before it are admitted and counted).");
+"Appends each fetched delivery to ``_ready``, after giving it its hold deadline and address host, and\n"
+"counts them as received. Raises TypeError at the first item that is no Delivery (the ones before it are\n"
+"admitted and counted).");
 
 static PyObject *socket_admit(PyObject *self, PyObject *deliveries) {
     SocketCore *s = (SocketCore *)self;
@@ -752,6 +753,15 @@ static int hold(SocketCore *s, PyObject *address, PyObject *d) {
     return d == NULL ? PyDict_DelItem(s->held, tag) : PyDict_SetItem(s->held, tag, d);
 }
 
+/* Returns a new reference to what a read returns for ``d``: (payload, address); NULL with an exception set. */
+static PyObject *read_result(Delivery *d, PyObject *address) {
+    if (d->payload == NULL) {
+        PyErr_SetString(PyExc_TypeError, "the packet has no payload");
+        return NULL;
+    }
+    return PyTuple_Pack(2, d->payload, address);
+}
+
 /* Moves the first fetched packet from the ready list to the held table; returns a new reference to its
  * (payload, address), NULL with an exception set. */
 static PyObject *take_ready(SocketCore *s) {
@@ -765,7 +775,7 @@ static PyObject *take_ready(SocketCore *s) {
     if (!PyObject_TypeCheck(d, DeliveryType))
         PyErr_SetString(PyExc_TypeError, "the socket's ready list holds something else than Deliveries");
     else if ((address = address_of((Delivery *)d)) != NULL && hold(s, address, d) == 0)
-        result = PyTuple_Pack(2, ((Delivery *)d)->payload, address);
+        result = read_result((Delivery *)d, address);
     Py_XDECREF(address);
     Py_DECREF(d);
     return result;
@@ -796,7 +806,7 @@ static PyObject *socket_recvfrom(PyObject *self, PyObject *unused) {
             refresh_interfaces(s, now);
             PyObject *address = admit(s, (Delivery *)d, now) == 0 ? address_of((Delivery *)d) : NULL, *result = NULL;
             if (address != NULL && count(s, offsetof(Counters, received), 1) == 0 && hold(s, address, d) == 0)
-                result = PyTuple_Pack(2, ((Delivery *)d)->payload, address);
+                result = read_result((Delivery *)d, address);
             Py_XDECREF(address);
             Py_DECREF(d);
             return result;
@@ -863,11 +873,18 @@ PyDoc_STRVAR(flush_if_due_doc,
 
 /* What _flush_if_due documents; returns 0, or -1 with an exception set. */
 static int flush_if_due(SocketCore *s) {
-    int due = s->defer ? 0 : empty(s->ready);
-    Py_ssize_t accepts = due ? 0 : PyObject_Size(s->accepts), verdicts = due ? 0 : PyObject_Size(s->verdicts);
-    if (due < 0 || accepts < 0 || verdicts < 0)
-        return -1;
-    if (!due && accepts + verdicts < s->batch)
+    PyObject *containers[] = {s->ready, s->accepts, s->verdicts};
+    const char *names[] = {"_ready", "_accepts", "_verdicts"};
+    Py_ssize_t sizes[3];
+    for (size_t i = 0; i < 3; i++) {
+        if (containers[i] == NULL) {
+            PyErr_Format(PyExc_AttributeError, "the socket has no %s", names[i]);
+            return -1;
+        }
+        if ((sizes[i] = PyObject_Size(containers[i])) < 0)
+            return -1;
+    }
+    if ((s->defer || sizes[0] > 0) && sizes[1] + sizes[2] < s->batch)
         return 0;
     PyObject *flushed = PyObject_CallMethodObjArgs((PyObject *)s, name_flush, NULL);
     Py_XDECREF(flushed);

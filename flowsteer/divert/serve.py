@@ -27,7 +27,7 @@ from flowsteer.divert import control
 from flowsteer.divert.handling import COUNTERS, BatchHandler, Handler, StopBetweenPackets, serve_packets
 from flowsteer.divert.ports import SLOTS
 from flowsteer.divert.rules import check_divert_port
-from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket, check_hold_time, check_queue_maxlen
+from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket, check_count, check_hold_time, check_queue_maxlen
 from flowsteer.errors import FlowsteerError, InvalidInput, kernel_error
 from flowsteer.supervisor import Event, Ready, Supervisor
 from flowsteer.supervisor.probe import Target
@@ -93,8 +93,7 @@ class DivertService:
         check_divert_port(port)
         check_hold_time(hold_time)
         check_queue_maxlen(queue_maxlen)
-        if not 1 <= workers <= SLOTS:
-            raise InvalidInput(f"workers {workers} is not within 1..{SLOTS}")
+        check_count("workers", workers, SLOTS)
         self.captures = [capture_path(capture, i, workers) if capture else None for i in range(workers)]
         for path in filter(None, self.captures):
             try:

@@ -72,9 +72,16 @@ def check_hold_time(hold_time: float) -> None:
 
 
 def check_queue_maxlen(queue_maxlen: int) -> None:
-    """Raises InvalidInput unless ``queue_maxlen`` (packets) is within 1..2**20."""
-    if not 1 <= queue_maxlen <= 1 << 20:
-        raise InvalidInput(f"queue length {queue_maxlen} is not within 1..{1 << 20}")
+    """Raises InvalidInput unless ``queue_maxlen`` (packets) is an integer within 1..2**20."""
+    check_count("queue length", queue_maxlen, 1 << 20)
+
+
+def check_count(what: str, value: int, most: int) -> None:
+    """Raises InvalidInput unless ``value`` is an integer (not a bool) within 1..``most``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInput(f"{what} {value!r} is not an integer")
+    if not 1 <= value <= most:
+        raise InvalidInput(f"{what} {value} is not within 1..{most}")
 
 
 class DivertSocket(_nfqueue.SocketCore):
@@ -95,8 +102,7 @@ class DivertSocket(_nfqueue.SocketCore):
                  conntrack: bool = False) -> None:
         check_hold_time(hold_time)
         check_queue_maxlen(queue_maxlen)
-        if not 1 <= batch <= 1024:
-            raise InvalidInput(f"batch {batch} is not within 1..1024")
+        check_count("batch", batch, 1024)
         self.hold_time = hold_time
         self.queue_maxlen = queue_maxlen
         self.batch = batch

@@ -851,3 +851,40 @@ def test_newest_ids_gives_each_queue_its_highest_packet_id() -> None:
         _nfqueue.newest_ids([d(1, 1), (1, 2)])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="list of Deliveries"):
         _nfqueue.newest_ids((d(1, 1),))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"queue_maxlen": 0}, "queue length 0 is not within 1..1048576"),
+    ({"queue_maxlen": 1 << 20 | 1}, "queue length 1048577 is not within 1..1048576"),
+    ({"queue_maxlen": 1.5}, "queue length 1.5 is not an integer"),
+    ({"queue_maxlen": "5"}, "queue length '5' is not an integer"),
+    ({"queue_maxlen": True}, "queue length True is not an integer"),
+    ({"batch": 0}, "batch 0 is not within 1..1024"),
+    ({"batch": 1.5}, "batch 1.5 is not an integer"),
+    ({"hold_time": 0}, "hold time 0 s is not within 0.001..60 s"),
+])
+def test_a_socket_refuses_bad_sizes_with_their_names(kwargs: dict[str, object], message: str) -> None:
+    from flowsteer.divert.socket import DivertSocket
+    from flowsteer.errors import InvalidInput
+    with pytest.raises(InvalidInput) as exc:
+        DivertSocket(**kwargs)  # type: ignore[arg-type]
+    assert str(exc.value) == message
+
+
+def test_odd_private_state_raises_instead_of_crashing() -> None:
+    from flowsteer.divert.socket import DivertSocket
+    sock = DivertSocket()
+    try:
+        sock._admit([Delivery(1, 1, b"\x45", 4, 0, 1, False)])
+        del sock._ready[0].payload
+        with pytest.raises(TypeError, match="no payload"):
+            sock.recvfrom()  # was a segfault
+        sock._accepts = 5  # type: ignore[assignment]
+        with pytest.raises(TypeError):
+            sock._flush_if_due()  # the size's error, not a SystemError
+        del sock._accepts
+        with pytest.raises(AttributeError, match="no _accepts"):
+            sock._flush_if_due()
+        sock._accepts = []
+    finally:
+        sock.close()

@@ -88,6 +88,12 @@ def test_socket_activation_example_registers_with_the_bpffs_passed_through() -> 
     assert settings("flowsteer-example.socket")["Service"] == ["flowsteer-example.service"]
 
 
+def test_divert_units_take_more_serve_options_from_their_environment_file() -> None:
+    # $VAR unbraced: systemd splits it into words, and an unset one adds none
+    assert settings("flowsteer-divert@.service")["ExecStart"] == [
+        "/opt/flowsteer/bin/flowsteer divert serve --port %i --workers ${WORKERS} $SERVE_OPTIONS ${HANDLER}"]
+
+
 @pytest.mark.parametrize("unit", ["flowsteer-divert@.service", "flowsteer-reuseport-example.service"])
 def test_supervisors_run_as_notify_services(unit: str) -> None:
     found = settings(unit)

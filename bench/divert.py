@@ -24,8 +24,9 @@ also bisected (paced sender) for the highest rate delivered with < 1% loss, each
 median of --repeat runs. Delivered packets per second are counted by a C receiver; loss is the share of
 sent packets that never arrived. Each Python consumer runs its per-packet code in a function (local
 names, as NetfilterQueue's callback is) and counts nothing itself: at module level, the socket's loop paid
-about 2 us more per lone packet for its global names (measured side by side, 2026-12-04). Flooded, every consumer delivers about what CPU 0 can send and receive
-(the no-divert row), so those rows and their ratios say little about the consumers themselves.
+about 2 us more per lone packet for its global names (measured side by side, 2026-12-04). Flooded, every
+consumer delivers about what CPU 0 can send and receive (the no-divert row), so those rows and their
+ratios say little about the consumers themselves.
 
 What a consumer can deliver is measured by draining: each single consumer is started with room for
 DRAIN_PACKETS queued packets (queue length and receive buffer), stopped (SIGSTOP) while that many arrive,
@@ -37,7 +38,8 @@ time, each sent LATENCY_GAP after the previous one arrived, so that every consum
 comes (back to back, a consumer's work after its verdict would delay the next packet too); "added" is the
 median/99th percentile over the no-divert path's. The socket's added latency over NetfilterQueue's, the
 target, is also measured side by side (interleaved): both wait at once on CPU 1, each behind its own rule,
-and lone packets alternate between them, because rows measured minutes apart differ by more than the gap. Ratios compare numbers of this run.
+and lone packets alternate between them, because rows measured minutes apart differ by more than the gap.
+Ratios compare numbers of this run.
 """
 
 from __future__ import annotations
@@ -59,10 +61,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from flowsteer.divert import control, netfilter  # noqa: E402
+from flowsteer.divert import control, netfilter, ports  # noqa: E402
 from flowsteer.divert.packet import Packet  # noqa: E402
 from flowsteer.divert.nfqueue import rcvbuf_for  # noqa: E402
-from flowsteer.divert.ports import bound_queues, queue_number  # noqa: E402
+from flowsteer.divert.ports import queue_number  # noqa: E402
 from flowsteer.divert.rules import Rule  # noqa: E402
 from flowsteer.kernel.netns import NamedNetns  # noqa: E402
 
@@ -356,6 +358,13 @@ def stopped(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+def consumer_started(rcv: NamedNetns, argv: list[str], maxlen: int, *extra: str) -> subprocess.Popen[str]:
+    """Starts a single consumer on CPU 1: ``argv`` + queue length ``maxlen`` + its receive buffer + ``extra``
+    (the flowsteer socket's program gets the queue length alone: the socket sizes its buffer itself)."""
+    sizes = [str(maxlen)] if FLOWSTEER_SOCKET in argv else [str(maxlen), str(rcvbuf_for(maxlen))]
+    return started([*CONSUMER_CPU, *argv, *sizes, *extra], rcv)
+
+
 def serve_started(rcv: NamedNetns, workers: int, handler: str = "work", pin: list[str] | None = None,
                   maxlen: int = FLOOD_MAXLEN) -> tuple[subprocess.Popen[str], list[int]]:
     """Starts ``flowsteer divert serve`` with ``handler`` (a function of this file) and queues of ``maxlen``;
@@ -417,7 +426,7 @@ def drained(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, start: Start
     receiver = started([*TRAFFIC_CPU, tool, "recv", DST, str(DPORT)], rcv)
     affinity = os.sched_getaffinity(0)
     with rcv.entered():
-        table = os.open(QUEUE_TABLE, os.O_RDONLY)
+        table = os.open(ports.QUEUE_TABLE, os.O_RDONLY)
     try:
         for pid in pids:  # ip netns exec and taskset exec a single consumer: its pid is the consumer's
             os.kill(pid, signal.SIGSTOP)
@@ -448,13 +457,10 @@ def drained(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, start: Start
     return held / elapsed, 1 - got / held
 
 
-QUEUE_TABLE = "/proc/thread-self/net/netfilter/nfnetlink_queue"
-
-
 def held_now(table: int) -> int:
-    """Returns how many packets the queues of the table ``table`` (an open QUEUE_TABLE) hold now."""
+    """Returns how many packets the queues of ``table`` (an open ports.QUEUE_TABLE, read afresh) hold now."""
     os.lseek(table, 0, os.SEEK_SET)
-    return sum(int(line.split()[2]) for line in os.read(table, 1 << 20).decode().splitlines())
+    return sum(q.held for q in ports.queue_table(os.read(table, 1 << 20).decode()).values())
 
 
 def drain_rounds(tool: str, snd: NamedNetns, rcv: NamedNetns,
@@ -473,7 +479,7 @@ def drain_rounds(tool: str, snd: NamedNetns, rcv: NamedNetns,
 def queued(rcv: NamedNetns) -> int:
     """Returns how many packets the kernel holds (or dropped) in the queues of ``rcv``."""
     with rcv.entered():
-        return sum(q.held + q.dropped + q.user_dropped for q in bound_queues().values())
+        return sum(q.held + q.dropped + q.user_dropped for q in ports.bound_queues().values())
 
 
 def sustained(tool: str, snd: NamedNetns, rcv: NamedNetns, size: int, seconds: float,
@@ -553,10 +559,8 @@ def interleaved_latency(snd: NamedNetns, rcv: NamedNetns, size: int, count: int)
         queue = queue_number(netfilter.read().blocks[PORT + 1], 0, False)
     consumers = []
     try:
-        consumers.append(started([*CONSUMER_CPU, sys.executable, "-c", FLOWSTEER_SOCKET, str(PORT),
-                                  str(FLOOD_MAXLEN)], rcv))
-        consumers.append(started([*CONSUMER_CPU, sys.executable, "-c", NETFILTERQUEUE, str(queue),
-                                  str(FLOOD_MAXLEN), str(rcvbuf_for(FLOOD_MAXLEN))], rcv))
+        consumers.append(consumer_started(rcv, [sys.executable, "-c", FLOWSTEER_SOCKET, str(PORT)], FLOOD_MAXLEN))
+        consumers.append(consumer_started(rcv, [sys.executable, "-c", NETFILTERQUEUE, str(queue)], FLOOD_MAXLEN))
         sock, nfq = lone_samples(snd, rcv, size, count, [DPORT + 1, DPORT + 2])
     finally:
         for consumer in consumers:
@@ -591,11 +595,9 @@ def main() -> None:
             control.add(Rule.parse(f"in proto udp to {DST} divert-packet port {PORT}"))
             queue = queue_number(netfilter.read().blocks[PORT], 0, False)
         def single(argv: list[str], *extra: str) -> Starter:
-            """A consumer started as ``argv`` + queue length + receive buffer (for the socket: + queue
-            length) + ``extra``."""
+            """A single consumer (see consumer_started)."""
             def start(maxlen: int) -> tuple[subprocess.Popen[str], list[int]]:
-                sizes = [str(maxlen)] if argv[-1] == str(PORT) else [str(maxlen), str(rcvbuf_for(maxlen))]
-                proc = started([*CONSUMER_CPU, *argv, *sizes, *extra], rcv)
+                proc = consumer_started(rcv, argv, maxlen, *extra)
                 return proc, [proc.pid]
             return start
 

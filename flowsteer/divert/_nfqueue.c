@@ -363,8 +363,6 @@ static PyObject *queue_parse(PyObject *self, PyObject *args) {
     return result;
 }
 
-/* Returns what queue_receive documents; sets *failed to recv's errno when the OSError raised is recv's own
- * (not, say, an exception from a signal handler). */
 /* Gets the queue's receive buffer (``_buf``) for writing; returns 0, or -1 with ValueError (or what the
  * buffer protocol raised) set. The caller releases it. */
 static int receive_buffer(QueueCore *q, Py_buffer *buffer) {
@@ -382,6 +380,8 @@ static int receive_buffer(QueueCore *q, Py_buffer *buffer) {
     return 0;
 }
 
+/* Returns what queue_receive documents; sets *failed to recv's errno when the OSError raised is recv's own
+ * (not, say, an exception from a signal handler). */
 static PyObject *receive_message(QueueCore *q, int *failed) {
     Py_buffer buffer;
     if (receive_buffer(q, &buffer) < 0)
@@ -753,13 +753,18 @@ static int hold(SocketCore *s, PyObject *address, PyObject *d) {
     return d == NULL ? PyDict_DelItem(s->held, tag) : PyDict_SetItem(s->held, tag, d);
 }
 
-/* Returns a new reference to what a read returns for ``d``: (payload, address); NULL with an exception set. */
-static PyObject *read_result(Delivery *d, PyObject *address) {
+/* Puts the admitted packet ``d`` in the held table; returns a new reference to what a read returns for it,
+ * (payload, address), NULL with an exception set. */
+static PyObject *hold_and_read(SocketCore *s, Delivery *d) {
     if (d->payload == NULL) {
         PyErr_SetString(PyExc_TypeError, "the packet has no payload");
         return NULL;
     }
-    return PyTuple_Pack(2, d->payload, address);
+    PyObject *address = address_of(d), *result = NULL;
+    if (address != NULL && hold(s, address, (PyObject *)d) == 0)
+        result = PyTuple_Pack(2, d->payload, address);
+    Py_XDECREF(address);
+    return result;
 }
 
 /* Moves the first fetched packet from the ready list to the held table; returns a new reference to its
@@ -769,14 +774,13 @@ static PyObject *take_ready(SocketCore *s) {
         PyErr_SetString(PyExc_AttributeError, "the socket has no _ready");
         return NULL;
     }
-    PyObject *d = PyObject_CallMethodObjArgs(s->ready, name_popleft, NULL), *address = NULL, *result = NULL;
+    PyObject *d = PyObject_CallMethodObjArgs(s->ready, name_popleft, NULL), *result = NULL;
     if (d == NULL)
         return NULL;
     if (!PyObject_TypeCheck(d, DeliveryType))
         PyErr_SetString(PyExc_TypeError, "the socket's ready list holds something else than Deliveries");
-    else if ((address = address_of((Delivery *)d)) != NULL && hold(s, address, d) == 0)
-        result = read_result((Delivery *)d, address);
-    Py_XDECREF(address);
+    else
+        result = hold_and_read(s, (Delivery *)d);
     Py_DECREF(d);
     return result;
 }
@@ -804,10 +808,9 @@ static PyObject *socket_recvfrom(PyObject *self, PyObject *unused) {
         if (d != NULL && d != Py_None) {
             double now = monotonic();
             refresh_interfaces(s, now);
-            PyObject *address = admit(s, (Delivery *)d, now) == 0 ? address_of((Delivery *)d) : NULL, *result = NULL;
-            if (address != NULL && count(s, offsetof(Counters, received), 1) == 0 && hold(s, address, d) == 0)
-                result = read_result((Delivery *)d, address);
-            Py_XDECREF(address);
+            PyObject *result = NULL;
+            if (admit(s, (Delivery *)d, now) == 0 && count(s, offsetof(Counters, received), 1) == 0)
+                result = hold_and_read(s, (Delivery *)d);
             Py_DECREF(d);
             return result;
         }

@@ -1,12 +1,12 @@
 """The nfnetlink_queue protocol over a raw AF_NETLINK socket: bind queues, read packets, send verdicts.
 
 One :class:`NfQueue` is one netlink socket; it may bind many queue numbers (the kernel allows each queue
-number to be bound by one socket only). What is waiting is read in batches without blocking; verdicts are
-encoded into one buffer and sent with one ``send`` (a run of plain accepts ending at the newest held
+number to be bound by one socket only). What is waiting is read in batches without blocking; verdicts
+are encoded into one buffer and sent with one ``send`` (a run of plain accepts ending at the newest held
 packet becomes a single ``NFQNL_MSG_VERDICT_BATCH``). What runs for every packet (the parse of a queue
-message, the read of what is waiting, the blocking receive, a lone accept) is compiled, in :mod:`flowsteer.divert._nfqueue`
-(``_nfqueue.c``): a lone packet finds the process's caches cold, where Python costs far more. So is
-:class:`Delivery`, the packet a message carries (re-exported here).
+message, the read of what is waiting, the blocking receive, a lone accept) is compiled, in
+:mod:`flowsteer.divert._nfqueue` (``_nfqueue.c``): a lone packet finds the process's caches cold, where
+Python costs far more. So is :class:`Delivery`, the packet a message carries (re-exported here).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ RCVBUF_PER_PACKET = 2 << 10
 """Receive buffer set aside per queued packet: doubled by the kernel, it holds one full-size Ethernet
 packet's message (about 2.3 KiB of buffer for 1400 bytes, 0.8 KiB for 64)."""
 MAX_RCVBUF = 1 << 30
+"""The netlink receive buffer's greatest size, in bytes (doubled, it stays below the kernel's int limit)."""
 _BUFSIZE = SLOT
 _NLHDR = struct.Struct("=IHHII")
 _VERDICT = struct.Struct("=IHHIIBBHHHII")
@@ -86,9 +87,8 @@ class NfQueue(_nfqueue.QueueCore):
     """A netlink socket speaking nfnetlink_queue in the calling thread's network namespace.
 
     Its receive state and the per-packet parse (``_parse``), batch read (``_read_waiting``) and blocking
-    receive (``_receive``) are compiled
-    (:class:`flowsteer.divert._nfqueue.QueueCore`); a refused verdict's error message counts in
-    ``verdict_errors``. Raises KernelError (with errno) when the socket cannot be made.
+    receive (``_receive``) are compiled (:class:`flowsteer.divert._nfqueue.QueueCore`); a refused verdict's
+    error message counts in ``verdict_errors``. Raises KernelError (with errno) when the socket cannot be made.
     """
 
     def __init__(self, rcvbuf: int = MIN_RCVBUF) -> None:

@@ -28,7 +28,8 @@ SLOTS = 32
 BLOCKS = 1023
 """Queue blocks 1..1023: at most this many divert ports can be in use at once."""
 
-_PROC_QUEUES = "/proc/thread-self/net/netfilter/nfnetlink_queue"
+QUEUE_TABLE = "/proc/thread-self/net/netfilter/nfnetlink_queue"
+"""The kernel's table of bound queues, of the network namespace of the thread that opens it."""
 
 
 def queue_number(block: int, slot: int, fail_open: bool) -> int:
@@ -95,12 +96,16 @@ class PortState:
 def bound_queues() -> dict[int, QueueStats]:
     """Returns every queue bound in the calling thread's network namespace, by queue number."""
     try:
-        with open(_PROC_QUEUES) as f:
-            lines = f.read().splitlines()
+        with open(QUEUE_TABLE) as f:
+            return queue_table(f.read())
     except FileNotFoundError:
         return {}  # nfnetlink_queue not loaded yet: nothing is bound
+
+
+def queue_table(text: str) -> dict[int, QueueStats]:
+    """Returns the queues of a QUEUE_TABLE's ``text``, by queue number."""
     out = {}
-    for line in lines:
+    for line in text.splitlines():
         col = line.split()
         q = QueueStats(int(col[0]), int(col[1]), int(col[2]), int(col[5]), int(col[6]), int(col[7]))
         out[q.queue] = q

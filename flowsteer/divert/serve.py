@@ -120,7 +120,7 @@ class DivertService:
             self._counters[base + i] = 0
 
     def run(self, slot: int, ready: Ready) -> None:
-        _worker(slot, self.port, self.handler, (self.hold_time, self.queue_maxlen), self._counters, ready,
+        _worker(slot, self.port, self.handler, self.hold_time, self.queue_maxlen, self._counters, ready,
                 self.captures[slot])
 
     def started(self, slot: int, pid: int, detail: Mapping[str, Any]) -> None:
@@ -184,13 +184,11 @@ def capture_path(path: str, index: int, workers: int) -> str:
     return f"{stem}-{index}{dot}{ext}"
 
 
-def _worker(index: int, port: int, handler: Handler | BatchHandler, socket_options: tuple[float, int],
+def _worker(index: int, port: int, handler: Handler | BatchHandler, hold_time: float, queue_maxlen: int,
             counters: Any, ready: Ready, capture: str | None) -> None:
-    """A worker process: bind the group with a socket of ``socket_options`` (hold time, queue length), run
-    the handler on every packet until SIGTERM."""
+    """A worker process: bind the group, run the handler on every packet until SIGTERM."""
     stop = StopBetweenPackets()
     signal.signal(signal.SIGTERM, stop)
-    hold_time, queue_maxlen = socket_options
     sock = DivertSocket(hold_time=hold_time, queue_maxlen=queue_maxlen)
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT_LB, 1)

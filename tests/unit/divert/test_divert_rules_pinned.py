@@ -242,10 +242,10 @@ def test_bound_queues_reads_the_kernels_table(tmp_path: Path, monkeypatch: pytes
     table = tmp_path / "nfnlq"
     # queue, portid, held, copy mode, copy range, dropped, user dropped, last id, 1
     table.write_text("   32  4242     3 2 65535     5     6    99 1\n32800 4242 0 2 65535 0 0 7 1\n")
-    monkeypatch.setattr(ports, "_PROC_QUEUES", str(table))
+    monkeypatch.setattr(ports, "QUEUE_TABLE", str(table))
     assert ports.bound_queues() == {32: QueueStats(32, 4242, 3, 5, 6, 99), 32800: QueueStats(32800, 4242, 0, 0, 0, 7)}
     assert port_state(1, {1: 1}) == PortState(1, None, {0: 4242})
-    monkeypatch.setattr(ports, "_PROC_QUEUES", str(tmp_path / "absent"))
+    monkeypatch.setattr(ports, "QUEUE_TABLE", str(tmp_path / "absent"))
     assert ports.bound_queues() == {}
 
 

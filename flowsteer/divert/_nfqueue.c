@@ -12,10 +12,11 @@
  *   and the blocking receive;
  * - SocketCore, the base of socket.DivertSocket: recvfrom and sendto without a line of Python for a lone
  *   packet (nothing else fetched, held or waiting for a verdict, a blocking socket, a queue at a low
- *   rate: its accept leaves at once) and for each packet of a batch already fetched (written back
- *   unchanged, its accept joins the batch's verdicts). Fetching a batch (the Python _fill), changed
- *   bytes, drops, new packets and the batch's verdicts (flush) go to Python. Its _admit gives fetched
- *   packets their deadline and address, for both paths.
+ *   rate: its accept leaves at once) and for a stream of packets written back unchanged (each packet's
+ *   accept joins the batch's accepts, which leave as one batch accept; the next batch is fetched while
+ *   they wait). The first fetch of a burst and every wait (the Python _fill), changed bytes, drops, new
+ *   packets and the verdicts other than accepts (flush) go to Python. Its _admit gives fetched packets
+ *   their deadline and address, for every path.
  *
  * The wire layout (linux/netfilter/nfnetlink_queue.h): struct nlmsghdr (native order), struct nfgenmsg
  * with a big-endian queue number, then attributes (native u16 length and type, big-endian values), the
@@ -418,6 +419,33 @@ static PyObject *queue_receive(PyObject *self, PyObject *unused) {
     return receive_message((QueueCore *)self, &failed);
 }
 
+/* Appends to the list ``out`` the packets already waiting on the queue's socket, until it holds ``limit``,
+ * without blocking (what _read_waiting documents); returns 0, the errno of a failed recv (not for nothing
+ * waiting), or -1 with an exception set. */
+static int read_waiting(QueueCore *q, PyObject *out, Py_ssize_t limit) {
+    Py_buffer buffer;
+    if (receive_buffer(q, &buffer) < 0)
+        return -1;
+    int result = 0;
+    while (PyList_Size(out) < limit) {
+        ssize_t n = recv(q->fd, buffer.buf, (size_t)buffer.len, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EINTR)
+                result = errno;
+            break;
+        }
+        PyObject *d = parse_message(q, buffer.buf, (size_t)n);
+        int failed = d == NULL || (d != Py_None && PyList_Append(out, d) < 0);
+        Py_XDECREF(d);
+        if (failed) {
+            result = -1;
+            break;
+        }
+    }
+    PyBuffer_Release(&buffer);
+    return result;
+}
+
 PyDoc_STRVAR(read_waiting_doc,
 "_read_waiting(out, limit) -> None\n\n"
 "Appends to the list ``out`` the packets already waiting on ``_fd``, until it holds ``limit``, without\n"
@@ -425,31 +453,18 @@ PyDoc_STRVAR(read_waiting_doc,
 "does. Raises OSError when recv fails (not for nothing waiting), ValueError as _receive().");
 
 static PyObject *queue_read_waiting(PyObject *self, PyObject *args) {
-    QueueCore *q = (QueueCore *)self;
-    PyObject *out, *result = NULL;
+    PyObject *out;
     Py_ssize_t limit;
-    Py_buffer buffer;
-    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &out, &limit) || receive_buffer(q, &buffer) < 0)
+    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &out, &limit))
         return NULL;
-    while (PyList_Size(out) < limit) {
-        ssize_t n = recv(q->fd, buffer.buf, (size_t)buffer.len, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                break;
-            PyErr_SetFromErrno(PyExc_OSError);
-            goto done;
-        }
-        PyObject *d = parse_message(q, buffer.buf, (size_t)n);
-        int failed = d == NULL || (d != Py_None && PyList_Append(out, d) < 0);
-        Py_XDECREF(d);
-        if (failed)
-            goto done;
+    int failed = read_waiting((QueueCore *)self, out, limit);
+    if (failed > 0) {
+        errno = failed;
+        PyErr_SetFromErrno(PyExc_OSError);
     }
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    PyBuffer_Release(&buffer);
-    return result;
+    if (failed)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static int queue_traverse(PyObject *self, visitproc visit, void *arg) {
@@ -509,79 +524,65 @@ static PyType_Slot queue_slots[] = {
 static PyType_Spec queue_spec = {"flowsteer.divert._nfqueue.QueueCore", sizeof(QueueCore), 0,
                                  Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, queue_slots};
 
-/* ---- accept ---------------------------------------------------------------------------------------- */
+/* ---- verdicts ------------------------------------------------------------------------------------- */
 
-/* Sends NF_ACCEPT for one packet; returns 0, or the errno of a failed send. */
-static int send_accept(int fd, unsigned queue, unsigned packet_id) {
-    struct {
-        struct nlmsghdr header;
-        struct nfgenmsg nfgen;
-        struct nlattr attr;
-        struct nfqnl_msg_verdict_hdr verdict;
-    } msg = {
-        .header = {.nlmsg_len = sizeof(msg), .nlmsg_type = MSG_VERDICT, .nlmsg_flags = NLM_F_REQUEST},
+/* One verdict message without attributes beyond its header: NFQNL_MSG_VERDICT on one packet, or
+ * NFQNL_MSG_VERDICT_BATCH on every packet of the queue up to ``id`` */
+typedef struct {
+    struct nlmsghdr header;
+    struct nfgenmsg nfgen;
+    struct nlattr attr;
+    struct nfqnl_msg_verdict_hdr verdict;
+} VerdictMessage;
+
+#define MSG_VERDICT_BATCH ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH)
+/* A send holds at most a mebibyte, as nfqueue.NfQueue.send_verdicts cuts its sends (the socket's send
+ * buffer is 4 MiB) */
+#define MESSAGES_PER_SEND ((1 << 20) / sizeof(VerdictMessage))
+
+static VerdictMessage accept_message(uint16_t type, unsigned queue, unsigned packet_id) {
+    VerdictMessage msg = {
+        .header = {.nlmsg_len = sizeof(msg), .nlmsg_type = type, .nlmsg_flags = NLM_F_REQUEST},
         .nfgen = {.nfgen_family = AF_UNSPEC, .version = NFNETLINK_V0, .res_id = htons((uint16_t)queue)},
         .attr = {.nla_len = sizeof(msg.attr) + sizeof(msg.verdict), .nla_type = NFQA_VERDICT_HDR},
         .verdict = {.verdict = htonl(NF_ACCEPT), .id = htonl((uint32_t)packet_id)},
     };
-    ssize_t n;
-    Py_BEGIN_ALLOW_THREADS
-    n = send(fd, &msg, sizeof(msg), 0);
-    Py_END_ALLOW_THREADS
-    return n < 0 ? errno : 0;
+    return msg;
 }
 
-PyDoc_STRVAR(accept_doc,
-"accept(fd, queue, packet_id) -> None\n\n"
-"Sends the verdict NF_ACCEPT for one packet on netlink socket ``fd``. Raises OSError when send fails,\n"
-"OverflowError for a queue number beyond 16 bits or a packet id beyond 32.");
-
-static PyObject *accept_packet(PyObject *module, PyObject *args) {
-    int fd;
-    Py_ssize_t queue, packet_id;
-    if (!PyArg_ParseTuple(args, "inn", &fd, &queue, &packet_id))
-        return NULL;
-    if (queue < 0 || queue > UINT16_MAX || packet_id < 0 || packet_id > (Py_ssize_t)UINT32_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "the queue number or packet id is out of range");
-        return NULL;
+/* Sends ``count`` messages, at most MESSAGES_PER_SEND in one send; returns 0, or the errno of a failed send
+ * (the messages after it are not sent). */
+static int send_messages(int fd, const VerdictMessage *messages, size_t count) {
+    for (size_t sent = 0; sent < count; sent += MESSAGES_PER_SEND) {
+        size_t now = count - sent < MESSAGES_PER_SEND ? count - sent : MESSAGES_PER_SEND;
+        ssize_t n;
+        Py_BEGIN_ALLOW_THREADS
+        n = send(fd, messages + sent, now * sizeof(*messages), 0);
+        Py_END_ALLOW_THREADS
+        if (n < 0)
+            return errno;
     }
-    int error = send_accept(fd, (unsigned)queue, (unsigned)packet_id);
-    if (error) {
-        errno = error;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return 0;
 }
 
-PyDoc_STRVAR(newest_ids_doc,
-"newest_ids(deliveries) -> dict[int, int]\n\n"
-"Returns, for each queue among ``deliveries`` (a list of Delivery), the highest packet id of it there.\n"
-"Raises TypeError for a list holding something else.");
-
-static PyObject *newest_ids(PyObject *module, PyObject *deliveries) {
-    if (!PyList_Check(deliveries)) {
-        PyErr_SetString(PyExc_TypeError, "newest_ids takes a list of Deliveries");
-        return NULL;
+/* Sets the KernelError that flowsteer.errors.kernel_error makes for ``what`` and ``error`` (an errno);
+ * leaves another exception set when that cannot be done. */
+static void set_kernel_error(const char *what, int error) {
+    static PyObject *kernel_error;
+    if (kernel_error == NULL) {
+        PyObject *errors = PyImport_ImportModule("flowsteer.errors");
+        if (errors == NULL)
+            return;
+        kernel_error = PyObject_GetAttrString(errors, "kernel_error");
+        Py_DECREF(errors);
+        if (kernel_error == NULL)
+            return;
     }
-    PyObject *newest = PyDict_New();
-    for (Py_ssize_t i = 0; newest != NULL && i < PyList_Size(deliveries); i++) {
-        PyObject *item = PyList_GetItem(deliveries, i), *queue = NULL, *id = NULL, *known;
-        if (!PyObject_TypeCheck(item, DeliveryType)) {
-            PyErr_SetString(PyExc_TypeError, "newest_ids takes a list of Deliveries");
-            Py_CLEAR(newest);
-            break;
-        }
-        Delivery *d = (Delivery *)item;
-        int failed = (queue = PyLong_FromUnsignedLong(d->queue)) == NULL;
-        if (!failed && ((known = PyDict_GetItemWithError(newest, queue)) == NULL || PyLong_AsUnsignedLong(known) < d->packet_id))
-            failed = PyErr_Occurred() || (id = PyLong_FromUnsignedLong(d->packet_id)) == NULL
-                     || PyDict_SetItem(newest, queue, id) < 0;
-        Py_XDECREF(queue);
-        Py_XDECREF(id);
-        if (failed)
-            Py_CLEAR(newest);
+    PyObject *exc = PyObject_CallFunction(kernel_error, "si", what, error);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
     }
-    return newest;
 }
 
 /* ---- SocketCore: the lone packet's way through the divert socket ----------------------------------- */
@@ -706,13 +707,13 @@ PyDoc_STRVAR(admit_doc,
 "counts them as received. Raises TypeError at the first item that is no Delivery (the ones before it are\n"
 "admitted and counted).");
 
-static PyObject *socket_admit(PyObject *self, PyObject *deliveries) {
-    SocketCore *s = (SocketCore *)self;
+/* What _admit documents; returns 0, or -1 with an exception set. */
+static int admit_all(SocketCore *s, PyObject *deliveries) {
     double now = monotonic();
     refresh_interfaces(s, now);
     PyObject *iterator = PyObject_GetIter(deliveries), *item;
     if (iterator == NULL)
-        return NULL;
+        return -1;
     Py_ssize_t admitted = 0;
     while ((item = PyIter_Next(iterator)) != NULL) {
         PyObject *appended = NULL;
@@ -733,12 +734,18 @@ static PyObject *socket_admit(PyObject *self, PyObject *deliveries) {
         Py_XDECREF(type);
         Py_XDECREF(value);
         Py_XDECREF(traceback);
-        return NULL;
+        return -1;
     }
     if (type != NULL) {
         PyErr_Restore(type, value, traceback);
-        return NULL;
+        return -1;
     }
+    return 0;
+}
+
+static PyObject *socket_admit(PyObject *self, PyObject *deliveries) {
+    if (admit_all((SocketCore *)self, deliveries) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -785,6 +792,38 @@ static PyObject *take_ready(SocketCore *s) {
     return result;
 }
 
+/* Fetches the next batch into the ready list when the Python _fill would do just that and nothing more: a
+ * batch is being answered (verdicts wait), nothing is held (nothing can expire) and the queue has no backlog.
+ * Returns 1 when packets came, 0 when the Python _fill is to run (nothing came, or another case), -1 with an
+ * exception set (a failed read, after the packets that came before it were admitted). */
+static int fetch_batch(SocketCore *s) {
+    int idle = empty(s->held) != 1 || (empty(s->accepts) == 1 && empty(s->verdicts) == 1);
+    if (idle || s->nfq == NULL || !PyObject_TypeCheck(s->nfq, QueueCoreType))
+        return PyErr_Occurred() ? -1 : 0;
+    QueueCore *q = (QueueCore *)s->nfq;
+    Py_INCREF((PyObject *)q); /* the checks may run Python code (a container's __len__), which may replace it */
+    PyObject *fetched = empty(q->backlog) == 1 ? PyList_New(0) : NULL;
+    int failed = fetched == NULL ? 0 : read_waiting(q, fetched, s->batch); /* an errno, or -1: raised */
+    Py_ssize_t got = fetched == NULL ? 0 : PyList_Size(fetched);
+    if (got > 0) {
+        q->direct_waits = 0; /* as NfQueue.receive does after a look that found packets */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback); /* the read's failure, raised after the admission */
+        if (admit_all(s, fetched) == 0)
+            PyErr_Restore(type, value, traceback);
+        else {
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(traceback);
+        }
+    }
+    if (failed > 0)
+        set_kernel_error("receiving diverted packets", failed);
+    Py_XDECREF(fetched);
+    Py_DECREF((PyObject *)q);
+    return PyErr_Occurred() ? -1 : got > 0;
+}
+
 PyDoc_STRVAR(recvfrom_doc,
 "recvfrom() -> (bytes, (host, tag))\n\n"
 "Returns the next packet and its address, waiting as the timeout allows.\n\n"
@@ -821,9 +860,11 @@ static PyObject *socket_recvfrom(PyObject *self, PyObject *unused) {
     }
     if (PyErr_Occurred())
         return NULL;
-    /* every other read: the packets fetched go first; with none, the Python _fill fetches a batch, waiting as
-     * the timeout allows */
+    /* every other read: the packets fetched go first; with none, the next batch, fetched here while a batch is
+     * being answered, else by the Python _fill, waiting as the timeout allows */
     int none = s->ready == NULL ? 1 : empty(s->ready);
+    if (none == 1 && s->ready != NULL)
+        none = fetch_batch(s) == 0 ? 1 : PyErr_Occurred() ? -1 : 0;
     if (none < 0)
         return NULL;
     if (none) {
@@ -869,10 +910,114 @@ static Delivery *held_unchanged(SocketCore *s, PyObject *data, PyObject *address
     return d;
 }
 
+/* The accepts of one queue in a flush */
+typedef struct {
+    unsigned queue, newest, count;
+    char held;           /* an older packet of the queue may still be held (read, not yet answered)... */
+    unsigned oldest_held; /* ...this one, the oldest: a batch accept up to ``newest`` must not take it */
+} QueueAccepts;
+
+/* Returns the entry of ``queue`` among the ``*n`` of ``queues``, adding it when ``add`` (there is room: one
+ * per accept); NULL when it is not there and not added. */
+static QueueAccepts *queue_accepts(QueueAccepts *queues, size_t *n, unsigned queue, int add) {
+    for (size_t i = 0; i < *n; i++)
+        if (queues[i].queue == queue)
+            return &queues[i];
+    if (!add)
+        return NULL;
+    queues[*n].queue = queue;
+    return &queues[(*n)++];
+}
+
+static int batchable(const QueueAccepts *a) { return !a->held || a->oldest_held > a->newest; }
+
+PyDoc_STRVAR(send_accepts_doc,
+"_send_accepts() -> None\n\n"
+"Sends the accepts of ``_accepts`` (held packets written back unchanged) in one send and empties it: for each\n"
+"queue one batch accept of every packet up to the newest accepted (a plain accept for a single packet), or,\n"
+"when an older packet of the queue is still held, an accept per packet. They count as accepted before the\n"
+"send. Does nothing on an unbound or closed socket. Raises KernelError when the kernel refuses the send\n"
+"(those accepts are lost), TypeError when ``_accepts`` or ``_held`` holds something else than Deliveries.");
+
+/* What _send_accepts documents; returns 0, or -1 with an exception set. */
+static int send_accepts(SocketCore *s) {
+    if (s->nfq == NULL || s->nfq == Py_None)
+        return 0;
+    if (!PyObject_TypeCheck(s->nfq, QueueCoreType) || s->accepts == NULL || !PyList_Check(s->accepts)
+        || s->held == NULL || !PyDict_Check(s->held)) {
+        PyErr_SetString(PyExc_TypeError, "the socket's queue, accepts or held table is of another type");
+        return -1;
+    }
+    Py_ssize_t n = PyList_Size(s->accepts);
+    if (n == 0)
+        return 0;
+    QueueAccepts *queues = PyMem_Calloc((size_t)n, sizeof(*queues));
+    VerdictMessage *messages = PyMem_Calloc((size_t)n, sizeof(*messages));
+    size_t queue_count = 0, message_count = 0;
+    int result = -1;
+    if (queues == NULL || messages == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* no Python code runs below until the list is emptied: the borrowed items stay */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GetItem(s->accepts, i);
+        if (!PyObject_TypeCheck(item, DeliveryType)) {
+            PyErr_SetString(PyExc_TypeError, "the socket's accepts hold something else than Deliveries");
+            goto done;
+        }
+        Delivery *d = (Delivery *)item;
+        QueueAccepts *a = queue_accepts(queues, &queue_count, d->queue, 1);
+        if (a->count++ == 0 || d->packet_id > a->newest)
+            a->newest = d->packet_id;
+    }
+    Py_ssize_t position = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(s->held, &position, &key, &value)) { /* oldest first: the first of a queue is its oldest */
+        if (!PyObject_TypeCheck(value, DeliveryType)) {
+            PyErr_SetString(PyExc_TypeError, "the socket's held table holds something else than Deliveries");
+            goto done;
+        }
+        QueueAccepts *a = queue_accepts(queues, &queue_count, ((Delivery *)value)->queue, 0);
+        if (a != NULL && !a->held) {
+            a->held = 1;
+            a->oldest_held = ((Delivery *)value)->packet_id;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Delivery *d = (Delivery *)PyList_GetItem(s->accepts, i);
+        if (!batchable(queue_accepts(queues, &queue_count, d->queue, 0)))
+            messages[message_count++] = accept_message(MSG_VERDICT, d->queue, d->packet_id);
+    }
+    for (size_t i = 0; i < queue_count; i++)
+        if (batchable(&queues[i]))
+            messages[message_count++] = accept_message(queues[i].count == 1 ? MSG_VERDICT : MSG_VERDICT_BATCH,
+                                                       queues[i].queue, queues[i].newest);
+    int fd = ((QueueCore *)s->nfq)->fd;
+    if (PyList_SetSlice(s->accepts, 0, n, NULL) < 0 || count(s, offsetof(Counters, accepted), n) < 0)
+        goto done;
+    int error = send_messages(fd, messages, message_count);
+    if (error)
+        set_kernel_error("sending verdicts", error);
+    else
+        result = 0;
+done:
+    PyMem_Free(queues);
+    PyMem_Free(messages);
+    return result;
+}
+
+static PyObject *socket_send_accepts(PyObject *self, PyObject *unused) {
+    if (send_accepts((SocketCore *)self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(flush_if_due_doc,
 "_flush_if_due() -> None\n\n"
 "Sends the waiting verdicts (flush()) when they are due: every fetched packet was read and no batch is\n"
-"being collected, or ``batch`` verdicts wait. Raises as flush().");
+"being collected, or ``batch`` verdicts wait; accepts alone are sent without a line of Python\n"
+"(_send_accepts()). Raises as flush().");
 
 /* What _flush_if_due documents; returns 0, or -1 with an exception set. */
 static int flush_if_due(SocketCore *s) {
@@ -889,6 +1034,8 @@ static int flush_if_due(SocketCore *s) {
     }
     if ((s->defer || sizes[0] > 0) && sizes[1] + sizes[2] < s->batch)
         return 0;
+    if (sizes[2] == 0)
+        return send_accepts(s);
     PyObject *flushed = PyObject_CallMethodObjArgs((PyObject *)s, name_flush, NULL);
     Py_XDECREF(flushed);
     return flushed == NULL ? -1 : 0;
@@ -908,7 +1055,8 @@ static int accept_lone(SocketCore *s, Delivery *d) {
     QueueCore *q = idle_queue(s);
     if (q == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    int sent = count(s, offsetof(Counters, accepted), 1) == 0 && send_accept(q->fd, d->queue, d->packet_id) == 0;
+    VerdictMessage msg = accept_message(MSG_VERDICT, d->queue, d->packet_id);
+    int sent = count(s, offsetof(Counters, accepted), 1) == 0 && send_messages(q->fd, &msg, 1) == 0;
     Py_DECREF((PyObject *)q);
     if (sent)
         return 1;
@@ -995,6 +1143,7 @@ static PyMethodDef socket_methods[] = {
     {"sendto", (PyCFunction)(void (*)(void))socket_sendto, METH_FASTCALL, sendto_doc},
     {"_admit", socket_admit, METH_O, admit_doc},
     {"_flush_if_due", socket_flush_if_due, METH_NOARGS, flush_if_due_doc},
+    {"_send_accepts", socket_send_accepts, METH_NOARGS, send_accepts_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1014,8 +1163,6 @@ static PyType_Spec socket_spec = {"flowsteer.divert._nfqueue.SocketCore", sizeof
 /* ---- the module ------------------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
-    {"accept", accept_packet, METH_VARARGS, accept_doc},
-    {"newest_ids", newest_ids, METH_O, newest_ids_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -2,18 +2,18 @@
 
 One :class:`NfQueue` is one netlink socket; it may bind many queue numbers (the kernel allows each queue
 number to be bound by one socket only). What is waiting is read in batches without blocking; verdicts
-are encoded into one buffer and sent with one ``send`` (a run of plain accepts ending at the newest held
-packet becomes a single ``NFQNL_MSG_VERDICT_BATCH``). What runs for every packet (the parse of a queue
-message, the read of what is waiting, the blocking receive, a lone accept) is compiled, in
-:mod:`flowsteer.divert._nfqueue` (``_nfqueue.c``): a lone packet finds the process's caches cold, where
-Python costs far more. So is :class:`Delivery`, the packet a message carries (re-exported here).
+are encoded into one buffer and sent with one ``send``. What runs for every packet (the parse of a queue
+message, the read of what is waiting, the blocking receive) is compiled, in :mod:`flowsteer.divert._nfqueue`
+(``_nfqueue.c``): a lone packet finds the process's caches cold, where Python costs far more. So is
+:class:`Delivery`, the packet a message carries (re-exported here), and so are the accepts, which the
+divert socket sends itself (``SocketCore._send_accepts``: a run of accepts becomes one
+``NFQNL_MSG_VERDICT_BATCH``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import socket
 import struct
 from dataclasses import dataclass
@@ -31,7 +31,6 @@ NLMSG_ERROR = 0x2
 NFNL_SUBSYS_QUEUE = 3
 MSG_VERDICT = NFNL_SUBSYS_QUEUE << 8 | 1
 MSG_CONFIG = NFNL_SUBSYS_QUEUE << 8 | 2
-MSG_VERDICT_BATCH = NFNL_SUBSYS_QUEUE << 8 | 3
 
 NFQA_VERDICT_HDR, NFQA_MARK = 2, 3
 NFQA_PAYLOAD = 10
@@ -185,13 +184,6 @@ class NfQueue(_nfqueue.QueueCore):
         if delivery is not None:
             out.append(delivery)
 
-    def accept(self, queue: int, packet_id: int) -> None:
-        """Accepts one packet. Raises KernelError when the kernel refuses the send."""
-        try:
-            _nfqueue.accept(self._fd, queue, packet_id)
-        except OSError as exc:
-            raise kernel_error("sending verdicts", exc.errno or errno.EIO) from None
-
     def _set_rcvtimeo(self, wait: float | None) -> None:
         """Makes a blocking receive give up after ``wait`` seconds (None: never)."""
         micros = 0 if wait is None else max(1, int(wait * 1e6))
@@ -200,19 +192,12 @@ class NfQueue(_nfqueue.QueueCore):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
             self._rcvtimeo = micros
 
-    def send_verdicts(self, verdicts: list[Verdict], batch_upto: dict[int, int]) -> None:
-        """Sends ``verdicts`` and, after them, for each ``queue: id`` in ``batch_upto``, one batch accept of
-        every packet of that queue with an id up to ``id`` still queued, all in as few sends as the socket
-        buffer allows (a send is cut once it holds more than a mebibyte).
-
-        The batch accepts come last so that they do not take the packets that ``verdicts`` drop.
-        Raises KernelError when the kernel refuses the send.
-        """
-        batches = [_verdict_msg(MSG_VERDICT_BATCH, queue, NF_ACCEPT, upto, _VERDICT_SIZE)
-                   for queue, upto in batch_upto.items()]
+    def send_verdicts(self, verdicts: list[Verdict]) -> None:
+        """Sends ``verdicts`` in as few sends as the socket buffer allows (a send is cut once it holds more
+        than a mebibyte). Raises KernelError when the kernel refuses a send."""
         parts: list[bytes] = []
         size = 0
-        for message in itertools.chain(map(_verdict_bytes, verdicts), batches):
+        for message in map(_verdict_bytes, verdicts):
             parts.append(message)
             size += len(message)
             if size > 1 << 20:
@@ -260,16 +245,10 @@ def _attr(atype: int, data: bytes) -> bytes:
 
 def _verdict_bytes(v: Verdict) -> bytes:
     """Returns the message of one verdict (with the packet's new bytes and mark when it has them)."""
-    if v.payload is None and v.mark is None:
-        return _verdict_msg(MSG_VERDICT, v.queue, v.verdict, v.packet_id, _VERDICT_SIZE)
     extra = b"" if v.mark is None else _ATTR.pack(8, NFQA_MARK) + _U32.pack(v.mark)
     if v.payload is not None:
         alen = 4 + len(v.payload)
         extra += _ATTR.pack(alen, NFQA_PAYLOAD) + v.payload + b"\0" * (-alen & 3)
-    return _verdict_msg(MSG_VERDICT, v.queue, v.verdict, v.packet_id, _VERDICT_SIZE + len(extra)) + extra
-
-
-def _verdict_msg(mtype: int, queue: int, verdict: int, packet_id: int, total: int) -> bytes:
-    return _VERDICT.pack(total, mtype, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0, socket.htons(queue),
-                         12, NFQA_VERDICT_HDR, socket.htonl(verdict), socket.htonl(packet_id))
-
+    return _VERDICT.pack(_VERDICT_SIZE + len(extra), MSG_VERDICT, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0,
+                         socket.htons(v.queue), 12, NFQA_VERDICT_HDR, socket.htonl(v.verdict),
+                         socket.htonl(v.packet_id)) + extra

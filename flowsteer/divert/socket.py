@@ -18,9 +18,10 @@ Verdicts are sent in batches: when every packet already fetched from the kernel 
 
 ``recvfrom`` and ``sendto`` are compiled (:class:`flowsteer.divert._nfqueue.SocketCore`, the base class,
 holds the socket's state): a lone packet at a low rate (a blocking socket with nothing else fetched, held
-or waiting for a verdict) goes through both without a line of Python, and so does each packet of a batch
-already fetched that is written back unchanged. Fetching a batch (:meth:`DivertSocket._fill`), writing
-changed bytes, a :class:`Packet`, a drop or a new packet, and sending a batch's verdicts run here.
+or waiting for a verdict) goes through both without a line of Python, and so does a stream of packets
+written back unchanged: each packet of a batch, the batch's accepts and the fetch of the next batch while
+they wait. The first fetch of a burst and every wait (:meth:`DivertSocket._fill`), writing changed bytes,
+a :class:`Packet`, a drop or a new packet, and sending verdicts other than accepts run here.
 """
 
 from __future__ import annotations
@@ -385,25 +386,15 @@ class DivertSocket(_nfqueue.SocketCore):
         self._flush_if_due()
 
     def flush(self) -> None:
-        """Sends every waiting verdict now. Raises KernelError when the kernel refuses them."""
-        if self._nfq is None or not (self._verdicts or self._accepts):
+        """Sends every waiting verdict now: the accepts last (compiled, ``_send_accepts``: one batch accept
+        per queue), so that a batch accept does not take a packet that an earlier verdict drops. Raises
+        KernelError when the kernel refuses them."""
+        if self._nfq is None:
             return
-        if not self._verdicts and len(self._accepts) == 1:  # a lone packet (low rate): one plain verdict
-            held = self._accepts.pop()
-            self.counters.accepted += 1
-            self._nfq.accept(held.queue, held.packet_id)
-            return
-        verdicts, accepts = self._verdicts, self._accepts
-        self._verdicts, self._accepts = [], []
-        self.counters.accepted += len(accepts)
-        oldest_held: dict[int, int] = {}
-        for delivery in self._held.values():
-            oldest_held.setdefault(delivery.queue, delivery.packet_id)
-        upto = _nfqueue.newest_ids(accepts)  # compiled: no Python runs per packet of a batch
-        batch = {q: last for q, last in upto.items() if oldest_held.get(q, last + 1) > last}
-        if len(batch) < len(upto):  # a queue with an older packet still held: its accepts one by one
-            verdicts += [Verdict(d.queue, d.packet_id, NF_ACCEPT) for d in accepts if d.queue not in batch]
-        self._nfq.send_verdicts(verdicts, batch)
+        if self._verdicts:
+            verdicts, self._verdicts = self._verdicts, []
+            self._nfq.send_verdicts(verdicts)
+        self._send_accepts()
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -445,7 +436,7 @@ class DivertSocket(_nfqueue.SocketCore):
                     unread = list(self._ready) + nfq.receive(1 << 16)
                     self._ready.clear()
                     self.counters.requeued += len(unread)
-                    nfq.send_verdicts([Verdict(d.queue, d.packet_id, NF_REPEAT) for d in unread], {})
+                    nfq.send_verdicts([Verdict(d.queue, d.packet_id, NF_REPEAT) for d in unread])
         finally:
             self._closed = True
             self._nfq = None

@@ -198,7 +198,6 @@ def test_nfqueue_wire_constants_are_the_kernels() -> None:
         "NFNL_SUBSYS_QUEUE": n.NFNL_SUBSYS_QUEUE,
         "(NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT": n.MSG_VERDICT,
         "(NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG": n.MSG_CONFIG,
-        "(NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH": n.MSG_VERDICT_BATCH,
         "NFQA_VERDICT_HDR": n.NFQA_VERDICT_HDR,
         "NFQA_PAYLOAD": n.NFQA_PAYLOAD,
         "NFQA_CFG_CMD": n.NFQA_CFG_CMD,

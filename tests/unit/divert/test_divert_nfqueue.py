@@ -82,7 +82,7 @@ class Capture:
 def test_verdicts_are_concatenated_into_one_send() -> None:
     q = NfQueue.__new__(NfQueue)
     q.sock = Capture()  # type: ignore[assignment]
-    q.send_verdicts([Verdict(7, 5, nfqueue.NF_DROP), Verdict(7, 6, nfqueue.NF_ACCEPT, b"\x45abc")], {32: 99})
+    q.send_verdicts([Verdict(7, 5, nfqueue.NF_DROP), Verdict(7, 6, nfqueue.NF_ACCEPT, b"\x45abc")])
     (data,) = q.sock.sent  # type: ignore[attr-defined]
     seen = []
     off = 0
@@ -93,6 +93,5 @@ def test_verdicts_are_concatenated_into_one_send() -> None:
         seen.append((mtype, queue, verdict, packet_id, length))
         off += (length + 3) & ~3
     assert [s[:4] for s in seen] == [(nfqueue.MSG_VERDICT, 7, nfqueue.NF_DROP, 5),
-                                     (nfqueue.MSG_VERDICT, 7, nfqueue.NF_ACCEPT, 6),
-                                     (nfqueue.MSG_VERDICT_BATCH, 32, nfqueue.NF_ACCEPT, 99)]  # after the drops
-    assert seen[1][4] == 32 + 4 + 4 and data[:-32].endswith(b"\x45abc")
+                                     (nfqueue.MSG_VERDICT, 7, nfqueue.NF_ACCEPT, 6)]
+    assert seen[1][4] == 32 + 4 + 4 and data.endswith(b"\x45abc")

@@ -22,31 +22,8 @@ from flowsteer.divert import _nfqueue, nfqueue
 from flowsteer.divert.nfqueue import Delivery, NfQueue, Verdict
 from flowsteer.errors import KernelError, PermissionDenied
 
-NLMSG_ERROR, MSG_PACKET, MSG_CONFIG = 2, (3 << 8) | 0, (3 << 8) | 2
-MSG_VERDICT, MSG_VERDICT_BATCH = (3 << 8) | 1, (3 << 8) | 3
-PACKET_HDR, MARK, INDEV, OUTDEV, HWADDR, PAYLOAD, CAP_LEN = 1, 3, 5, 6, 9, 10, 13
-
-
-def nlattr(atype: int, data: bytes) -> bytes:
-    """``struct nlattr`` (u16 length incl. header, u16 type; native order) + data, padded to 4."""
-    return (4 + len(data)).to_bytes(2, "little") + atype.to_bytes(2, "little") + data + bytes(-len(data) % 4)
-
-
-def nlmsg(mtype: int, body: bytes, flags: int = 0, seq: int = 0, pid: int = 0) -> bytes:
-    """``struct nlmsghdr``: u32 length, u16 type, u16 flags, u32 seq, u32 pid (native order)."""
-    return struct.pack("<IHHII", 16 + len(body), mtype, flags, seq, pid) + body
-
-
-def packet_msg(queue: int, packet_id: int, hook: int, payload: bytes | None, *attrs: bytes) -> bytes:
-    nfgen = bytes([socket.AF_INET, 0]) + queue.to_bytes(2, "big")
-    head = nlattr(PACKET_HDR, packet_id.to_bytes(4, "big") + (0x0800).to_bytes(2, "big") + bytes([hook]))
-    tail = nlattr(PAYLOAD, payload) if payload is not None else b""
-    return nlmsg(MSG_PACKET, nfgen + head + b"".join(attrs) + tail)
-
-
-def u32(atype: int, value: int) -> bytes:
-    return nlattr(atype, value.to_bytes(4, "big"))
-
+from nfq_wire import (CAP_LEN, HWADDR, INDEV, MARK, MSG_CONFIG, MSG_PACKET, MSG_VERDICT, NLMSG_ERROR, OUTDEV,
+                      PACKET_HDR, PAYLOAD, nlattr, nlmsg, packet_msg, u32, verdict_bytes)
 
 def ack(seq: int, error: int = 0) -> bytes:
     return nlmsg(NLMSG_ERROR, struct.pack("<i", error) + nlmsg(MSG_CONFIG, b"")[:16], seq=seq)
@@ -224,34 +201,20 @@ def with_socket(sock: FakeSocket) -> NfQueue:
     return q
 
 
-def verdict_bytes(mtype: int, queue: int, verdict: int, packet_id: int, payload: bytes | None = None,
-                  mark: int | None = None) -> bytes:
-    """nlmsghdr + nfgenmsg + NFQA_VERDICT_HDR (be32 verdict, be32 id) [+ NFQA_MARK] [+ NFQA_PAYLOAD]."""
-    body = bytes([socket.AF_UNSPEC, 0]) + queue.to_bytes(2, "big")
-    body += nlattr(2, verdict.to_bytes(4, "big") + packet_id.to_bytes(4, "big"))
-    if mark is not None:
-        body += u32(MARK, mark)
-    if payload is not None:
-        body += nlattr(PAYLOAD, payload)
-    return nlmsg(mtype, body, flags=1)
-
-
 def test_verdict_messages_are_the_wire_bytes() -> None:
     sock = FakeSocket()
     with_socket(sock).send_verdicts(
         [Verdict(65535, 0xFFFFFFFF, 0), Verdict(7, 6, 1, b"\x45abc"), Verdict(1, 2, 4, b"\x45abcdefg"),
-         Verdict(2, 3, 1, b"")],
-        {32: 99, 65535: 0})
+         Verdict(2, 3, 1, b"")])
     assert sock.sent == [
         verdict_bytes(MSG_VERDICT, 65535, 0, 0xFFFFFFFF) + verdict_bytes(MSG_VERDICT, 7, 1, 6, b"\x45abc")
-        + verdict_bytes(MSG_VERDICT, 1, 4, 2, b"\x45abcdefg") + verdict_bytes(MSG_VERDICT, 2, 1, 3, b"")
-        + verdict_bytes(MSG_VERDICT_BATCH, 32, 1, 99) + verdict_bytes(MSG_VERDICT_BATCH, 65535, 1, 0)]
+        + verdict_bytes(MSG_VERDICT, 1, 4, 2, b"\x45abcdefg") + verdict_bytes(MSG_VERDICT, 2, 1, 3, b"")]
 
 
 def test_verdicts_with_a_new_mark() -> None:
     sock = FakeSocket()
     with_socket(sock).send_verdicts([Verdict(3, 4, 1, None, 0xFFFFFFFF), Verdict(3, 5, 1, b"\x45ab", 0),
-                                     Verdict(3, 6, 0, b"\x45", None)], {})
+                                     Verdict(3, 6, 0, b"\x45", None)])
     assert sock.sent == [verdict_bytes(MSG_VERDICT, 3, 1, 4, mark=0xFFFFFFFF)
                          + verdict_bytes(MSG_VERDICT, 3, 1, 5, b"\x45ab", mark=0)
                          + verdict_bytes(MSG_VERDICT, 3, 0, 6, b"\x45")]
@@ -259,14 +222,14 @@ def test_verdicts_with_a_new_mark() -> None:
 
 def test_nothing_to_say_sends_nothing() -> None:
     sock = FakeSocket()
-    with_socket(sock).send_verdicts([], {})
+    with_socket(sock).send_verdicts([])
     assert sock.sent == []
 
 
 def test_verdicts_are_split_after_one_mebibyte() -> None:
     sock = FakeSocket()
     # 32768 plain verdicts are exactly 1 MiB: the send happens after the next one makes it more
-    with_socket(sock).send_verdicts([Verdict(1, i, 1) for i in range(32770)], {})
+    with_socket(sock).send_verdicts([Verdict(1, i, 1) for i in range(32770)])
     assert [len(s) for s in sock.sent] == [32769 * 32, 32]
     assert sock.sent[1] == verdict_bytes(MSG_VERDICT, 1, 1, 32769)
 
@@ -274,11 +237,11 @@ def test_verdicts_are_split_after_one_mebibyte() -> None:
 def test_large_payload_verdicts_are_split_too() -> None:
     sock = FakeSocket()
     payload = b"\x45" + bytes(59999)
-    with_socket(sock).send_verdicts([Verdict(1, i, 1, payload) for i in range(20)], {5: 1})
+    with_socket(sock).send_verdicts([Verdict(1, i, 1, payload) for i in range(20)])
     one = len(verdict_bytes(MSG_VERDICT, 1, 1, 0, payload))
     assert one == 32 + 4 + 60000
-    assert [len(s) for s in sock.sent] == [18 * one, 2 * one + 32]
-    assert sock.sent[1].endswith(verdict_bytes(MSG_VERDICT_BATCH, 5, 1, 1))
+    assert [len(s) for s in sock.sent] == [18 * one, 2 * one]
+    assert sock.sent[1].endswith(verdict_bytes(MSG_VERDICT, 1, 1, 19, payload))
 
 
 @pytest.mark.parametrize("err, cls, code", [(OSError(errno.ENOBUFS, "full"), KernelError, errno.ENOBUFS),
@@ -286,7 +249,7 @@ def test_large_payload_verdicts_are_split_too() -> None:
                                             (PermissionError(errno.EPERM, "no"), PermissionDenied, errno.EPERM)])
 def test_a_refused_send_names_it(err: OSError, cls: type, code: int) -> None:
     with pytest.raises(KernelError) as exc:
-        with_socket(FakeSocket(fail=err)).send_verdicts([Verdict(1, 1, 1)], {})
+        with_socket(FakeSocket(fail=err)).send_verdicts([Verdict(1, 1, 1)])
     assert type(exc.value) is cls and exc.value.errno == code and exc.value.message == "sending verdicts"
 
 
@@ -482,28 +445,6 @@ def test_a_request_waits_for_its_answer_without_timeout() -> None:
     assert len(sock.options) == 1  # already without timeout
 
 
-def test_accept_sends_one_plain_verdict(pair: tuple[NfQueue, socket.socket]) -> None:
-    q, peer = pair
-    q.accept(65535, 0xFFFFFFFF)
-    q.accept(0, 0)
-    assert [peer.recv(100), peer.recv(100)] == [verdict_bytes(MSG_VERDICT, 65535, 1, 0xFFFFFFFF),
-                                               verdict_bytes(MSG_VERDICT, 0, 1, 0)]
-
-
-@pytest.mark.parametrize("queue, packet_id", [(-1, 0), (1 << 32, 0), (0, -1), (0, 1 << 64)])
-def test_accept_refuses_numbers_out_of_range(pair: tuple[NfQueue, socket.socket], queue: int, packet_id: int) -> None:
-    with pytest.raises(OverflowError):
-        pair[0].accept(queue, packet_id)
-
-
-def test_a_refused_accept_names_it(pair: tuple[NfQueue, socket.socket]) -> None:
-    q, peer = pair
-    peer.close()  # the peer is gone: ECONNREFUSED
-    with pytest.raises(KernelError) as exc:
-        q.accept(1, 1)
-    assert (exc.value.message, exc.value.errno) == ("sending verdicts", errno.ECONNREFUSED)
-
-
 def test_a_failing_receive_names_it(pair: tuple[NfQueue, socket.socket]) -> None:
     q, _peer = pair
     q.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # not connected: ENOTCONN
@@ -646,19 +587,9 @@ def test_the_attribute_walk_reads_nothing_past_the_message() -> None:
     assert fresh()._parse(buf, 0, len(msg)) == Delivery(3, 9, b"", 1, 0, 0, True)
 
 
-def test_batch_accepts_count_toward_the_mebibyte_of_a_send() -> None:
-    sock = FakeSocket()
-    # 32768 verdicts are exactly 1 MiB; the first batch accept makes it more: the send is cut after it, the
-    # other batch accept goes in the next
-    with_socket(sock).send_verdicts([Verdict(1, i, 1) for i in range(32768)], {1: 5, 2: 6})
-    assert [len(s) for s in sock.sent] == [32769 * 32, 32]
-    assert sock.sent[0].endswith(verdict_bytes(MSG_VERDICT_BATCH, 1, 1, 5))
-    assert sock.sent[1] == verdict_bytes(MSG_VERDICT_BATCH, 2, 1, 6)
-
-
 def test_each_later_send_holds_a_whole_mebibyte_too() -> None:
     sock = FakeSocket()
-    with_socket(sock).send_verdicts([Verdict(1, i, 1) for i in range(2 * 32769)], {})
+    with_socket(sock).send_verdicts([Verdict(1, i, 1) for i in range(2 * 32769)])
     assert [len(s) for s in sock.sent] == [32769 * 32, 32769 * 32]
 
 
@@ -839,18 +770,6 @@ def test_the_receive_buffer_holds_the_queue_length_within_its_bounds() -> None:
     assert nfqueue.rcvbuf_for(4097) == 4097 * 2048
     assert nfqueue.rcvbuf_for(1 << 20) == nfqueue.rcvbuf_for(1 << 19) == nfqueue.MAX_RCVBUF == 1 << 30
     assert nfqueue.rcvbuf_for((1 << 19) - 1) == ((1 << 19) - 1) * 2048
-
-
-def test_newest_ids_gives_each_queue_its_highest_packet_id() -> None:
-    def d(queue: int, packet_id: int) -> Delivery:
-        return Delivery(queue, packet_id, b"", 0, 0, 0, False)
-    assert _nfqueue.newest_ids([]) == {}
-    assert _nfqueue.newest_ids([d(1, 5), d(2, 7), d(1, 9), d(1, 6), d(2, 3), d(0, 0)]) == {1: 9, 2: 7, 0: 0}
-    assert _nfqueue.newest_ids([d(65535, 2**32 - 1), d(65535, 0)]) == {65535: 2**32 - 1}
-    with pytest.raises(TypeError, match="list of Deliveries"):
-        _nfqueue.newest_ids([d(1, 1), (1, 2)])  # type: ignore[list-item]
-    with pytest.raises(TypeError, match="list of Deliveries"):
-        _nfqueue.newest_ids((d(1, 1),))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kwargs, message", [

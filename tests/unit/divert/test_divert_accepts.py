@@ -1,0 +1,231 @@
+"""The divert socket's compiled batch path: the accepts it sends (``_send_accepts``, also from
+``_flush_if_due``) and the next batch it fetches while a batch is being answered (``recvfrom``).
+
+The socket's queue is one end of a datagram socket pair, not netlink (nothing is bound and no rule is
+made); the other end reads what the socket sends and writes the queue messages it reads. The wire bytes
+are built here from the UAPI layouts, in nfq_wire.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from flowsteer.divert.nfqueue import NF_DROP, Delivery, NfQueue, Verdict
+from flowsteer.divert.socket import DivertSocket
+from flowsteer.errors import KernelError
+
+from nfq_wire import MSG_VERDICT, MSG_VERDICT_BATCH, packet_msg, verdict_bytes
+
+SO_SNDBUFFORCE = 32
+
+
+@pytest.fixture
+def bound() -> Iterator[tuple[DivertSocket, socket.socket]]:
+    """A divert socket whose queue's socket is one end of a datagram pair; returns it and the other end."""
+    mine, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    queue = NfQueue()
+    queue.sock.close()
+    queue.sock, queue._fd = mine, mine.fileno()
+    sock = DivertSocket()
+    sock._nfq = queue
+    try:
+        yield sock, peer
+    finally:
+        sock._nfq = None  # close() then leaves rules alone: none were made
+        sock.close()
+        mine.close()
+        peer.close()
+
+
+def d(queue: int, packet_id: int, hook: int = 3) -> Delivery:
+    """A held packet (hook 3, LOCAL_OUT, by default: outbound, no interface to look up)."""
+    return Delivery(queue, packet_id, b"\x45" + packet_id.to_bytes(4, "big"), hook, 0, 1, False)
+
+
+def sent(peer: socket.socket) -> list[bytes]:
+    """Returns every send that reached ``peer`` so far, one item each."""
+    got = []
+    while True:
+        try:
+            got.append(peer.recv(4 << 20, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return got
+
+
+def plain(queue: int, packet_id: int) -> bytes:
+    return verdict_bytes(MSG_VERDICT, queue, 1, packet_id)
+
+
+def batch(queue: int, packet_id: int) -> bytes:
+    return verdict_bytes(MSG_VERDICT_BATCH, queue, 1, packet_id)
+
+
+# --- the accepts -------------------------------------------------------------------------------------
+
+
+def test_a_single_accept_is_a_plain_verdict(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    sock._accepts = [d(5, 7)]
+    sock._send_accepts()
+    assert sent(peer) == [plain(5, 7)]
+    assert sock._accepts == [] and sock.counters.accepted == 1
+
+
+def test_the_accepts_of_each_queue_become_one_batch_accept_up_to_its_newest(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    sock._accepts = [d(5, 5), d(2, 3), d(5, 9), d(65535, 0xFFFFFFFF), d(5, 6), d(65535, 0)]
+    sock._send_accepts()
+    assert sent(peer) == [batch(5, 9) + plain(2, 3) + batch(65535, 0xFFFFFFFF)]  # one send, queues as first met
+    assert sock._accepts == [] and sock.counters.accepted == 6
+
+
+def test_a_queue_with_an_older_packet_held_gets_an_accept_per_packet_before_the_batches(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    sock._held = {1: d(5, 4), 2: d(2, 10), 3: d(9, 1), 4: d(5, 2)}  # queue 2's held packet is newer
+    sock._accepts = [d(5, 6), d(2, 7), d(5, 5), d(2, 8)]
+    sock._send_accepts()
+    assert sent(peer) == [plain(5, 6) + plain(5, 5) + batch(2, 8)]  # a batch up to 6 would take held 4
+    assert len(sock._held) == 4
+
+
+def test_accepts_leave_a_mebibyte_at_a_time(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    try:
+        sock._nfq.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 << 20)  # as NfQueue sets it
+    except PermissionError:
+        pytest.skip("needs CAP_NET_ADMIN to set the send buffer a real queue socket has")
+    sock._held = {1: d(5, 0)}
+    sock._accepts = [d(5, i) for i in range(1, 32770)]  # 32769 plain accepts of 32 bytes
+    sock._send_accepts()
+    assert [len(s) for s in sent(peer)] == [(1 << 20), 32]
+
+
+def test_a_refused_send_names_it_and_its_accepts_are_counted_and_gone(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    peer.close()  # nobody reads: ECONNREFUSED
+    sock._accepts = [d(5, 1), d(5, 2)]
+    with pytest.raises(KernelError) as exc:
+        sock._send_accepts()
+    assert (exc.value.message, exc.value.errno) == ("sending verdicts", errno.ECONNREFUSED)
+    assert sock._accepts == [] and sock.counters.accepted == 2
+
+
+def test_no_accepts_or_no_queue_sends_nothing(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    sock._send_accepts()
+    queue, sock._nfq = sock._nfq, None
+    sock._accepts = [d(5, 1)]
+    sock._send_accepts()  # unbound or closed: the accepts stay
+    sock._nfq = queue
+    assert sent(peer) == [] and sock._accepts == [d(5, 1)] and sock.counters.accepted == 0
+
+
+def test_odd_state_raises_and_sends_nothing(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    sock._accepts = [d(5, 1), (5, 2)]  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="accepts hold something else"):
+        sock._send_accepts()
+    sock._accepts = [d(5, 1)]
+    sock._held = {1: "not a delivery"}  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="held table holds something else"):
+        sock._send_accepts()
+    sock._held = []  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="of another type"):
+        sock._send_accepts()
+    sock._held = {}
+    assert sent(peer) == [] and sock._accepts == [d(5, 1)] and sock.counters.accepted == 0
+
+
+def test_flush_sends_the_other_verdicts_first_then_the_accepts(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    sock._verdicts = [Verdict(5, 3, NF_DROP)]
+    sock._accepts = [d(5, 4), d(5, 5)]
+    sock.flush()
+    assert sent(peer) == [verdict_bytes(MSG_VERDICT, 5, NF_DROP, 3), batch(5, 5)]  # the batch cannot take 3
+
+
+def test_due_accepts_alone_leave_without_the_python_flush(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    flushes = []
+    sock.flush = lambda: flushes.append(1)  # type: ignore[method-assign]
+    sock._accepts = [d(5, 1), d(5, 2)]
+    sock._flush_if_due()  # nothing else fetched: due
+    assert sent(peer) == [batch(5, 2)] and flushes == []
+    sock._accepts, sock._verdicts = [d(5, 3)], [Verdict(5, 4, NF_DROP)]
+    sock._flush_if_due()
+    assert flushes == [1]  # other verdicts: the Python flush
+
+
+# --- the next batch, fetched while one is answered ---------------------------------------------------
+
+
+def counted_fills(sock: DivertSocket) -> list[float | None]:
+    """Records each call of the socket's Python ``_fill`` (the compiled recvfrom looks it up on the instance)."""
+    calls: list[float | None] = []
+    fill = sock._fill
+
+    def counted(timeout: float | None) -> None:
+        calls.append(timeout)
+        fill(timeout)
+    sock._fill = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_while_a_batch_is_answered_the_next_is_fetched_without_python(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    fills = counted_fills(sock)
+    for i in range(3):
+        peer.send(packet_msg(4, 10 + i, 3, b"\x45" + bytes([i])))
+    sock._accepts = [d(4, 9)]  # the previous batch's last accept waits
+    sock._nfq._direct_waits = 5
+    data, address = sock.recvfrom()
+    assert (data, address) == (b"\x45\x00", ("0.0.0.0", 4 << 32 | 10)) and fills == []
+    assert [r.packet_id for r in sock._ready] == [11, 12] and sock.counters.received == 3
+    assert sock._nfq._direct_waits == 0  # a look found packets, as NfQueue.receive counts it
+    assert sock._held[address[1]].deadline > 0
+
+
+@pytest.mark.parametrize("case", ["held", "backlog", "nothing answered"])
+def test_otherwise_the_python_fill_fetches(bound: tuple[DivertSocket, socket.socket], case: str) -> None:
+    sock, peer = bound
+    sock.settimeout(0)
+    fills = counted_fills(sock)
+    peer.send(packet_msg(4, 10, 3, b"\x45"))
+    if case == "held":
+        sock._held = {4 << 32 | 9: d(4, 9)}
+    else:
+        sock._accepts = [] if case == "nothing answered" else [d(4, 9)]
+    if case == "backlog":
+        sock._nfq._backlog = [d(4, 8)]
+    sock.recvfrom()
+    assert fills == [0]
+
+
+def test_with_nothing_waiting_the_python_fill_answers_and_reports(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    sock.settimeout(0)
+    fills = counted_fills(sock)
+    sock._accepts = [d(4, 9)]
+    with pytest.raises(BlockingIOError):
+        sock.recvfrom()
+    assert fills == [0] and sent(peer) == [plain(4, 9)]
+
+
+def test_a_failing_fetch_names_it(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, _peer = bound
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as unconnected:  # recv fails with ENOTCONN
+        sock._nfq._fd = unconnected.fileno()
+        sock._accepts = [d(4, 9)]
+        fills = counted_fills(sock)
+        with pytest.raises(KernelError) as exc:
+            sock.recvfrom()
+        sock._nfq._fd = sock._nfq.sock.fileno()
+    assert (exc.value.message, exc.value.errno) == ("receiving diverted packets", errno.ENOTCONN) and fills == []

@@ -40,16 +40,19 @@ def is_batch_handler(function: Callable[..., Any]) -> bool:
 class StopBetweenPackets:
     """The SIGTERM handler of a process running :func:`serve_packets`: while it waits for packets it exits
     at once (SystemExit); while it handles some, it exits once they are answered and counted. Exiting in
-    between lost the count of packets already answered, so a stop reported fewer than were written."""
+    between lost the count of packets already answered, so a stop reported fewer than were written. It
+    exits once: a later SIGTERM (a signal to the whole process group, then the supervisor's own) is only
+    noted, so that it cannot cut short the socket's close, which recompiles the rules without this member
+    and gives the port's queue block back."""
 
     def __init__(self) -> None:
         self.busy = False
         self.requested = False
 
     def __call__(self, signum: int, frame: object) -> None:
-        if self.busy:
-            self.requested = True
-        else:
+        exiting = self.busy or self.requested
+        self.requested = True
+        if not exiting:
             raise SystemExit(0)
 
 

@@ -201,4 +201,5 @@ def _worker(index: int, port: int, handler: Handler | BatchHandler, hold_time: f
         with open(capture, "ab") if capture else contextlib.nullcontext() as out:
             serve_packets(sock, handler, counters, index * len(COUNTERS), out, stop)
     finally:
+        stop.busy = True  # closing, however the loop ended: a SIGTERM now is only noted, the close finishes
         sock.close()

@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from divert_net import Flows, Peer, read_event, wait_queued
 
+from flowsteer.divert import netfilter
 from flowsteer.divert.socket import DivertSocket
 from flowsteer.kernel.netns import NamedNetns
 
@@ -181,3 +183,29 @@ def test_serve_queue_maxlen_lets_a_stopped_worker_hold_more_than_the_default(pee
         serve.send_signal(signal.SIGTERM)
         serve.wait(30)
         receiver.close()
+
+
+@pytest.mark.parametrize("with_rule", [False, True])
+def test_a_sigterm_to_the_whole_process_group_still_gives_the_port_back(netns: NamedNetns, tmp_path: Path,
+                                                                        with_rule: bool) -> None:
+    """SIGTERM to serve's process group (`timeout`, a unit with KillMode=control-group) reaches the worker
+    twice, from the sender and from its supervisor: the second must not cut the worker's close short, or
+    the port's queue block record (and, with rules, membership compiled for the dead worker) is left."""
+    if with_rule:
+        assert run("add", "--netns", netns.name, "in proto udp to any port 5000 divert-packet port 7").returncode == 0
+    (tmp_path / "echo.py").write_text("def handle(packet):\n    return packet\n")
+    serve = subprocess.Popen([*CLI, "divert", "serve", "--netns", netns.name, "--port", "7", "--json",
+                              f"{tmp_path}/echo.py:handle"], stdout=subprocess.PIPE, bufsize=0,
+                             start_new_session=True)
+    try:
+        read_event(serve, "ready")
+        os.killpg(serve.pid, signal.SIGTERM)
+        assert serve.wait(30) == 0
+    finally:
+        serve.kill()
+        serve.wait()
+    installed = netfilter.read()
+    if with_rule:  # the rule keeps the port's block; the rules are compiled for no member
+        assert installed.blocks == {7: 7} and installed.members == {7: ()}
+    else:  # neither rules nor sockets: nothing of flowsteer's is left in the namespace's firewall
+        assert installed.blocks == {} and not any(installed.snapshots[f].chains for f in installed.snapshots)

@@ -64,3 +64,11 @@ def test_a_stop_while_waiting_exits_at_once() -> None:
     stop.busy = True
     stop(signal.SIGTERM, None)
     assert stop.requested
+
+
+def test_a_stop_exits_once_so_a_second_sigterm_cannot_cut_the_close_short() -> None:
+    stop = StopBetweenPackets()
+    with pytest.raises(SystemExit):
+        stop(signal.SIGTERM, None)
+    stop(signal.SIGTERM, None)  # e.g. the supervisor's, after one sent to the whole process group
+    assert stop.requested

@@ -49,7 +49,7 @@
 
 static PyTypeObject *DeliveryType, *CountersType, *QueueCoreType, *SocketCoreType;
 /* Made once: the unspecified hosts, an empty bytes, the names this file calls or counts by */
-static PyObject *unspecified4, *unspecified6, *empty_bytes, *empty_str, *name_append, *name_interface, *name_fill,
+static PyObject *unspecified4, *unspecified6, *empty_bytes, *empty_str, *name_extend, *name_interface, *name_fill,
     *name_sendto, *name_popleft, *name_flush;
 
 static uint16_t native16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
@@ -65,20 +65,25 @@ static double monotonic(void) {
 /* ---- Delivery ------------------------------------------------------------------------------------ */
 
 typedef struct {
-    PyObject_HEAD
+    PyObject_VAR_HEAD /* the size: how many bytes of attributes follow the struct (one allocation, not two) */
     unsigned int queue, packet_id, hook, indev, outdev;
     char truncated;
     double deadline;
-    PyObject *payload, *attrs, *host;
+    PyObject *payload, *host;
 } Delivery;
 
-/* Returns a new Delivery that takes references to payload, attrs and host. */
+static const char *attrs_of(Delivery *d) { return (const char *)d + sizeof(Delivery); }
+
+/* Returns a new Delivery that takes references to payload and host and a copy of the ``attrs_size`` bytes
+ * of attributes at ``attrs``. */
 static PyObject *make_delivery(unsigned queue, unsigned packet_id, PyObject *payload, unsigned hook, unsigned indev,
-                               unsigned outdev, int truncated, PyObject *attrs, double deadline, PyObject *host) {
+                               unsigned outdev, int truncated, const char *attrs, Py_ssize_t attrs_size,
+                               double deadline, PyObject *host) {
     allocfunc alloc = (allocfunc)PyType_GetSlot(DeliveryType, Py_tp_alloc);
-    Delivery *d = (Delivery *)alloc(DeliveryType, 0);
+    Delivery *d = (Delivery *)alloc(DeliveryType, attrs_size);
     if (d == NULL)
         return NULL;
+    memcpy((char *)attrs_of(d), attrs, (size_t)attrs_size);
     d->queue = queue;
     d->packet_id = packet_id;
     d->hook = hook;
@@ -88,8 +93,6 @@ static PyObject *make_delivery(unsigned queue, unsigned packet_id, PyObject *pay
     d->deadline = deadline;
     Py_INCREF(payload);
     d->payload = payload;
-    Py_INCREF(attrs);
-    d->attrs = attrs;
     Py_INCREF(host);
     d->host = host;
     return (PyObject *)d;
@@ -118,14 +121,14 @@ static PyObject *delivery_new(PyTypeObject *type, PyObject *args, PyObject *kwar
                                      &packet_id, &payload, to_u32, &hook, to_u32, &indev, to_u32, &outdev,
                                      &truncated, &attrs, &deadline, &host))
         return NULL;
-    return make_delivery(queue, packet_id, payload, hook, indev, outdev, truncated, attrs, deadline, host);
+    return make_delivery(queue, packet_id, payload, hook, indev, outdev, truncated, PyBytes_AsString(attrs),
+                         PyBytes_Size(attrs), deadline, host);
 }
 
 static void delivery_dealloc(PyObject *self) {
     Delivery *d = (Delivery *)self;
     PyTypeObject *type = Py_TYPE(self);
     Py_XDECREF(d->payload);
-    Py_XDECREF(d->attrs);
     Py_XDECREF(d->host);
     ((freefunc)PyType_GetSlot(type, Py_tp_free))(self);
     Py_DECREF(type);
@@ -136,8 +139,9 @@ static PyObject *delivery_richcompare(PyObject *a, PyObject *b, int op) {
         Py_RETURN_NOTIMPLEMENTED;
     Delivery *x = (Delivery *)a, *y = (Delivery *)b;
     int same = x->queue == y->queue && x->packet_id == y->packet_id && x->hook == y->hook && x->indev == y->indev
-               && x->outdev == y->outdev && x->truncated == y->truncated && x->deadline == y->deadline;
-    size_t fields[] = {offsetof(Delivery, payload), offsetof(Delivery, attrs), offsetof(Delivery, host)};
+               && x->outdev == y->outdev && x->truncated == y->truncated && x->deadline == y->deadline
+               && Py_SIZE(a) == Py_SIZE(b) && memcmp(attrs_of(x), attrs_of(y), (size_t)Py_SIZE(a)) == 0;
+    size_t fields[] = {offsetof(Delivery, payload), offsetof(Delivery, host)};
     for (size_t i = 0; same && i < sizeof(fields) / sizeof(fields[0]); i++) {
         /* read each pair when it is compared, and hold it: a field's __eq__ may replace the others */
         PyObject *u = *(PyObject **)((char *)x + fields[i]), *v = *(PyObject **)((char *)y + fields[i]);
@@ -156,17 +160,24 @@ static PyObject *delivery_richcompare(PyObject *a, PyObject *b, int op) {
     return PyBool_FromLong(op == Py_EQ ? same : !same);
 }
 
+static PyObject *delivery_attrs(PyObject *self, void *unused) {
+    return PyBytes_FromStringAndSize(attrs_of((Delivery *)self), Py_SIZE(self));
+}
+
 static PyObject *delivery_repr(PyObject *self) {
     Delivery *d = (Delivery *)self;
-    PyObject *deadline = PyFloat_FromDouble(d->deadline);
-    if (deadline == NULL)
+    PyObject *deadline = PyFloat_FromDouble(d->deadline), *attrs = delivery_attrs(self, NULL);
+    if (deadline == NULL || attrs == NULL) {
+        Py_XDECREF(deadline);
+        Py_XDECREF(attrs);
         return NULL;
+    }
     PyObject *text = PyUnicode_FromFormat(
         "Delivery(queue=%u, packet_id=%u, payload=%R, hook=%u, indev=%u, outdev=%u, truncated=%s, attrs=%R, "
         "deadline=%R, host=%R)", d->queue, d->packet_id, d->payload ? d->payload : Py_None, d->hook, d->indev,
-        d->outdev, d->truncated ? "True" : "False", d->attrs ? d->attrs : Py_None, deadline,
-        d->host ? d->host : Py_None);
+        d->outdev, d->truncated ? "True" : "False", attrs, deadline, d->host ? d->host : Py_None);
     Py_DECREF(deadline);
+    Py_DECREF(attrs);
     return text;
 }
 
@@ -179,11 +190,15 @@ static PyMemberDef delivery_members[] = {
     {"outdev", T_UINT, offsetof(Delivery, outdev), 0, "Sending interface index (0 when none)."},
     {"truncated", T_BOOL, offsetof(Delivery, truncated), 0,
      "True when the kernel held more bytes than it copied (NFQA_CAP_LEN beyond the payload)."},
-    {"attrs", T_OBJECT_EX, offsetof(Delivery, attrs), 0,
-     "The message's attributes before the payload, as sent (see flowsteer.divert.metadata)."},
     {"deadline", T_DOUBLE, offsetof(Delivery, deadline), 0, "When the packet's hold time ends (set by _admit)."},
     {"host", T_OBJECT_EX, offsetof(Delivery, host), 0,
      "The address host the divert socket gave with it (interface address inbound, unspecified outbound)."},
+    {NULL},
+};
+
+static PyGetSetDef delivery_getset[] = {
+    {"attrs", delivery_attrs, NULL, "The message's attributes before the payload, as sent (see flowsteer.divert.metadata).",
+     NULL},
     {NULL},
 };
 
@@ -199,11 +214,12 @@ static PyType_Slot delivery_slots[] = {
     {Py_tp_repr, delivery_repr},
     {Py_tp_hash, PyObject_HashNotImplemented},
     {Py_tp_members, delivery_members},
+    {Py_tp_getset, delivery_getset},
     {Py_tp_doc, (void *)delivery_doc},
     {0, NULL},
 };
 
-static PyType_Spec delivery_spec = {"flowsteer.divert._nfqueue.Delivery", sizeof(Delivery), 0, Py_TPFLAGS_DEFAULT,
+static PyType_Spec delivery_spec = {"flowsteer.divert._nfqueue.Delivery", sizeof(Delivery), 1, Py_TPFLAGS_DEFAULT,
                                     delivery_slots};
 
 /* ---- Counters ------------------------------------------------------------------------------------ */
@@ -322,11 +338,10 @@ static PyObject *parse_message(QueueCore *q, const uint8_t *p, size_t received) 
                 break;
             /* an attribute before the payload is whole: its value ends before the payload's header */
             PyObject *payload = PyBytes_FromStringAndSize((const char *)p + off + 4, (Py_ssize_t)size);
-            PyObject *attrs = PyBytes_FromStringAndSize((const char *)p + ATTRS_AT, (Py_ssize_t)(off - ATTRS_AT));
-            PyObject *d = payload && attrs ? make_delivery(queue, packet_id, payload, hook, indev, outdev,
-                                                           cap_len > size, attrs, 0.0, empty_str) : NULL;
+            PyObject *d = payload ? make_delivery(queue, packet_id, payload, hook, indev, outdev, cap_len > size,
+                                                  (const char *)p + ATTRS_AT, (Py_ssize_t)(off - ATTRS_AT), 0.0,
+                                                  empty_str) : NULL;
             Py_XDECREF(payload);
-            Py_XDECREF(attrs);
             return d;
         }
         if (alen < 4 || off + 8 > end)
@@ -340,7 +355,7 @@ static PyObject *parse_message(QueueCore *q, const uint8_t *p, size_t received) 
         off += (alen + 3u) & ~3u;
     }
     /* no whole payload: a truncated delivery with none, so that the packet still gets its verdict */
-    return make_delivery(queue, packet_id, empty_bytes, hook, 0, 0, 1, empty_bytes, 0.0, empty_str);
+    return make_delivery(queue, packet_id, empty_bytes, hook, 0, 0, 1, "", 0, 0.0, empty_str);
 }
 
 PyDoc_STRVAR(parse_doc,
@@ -707,30 +722,39 @@ PyDoc_STRVAR(admit_doc,
 "counts them as received. Raises TypeError at the first item that is no Delivery (the ones before it are\n"
 "admitted and counted).");
 
-/* What _admit documents; returns 0, or -1 with an exception set. */
+/* What _admit documents; returns 0, or -1 with an exception set. The admitted join the ready list in one
+ * call. */
 static int admit_all(SocketCore *s, PyObject *deliveries) {
+    if (s->ready == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "the socket has no _ready");
+        return -1;
+    }
     double now = monotonic();
     refresh_interfaces(s, now);
-    PyObject *iterator = PyObject_GetIter(deliveries), *item;
-    if (iterator == NULL)
+    PyObject *iterator = PyObject_GetIter(deliveries), *admitted = PyList_New(0), *item = NULL;
+    if (iterator == NULL || admitted == NULL) {
+        Py_XDECREF(iterator);
+        Py_XDECREF(admitted);
         return -1;
-    Py_ssize_t admitted = 0;
+    }
     while ((item = PyIter_Next(iterator)) != NULL) {
-        PyObject *appended = NULL;
+        int failed = 1;
         if (!PyObject_TypeCheck(item, DeliveryType))
             PyErr_SetString(PyExc_TypeError, "_admit takes Deliveries");
-        else if (admit(s, (Delivery *)item, now) == 0)
-            appended = PyObject_CallMethodObjArgs(s->ready, name_append, item, NULL);
+        else
+            failed = admit(s, (Delivery *)item, now) < 0 || PyList_Append(admitted, item) < 0;
         Py_DECREF(item);
-        if (appended == NULL)
+        if (failed)
             break;
-        Py_DECREF(appended);
-        admitted++;
     }
     Py_DECREF(iterator);
     PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback); /* the ones appended count, whatever stopped the rest */
-    if (count(s, offsetof(Counters, received), admitted) < 0) {
+    PyErr_Fetch(&type, &value, &traceback); /* the ones admitted go and count, whatever stopped the rest */
+    PyObject *extended = PyObject_CallMethodObjArgs(s->ready, name_extend, admitted, NULL);
+    int result = extended != NULL && count(s, offsetof(Counters, received), PyList_Size(admitted)) == 0 ? 0 : -1;
+    Py_XDECREF(extended);
+    Py_DECREF(admitted);
+    if (result < 0) {
         Py_XDECREF(type);
         Py_XDECREF(value);
         Py_XDECREF(traceback);
@@ -1185,7 +1209,7 @@ static int add_type(PyObject *m, PyTypeObject **type, PyType_Spec *spec) {
 
 PyMODINIT_FUNC PyInit__nfqueue(void) {
     struct { PyObject **name; const char *text; } names[] = {
-        {&empty_str, ""}, {&unspecified4, "0.0.0.0"}, {&unspecified6, "::"}, {&name_append, "append"},
+        {&empty_str, ""}, {&unspecified4, "0.0.0.0"}, {&unspecified6, "::"}, {&name_extend, "extend"},
         {&name_interface, "_interface"}, {&name_fill, "_fill"}, {&name_sendto, "_sendto"},
         {&name_popleft, "popleft"}, {&name_flush, "flush"},
     };

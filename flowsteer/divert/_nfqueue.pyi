@@ -18,7 +18,8 @@ class Delivery:
     indev: int
     outdev: int
     truncated: bool
-    attrs: bytes
+    @property
+    def attrs(self) -> bytes: ...
     deadline: float
     host: str
     def __init__(self, queue: int, packet_id: int, payload: bytes, hook: int, indev: int, outdev: int,

@@ -708,10 +708,15 @@ def test_a_delivery_is_built_compared_and_shown_like_the_record_it_is() -> None:
     assert repr(d) == ("Delivery(queue=3, packet_id=4294967295, payload=b'E', hook=1, indev=2, outdev=0, "
                        "truncated=True, attrs=b'a', deadline=1.5, host='198.18.0.1')")
     for field, value in [("queue", 4), ("packet_id", 2), ("payload", b"\x46"), ("hook", 2), ("indev", 3),
-                         ("outdev", 1), ("truncated", False), ("attrs", b"b"), ("deadline", 2.0), ("host", "::")]:
+                         ("outdev", 1), ("truncated", False), ("deadline", 2.0), ("host", "::")]:
         other = Delivery(3, 0xFFFFFFFF, b"\x45", 1, 2, 0, True, b"a", deadline=1.5, host="198.18.0.1")
         setattr(other, field, value)
         assert other != d and not other == d, field
+    for attrs in (b"b", b"", b"ab"):  # kept inline, fixed when made
+        other = Delivery(3, 0xFFFFFFFF, b"\x45", 1, 2, 0, True, attrs, deadline=1.5, host="198.18.0.1")
+        assert other != d and not other == d and other.attrs == attrs
+    with pytest.raises(AttributeError):
+        d.attrs = b"b"  # type: ignore[misc]
     assert d != (3, 0xFFFFFFFF) and d.__eq__(object()) is NotImplemented
     with pytest.raises(TypeError, match="unhashable"):
         hash(d)

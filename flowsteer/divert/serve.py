@@ -188,6 +188,9 @@ def _worker(index: int, port: int, handler: Handler | BatchHandler, hold_time: f
             counters: Any, ready: Ready, capture: str | None) -> None:
     """A worker process: bind the group, run the handler on every packet until SIGTERM."""
     stop = StopBetweenPackets()
+    # while binding a SIGTERM is only noted: one that cut the bind short could leave the rules compiled for a
+    # socket that then closes as if never bound
+    stop.busy = True
     signal.signal(signal.SIGTERM, stop)
     sock = DivertSocket(hold_time=hold_time, queue_maxlen=queue_maxlen)
     try:
@@ -197,9 +200,11 @@ def _worker(index: int, port: int, handler: Handler | BatchHandler, hold_time: f
         sock.close()
         raise
     ready(member=sock.slot)
+    stop.busy = False
     try:
-        with open(capture, "ab") if capture else contextlib.nullcontext() as out:
-            serve_packets(sock, handler, counters, index * len(COUNTERS), out, stop)
+        if not stop.requested:  # stopped while binding: leave at once, through the close
+            with open(capture, "ab") if capture else contextlib.nullcontext() as out:
+                serve_packets(sock, handler, counters, index * len(COUNTERS), out, stop)
     finally:
         stop.busy = True  # closing, however the loop ended: a SIGTERM now is only noted, the close finishes
         sock.close()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from flowsteer.divert import serve
 from flowsteer.divert.handling import StopBetweenPackets, batch_handler, serve_packets
 
 
@@ -72,3 +73,42 @@ def test_a_stop_exits_once_so_a_second_sigterm_cannot_cut_the_close_short() -> N
         stop(signal.SIGTERM, None)
     stop(signal.SIGTERM, None)  # e.g. the supervisor's, after one sent to the whole process group
     assert stop.requested
+
+
+class StoppedWhileBinding:
+    """A divert socket stand-in whose bind is interrupted by SIGTERM half-way (after the rules would be
+    compiled for it); it records what happened to it."""
+
+    def __init__(self, **_options: Any) -> None:
+        self.slot = 0
+        self.steps: list[str] = []
+
+    def setsockopt(self, *_args: Any) -> None:
+        pass
+
+    def bind(self, port: int) -> None:
+        signal.raise_signal(signal.SIGTERM)  # the handler runs here, as it would between two steps of bind
+        self.steps.append("bound")
+
+    def close(self) -> None:
+        self.steps.append("closed")
+
+
+def test_a_stop_while_binding_lets_the_bind_finish_then_closes_without_serving(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[StoppedWhileBinding] = []
+
+    def socket_made(**options: Any) -> StoppedWhileBinding:
+        made.append(StoppedWhileBinding(**options))
+        return made[-1]
+
+    def served(*_args: Any) -> None:
+        raise AssertionError("served after a stop")
+    monkeypatch.setattr(serve, "DivertSocket", socket_made)
+    monkeypatch.setattr(serve, "serve_packets", served)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        serve._worker(0, 7, lambda packet: packet, 1.0, 1024, [0] * 4, lambda **_: None, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert made[0].steps == ["bound", "closed"]

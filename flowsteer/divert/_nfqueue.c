@@ -12,11 +12,10 @@
  *   and the blocking receive;
  * - SocketCore, the base of socket.DivertSocket: recvfrom and sendto without a line of Python for a lone
  *   packet (nothing else fetched, held or waiting for a verdict, a blocking socket, a queue at a low
- *   rate: its accept leaves at once) and for a stream of packets written back unchanged (each packet's
- *   accept joins the batch's accepts, which leave as one batch accept; the next batch is fetched while
- *   they wait). The first fetch of a burst and every wait (the Python _fill), changed bytes, drops, new
- *   packets and the verdicts other than accepts (flush) go to Python. Its _admit gives fetched packets
- *   their deadline and address, for every path.
+ *   rate: its accept leaves at once) and for each packet of a batch already fetched that is written back
+ *   unchanged (its accept joins the batch's accepts, which leave as one batch accept per queue). Fetching
+ *   a batch (the Python _fill), changed bytes, drops, new packets and the verdicts other than accepts
+ *   (flush) go to Python. Its _admit gives fetched packets their deadline and address, for every path.
  *
  * The wire layout (linux/netfilter/nfnetlink_queue.h): struct nlmsghdr (native order), struct nfgenmsg
  * with a big-endian queue number, then attributes (native u16 length and type, big-endian values), the
@@ -816,38 +815,6 @@ static PyObject *take_ready(SocketCore *s) {
     return result;
 }
 
-/* Fetches the next batch into the ready list when the Python _fill would do just that and nothing more: a
- * batch is being answered (verdicts wait), nothing is held (nothing can expire) and the queue has no backlog.
- * Returns 1 when packets came, 0 when the Python _fill is to run (nothing came, or another case), -1 with an
- * exception set (a failed read, after the packets that came before it were admitted). */
-static int fetch_batch(SocketCore *s) {
-    int idle = empty(s->held) != 1 || (empty(s->accepts) == 1 && empty(s->verdicts) == 1);
-    if (idle || s->nfq == NULL || !PyObject_TypeCheck(s->nfq, QueueCoreType))
-        return PyErr_Occurred() ? -1 : 0;
-    QueueCore *q = (QueueCore *)s->nfq;
-    Py_INCREF((PyObject *)q); /* the checks may run Python code (a container's __len__), which may replace it */
-    PyObject *fetched = empty(q->backlog) == 1 ? PyList_New(0) : NULL;
-    int failed = fetched == NULL ? 0 : read_waiting(q, fetched, s->batch); /* an errno, or -1: raised */
-    Py_ssize_t got = fetched == NULL ? 0 : PyList_Size(fetched);
-    if (got > 0) {
-        q->direct_waits = 0; /* as NfQueue.receive does after a look that found packets */
-        PyObject *type, *value, *traceback;
-        PyErr_Fetch(&type, &value, &traceback); /* the read's failure, raised after the admission */
-        if (admit_all(s, fetched) == 0)
-            PyErr_Restore(type, value, traceback);
-        else {
-            Py_XDECREF(type);
-            Py_XDECREF(value);
-            Py_XDECREF(traceback);
-        }
-    }
-    if (failed > 0)
-        set_kernel_error("receiving diverted packets", failed);
-    Py_XDECREF(fetched);
-    Py_DECREF((PyObject *)q);
-    return PyErr_Occurred() ? -1 : got > 0;
-}
-
 PyDoc_STRVAR(recvfrom_doc,
 "recvfrom() -> (bytes, (host, tag))\n\n"
 "Returns the next packet and its address, waiting as the timeout allows.\n\n"
@@ -884,11 +851,9 @@ static PyObject *socket_recvfrom(PyObject *self, PyObject *unused) {
     }
     if (PyErr_Occurred())
         return NULL;
-    /* every other read: the packets fetched go first; with none, the next batch, fetched here while a batch is
-     * being answered, else by the Python _fill, waiting as the timeout allows */
+    /* every other read: the packets fetched go first; with none, the Python _fill fetches a batch, waiting as
+     * the timeout allows */
     int none = s->ready == NULL ? 1 : empty(s->ready);
-    if (none == 1 && s->ready != NULL)
-        none = fetch_batch(s) == 0 ? 1 : PyErr_Occurred() ? -1 : 0;
     if (none < 0)
         return NULL;
     if (none) {

@@ -18,10 +18,10 @@ Verdicts are sent in batches: when every packet already fetched from the kernel 
 
 ``recvfrom`` and ``sendto`` are compiled (:class:`flowsteer.divert._nfqueue.SocketCore`, the base class,
 holds the socket's state): a lone packet at a low rate (a blocking socket with nothing else fetched, held
-or waiting for a verdict) goes through both without a line of Python, and so does a stream of packets
-written back unchanged: each packet of a batch, the batch's accepts and the fetch of the next batch while
-they wait. The first fetch of a burst and every wait (:meth:`DivertSocket._fill`), writing changed bytes,
-a :class:`Packet`, a drop or a new packet, and sending verdicts other than accepts run here.
+or waiting for a verdict) goes through both without a line of Python, and so does each packet of a batch
+already fetched that is written back unchanged, and the batch's accepts. Fetching a batch
+(:meth:`DivertSocket._fill`), writing changed bytes, a :class:`Packet`, a drop or a new packet, and sending
+verdicts other than accepts run here.
 """
 
 from __future__ import annotations

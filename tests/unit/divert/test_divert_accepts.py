@@ -1,5 +1,4 @@
-"""The divert socket's compiled batch path: the accepts it sends (``_send_accepts``, also from
-``_flush_if_due``) and the next batch it fetches while a batch is being answered (``recvfrom``).
+"""The accepts a divert socket sends itself, compiled (``_send_accepts``, also from ``_flush_if_due``).
 
 The socket's queue is one end of a datagram socket pair, not netlink (nothing is bound and no rule is
 made); the other end reads what the socket sends and writes the queue messages it reads. The wire bytes
@@ -18,7 +17,7 @@ from flowsteer.divert.nfqueue import NF_DROP, Delivery, NfQueue, Verdict
 from flowsteer.divert.socket import DivertSocket
 from flowsteer.errors import KernelError
 
-from nfq_wire import MSG_VERDICT, MSG_VERDICT_BATCH, packet_msg, verdict_bytes
+from nfq_wire import MSG_VERDICT, MSG_VERDICT_BATCH, verdict_bytes
 
 SO_SNDBUFFORCE = 32
 
@@ -161,71 +160,3 @@ def test_due_accepts_alone_leave_without_the_python_flush(bound: tuple[DivertSoc
     sock._accepts, sock._verdicts = [d(5, 3)], [Verdict(5, 4, NF_DROP)]
     sock._flush_if_due()
     assert flushes == [1]  # other verdicts: the Python flush
-
-
-# --- the next batch, fetched while one is answered ---------------------------------------------------
-
-
-def counted_fills(sock: DivertSocket) -> list[float | None]:
-    """Records each call of the socket's Python ``_fill`` (the compiled recvfrom looks it up on the instance)."""
-    calls: list[float | None] = []
-    fill = sock._fill
-
-    def counted(timeout: float | None) -> None:
-        calls.append(timeout)
-        fill(timeout)
-    sock._fill = counted  # type: ignore[method-assign]
-    return calls
-
-
-def test_while_a_batch_is_answered_the_next_is_fetched_without_python(
-        bound: tuple[DivertSocket, socket.socket]) -> None:
-    sock, peer = bound
-    fills = counted_fills(sock)
-    for i in range(3):
-        peer.send(packet_msg(4, 10 + i, 3, b"\x45" + bytes([i])))
-    sock._accepts = [d(4, 9)]  # the previous batch's last accept waits
-    sock._nfq._direct_waits = 5
-    data, address = sock.recvfrom()
-    assert (data, address) == (b"\x45\x00", ("0.0.0.0", 4 << 32 | 10)) and fills == []
-    assert [r.packet_id for r in sock._ready] == [11, 12] and sock.counters.received == 3
-    assert sock._nfq._direct_waits == 0  # a look found packets, as NfQueue.receive counts it
-    assert sock._held[address[1]].deadline > 0
-
-
-@pytest.mark.parametrize("case", ["held", "backlog", "nothing answered"])
-def test_otherwise_the_python_fill_fetches(bound: tuple[DivertSocket, socket.socket], case: str) -> None:
-    sock, peer = bound
-    sock.settimeout(0)
-    fills = counted_fills(sock)
-    peer.send(packet_msg(4, 10, 3, b"\x45"))
-    if case == "held":
-        sock._held = {4 << 32 | 9: d(4, 9)}
-    else:
-        sock._accepts = [] if case == "nothing answered" else [d(4, 9)]
-    if case == "backlog":
-        sock._nfq._backlog = [d(4, 8)]
-    sock.recvfrom()
-    assert fills == [0]
-
-
-def test_with_nothing_waiting_the_python_fill_answers_and_reports(bound: tuple[DivertSocket, socket.socket]) -> None:
-    sock, peer = bound
-    sock.settimeout(0)
-    fills = counted_fills(sock)
-    sock._accepts = [d(4, 9)]
-    with pytest.raises(BlockingIOError):
-        sock.recvfrom()
-    assert fills == [0] and sent(peer) == [plain(4, 9)]
-
-
-def test_a_failing_fetch_names_it(bound: tuple[DivertSocket, socket.socket]) -> None:
-    sock, _peer = bound
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as unconnected:  # recv fails with ENOTCONN
-        sock._nfq._fd = unconnected.fileno()
-        sock._accepts = [d(4, 9)]
-        fills = counted_fills(sock)
-        with pytest.raises(KernelError) as exc:
-            sock.recvfrom()
-        sock._nfq._fd = sock._nfq.sock.fileno()
-    assert (exc.value.message, exc.value.errno) == ("receiving diverted packets", errno.ENOTCONN) and fills == []

@@ -18,12 +18,12 @@ import sys
 
 import pytest
 
-from flowsteer.divert import _nfqueue, nfqueue
+from flowsteer.divert import nfqueue
 from flowsteer.divert.nfqueue import Delivery, NfQueue, Verdict
 from flowsteer.errors import KernelError, PermissionDenied
 
-from nfq_wire import (CAP_LEN, HWADDR, INDEV, MARK, MSG_CONFIG, MSG_PACKET, MSG_VERDICT, NLMSG_ERROR, OUTDEV,
-                      PACKET_HDR, PAYLOAD, nlattr, nlmsg, packet_msg, u32, verdict_bytes)
+from nfq_wire import (CAP_LEN, HWADDR, INDEV, MARK, MSG_CONFIG, MSG_VERDICT, NLMSG_ERROR, OUTDEV, PAYLOAD,
+                      nlattr, nlmsg, packet_msg, u32, verdict_bytes)
 
 def ack(seq: int, error: int = 0) -> bytes:
     return nlmsg(NLMSG_ERROR, struct.pack("<i", error) + nlmsg(MSG_CONFIG, b"")[:16], seq=seq)

@@ -63,11 +63,15 @@ def rules() -> list[Rule]:
 def add(rule: Rule, position: int | None = None) -> list[Rule]:
     """Inserts ``rule`` before 1-based ``position`` (default: at the end); returns the new rule list.
 
-    Raises InvalidInput for a position outside the list, FlowsteerError when netfilter refuses.
+    Raises InvalidInput for a position outside the list or a rule already installed (the first match
+    diverts, so one of the two would never match), FlowsteerError when netfilter refuses.
     """
     with locked():
         installed = netfilter.read()
         current = list(installed.rules)
+        if rule in current:
+            raise InvalidInput(f"rule {current.index(rule) + 1} is already {rule} (the first match diverts: "
+                               "a second one would never match)")
         if position is None:
             position = len(current) + 1
         if not 1 <= position <= len(current) + 1:

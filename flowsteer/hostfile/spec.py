@@ -207,7 +207,11 @@ def _rules(entries: Any, where: str) -> tuple[Rule, ...]:
         if not isinstance(text, str):
             raise InvalidInput(f"{where}: rule {index}: {text!r} is not a rule (write it as a string)")
         try:
-            out.append(Rule.parse(text))
+            rule = Rule.parse(text)
         except InvalidInput as exc:
             raise InvalidInput(f"{where}: rule {index}: {exc.message}") from None
+        if rule in out:
+            raise InvalidInput(f"{where}: rule {index} is rule {out.index(rule) + 1} again (the first match "
+                               "diverts: the second would never match)")
+        out.append(rule)
     return tuple(out)

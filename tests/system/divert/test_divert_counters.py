@@ -8,6 +8,7 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
 from divert_net import Flows, Peer, Pump, bound, group
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from flowsteer.divert import control
 from flowsteer.divert.metrics import DivertCollector, divert_metrics
 from flowsteer.divert.rules import Rule
+from flowsteer.errors import InvalidInput
 from flowsteer.kernel.netns import NamedNetns
 
 CLI = [sys.executable, "-c", "from flowsteer.cli import main; main()"]
@@ -120,3 +122,15 @@ def test_flowsteer_metrics_serves_the_divert_counters(peer: Peer, netns: NamedNe
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_rule_already_installed_is_refused_and_nothing_changes(netns: NamedNetns) -> None:
+    first = Rule.parse("in proto udp to any port 9999 divert-packet port 700")
+    control.add(first)
+    control.add(Rule.parse("out proto tcp divert-packet port 701"))
+    before = control.netfilter.read()
+    for position in (None, 1):
+        with pytest.raises(InvalidInput, match="rule 1 is already in proto udp to any port 9999 divert-packet "
+                                               "port 700 .the first match diverts"):
+            control.add(Rule.parse("in  proto udp to any port 9999 divert-packet port 700"), position)
+    assert control.netfilter.read() == before

@@ -111,6 +111,9 @@ def test_the_shipped_example_is_valid() -> None:
     ("[divert]\nrules = 'in divert-packet port 1'", "[divert]: 'rules' must be a list"),
     ("[divert]\nrules = ['divert-packet port 1', 'in proto tcp divert-packet']", "host.toml: [divert]: rule 2: "),
     ("[divert]\nrules = [7]", "[divert]: rule 1: 7 is not a rule"),
+    ("[divert]\nrules = ['in proto udp divert-packet port 1', 'out divert-packet port 2', 'in  proto udp "
+     "divert-packet port 1']", "[divert]: rule 3 is rule 1 again (the first match diverts: the second would "
+     "never match)"),
 ])
 def test_errors_name_file_section_and_entry(text: str, message: str) -> None:
     with pytest.raises(InvalidInput) as caught:
@@ -178,7 +181,7 @@ _rules = st.lists(st.fixed_dictionaries(dict(
     src_port=st.sampled_from([None, PortRange(1, 1), PortRange(10, 20)]),
     dst=st.sampled_from([None, ipaddress.ip_network("2001:db8::1/128"), ipaddress.ip_network("192.0.2.0/24")]),
     dst_port=st.sampled_from([None, PortRange(443, 443)]), fail_open=st.booleans(),
-)).filter(_valid_rule).map(lambda parts: Rule(**parts)), max_size=5).map(tuple)  # type: ignore[arg-type]
+)).filter(_valid_rule).map(lambda parts: Rule(**parts)), max_size=5, unique=True).map(tuple)  # type: ignore[arg-type]
 _specs = st.builds(HostSpec, st.one_of(st.none(), _bindings()), st.one_of(st.none(), _groups),
                    st.one_of(st.none(), _rules))
 

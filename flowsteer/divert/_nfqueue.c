@@ -918,7 +918,13 @@ static QueueAccepts *queue_accepts(QueueAccepts *queues, size_t *n, unsigned que
     return &queues[(*n)++];
 }
 
-static int batchable(const QueueAccepts *a) { return !a->held || a->oldest_held > a->newest; }
+/* Whether packet id ``a`` came after ``b`` on their queue. The kernel numbers a queue's packets in a 32-bit
+ * sequence that wraps (..., 0xffffffff, 0, 1, ...), and a batch verdict takes every queued packet up to the
+ * id that is not after its own in that order (nfq_id_after: (int)(id - max) > 0): the ids are compared so
+ * here too, never as plain numbers. */
+static int id_after(unsigned a, unsigned b) { return (int32_t)(uint32_t)(a - b) > 0; }
+
+static int batchable(const QueueAccepts *a) { return !a->held || id_after(a->oldest_held, a->newest); }
 
 PyDoc_STRVAR(send_accepts_doc,
 "_send_accepts() -> None\n\n"
@@ -957,7 +963,7 @@ static int send_accepts(SocketCore *s) {
         }
         Delivery *d = (Delivery *)item;
         QueueAccepts *a = queue_accepts(queues, &queue_count, d->queue, 1);
-        if (a->count++ == 0 || d->packet_id > a->newest)
+        if (a->count++ == 0 || id_after(d->packet_id, a->newest))
             a->newest = d->packet_id;
     }
     Py_ssize_t position = 0;

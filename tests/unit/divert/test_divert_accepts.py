@@ -77,9 +77,21 @@ def test_a_single_accept_is_a_plain_verdict(bound: tuple[DivertSocket, socket.so
 def test_the_accepts_of_each_queue_become_one_batch_accept_up_to_its_newest(
         bound: tuple[DivertSocket, socket.socket]) -> None:
     sock, peer = bound
-    sock._accepts = [d(5, 5), d(2, 3), d(5, 9), d(65535, 0xFFFFFFFF), d(5, 6), d(65535, 0)]
+    sock._accepts = [d(5, 5), d(2, 3), d(5, 9), d(65535, 0xFFFFFFFE), d(5, 6), d(65535, 0xFFFFFFFF)]
     sock._send_accepts()
     assert sent(peer) == [batch(5, 9) + plain(2, 3) + batch(65535, 0xFFFFFFFF)]  # one send, queues as first met
+    assert sock._accepts == [] and sock.counters.accepted == 6
+
+
+def test_the_newest_id_is_found_across_the_wrap_of_ids_at_2_to_the_32(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    # the kernel numbers a queue's packets 1, 2, ... 0xffffffff, 0, 1, ... and its batch verdict takes every
+    # packet up to the id not after it in that order ((int)(id - maxid) <= 0, nfq_id_after): a batch up to
+    # 0xffffffff would leave packets 0 and 1, written back unchanged and counted as accepted, queued for ever
+    sock, peer = bound
+    sock._accepts = [d(5, 0xFFFFFFFE), d(5, 0xFFFFFFFF), d(5, 0), d(5, 1), d(6, 0), d(6, 0xFFFFFFFF)]
+    sock._send_accepts()
+    assert sent(peer) == [batch(5, 1) + batch(6, 0)]
     assert sock._accepts == [] and sock.counters.accepted == 6
 
 
@@ -91,6 +103,16 @@ def test_a_queue_with_an_older_packet_held_gets_an_accept_per_packet_before_the_
     sock._send_accepts()
     assert sent(peer) == [plain(5, 6) + plain(5, 5) + batch(2, 8)]  # a batch up to 6 would take held 4
     assert len(sock._held) == 4
+
+
+def test_a_packet_held_from_before_the_wrap_of_ids_is_older_than_the_accepts_after_it(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    # held 0xfffffffe was read before accepted 0 and 1: a batch up to 1 would take it ((int)(0xfffffffe - 1) < 0)
+    sock, peer = bound
+    sock._held = {1: d(5, 0xFFFFFFFE), 2: d(6, 2)}
+    sock._accepts = [d(5, 0), d(5, 1), d(6, 0xFFFFFFFF), d(6, 0)]
+    sock._send_accepts()
+    assert sent(peer) == [plain(5, 0) + plain(5, 1) + batch(6, 0)]  # queue 6's held 2 is newer than 0
 
 
 def test_accepts_leave_a_mebibyte_at_a_time(bound: tuple[DivertSocket, socket.socket]) -> None:

@@ -928,11 +928,14 @@ static int batchable(const QueueAccepts *a) { return !a->held || id_after(a->old
 
 PyDoc_STRVAR(send_accepts_doc,
 "_send_accepts() -> None\n\n"
-"Sends the accepts of ``_accepts`` (held packets written back unchanged) in one send and empties it: for each\n"
-"queue one batch accept of every packet up to the newest accepted (a plain accept for a single packet), or,\n"
-"when an older packet of the queue is still held, an accept per packet. They count as accepted before the\n"
-"send. Does nothing on an unbound or closed socket. Raises KernelError when the kernel refuses the send\n"
-"(those accepts are lost), TypeError when ``_accepts`` or ``_held`` holds something else than Deliveries.");
+"Sends the accepts of ``_accepts`` (held packets written back unchanged) in one send (cut at a mebibyte)\n"
+"and empties it: for each queue one batch accept of every packet up to the newest accepted (a plain accept\n"
+"for a single packet), or, when an older packet of the queue is still held, an accept per packet; ids are\n"
+"compared as the kernel does, across their wrap at 2**32. They count as accepted before the send. Does\n"
+"nothing on an unbound or closed socket. Raises KernelError when the kernel refuses the send (those accepts\n"
+"are lost); TypeError when ``_accepts`` or ``_held`` holds something else than Deliveries or ``counters``\n"
+"is no Counters, OverflowError for a queue number beyond 16 bits (nothing is sent or counted then, and the\n"
+"accepts stay).");
 
 /* What _send_accepts documents; returns 0, or -1 with an exception set. */
 static int send_accepts(SocketCore *s) {
@@ -962,6 +965,10 @@ static int send_accepts(SocketCore *s) {
             goto done;
         }
         Delivery *d = (Delivery *)item;
+        if (d->queue > UINT16_MAX) { /* no kernel queue: cut to 16 bits, its verdict would name another */
+            PyErr_SetString(PyExc_OverflowError, "the socket's accepts hold a queue number beyond 16 bits");
+            goto done;
+        }
         QueueAccepts *a = queue_accepts(queues, &queue_count, d->queue, 1);
         if (a->count++ == 0 || id_after(d->packet_id, a->newest))
             a->newest = d->packet_id;
@@ -988,10 +995,21 @@ static int send_accepts(SocketCore *s) {
         if (batchable(&queues[i]))
             messages[message_count++] = accept_message(queues[i].count == 1 ? MSG_VERDICT : MSG_VERDICT_BATCH,
                                                        queues[i].queue, queues[i].newest);
-    int fd = ((QueueCore *)s->nfq)->fd;
-    if (PyList_SetSlice(s->accepts, 0, n, NULL) < 0 || count(s, offsetof(Counters, accepted), n) < 0)
+    /* counted first (which checks the counters): accepts removed and then not sent would be lost. Freeing
+     * the removed Deliveries may run Python code (a field of a user's type), which may close the queue: it
+     * is held meanwhile and its descriptor read after (-1 once closed, so the send fails, never reaching a
+     * file that took the number) */
+    if (count(s, offsetof(Counters, accepted), n) < 0)
         goto done;
-    int error = send_messages(fd, messages, message_count);
+    PyObject *queue = s->nfq;
+    Py_INCREF(queue);
+    if (PyList_SetSlice(s->accepts, 0, n, NULL) < 0) { /* a failed allocation: nothing removed, nothing counts */
+        Py_DECREF(queue);
+        *(Py_ssize_t *)((char *)s->counters + offsetof(Counters, accepted)) -= n; /* checked above, no code ran */
+        goto done;
+    }
+    int error = send_messages(((QueueCore *)queue)->fd, messages, message_count);
+    Py_DECREF(queue);
     if (error)
         set_kernel_error("sending verdicts", error);
     else

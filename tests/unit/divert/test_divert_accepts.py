@@ -8,6 +8,7 @@ are built here from the UAPI layouts, in nfq_wire.py.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Iterator
 
@@ -182,3 +183,54 @@ def test_due_accepts_alone_leave_without_the_python_flush(bound: tuple[DivertSoc
     sock._accepts, sock._verdicts = [d(5, 3)], [Verdict(5, 4, NF_DROP)]
     sock._flush_if_due()
     assert flushes == [1]  # other verdicts: the Python flush
+
+
+def test_accepts_stay_when_the_counters_are_not_a_counters(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    counters, sock.counters = sock.counters, None  # type: ignore[assignment]
+    sock._accepts = [d(5, 1), d(5, 2)]
+    with pytest.raises(TypeError, match="counters"):
+        sock._send_accepts()
+    sock.counters = counters
+    assert sent(peer) == [] and sock._accepts == [d(5, 1), d(5, 2)]  # not lost: the next flush sends them
+    sock._send_accepts()
+    assert sent(peer) == [batch(5, 2)] and sock.counters.accepted == 2
+
+
+def test_a_queue_number_beyond_16_bits_is_refused_not_cut(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    sock._accepts = [d(5, 1), d(0x10005, 2)]  # no kernel queue: cut to 16 bits it would name queue 5
+    with pytest.raises(OverflowError, match="16 bits"):
+        sock._send_accepts()
+    assert sent(peer) == [] and len(sock._accepts) == 2 and sock.counters.accepted == 0
+
+
+def test_the_queue_is_read_after_the_accepts_are_freed(bound: tuple[DivertSocket, socket.socket]) -> None:
+    # freeing the accepted Deliveries may run Python code (a host of a user's own type): a queue it closes
+    # must not be written to through the number its socket had, which may name another file by then
+    sock, peer = bound
+    other, other_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    taken: list[int] = []
+
+    class ClosesTheQueue(str):
+        def __del__(self) -> None:
+            queue = sock._nfq
+            assert queue is not None
+            number = queue._fd
+            queue.close()
+            taken.append(os.dup2(other.fileno(), number))  # another file takes the number
+
+    packet = d(5, 1)
+    packet.host = ClosesTheQueue("")
+    sock._accepts = [packet, d(5, 2)]
+    del packet
+    try:
+        with pytest.raises(KernelError) as exc:
+            sock._send_accepts()
+        assert exc.value.errno == errno.EBADF
+        assert taken and sent(other_peer) == []
+    finally:
+        for number in taken:
+            os.close(number)
+        other.close()
+        other_peer.close()

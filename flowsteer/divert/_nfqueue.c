@@ -1005,7 +1005,7 @@ static int send_accepts(SocketCore *s) {
     Py_INCREF(queue);
     if (PyList_SetSlice(s->accepts, 0, n, NULL) < 0) { /* a failed allocation: nothing removed, nothing counts */
         Py_DECREF(queue);
-        *(Py_ssize_t *)((char *)s->counters + offsetof(Counters, accepted)) -= n; /* checked above, no code ran */
+        count(s, offsetof(Counters, accepted), -n);
         goto done;
     }
     int error = send_messages(((QueueCore *)queue)->fd, messages, message_count);

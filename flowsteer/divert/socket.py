@@ -388,12 +388,18 @@ class DivertSocket(_nfqueue.SocketCore):
     def flush(self) -> None:
         """Sends every waiting verdict now: the accepts last (compiled, ``_send_accepts``: one batch accept
         per queue), so that a batch accept does not take a packet that an earlier verdict drops. Raises
-        KernelError when the kernel refuses them."""
+        KernelError when the kernel refuses them; when it refuses the other verdicts, they and the accepts
+        stay waiting, the others to go first again (a batch accept sent without them would take the packets
+        they drop)."""
         if self._nfq is None:
             return
         if self._verdicts:
             verdicts, self._verdicts = self._verdicts, []
-            self._nfq.send_verdicts(verdicts)
+            try:
+                self._nfq.send_verdicts(verdicts)
+            except FlowsteerError:
+                self._verdicts[:0] = verdicts
+                raise
         self._send_accepts()
 
     # -- life cycle ---------------------------------------------------------------------------------

@@ -173,6 +173,30 @@ def test_flush_sends_the_other_verdicts_first_then_the_accepts(bound: tuple[Dive
     assert sent(peer) == [verdict_bytes(MSG_VERDICT, 5, NF_DROP, 3), batch(5, 5)]  # the batch cannot take 3
 
 
+def test_other_verdicts_the_kernel_refused_go_first_again_and_the_accepts_wait_for_them(
+        bound: tuple[DivertSocket, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    sock, peer = bound
+    real = sock._nfq.send_verdicts
+    calls: list[list[Verdict]] = []
+
+    def refused_once(verdicts: list[Verdict]) -> None:
+        calls.append(list(verdicts))
+        if len(calls) == 1:
+            raise KernelError("sending verdicts", errno.ENOBUFS)
+        real(verdicts)
+    monkeypatch.setattr(sock._nfq, "send_verdicts", refused_once)
+    sock._verdicts = [Verdict(5, 3, NF_DROP)]
+    sock._accepts = [d(5, 4), d(5, 5)]
+    with pytest.raises(KernelError):
+        sock.flush()
+    assert sent(peer) == [] and sock._accepts == [d(5, 4), d(5, 5)]  # a batch up to 5 would take 3
+    sock._verdicts.append(Verdict(5, 6, NF_DROP))
+    sock.flush()
+    assert calls[1] == [Verdict(5, 3, NF_DROP), Verdict(5, 6, NF_DROP)]
+    assert sent(peer) == [verdict_bytes(MSG_VERDICT, 5, NF_DROP, 3) + verdict_bytes(MSG_VERDICT, 5, NF_DROP, 6),
+                          batch(5, 5)]
+
+
 def test_due_accepts_alone_leave_without_the_python_flush(bound: tuple[DivertSocket, socket.socket]) -> None:
     sock, peer = bound
     flushes = []

@@ -67,53 +67,32 @@ def batch(queue: int, packet_id: int) -> bytes:
 # --- the accepts -------------------------------------------------------------------------------------
 
 
-def test_a_single_accept_is_a_plain_verdict(bound: tuple[DivertSocket, socket.socket]) -> None:
+# The kernel numbers a queue's packets 1, 2, ... 0xffffffff, 0, 1, ... and its batch verdict takes every
+# queued packet up to the first whose id is after the verdict's in that order (nfq_id_after: (int)(id - max)
+# > 0). So a batch must go up to the newest id in that order, and may not pass a packet still held.
+@pytest.mark.parametrize("accepts, held, wire", [
+    pytest.param([d(5, 7)], {}, [plain(5, 7)], id="a single accept is a plain verdict"),
+    pytest.param([d(5, 5), d(2, 3), d(5, 9), d(65535, 0xFFFFFFFE), d(5, 6), d(65535, 0xFFFFFFFF)], {},
+                 [batch(5, 9), plain(2, 3), batch(65535, 0xFFFFFFFF)],
+                 id="one batch per queue up to its newest, in one send, queues as first met"),
+    pytest.param([d(5, 0xFFFFFFFE), d(5, 0xFFFFFFFF), d(5, 0), d(5, 1), d(6, 0), d(6, 0xFFFFFFFF)], {},
+                 [batch(5, 1), batch(6, 0)],  # a batch up to 0xffffffff would leave 0 and 1 queued
+                 id="the newest id across the wrap of ids"),
+    pytest.param([d(5, 6), d(2, 7), d(5, 5), d(2, 8)], {1: d(5, 4), 2: d(2, 10), 3: d(9, 1), 4: d(5, 2)},
+                 [plain(5, 6), plain(5, 5), batch(2, 8)],  # a batch up to 6 would take held 4; held 10 is newer
+                 id="a queue with an older packet held gets an accept per packet, before the batches"),
+    pytest.param([d(5, 0), d(5, 1), d(6, 0xFFFFFFFF), d(6, 0)], {1: d(5, 0xFFFFFFFE), 2: d(6, 2)},
+                 [plain(5, 0), plain(5, 1), batch(6, 0)],  # held 0xfffffffe came before 0 and 1; held 2 after 0
+                 id="a packet held from before the wrap is older than the accepts after it"),
+])
+def test_the_accepts_leave_as_the_kernel_takes_them(bound: tuple[DivertSocket, socket.socket],
+                                                    accepts: list[Delivery], held: dict[int, Delivery],
+                                                    wire: list[bytes]) -> None:
     sock, peer = bound
-    sock._accepts = [d(5, 7)]
+    sock._held, sock._accepts = dict(held), list(accepts)
     sock._send_accepts()
-    assert sent(peer) == [plain(5, 7)]
-    assert sock._accepts == [] and sock.counters.accepted == 1
-
-
-def test_the_accepts_of_each_queue_become_one_batch_accept_up_to_its_newest(
-        bound: tuple[DivertSocket, socket.socket]) -> None:
-    sock, peer = bound
-    sock._accepts = [d(5, 5), d(2, 3), d(5, 9), d(65535, 0xFFFFFFFE), d(5, 6), d(65535, 0xFFFFFFFF)]
-    sock._send_accepts()
-    assert sent(peer) == [batch(5, 9) + plain(2, 3) + batch(65535, 0xFFFFFFFF)]  # one send, queues as first met
-    assert sock._accepts == [] and sock.counters.accepted == 6
-
-
-def test_the_newest_id_is_found_across_the_wrap_of_ids_at_2_to_the_32(
-        bound: tuple[DivertSocket, socket.socket]) -> None:
-    # the kernel numbers a queue's packets 1, 2, ... 0xffffffff, 0, 1, ... and its batch verdict takes every
-    # packet up to the id not after it in that order ((int)(id - maxid) <= 0, nfq_id_after): a batch up to
-    # 0xffffffff would leave packets 0 and 1, written back unchanged and counted as accepted, queued for ever
-    sock, peer = bound
-    sock._accepts = [d(5, 0xFFFFFFFE), d(5, 0xFFFFFFFF), d(5, 0), d(5, 1), d(6, 0), d(6, 0xFFFFFFFF)]
-    sock._send_accepts()
-    assert sent(peer) == [batch(5, 1) + batch(6, 0)]
-    assert sock._accepts == [] and sock.counters.accepted == 6
-
-
-def test_a_queue_with_an_older_packet_held_gets_an_accept_per_packet_before_the_batches(
-        bound: tuple[DivertSocket, socket.socket]) -> None:
-    sock, peer = bound
-    sock._held = {1: d(5, 4), 2: d(2, 10), 3: d(9, 1), 4: d(5, 2)}  # queue 2's held packet is newer
-    sock._accepts = [d(5, 6), d(2, 7), d(5, 5), d(2, 8)]
-    sock._send_accepts()
-    assert sent(peer) == [plain(5, 6) + plain(5, 5) + batch(2, 8)]  # a batch up to 6 would take held 4
-    assert len(sock._held) == 4
-
-
-def test_a_packet_held_from_before_the_wrap_of_ids_is_older_than_the_accepts_after_it(
-        bound: tuple[DivertSocket, socket.socket]) -> None:
-    # held 0xfffffffe was read before accepted 0 and 1: a batch up to 1 would take it ((int)(0xfffffffe - 1) < 0)
-    sock, peer = bound
-    sock._held = {1: d(5, 0xFFFFFFFE), 2: d(6, 2)}
-    sock._accepts = [d(5, 0), d(5, 1), d(6, 0xFFFFFFFF), d(6, 0)]
-    sock._send_accepts()
-    assert sent(peer) == [plain(5, 0) + plain(5, 1) + batch(6, 0)]  # queue 6's held 2 is newer than 0
+    assert sent(peer) == [b"".join(wire)]
+    assert sock._accepts == [] and sock.counters.accepted == len(accepts) and sock._held == held
 
 
 def test_accepts_leave_a_mebibyte_at_a_time(bound: tuple[DivertSocket, socket.socket]) -> None:

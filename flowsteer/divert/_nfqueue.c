@@ -1061,10 +1061,13 @@ static PyObject *socket_flush_if_due(PyObject *self, PyObject *unused) {
 }
 
 /* Accepts a lone packet at once (nothing else fetched or waiting: it leaves alone, with no batch to wait
- * for); returns 1 when sent, 0 when not lone or the send failed (the packet then joins the accepts like any
- * other, and the flush meets the failure again and reports it), -1 with an exception set. Counted before
+ * for); returns 1 when sent, 0 when not lone, of a queue number beyond 16 bits or the send failed (the packet
+ * then joins the accepts like any other, and the flush meets the refusal or failure and reports it), -1 with
+ * an exception set. Counted before
  * the send, as flush() does: a thread that sees the packet's effect sees it counted. */
 static int accept_lone(SocketCore *s, Delivery *d) {
+    if (d->queue > UINT16_MAX) /* no kernel queue (a Delivery a user made): _send_accepts refuses it */
+        return 0;
     QueueCore *q = idle_queue(s);
     if (q == NULL)
         return PyErr_Occurred() ? -1 : 0;

@@ -237,3 +237,13 @@ def test_the_queue_is_read_after_the_accepts_are_freed(bound: tuple[DivertSocket
             os.close(number)
         other.close()
         other_peer.close()
+
+
+def test_a_lone_write_of_a_queue_beyond_16_bits_is_refused_not_cut(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    held = Delivery(0x1FFFF, 3, b"\x45", 3, 0, 1, False, host="0.0.0.0")
+    tag = 0x1FFFF << 32 | 3
+    sock._held = {tag: held}
+    with pytest.raises(OverflowError, match="beyond 16 bits"):
+        sock.sendto(held.payload, ("0.0.0.0", tag))  # nothing else waits: the lone way, which would cut it
+    assert sent(peer) == [] and sock.counters.accepted == 0

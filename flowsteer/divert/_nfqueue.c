@@ -433,33 +433,6 @@ static PyObject *queue_receive(PyObject *self, PyObject *unused) {
     return receive_message((QueueCore *)self, &failed);
 }
 
-/* Appends to the list ``out`` the packets already waiting on the queue's socket, until it holds ``limit``,
- * without blocking (what _read_waiting documents); returns 0, the errno of a failed recv (not for nothing
- * waiting), or -1 with an exception set. */
-static int read_waiting(QueueCore *q, PyObject *out, Py_ssize_t limit) {
-    Py_buffer buffer;
-    if (receive_buffer(q, &buffer) < 0)
-        return -1;
-    int result = 0;
-    while (PyList_Size(out) < limit) {
-        ssize_t n = recv(q->fd, buffer.buf, (size_t)buffer.len, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno != EAGAIN && errno != EINTR)
-                result = errno;
-            break;
-        }
-        PyObject *d = parse_message(q, buffer.buf, (size_t)n);
-        int failed = d == NULL || (d != Py_None && PyList_Append(out, d) < 0);
-        Py_XDECREF(d);
-        if (failed) {
-            result = -1;
-            break;
-        }
-    }
-    PyBuffer_Release(&buffer);
-    return result;
-}
-
 PyDoc_STRVAR(read_waiting_doc,
 "_read_waiting(out, limit) -> None\n\n"
 "Appends to the list ``out`` the packets already waiting on ``_fd``, until it holds ``limit``, without\n"
@@ -467,18 +440,31 @@ PyDoc_STRVAR(read_waiting_doc,
 "does. Raises OSError when recv fails (not for nothing waiting), ValueError as _receive().");
 
 static PyObject *queue_read_waiting(PyObject *self, PyObject *args) {
-    PyObject *out;
+    QueueCore *q = (QueueCore *)self;
+    PyObject *out, *result = NULL;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &out, &limit))
+    Py_buffer buffer;
+    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &out, &limit) || receive_buffer(q, &buffer) < 0)
         return NULL;
-    int failed = read_waiting((QueueCore *)self, out, limit);
-    if (failed > 0) {
-        errno = failed;
-        PyErr_SetFromErrno(PyExc_OSError);
+    while (PyList_Size(out) < limit) {
+        ssize_t n = recv(q->fd, buffer.buf, (size_t)buffer.len, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                break;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        PyObject *d = parse_message(q, buffer.buf, (size_t)n);
+        int failed = d == NULL || (d != Py_None && PyList_Append(out, d) < 0);
+        Py_XDECREF(d);
+        if (failed)
+            goto done;
     }
-    if (failed)
-        return NULL;
-    Py_RETURN_NONE;
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&buffer);
+    return result;
 }
 
 static int queue_traverse(PyObject *self, visitproc visit, void *arg) {
@@ -1063,8 +1049,8 @@ static PyObject *socket_flush_if_due(PyObject *self, PyObject *unused) {
 /* Accepts a lone packet at once (nothing else fetched or waiting: it leaves alone, with no batch to wait
  * for); returns 1 when sent, 0 when not lone, of a queue number beyond 16 bits or the send failed (the packet
  * then joins the accepts like any other, and the flush meets the refusal or failure and reports it), -1 with
- * an exception set. Counted before
- * the send, as flush() does: a thread that sees the packet's effect sees it counted. */
+ * an exception set. Counted before the send, as flush() does: a thread that sees the packet's effect sees
+ * it counted. */
 static int accept_lone(SocketCore *s, Delivery *d) {
     if (d->queue > UINT16_MAX) /* no kernel queue (a Delivery a user made): _send_accepts refuses it */
         return 0;
@@ -1178,13 +1164,9 @@ static PyType_Spec socket_spec = {"flowsteer.divert._nfqueue.SocketCore", sizeof
 
 /* ---- the module ------------------------------------------------------------------------------------- */
 
-static PyMethodDef methods[] = {
-    {NULL, NULL, 0, NULL},
-};
-
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "flowsteer.divert._nfqueue",
-    "The per-packet work of flowsteer.divert, compiled (see _nfqueue.c).", -1, methods,
+    "The per-packet work of flowsteer.divert, compiled (see _nfqueue.c).", -1, NULL,
 };
 
 static int add_type(PyObject *m, PyTypeObject **type, PyType_Spec *spec) {

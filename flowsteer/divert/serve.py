@@ -83,8 +83,7 @@ class DivertService:
     connections are re-pinned at once. ``capture`` names a pcapng file every packet read is written to (one
     file per worker when there are several: see :func:`capture_path`; a restarted worker appends a new
     section to its file). ``queue_maxlen`` is each worker's socket's queue length. Raises InvalidInput for
-    a bad port, worker count, hold time or queue length, KernelError when a
-    capture file cannot be created."""
+    a bad port, worker count, hold time or queue length, KernelError when a capture file cannot be created."""
 
     overlap = False
 

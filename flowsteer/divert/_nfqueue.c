@@ -45,6 +45,7 @@
 #define ATTRS_AT (PACKET_HDR_AT + NLA_ALIGN(sizeof(struct nfqnl_msg_packet_hdr)))
 #define INTERFACE_CACHE_SECONDS 1.0 /* socket.py's _IF_CACHE_SECONDS */
 #define SLOT (0xFFFF + 4096)         /* receive buffer: a whole packet (64 KiB at most) with its headers */
+#define SLEPT_SECONDS 20e-6 /* a blocking read that took this long slept: no packet was waiting when it began */
 
 static PyTypeObject *DeliveryType, *CountersType, *QueueCoreType, *SocketCoreType;
 /* Made once: the unspecified hosts, an empty bytes, the names this file calls or counts by */
@@ -306,7 +307,7 @@ static PyType_Spec counters_spec = {"flowsteer.divert._nfqueue.Counters", sizeof
 
 typedef struct {
     PyObject_HEAD
-    int fd, direct_waits;
+    int fd, direct_waits, slept;
     long long rcvtimeo;
     Py_ssize_t verdict_errors;
     PyObject *buffer, *backlog;
@@ -403,10 +404,13 @@ static PyObject *receive_message(QueueCore *q, int *failed) {
         return NULL;
     PyObject *result = NULL;
     ssize_t n;
-    int fd = q->fd;
-    Py_BEGIN_ALLOW_THREADS
+    int fd = q->fd, slept;
+    Py_BEGIN_ALLOW_THREADS /* timed without the GIL: waiting for it is no sign of an idle queue */
+    double asked = monotonic();
     n = recv(fd, buffer.buf, (size_t)buffer.len, 0);
+    slept = monotonic() - asked >= SLEPT_SECONDS;
     Py_END_ALLOW_THREADS
+    q->slept = slept;
     if (n < 0) {
         int error = errno;
         if (error == EINTR && PyErr_CheckSignals() < 0)
@@ -424,9 +428,9 @@ done:
 PyDoc_STRVAR(receive_doc,
 "_receive() -> Delivery | None\n\n"
 "Waits for one message on the netlink socket ``_fd`` (as its SO_RCVTIMEO allows, without holding the GIL),\n"
-"reads it into ``_buf`` and returns what _parse() returns for it. Raises OSError when recv fails\n"
-"(BlockingIOError when the receive timeout passed, InterruptedError when a signal came and its handler did\n"
-"not raise) and ValueError for a buffer too small for a message header.");
+"reads it into ``_buf`` and returns what _parse() returns for it; ``_slept`` then tells whether recv slept.\n"
+"Raises OSError when recv fails (BlockingIOError when the receive timeout passed, InterruptedError when a\n"
+"signal came and its handler did not raise) and ValueError for a buffer too small for a message header.");
 
 static PyObject *queue_receive(PyObject *self, PyObject *unused) {
     int failed = 0;
@@ -496,6 +500,8 @@ static PyMemberDef queue_members[] = {
     {"_fd", T_INT, offsetof(QueueCore, fd), 0, "The netlink socket's file descriptor."},
     {"_direct_waits", T_INT, offsetof(QueueCore, direct_waits), 0,
      "How many more waits go straight to a blocking read (see NfQueue.receive)."},
+    {"_slept", T_INT, offsetof(QueueCore, slept), READONLY,
+     "1 when the last _receive() waited SLEPT_SECONDS or longer in recv (no message was waiting when it began)."},
     {"_rcvtimeo", T_LONGLONG, offsetof(QueueCore, rcvtimeo), 0,
      "The socket's SO_RCVTIMEO in microseconds (0: a receive waits as long as it takes)."},
     {"verdict_errors", T_PYSSIZET, offsetof(QueueCore, verdict_errors), 0, "Verdicts the kernel refused."},
@@ -815,9 +821,10 @@ static PyObject *socket_recvfrom(PyObject *self, PyObject *unused) {
     if (q != NULL && (q->direct_waits <= 0 || q->rcvtimeo != 0 || empty(q->backlog) != 1))
         Py_CLEAR(q);
     if (q != NULL) {
-        q->direct_waits--;
         int failed = 0;
         PyObject *d = receive_message(q, &failed);
+        if (!q->slept)
+            q->direct_waits--; /* the packet was waiting already: load may be back, so a look comes soon */
         Py_DECREF((PyObject *)q);
         if (d == NULL && !failed)
             return NULL; /* a signal handler raised (whatever it raised), or the buffer was unusable */
@@ -1181,6 +1188,14 @@ static int add_type(PyObject *m, PyTypeObject **type, PyType_Spec *spec) {
     return 0;
 }
 
+/* Adds the float constant ``name`` to module ``m``; returns 0, or -1 with an exception set. */
+static int add_float(PyObject *m, const char *name, double value) {
+    PyObject *number = PyFloat_FromDouble(value);
+    int result = number == NULL ? -1 : PyModule_AddObjectRef(m, name, number);
+    Py_XDECREF(number);
+    return result;
+}
+
 PyMODINIT_FUNC PyInit__nfqueue(void) {
     struct { PyObject **name; const char *text; } names[] = {
         {&empty_str, ""}, {&unspecified4, "0.0.0.0"}, {&unspecified6, "::"}, {&name_extend, "extend"},
@@ -1194,7 +1209,8 @@ PyMODINIT_FUNC PyInit__nfqueue(void) {
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL || add_type(m, &DeliveryType, &delivery_spec) < 0 || add_type(m, &CountersType, &counters_spec) < 0 || add_type(m, &QueueCoreType, &queue_spec) < 0
-        || add_type(m, &SocketCoreType, &socket_spec) < 0 || PyModule_AddIntConstant(m, "SLOT", SLOT) < 0) {
+        || add_type(m, &SocketCoreType, &socket_spec) < 0 || PyModule_AddIntConstant(m, "SLOT", SLOT) < 0
+        || add_float(m, "SLEPT_SECONDS", SLEPT_SECONDS) < 0) {
         Py_XDECREF(m);
         return NULL;
     }

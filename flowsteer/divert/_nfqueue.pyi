@@ -7,6 +7,8 @@ from _typeshed import ReadableBuffer
 
 SLOT: int
 """Bytes of the receive buffer: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
+SLEPT_SECONDS: float
+"""A blocking read that took this long slept: no packet was waiting when it began."""
 
 class Delivery:
     """One packet the kernel queued to user space and holds until it gets a verdict."""
@@ -53,6 +55,8 @@ class Counters:
 class QueueCore:
     _fd: int
     _direct_waits: int
+    @property
+    def _slept(self) -> int: ...
     _rcvtimeo: int
     verdict_errors: int
     _buf: bytearray

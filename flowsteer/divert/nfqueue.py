@@ -46,7 +46,10 @@ COPY_RANGE = 0xFFFF
 SLOT = _nfqueue.SLOT
 """Bytes of the receive buffer: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
 DIRECT_WAITS = 8
-"""How many waits go straight to a blocking read after a look at what is waiting found nothing."""
+"""How many waits that find their packet already there go straight to a blocking read after a look at
+what is waiting found nothing (waits that slept do not count: a low rate stays on one read per packet)."""
+SLEPT_SECONDS = _nfqueue.SLEPT_SECONDS
+"""A blocking read that took this long slept: no packet was waiting when it began (20 us)."""
 MIN_RCVBUF = 8 << 20
 """The netlink receive buffer's least size, in bytes (the kernel doubles what is set, for its bookkeeping)."""
 RCVBUF_PER_PACKET = 2 << 10
@@ -147,17 +150,17 @@ class NfQueue(_nfqueue.QueueCore):
         stays in the cache (``recvmmsg`` into a slot per message cost more: it copies a header per message
         from user space and spreads the copies over megabytes); a wait is a plain blocking ``recv``
         (``SO_RCVTIMEO``) that hands over the packet ending it at once. Once a look at what is waiting
-        found nothing, the next :data:`DIRECT_WAITS` waits block at once without that look: at a low rate
-        each packet then costs one system call, and when load comes back the look after them returns to
-        batches. Raises KernelError when the socket fails.
+        found nothing, waits block at once without that look until :data:`DIRECT_WAITS` of them found
+        their packet already there (returned within :data:`SLEPT_SECONDS`): at a low rate each packet
+        then costs one system call for as long as the rate stays low, and when load comes back the look after them
+        returns to batches. Raises KernelError when the socket fails.
         """
         if self._backlog:
             out, self._backlog = self._backlog[:limit], self._backlog[limit:]
         else:
             out = []  # (nearly always: a backlog forms only while a request waits for its answer)
-        if wait != 0 and not out and self._direct_waits:
-            self._direct_waits -= 1
-        elif len(out) < limit:
+        direct = wait != 0 and not out and self._direct_waits
+        if not direct and len(out) < limit:
             from_backlog = len(out)
             try:
                 self._read_waiting(out, limit)
@@ -169,6 +172,8 @@ class NfQueue(_nfqueue.QueueCore):
                 self._direct_waits = DIRECT_WAITS
         if wait != 0 and not out:
             self._read_one(out, wait)
+            if direct and not self._slept:
+                self._direct_waits -= 1  # the packet was waiting already: load may be back
         return out
 
     def _read_one(self, out: list[Delivery], wait: float | None) -> None:

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from types import FrameType
 
 import pytest
-from divert_net import Peer
+from divert_net import Peer, wait_queued
 
 from flowsteer.divert import control
+from flowsteer.divert.nfqueue import DIRECT_WAITS
 from flowsteer.divert.rules import Rule
 from flowsteer.divert.socket import DivertSocket
 from flowsteer.errors import KernelError
@@ -177,9 +178,25 @@ def test_the_compiled_path_gives_what_the_python_path_gives(peer: Peer, v6: bool
     compiled, python = runs[None], runs[60.0]
     assert compiled[0] == python[0]
     assert python[1] == Paths(reads=COUNT, writes=0)  # unchanged bytes back to a lone packet: compiled sendto
-    # the compiled path serves DIRECT_WAITS reads of every DIRECT_WAITS + 1 at a low rate (each Python read
-    # looks for a batch first, and finds none)
-    assert compiled[1].writes == 0 and compiled[1].reads <= COUNT // 4
+    # at a low rate every read but the first takes the compiled path: the first looks for a batch and finds
+    # none, and each wait after it sleeps until its packet comes, which does not count against DIRECT_WAITS
+    assert compiled[1].writes == 0 and compiled[1].reads == 1
+
+
+def test_packets_found_waiting_count_down_to_a_look_for_a_batch(peer: Peer) -> None:
+    with inbound(peer) as (sock, lone, paths):
+        reads, _ = primed(sock, lone)
+        assert sock._nfq._direct_waits == DIRECT_WAITS
+        burst = DIRECT_WAITS + 4
+        for i in range(burst):  # load comes back: the packets wait before the reads
+            lone.tx.sendto(b"burst%d" % i, (lone.dst, PORT))
+        wait_queued(burst)
+        for _ in range(burst):
+            sock.sendto(*sock.recvfrom())
+        # the reads that found their packet waiting counted down the direct waits, and a read on the Python
+        # path then looked for a batch (a read that was slow to return by chance only delays that look)
+        assert paths.reads > reads
+        assert sock.counters.received == sock.counters.accepted
 
 
 def test_a_packet_read_on_the_compiled_path_gets_its_hold_deadline_and_expires(peer: Peer) -> None:

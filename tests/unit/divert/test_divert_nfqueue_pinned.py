@@ -15,6 +15,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -423,6 +425,52 @@ def test_after_an_empty_batch_read_waits_block_at_once_until_a_batch_read_finds_
     peer.send(packet_msg(4, 13, 0, b"\x45"))
     assert [d.packet_id for d in q.receive(4, wait=1.0)] == [13] and len(batch_reads) == 3  # still looking
     assert q.receive(4) == [] and len(batch_reads) == 4  # no wait: always a look, however idle
+
+
+def blocked_on(tid: int, fd: int) -> bool:
+    """Whether thread ``tid`` of this process is blocked in a system call whose first argument is ``fd``."""
+    with open(f"/proc/self/task/{tid}/syscall") as f:
+        fields = f.read().split()
+    return len(fields) > 1 and fields[0] not in ("running", "-1") and int(fields[1], 16) == fd
+
+
+def sent_once_blocked(peer: socket.socket, message: bytes, q: NfQueue) -> threading.Thread:
+    """Starts a thread that sends ``message`` once the calling thread blocks on ``q``'s socket (so that its
+    receive sleeps: nothing was waiting when it began), or after 5 s."""
+    tid = threading.get_native_id()
+
+    def run() -> None:
+        until = time.monotonic() + 5
+        while not blocked_on(tid, q._fd) and time.monotonic() < until:
+            time.sleep(1e-3)  # polls the kernel's view of the thread: no event says it blocked
+        peer.send(message)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_receive_tells_whether_it_slept(pair: tuple[NfQueue, socket.socket]) -> None:
+    q, peer = pair
+    peer.send(packet_msg(4, 1, 0, b"\x45"))
+    assert q._receive().packet_id == 1 and not q._slept  # type: ignore[union-attr]
+    sender = sent_once_blocked(peer, packet_msg(4, 2, 0, b"\x45"), q)
+    assert q._receive().packet_id == 2 and q._slept  # type: ignore[union-attr]
+    sender.join()
+    assert nfqueue.SLEPT_SECONDS == 20e-6
+
+
+def test_direct_waits_that_sleep_do_not_count(
+        pair: tuple[NfQueue, socket.socket], batch_reads: list[int]) -> None:
+    q, peer = pair
+    assert q.receive(4, wait=1e-3) == [] and len(batch_reads) == 1  # looked, found nothing: direct waits
+    for i in range(nfqueue.DIRECT_WAITS + 2):  # a low rate: each wait sleeps until its packet comes
+        sender = sent_once_blocked(peer, packet_msg(4, i, 0, b"\x45"), q)
+        assert [d.packet_id for d in q.receive(4, wait=5.0)] == [i]
+        sender.join()
+    assert len(batch_reads) == 1 and q._direct_waits == nfqueue.DIRECT_WAITS  # never looked again
+    peer.send(packet_msg(4, 20, 0, b"\x45"))
+    assert [d.packet_id for d in q.receive(4, wait=5.0)] == [20]  # it was waiting: counted
+    assert len(batch_reads) == 1 and q._direct_waits == nfqueue.DIRECT_WAITS - 1
 
 
 def test_a_first_wait_of_one_microsecond_is_set(pair: tuple[NfQueue, socket.socket]) -> None:

@@ -709,42 +709,49 @@ static PyObject *address_of(Delivery *d) {
 
 PyDoc_STRVAR(admit_doc,
 "_admit(deliveries) -> None\n\n"
-"Appends each fetched delivery to ``_ready``, after giving it its hold deadline and address host, and\n"
-"counts them as received. Raises TypeError at the first item that is no Delivery (the ones before it are\n"
-"admitted and counted).");
+"Appends each fetched delivery of the list ``deliveries`` to ``_ready``, after giving it its hold deadline\n"
+"and address host, and counts them as received. Raises TypeError at the first item that is no Delivery\n"
+"(the ones before it are admitted and counted) or when ``deliveries`` is no list.");
 
 /* What _admit documents; returns 0, or -1 with an exception set. The admitted join the ready list in one
- * call. */
+ * call: the whole list, or the part before the item that stopped them. */
 static int admit_all(SocketCore *s, PyObject *deliveries) {
+    if (!PyList_Check(deliveries)) {
+        PyErr_SetString(PyExc_TypeError, "_admit takes a list of Deliveries");
+        return -1;
+    }
     if (s->ready == NULL) {
         PyErr_SetString(PyExc_AttributeError, "the socket has no _ready");
         return -1;
     }
     double now = monotonic();
     refresh_interfaces(s, now);
-    PyObject *iterator = PyObject_GetIter(deliveries), *admitted = PyList_New(0), *item = NULL;
-    if (iterator == NULL || admitted == NULL) {
-        Py_XDECREF(iterator);
-        Py_XDECREF(admitted);
-        return -1;
-    }
-    while ((item = PyIter_Next(iterator)) != NULL) {
-        int failed = 1;
-        if (!PyObject_TypeCheck(item, DeliveryType))
+    Py_ssize_t admitted = 0, size = PyList_Size(deliveries);
+    Py_INCREF(deliveries); /* admit() may run Python code (the interface lookup), which may change the list */
+    for (; admitted < size && admitted < PyList_Size(deliveries); admitted++) {
+        PyObject *item = PyList_GetItem(deliveries, admitted);
+        if (!PyObject_TypeCheck(item, DeliveryType)) {
             PyErr_SetString(PyExc_TypeError, "_admit takes Deliveries");
-        else
-            failed = admit(s, (Delivery *)item, now) < 0 || PyList_Append(admitted, item) < 0;
+            break;
+        }
+        Py_INCREF(item);
+        int failed = admit(s, (Delivery *)item, now) < 0;
         Py_DECREF(item);
         if (failed)
             break;
     }
-    Py_DECREF(iterator);
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback); /* the ones admitted go and count, whatever stopped the rest */
-    PyObject *extended = PyObject_CallMethodObjArgs(s->ready, name_extend, admitted, NULL);
-    int result = extended != NULL && count(s, offsetof(Counters, received), PyList_Size(admitted)) == 0 ? 0 : -1;
+    PyObject *part = admitted == PyList_Size(deliveries) ? (Py_INCREF(deliveries), deliveries)
+                                                         : PyList_GetSlice(deliveries, 0, admitted);
+    Py_DECREF(deliveries);
+    if (part != NULL && s->ready == NULL) /* deleted by the Python code admit() ran */
+        PyErr_SetString(PyExc_AttributeError, "the socket has no _ready");
+    PyObject *extended = part == NULL || s->ready == NULL ? NULL
+                                                          : PyObject_CallMethodObjArgs(s->ready, name_extend, part, NULL);
+    int result = extended != NULL && count(s, offsetof(Counters, received), admitted) == 0 ? 0 : -1;
     Py_XDECREF(extended);
-    Py_DECREF(admitted);
+    Py_XDECREF(part);
     if (result < 0) {
         Py_XDECREF(type);
         Py_XDECREF(value);

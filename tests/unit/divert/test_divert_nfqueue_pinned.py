@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 
 import pytest
 
@@ -858,5 +859,24 @@ def test_odd_private_state_raises_instead_of_crashing() -> None:
         with pytest.raises(AttributeError, match="no _accepts"):
             sock._flush_if_due()
         sock._accepts = []
+        with pytest.raises(TypeError, match="a list of Deliveries"):
+            sock._admit((Delivery(1, 2, b"\x45", 4, 0, 1, False),))  # type: ignore[arg-type]
     finally:
+        sock.close()
+
+
+def test_an_interface_lookup_that_deletes_the_ready_list_raises_instead_of_a_system_error() -> None:
+    from flowsteer.divert.socket import DivertSocket
+
+    class Odd(DivertSocket):
+        def _interface(self, ifindex: int, version: int) -> tuple[str, str]:
+            del self._ready
+            return "eth9", "192.0.2.9"
+    sock = Odd()
+    try:
+        with pytest.raises(AttributeError, match="no _ready"):
+            sock._admit([Delivery(1, 1, b"\x45", 0, 7, 0, False)])  # inbound: the lookup runs
+        assert sock.counters.received == 0
+    finally:
+        sock._ready = deque()
         sock.close()

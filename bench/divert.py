@@ -11,6 +11,7 @@ divert rule sends them to a consumer that writes every packet back:
 - ``python NetfilterQueue``: the python-netfilterqueue binding with a callback that accepts;
 - ``python fnfqueue``: the fnfqueue binding (batched reads by ``recvmmsg`` in a reader thread), accepting;
 - ``flowsteer socket``: one DivertSocket reading and writing back (batched reads and verdicts);
+- ``flowsteer socket, many at a time``: the same, a batch per call (``recvfrom_many``/``sendto_many``);
 - ``flowsteer serve 1 (identity handler)``: ``divert serve`` with a handler that returns the packet, to
   measure serve's own cost per packet beyond the handler's work (drained, its time per packet minus the
   socket's);
@@ -94,6 +95,7 @@ DRAIN_RATE = 100_000.0
 """Rate at which the drained packets are queued (the stopped consumer's queue takes them all)."""
 BATCHED_C = "C libnetfilter_queue, batched verdicts"
 SOCKET = "flowsteer socket"
+SOCKET_MANY = "flowsteer socket, many at a time"
 NETFILTERQUEUE_ROW = "python NetfilterQueue"
 SERVE_IDENTITY = "flowsteer serve 1 (identity handler)"
 
@@ -287,19 +289,20 @@ print("ready", flush=True)
 accept_all(conn)
 """
 
-FLOWSTEER_SOCKET = r"""
+SOCKET_PROGRAM = r"""
 import signal, sys
 from flowsteer.divert.socket import DivertSocket
 def echo(sock):
     while True:
-        data, address = sock.recvfrom()
-        sock.sendto(data, address)
+        {loop}
 sock = DivertSocket(queue_maxlen=int(sys.argv[2]))
 sock.bind(int(sys.argv[1]))
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 print("ready", flush=True)
 echo(sock)
 """
+FLOWSTEER_SOCKET = SOCKET_PROGRAM.format(loop="data, address = sock.recvfrom()\n        sock.sendto(data, address)")
+FLOWSTEER_SOCKET_MANY = SOCKET_PROGRAM.format(loop="sock.sendto_many(sock.recvfrom_many())")
 
 
 def identity(packet: Packet) -> Packet:
@@ -610,6 +613,7 @@ def main() -> None:
             (NETFILTERQUEUE_ROW, netfilterqueue, FLOOD, True),
             ("python fnfqueue", single([sys.executable, "-c", FNFQUEUE, str(queue)]), FLOOD, True),
             (SOCKET, flowsteer_socket, FLOOD, True),
+            (SOCKET_MANY, single([sys.executable, "-c", FLOWSTEER_SOCKET_MANY, str(PORT)]), FLOOD, True),
             (SERVE_IDENTITY, lambda maxlen: serve_started(rcv, 1, "identity", CONSUMER_CPU, maxlen), FLOOD, True),
             ("flowsteer serve 1 (handler work)", lambda _: serve_started(rcv, 1), PACED, False),
             ("flowsteer serve 2 (handler work)", lambda _: serve_started(rcv, 2), PACED, False),
@@ -675,6 +679,8 @@ def ratios(rows: list[dict[str, Any]], interleaved_p50_us: dict[int, float]) -> 
         batched = by[(BATCHED_C, size)]
         drained = {name: by[(name, size)]["drained"]["pps"] for name in (SOCKET, BATCHED_C, NETFILTERQUEUE_ROW)}
         out[f"socket/batched C drained {size}B (target >= 0.9)"] = round(drained[SOCKET] / drained[BATCHED_C], 2)
+        out[f"socket many at a time/batched C drained {size}B"] = round(
+            by[(SOCKET_MANY, size)]["drained"]["pps"] / drained[BATCHED_C], 2)
         out[f"socket/NetfilterQueue drained {size}B (target >= 2)"] = round(
             drained[SOCKET] / drained[NETFILTERQUEUE_ROW], 2)
         out[f"batched C/NetfilterQueue drained {size}B"] = round(drained[BATCHED_C] / drained[NETFILTERQUEUE_ROW], 2)

@@ -50,7 +50,7 @@
 static PyTypeObject *DeliveryType, *CountersType, *QueueCoreType, *SocketCoreType;
 /* Made once: the unspecified hosts, an empty bytes, the names this file calls or counts by */
 static PyObject *unspecified4, *unspecified6, *empty_bytes, *empty_str, *name_extend, *name_interface, *name_fill,
-    *name_sendto, *name_popleft, *name_flush;
+    *name_sendto, *name_popleft, *name_flush, *name_fill_now;
 
 static uint16_t native16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static uint32_t native32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -1032,6 +1032,16 @@ PyDoc_STRVAR(flush_if_due_doc,
 "being collected, or ``batch`` verdicts wait; accepts alone are sent without a line of Python\n"
 "(_send_accepts()). Raises as flush().");
 
+/* Sends every waiting verdict now, as flush() does (``verdicts`` other than accepts wait): accepts alone
+ * from C, anything else through flush(); returns 0, or -1 with an exception set. */
+static int flush_now(SocketCore *s, Py_ssize_t verdicts) {
+    if (verdicts == 0)
+        return send_accepts(s);
+    PyObject *flushed = PyObject_CallMethodObjArgs((PyObject *)s, name_flush, NULL);
+    Py_XDECREF(flushed);
+    return flushed == NULL ? -1 : 0;
+}
+
 /* What _flush_if_due documents; returns 0, or -1 with an exception set. */
 static int flush_if_due(SocketCore *s) {
     PyObject *containers[] = {s->ready, s->accepts, s->verdicts};
@@ -1047,11 +1057,7 @@ static int flush_if_due(SocketCore *s) {
     }
     if ((s->defer || sizes[0] > 0) && sizes[1] + sizes[2] < s->batch)
         return 0;
-    if (sizes[2] == 0)
-        return send_accepts(s);
-    PyObject *flushed = PyObject_CallMethodObjArgs((PyObject *)s, name_flush, NULL);
-    Py_XDECREF(flushed);
-    return flushed == NULL ? -1 : 0;
+    return flush_now(s, sizes[2]);
 }
 
 static PyObject *socket_flush_if_due(PyObject *self, PyObject *unused) {
@@ -1107,6 +1113,110 @@ static PyObject *socket_sendto(PyObject *self, PyObject *const *args, Py_ssize_t
     return PyObject_CallMethodObjArgs(self, name_sendto, data, address, NULL);
 }
 
+PyDoc_STRVAR(recvfrom_many_doc,
+"_recvfrom_many(limit) -> list[(bytes, (host, tag))]\n\n"
+"What DivertSocket.recvfrom_many returns for a ``limit`` of 1 or more: the packets waiting now with their\n"
+"addresses, as recvfrom() returns them one at a time, at least one (waited for as recvfrom waits) and at\n"
+"most ``limit``. Raises as recvfrom (the packets read before the failure stay held).");
+
+static PyObject *socket_recvfrom_many(PyObject *self, PyObject *arg) {
+    SocketCore *s = (SocketCore *)self;
+    Py_ssize_t limit = PyLong_AsSsize_t(arg);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *first = socket_recvfrom(self, NULL);
+    PyObject *out = first == NULL ? NULL : PyList_New(1);
+    if (out == NULL) {
+        Py_XDECREF(first);
+        return NULL;
+    }
+    PyList_SetItem(out, 0, first);
+    while (PyList_Size(out) < limit) {
+        int none = s->ready == NULL ? 1 : empty(s->ready);
+        if (none == 1) { /* what is waiting on the socket, without a wait (nothing when nothing is) */
+            PyObject *filled = PyObject_CallMethodObjArgs(self, name_fill_now, NULL);
+            Py_XDECREF(filled);
+            none = filled == NULL ? -1 : s->ready == NULL ? 1 : empty(s->ready);
+        }
+        if (none != 0)
+            break;
+        PyObject *next = take_ready(s);
+        int failed = next == NULL || PyList_Append(out, next) < 0;
+        Py_XDECREF(next);
+        if (failed)
+            break;
+    }
+    if (PyErr_Occurred()) { /* the packets read are held: they wait for a write, or their hold time */
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* Makes the exception (type, value, traceback), which it takes, the __context__ of the one set now (or sets it
+ * again when none is). */
+static void add_context(PyObject *type, PyObject *value, PyObject *traceback) {
+    PyObject *now_type, *now_value, *now_traceback;
+    PyErr_Fetch(&now_type, &now_value, &now_traceback); /* none may be set while the two are normalized */
+    if (now_type == NULL) {
+        PyErr_Restore(type, value, traceback);
+        return;
+    }
+    PyErr_NormalizeException(&type, &value, &traceback);
+    PyErr_NormalizeException(&now_type, &now_value, &now_traceback);
+    if (traceback != NULL)
+        PyException_SetTraceback(value, traceback);
+    PyException_SetContext(now_value, value); /* takes value */
+    Py_DECREF(type);
+    Py_XDECREF(traceback);
+    PyErr_Restore(now_type, now_value, now_traceback);
+}
+
+PyDoc_STRVAR(sendto_many_doc,
+"sendto_many(packets) -> int\n\n"
+"Writes each ``(data, address)`` of the iterable ``packets`` as sendto() does, the verdicts leaving together\n"
+"(one send at the end, or one every ``batch`` verdicts); returns how many were written. Raises as sendto\n"
+"at the first pair it refuses (TypeError for an item that is no pair): those before it are written and\n"
+"their verdicts sent, the rest stay held.");
+
+static PyObject *socket_sendto_many(PyObject *self, PyObject *packets) {
+    SocketCore *s = (SocketCore *)self;
+    PyObject *iterator = PyObject_GetIter(packets), *item;
+    if (iterator == NULL)
+        return NULL;
+    Py_ssize_t written = 0;
+    s->defer = 1; /* the accepts collect: none leaves alone, and a flush waits for ``batch`` of them */
+    while ((item = PyIter_Next(iterator)) != NULL) {
+        PyObject *sent = NULL;
+        if (!PyTuple_Check(item) || PyTuple_Size(item) != 2)
+            PyErr_SetString(PyExc_TypeError, "sendto_many takes (data, address) pairs");
+        else {
+            PyObject *pair[2] = {PyTuple_GetItem(item, 0), PyTuple_GetItem(item, 1)}; /* borrowed from item */
+            sent = socket_sendto(self, pair, 2);
+        }
+        Py_DECREF(item);
+        if (sent == NULL)
+            break;
+        Py_DECREF(sent);
+        written++;
+    }
+    Py_DECREF(iterator);
+    s->defer = 0;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback); /* the written go now, whatever stopped the rest */
+    Py_ssize_t verdicts = s->verdicts == NULL ? 1 : PyObject_Size(s->verdicts); /* missing: flush() names it */
+    if (verdicts < 0 || flush_now(s, verdicts) < 0) {
+        if (type != NULL)
+            add_context(type, value, traceback);
+        return NULL;
+    }
+    if (type != NULL) {
+        PyErr_Restore(type, value, traceback);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(written);
+}
+
 static int socket_traverse(PyObject *self, visitproc visit, void *arg) {
     SocketCore *s = (SocketCore *)self;
     Py_VISIT(Py_TYPE(self));
@@ -1157,6 +1267,8 @@ static PyMemberDef socket_members[] = {
 static PyMethodDef socket_methods[] = {
     {"recvfrom", socket_recvfrom, METH_NOARGS, recvfrom_doc},
     {"sendto", (PyCFunction)(void (*)(void))socket_sendto, METH_FASTCALL, sendto_doc},
+    {"_recvfrom_many", socket_recvfrom_many, METH_O, recvfrom_many_doc},
+    {"sendto_many", socket_sendto_many, METH_O, sendto_many_doc},
     {"_admit", socket_admit, METH_O, admit_doc},
     {"_flush_if_due", socket_flush_if_due, METH_NOARGS, flush_if_due_doc},
     {"_send_accepts", socket_send_accepts, METH_NOARGS, send_accepts_doc},
@@ -1207,7 +1319,7 @@ PyMODINIT_FUNC PyInit__nfqueue(void) {
     struct { PyObject **name; const char *text; } names[] = {
         {&empty_str, ""}, {&unspecified4, "0.0.0.0"}, {&unspecified6, "::"}, {&name_extend, "extend"},
         {&name_interface, "_interface"}, {&name_fill, "_fill"}, {&name_sendto, "_sendto"},
-        {&name_popleft, "popleft"}, {&name_flush, "flush"},
+        {&name_popleft, "popleft"}, {&name_flush, "flush"}, {&name_fill_now, "_fill_now"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)

@@ -15,6 +15,8 @@ it writes a new packet, which leaves as a locally generated packet and skips the
 
 Verdicts are sent in batches: when every packet already fetched from the kernel has been handled, when
 ``batch`` verdicts are waiting, before the socket blocks, and on :meth:`flush` and :meth:`close`.
+``recvfrom_many`` and ``sendto_many`` read and write many packets in one call, with their verdicts
+together (``sock.sendto_many(sock.recvfrom_many())`` writes a batch back).
 
 ``recvfrom`` and ``sendto`` are compiled (:class:`flowsteer.divert._nfqueue.SocketCore`, the base class,
 holds the socket's state): a lone packet at a low rate (a blocking socket with nothing else fetched, held
@@ -193,10 +195,25 @@ class DivertSocket(_nfqueue.SocketCore):
 
     # -- reading ------------------------------------------------------------------------------------
 
+    def recvfrom_many(self, limit: int | None = None) -> list[tuple[bytes, DivertAddress]]:
+        """Returns the packets waiting now with their addresses, as :meth:`recvfrom` returns them one at a
+        time: at least one (waits for the first as :meth:`recvfrom` does), then those that need no wait, at
+        most ``limit`` in all (default ``batch``). With :meth:`sendto_many` a loop answers a batch without
+        a line of Python per packet. Raises as :meth:`recvfrom` (packets read before the failure stay
+        held until their hold time passes), InvalidInput for a limit below 1.
+        """
+        limit = self.batch if limit is None else limit
+        if limit < 1:
+            raise InvalidInput(f"batch limit {limit} is not positive")
+        return self._recvfrom_many(limit)
+
     def recv_packet(self) -> Packet:
         """Like :meth:`recvfrom`, but returns a parsed :class:`Packet` carrying its address and the
         kernel's metadata."""
-        payload, address = self.recvfrom()
+        return self._packet(*self.recvfrom())
+
+    def _packet(self, payload: bytes, address: DivertAddress) -> Packet:
+        """Returns the parsed Packet of a packet just read (held under ``address``)."""
         delivery = self._held[address[1]]
         inbound = delivery.hook in _INBOUND_HOOKS
         ifindex = delivery.indev if inbound else delivery.outdev
@@ -210,17 +227,7 @@ class DivertSocket(_nfqueue.SocketCore):
         first as :meth:`recvfrom` does, then takes at most ``limit``, default ``batch``, that need no
         wait). Raises as :meth:`recvfrom`.
         """
-        limit = self.batch if limit is None else limit
-        if limit < 1:
-            raise InvalidInput(f"batch limit {limit} is not positive")
-        packets = [self.recv_packet()]
-        while len(packets) < limit:
-            if not self._ready:
-                self._fill_now()
-                if not self._ready:
-                    break
-            packets.append(self.recv_packet())
-        return packets
+        return [self._packet(payload, address) for payload, address in self.recvfrom_many(limit)]
 
     def send_batch(self, results: Sequence[Packet | bytes | bytearray | None], packets: Sequence[Packet]) -> int:
         """Answers a batch: ``results[i]`` is written back for ``packets[i]`` (a Packet or bytes), or the

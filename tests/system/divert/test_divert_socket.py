@@ -227,6 +227,34 @@ def test_a_deep_queue_holds_as_many_full_size_packets_as_its_length(peer: Peer) 
         assert sum(len(sock.recv_batch(1000)) for _ in range(count // 1000)) == count
 
 
+def test_many_at_a_time_carry_a_burst_and_a_lone_packet_in_order(peer: Peer) -> None:
+    """recvfrom_many takes the queued burst in batches without waiting for more, sendto_many writes each
+    batch back with its verdicts together; a lone packet later comes alone."""
+    add("in proto udp to any port 9 divert-packet port 7")
+    count = 300
+    with DivertSocket(queue_maxlen=count, hold_time=10) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind((peer.b4, 9))
+        rx.settimeout(5)
+        sock.bind(7)
+        for i in range(count):
+            tx.sendto(b"burst%04d" % i, (peer.b4, 9))
+        wait_queued(count)
+        sizes, arrived = [], []
+        while sum(sizes) < count:
+            pairs = sock.recvfrom_many(64)
+            sizes.append(len(pairs))
+            assert sock.sendto_many(pairs) == len(pairs)
+            arrived += [rx.recv(64) for _ in pairs]  # read as they come: the receiver's buffer is small
+        assert sizes == [64, 64, 64, 64, 44]
+        assert arrived == [b"burst%04d" % i for i in range(count)]
+        tx.sendto(b"lone", (peer.b4, 9))
+        (data, address), = sock.recvfrom_many()
+        assert data.endswith(b"lone") and sock.sendto_many([(data, address)]) == 1
+        assert rx.recv(64) == b"lone"
+        assert (sock.counters.received, sock.counters.accepted) == (count + 1, count + 1) and not sock._held
+
+
 def test_packets_dropped_or_expired_do_not_leave_with_a_later_batch_accept(peer: Peer) -> None:
     """The accepts of a flush go out as one batch accept (every packet of the queue up to the newest
     accepted): the packets dropped or expired before them, whose verdicts leave in the same flush, must not

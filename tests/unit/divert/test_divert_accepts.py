@@ -1,4 +1,5 @@
-"""The accepts a divert socket sends itself, compiled (``_send_accepts``, also from ``_flush_if_due``).
+"""The accepts a divert socket sends itself, compiled (``_send_accepts``, also from ``_flush_if_due``), and
+the reads and writes of many packets at once (``recvfrom_many``, ``sendto_many``).
 
 The socket's queue is one end of a datagram socket pair, not netlink (nothing is bound and no rule is
 made); the other end reads what the socket sends and writes the queue messages it reads. The wire bytes
@@ -10,15 +11,17 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 from collections.abc import Iterator
 
 import pytest
 
 from flowsteer.divert.nfqueue import NF_DROP, Delivery, NfQueue, Verdict
+from flowsteer.divert.packet import finalize
 from flowsteer.divert.socket import DivertSocket
-from flowsteer.errors import KernelError
+from flowsteer.errors import InvalidInput, KernelError
 
-from nfq_wire import MSG_VERDICT, MSG_VERDICT_BATCH, verdict_bytes
+from nfq_wire import MSG_VERDICT, MSG_VERDICT_BATCH, packet_msg, verdict_bytes
 
 SO_SNDBUFFORCE = 32
 
@@ -247,3 +250,76 @@ def test_a_lone_write_of_a_queue_beyond_16_bits_is_refused_not_cut(bound: tuple[
     with pytest.raises(OverflowError, match="beyond 16 bits"):
         sock.sendto(held.payload, ("0.0.0.0", tag))  # nothing else waits: the lone way, which would cut it
     assert sent(peer) == [] and sock.counters.accepted == 0
+
+
+# --- reading and writing many ---------------------------------------------------------------------------
+
+
+def datagram(i: int) -> bytes:
+    """An IPv4 UDP datagram numbered ``i`` (checksums left 0: finalize() writes them)."""
+    udp = struct.pack("!HHHH", 1000, 2000, 12, 0) + i.to_bytes(4, "big")
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, bytes([192, 0, 2, 1]),
+                       bytes([192, 0, 2, 2])) + udp
+
+
+def queued(peer: socket.socket, queue: int, ids: range) -> None:
+    """Writes the queue messages of outbound packets ``ids`` (hook 3: no interface to look up) to the socket."""
+    for i in ids:
+        peer.send(packet_msg(queue, i, 3, datagram(i)))
+
+
+def test_recvfrom_many_returns_what_recvfrom_returns_up_to_the_limit(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    queued(peer, 5, range(1, 6))
+    first = sock.recvfrom_many(3)
+    assert first == [(datagram(i), ("0.0.0.0", 5 << 32 | i)) for i in range(1, 4)]
+    assert sock.recvfrom_many() == [(datagram(i), ("0.0.0.0", 5 << 32 | i)) for i in (4, 5)]  # no wait for more
+    assert list(sock._held) == [5 << 32 | i for i in range(1, 6)] and sock.counters.received == 5
+    with pytest.raises(InvalidInput, match="batch limit 0 is not positive"):
+        sock.recvfrom_many(0)
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        sock.recvfrom_many()
+
+
+def test_sendto_many_sends_the_verdicts_of_its_pairs_together(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    queued(peer, 5, range(1, 5))
+    pairs = sock.recvfrom_many()
+    changed = datagram(9)
+    assert sock.sendto_many([pairs[0], pairs[1], (changed, pairs[2][1]), pairs[3]]) == 4
+    modified = verdict_bytes(MSG_VERDICT, 5, 1, 3, finalize(changed))
+    assert sent(peer) == [modified, batch(5, 4)]  # 3 was answered first: the batch accept cannot take it
+    assert (sock.counters.accepted, sock.counters.modified) == (3, 1) and not sock._held and not sock._defer
+
+
+def test_sendto_many_of_unchanged_packets_is_one_batch_accept(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    queued(peer, 5, range(1, 9))
+    assert sock.sendto_many(sock.recvfrom_many()) == 8
+    assert sent(peer) == [batch(5, 8)]
+
+
+def test_sendto_many_stops_at_a_refused_pair_and_sends_those_before_it(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    queued(peer, 5, range(1, 5))
+    pairs = sock.recvfrom_many()
+    with pytest.raises(TypeError, match=r"\(data, address\) pairs"):
+        sock.sendto_many([pairs[0], pairs[1], datagram(3), pairs[3]])
+    assert sent(peer) == [batch(5, 2)] and list(sock._held) == [5 << 32 | 3, 5 << 32 | 4]
+    with pytest.raises(InvalidInput, match="no packet with tag"):
+        sock.sendto_many([pairs[2], pairs[0]])  # answered already
+    assert sent(peer) == [plain(5, 3)] and list(sock._held) == [5 << 32 | 4] and not sock._defer
+
+
+def test_a_failed_send_after_a_refused_pair_is_raised_with_the_refusal_as_its_context(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    queued(peer, 5, range(1, 3))
+    pairs = sock.recvfrom_many()
+    peer.close()  # nobody reads: the verdicts' send is refused
+    with pytest.raises(KernelError) as exc:
+        sock.sendto_many([pairs[0], "no pair"])
+    assert exc.value.errno == errno.ECONNREFUSED and isinstance(exc.value.__context__, TypeError)

@@ -9,13 +9,14 @@
  * - Delivery: one queued packet and what the socket adds to it (its hold deadline and address host);
  * - Counters: what one divert socket did;
  * - QueueCore, the base of nfqueue.NfQueue: the parse of a queue message, the read of what is waiting
- *   and the blocking receive;
+ *   and the blocking receive (timed: whether it slept);
  * - SocketCore, the base of socket.DivertSocket: recvfrom and sendto without a line of Python for a lone
  *   packet (nothing else fetched, held or waiting for a verdict, a blocking socket, a queue at a low
  *   rate: its accept leaves at once) and for each packet of a batch already fetched that is written back
  *   unchanged (its accept joins the batch's accepts, which leave as one batch accept per queue). Fetching
  *   a batch (the Python _fill), changed bytes, drops, new packets and the verdicts other than accepts
- *   (flush) go to Python. Its _admit gives fetched packets their deadline and address, for every path.
+ *   (flush) go to Python. Its _admit gives fetched packets their deadline and address, for every path;
+ *   recvfrom_many and sendto_many loop over recvfrom and sendto, with the verdicts of a write together.
  *
  * The wire layout (linux/netfilter/nfnetlink_queue.h): struct nlmsghdr (native order), struct nfgenmsg
  * with a big-endian queue number, then attributes (native u16 length and type, big-endian values), the

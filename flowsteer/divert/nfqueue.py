@@ -198,16 +198,16 @@ class NfQueue(_nfqueue.QueueCore):
             self._rcvtimeo = micros
 
     def send_verdicts(self, verdicts: list[Verdict]) -> None:
-        """Sends ``verdicts`` in as few sends as the socket buffer allows (a send is cut once it holds more
-        than a mebibyte). Raises KernelError when the kernel refuses a send."""
+        """Sends ``verdicts`` in as few sends as the socket buffer allows (a send holds at most a mebibyte,
+        as the compiled accepts' sends do). Raises KernelError when the kernel refuses a send."""
         parts: list[bytes] = []
         size = 0
         for message in map(_verdict_bytes, verdicts):
-            parts.append(message)
-            size += len(message)
-            if size > 1 << 20:
+            if parts and size + len(message) > 1 << 20:
                 self._send(b"".join(parts))
                 parts, size = [], 0
+            parts.append(message)
+            size += len(message)
         if parts:
             self._send(b"".join(parts))
 

@@ -9,7 +9,7 @@
  * - Delivery: one queued packet and what the socket adds to it (its hold deadline and address host);
  * - Counters: what one divert socket did;
  * - QueueCore, the base of nfqueue.NfQueue: the parse of a queue message, the read of what is waiting
- *   and the blocking receive (timed: whether it slept);
+ *   and the blocking receive (which tells whether it slept);
  * - SocketCore, the base of socket.DivertSocket: recvfrom and sendto without a line of Python for a lone
  *   packet (nothing else fetched, held or waiting for a verdict, a blocking socket, a queue at a low
  *   rate: its accept leaves at once) and for each packet of a batch already fetched that is written back
@@ -46,7 +46,6 @@
 #define ATTRS_AT (PACKET_HDR_AT + NLA_ALIGN(sizeof(struct nfqnl_msg_packet_hdr)))
 #define INTERFACE_CACHE_SECONDS 1.0 /* socket.py's _IF_CACHE_SECONDS */
 #define SLOT (0xFFFF + 4096)         /* receive buffer: a whole packet (64 KiB at most) with its headers */
-#define SLEPT_SECONDS 20e-6 /* a blocking read that took this long slept: no packet was waiting when it began */
 
 static PyTypeObject *DeliveryType, *CountersType, *QueueCoreType, *SocketCoreType;
 /* Made once: the unspecified hosts, an empty bytes, the names this file calls or counts by */
@@ -404,14 +403,16 @@ static PyObject *receive_message(QueueCore *q, int *failed) {
     if (receive_buffer(q, &buffer) < 0)
         return NULL;
     PyObject *result = NULL;
-    ssize_t n;
-    int fd = q->fd, slept;
-    Py_BEGIN_ALLOW_THREADS /* timed without the GIL: waiting for it is no sign of an idle queue */
-    double asked = monotonic();
-    n = recv(fd, buffer.buf, (size_t)buffer.len, 0);
-    slept = monotonic() - asked >= SLEPT_SECONDS;
-    Py_END_ALLOW_THREADS
-    q->slept = slept;
+    int fd = q->fd;
+    /* what is waiting is taken at once; only an empty queue costs a second call, made before the packet that
+     * ends it comes (so not on its way), and then the wait is known to have slept */
+    ssize_t n = recv(fd, buffer.buf, (size_t)buffer.len, MSG_DONTWAIT);
+    q->slept = n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+    if (q->slept) {
+        Py_BEGIN_ALLOW_THREADS
+        n = recv(fd, buffer.buf, (size_t)buffer.len, 0);
+        Py_END_ALLOW_THREADS
+    }
     if (n < 0) {
         int error = errno;
         if (error == EINTR && PyErr_CheckSignals() < 0)
@@ -429,7 +430,7 @@ done:
 PyDoc_STRVAR(receive_doc,
 "_receive() -> Delivery | None\n\n"
 "Waits for one message on the netlink socket ``_fd`` (as its SO_RCVTIMEO allows, without holding the GIL),\n"
-"reads it into ``_buf`` and returns what _parse() returns for it; ``_slept`` then tells whether recv slept.\n"
+"reads it into ``_buf`` and returns what _parse() returns for it; ``_slept`` then tells whether it blocked.\n"
 "Raises OSError when recv fails (BlockingIOError when the receive timeout passed, InterruptedError when a\n"
 "signal came and its handler did not raise) and ValueError for a buffer too small for a message header.");
 
@@ -502,7 +503,7 @@ static PyMemberDef queue_members[] = {
     {"_direct_waits", T_INT, offsetof(QueueCore, direct_waits), 0,
      "How many more waits go straight to a blocking read (see NfQueue.receive)."},
     {"_slept", T_INT, offsetof(QueueCore, slept), READONLY,
-     "1 when the last _receive() waited SLEPT_SECONDS or longer in recv (no message was waiting when it began)."},
+     "1 when the last _receive() found no message waiting and blocked for one."},
     {"_rcvtimeo", T_LONGLONG, offsetof(QueueCore, rcvtimeo), 0,
      "The socket's SO_RCVTIMEO in microseconds (0: a receive waits as long as it takes)."},
     {"verdict_errors", T_PYSSIZET, offsetof(QueueCore, verdict_errors), 0, "Verdicts the kernel refused."},
@@ -1308,14 +1309,6 @@ static int add_type(PyObject *m, PyTypeObject **type, PyType_Spec *spec) {
     return 0;
 }
 
-/* Adds the float constant ``name`` to module ``m``; returns 0, or -1 with an exception set. */
-static int add_float(PyObject *m, const char *name, double value) {
-    PyObject *number = PyFloat_FromDouble(value);
-    int result = number == NULL ? -1 : PyModule_AddObjectRef(m, name, number);
-    Py_XDECREF(number);
-    return result;
-}
-
 PyMODINIT_FUNC PyInit__nfqueue(void) {
     struct { PyObject **name; const char *text; } names[] = {
         {&empty_str, ""}, {&unspecified4, "0.0.0.0"}, {&unspecified6, "::"}, {&name_extend, "extend"},
@@ -1329,8 +1322,7 @@ PyMODINIT_FUNC PyInit__nfqueue(void) {
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL || add_type(m, &DeliveryType, &delivery_spec) < 0 || add_type(m, &CountersType, &counters_spec) < 0 || add_type(m, &QueueCoreType, &queue_spec) < 0
-        || add_type(m, &SocketCoreType, &socket_spec) < 0 || PyModule_AddIntConstant(m, "SLOT", SLOT) < 0
-        || add_float(m, "SLEPT_SECONDS", SLEPT_SECONDS) < 0) {
+        || add_type(m, &SocketCoreType, &socket_spec) < 0 || PyModule_AddIntConstant(m, "SLOT", SLOT) < 0) {
         Py_XDECREF(m);
         return NULL;
     }

@@ -8,8 +8,6 @@ from _typeshed import ReadableBuffer
 
 SLOT: int
 """Bytes of the receive buffer: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
-SLEPT_SECONDS: float
-"""A blocking read that took this long slept: no packet was waiting when it began."""
 
 class Delivery:
     """One packet the kernel queued to user space and holds until it gets a verdict."""

@@ -46,10 +46,8 @@ COPY_RANGE = 0xFFFF
 SLOT = _nfqueue.SLOT
 """Bytes of the receive buffer: a whole packet (at most 64 KiB) with its netlink headers and attributes."""
 DIRECT_WAITS = 8
-"""How many waits that find their packet already there go straight to a blocking read after a look at
-what is waiting found nothing (waits that slept do not count: a low rate stays on one read per packet)."""
-SLEPT_SECONDS = _nfqueue.SLEPT_SECONDS
-"""A blocking read that took this long slept: no packet was waiting when it began (20 us)."""
+"""How many waits that find their packet already there go straight to a read of one packet after a look at
+what is waiting found nothing (waits that blocked do not count: a low rate stays on that path)."""
 MIN_RCVBUF = 8 << 20
 """The netlink receive buffer's least size, in bytes (the kernel doubles what is set, for its bookkeeping)."""
 RCVBUF_PER_PACKET = 2 << 10
@@ -150,10 +148,11 @@ class NfQueue(_nfqueue.QueueCore):
         stays in the cache (``recvmmsg`` into a slot per message cost more: it copies a header per message
         from user space and spreads the copies over megabytes); a wait is a plain blocking ``recv``
         (``SO_RCVTIMEO``) that hands over the packet ending it at once. Once a look at what is waiting
-        found nothing, waits block at once without that look until :data:`DIRECT_WAITS` of them found
-        their packet already there (returned within :data:`SLEPT_SECONDS`): at a low rate each packet
-        then costs one system call for as long as the rate stays low, and when load comes back the look after them
-        returns to batches. Raises KernelError when the socket fails.
+        found nothing, waits read one packet without that look (a packet already there at once, else a
+        blocking ``recv``: ``_slept``) until :data:`DIRECT_WAITS` of them found their packet already
+        there: at a low rate each packet then costs two system calls (the one that finds nothing is made
+        before the packet comes) for as long as the rate stays low, and when load comes back the look
+        after them returns to batches. Raises KernelError when the socket fails.
         """
         if self._backlog:
             out, self._backlog = self._backlog[:limit], self._backlog[limit:]

@@ -205,6 +205,7 @@ class DivertSocket(_nfqueue.SocketCore):
         limit = self.batch if limit is None else limit
         if limit < 1:
             raise InvalidInput(f"batch limit {limit} is not positive")
+        self._expire()  # here, not between the packets it reads (_fill_now): those must be held when returned
         return self._recvfrom_many(limit)
 
     def recv_packet(self) -> Packet:
@@ -502,11 +503,12 @@ class DivertSocket(_nfqueue.SocketCore):
         self._admit(fetched)
 
     def _fill_now(self) -> None:
-        """Fetches what is waiting without blocking (nothing when nothing is)."""
-        try:
-            self._fill(0.0)
-        except BlockingIOError:
-            pass
+        """Fetches what is waiting without blocking (nothing when nothing is). Unlike :meth:`_fill` it
+        expires nothing and sends nothing: recvfrom_many calls it between the packets it returns, which
+        must still be held when it returns them (recvfrom_many expires what is due before it reads)."""
+        fetched = self._bound().receive(self.batch)
+        if fetched:
+            self._admit(fetched)
 
     def _lookup(self, tag: int) -> Delivery:
         held = self._held.get(tag)

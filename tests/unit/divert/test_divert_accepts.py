@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -323,3 +324,40 @@ def test_a_failed_send_after_a_refused_pair_is_raised_with_the_refusal_as_its_co
     with pytest.raises(KernelError) as exc:
         sock.sendto_many([pairs[0], "no pair"])
     assert exc.value.errno == errno.ECONNREFUSED and isinstance(exc.value.__context__, TypeError)
+
+
+def test_a_packet_read_by_recvfrom_many_is_not_expired_before_the_call_returns(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    """recvfrom_many looks for more packets after those already fetched; that look expires nothing, or it
+    would drop packets the call then returns (sendto_many refused them, recv_batch raised KeyError)."""
+    sock, peer = bound
+    sock.hold_time, sock.batch = 0.001, 4
+    queued(peer, 5, range(1, 5))
+    sock.sendto(*sock.recvfrom())  # fetches 4, reads 1: 3 stay fetched...
+    time.sleep(0.01)  # ...past their hold time (a busy machine, a slow caller)
+    queued(peer, 5, range(5, 9))
+    pairs = sock.recvfrom_many(8)
+    assert [address[1] & 0xFFFFFFFF for _, address in pairs] == list(range(2, 9))
+    assert sock.sendto_many(pairs) == 7 and sock.counters.expired == 0
+    queued(peer, 5, range(9, 13))
+    sock.sendto(*sock.recvfrom())
+    time.sleep(0.01)
+    queued(peer, 5, range(13, 17))
+    assert [p.address[1] & 0xFFFFFFFF for p in sock.recv_batch(8)] == list(range(10, 17))  # type: ignore[index]
+
+
+def test_recvfrom_many_expires_what_was_held_before_it(bound: tuple[DivertSocket, socket.socket]) -> None:
+    """What is due expires when recvfrom_many begins, even when it needs no _fill to begin (packets are
+    fetched already) and fetches more on the way (which expires nothing)."""
+    sock, peer = bound
+    sock.hold_time, sock.batch = 0.001, 4
+    queued(peer, 5, range(1, 5))
+    sock.recvfrom()  # 1 is held and never answered; 2..4 stay fetched
+    time.sleep(0.01)
+    queued(peer, 5, range(5, 9))
+    pairs = sock.recvfrom_many(5)
+    assert [address[1] & 0xFFFFFFFF for _, address in pairs] == [2, 3, 4, 5, 6]
+    assert sock.counters.expired == 1 and list(sock._held) == [5 << 32 | i for i in range(2, 7)]
+    assert sock.sendto_many(pairs) == 5
+    # the drop first; batch (4) verdicts waiting make a send
+    assert sent(peer) == [verdict_bytes(MSG_VERDICT, 5, NF_DROP, 1), batch(5, 4), batch(5, 6)]

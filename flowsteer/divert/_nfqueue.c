@@ -1123,7 +1123,7 @@ PyDoc_STRVAR(recvfrom_many_doc,
 
 static PyObject *socket_recvfrom_many(PyObject *self, PyObject *arg) {
     SocketCore *s = (SocketCore *)self;
-    Py_ssize_t limit = PyLong_AsSsize_t(arg);
+    Py_ssize_t limit = PyNumber_AsSsize_t(arg, NULL); /* any integer (__index__); a huge one is clamped */
     if (limit == -1 && PyErr_Occurred())
         return NULL;
     PyObject *first = socket_recvfrom(self, NULL);

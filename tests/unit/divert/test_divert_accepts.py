@@ -361,3 +361,23 @@ def test_recvfrom_many_expires_what_was_held_before_it(bound: tuple[DivertSocket
     assert sock.sendto_many(pairs) == 5
     # the drop first; batch (4) verdicts waiting make a send
     assert sent(peer) == [verdict_bytes(MSG_VERDICT, 5, NF_DROP, 1), batch(5, 4), batch(5, 6)]
+
+
+class Eight:
+    """An integer that is no int (as numpy's are): it has __index__."""
+
+    def __index__(self) -> int:
+        return 8
+
+    def __lt__(self, other: int) -> bool:
+        return 8 < other
+
+
+@pytest.mark.parametrize("limit", [2**63, 2**100, Eight()], ids=["2**63", "2**100", "__index__"])
+def test_any_integer_limit_is_taken(bound: tuple[DivertSocket, socket.socket], limit: object) -> None:
+    """recv_batch took any integer before it was built on the compiled recvfrom_many."""
+    sock, peer = bound
+    queued(peer, 5, range(1, 4))
+    assert len(sock.recvfrom_many(limit)) == 3  # type: ignore[arg-type]
+    queued(peer, 5, range(4, 7))
+    assert len(sock.recv_batch(limit)) == 3  # type: ignore[arg-type]

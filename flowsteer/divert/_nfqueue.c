@@ -1156,7 +1156,7 @@ static PyObject *socket_recvfrom_many(PyObject *self, PyObject *arg) {
 }
 
 /* Makes the exception (type, value, traceback), which it takes, the __context__ of the one set now (or sets it
- * again when none is). */
+ * again when none is), shown in its traceback even when it was raised ``from None`` (as flush() raises). */
 static void add_context(PyObject *type, PyObject *value, PyObject *traceback) {
     PyObject *now_type, *now_value, *now_traceback;
     PyErr_Fetch(&now_type, &now_value, &now_traceback); /* none may be set while the two are normalized */
@@ -1169,6 +1169,8 @@ static void add_context(PyObject *type, PyObject *value, PyObject *traceback) {
     if (traceback != NULL)
         PyException_SetTraceback(value, traceback);
     PyException_SetContext(now_value, value); /* takes value */
+    if (PyObject_SetAttrString(now_value, "__suppress_context__", Py_False) < 0)
+        PyErr_Clear(); /* (it cannot fail on an exception) */
     Py_DECREF(type);
     Py_XDECREF(traceback);
     PyErr_Restore(now_type, now_value, now_traceback);

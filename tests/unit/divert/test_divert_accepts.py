@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import time
+import traceback
 from collections.abc import Iterator
 
 import pytest
@@ -381,3 +382,17 @@ def test_any_integer_limit_is_taken(bound: tuple[DivertSocket, socket.socket], l
     assert len(sock.recvfrom_many(limit)) == 3  # type: ignore[arg-type]
     queued(peer, 5, range(4, 7))
     assert len(sock.recv_batch(limit)) == 3  # type: ignore[arg-type]
+
+
+def test_a_failed_send_of_other_verdicts_shows_the_refusal_too(bound: tuple[DivertSocket, socket.socket]) -> None:
+    """flush() raises its KernelError ``from None`` (hiding the OSError); the refusal sendto_many makes its
+    context must still show in the traceback, as it does when only accepts were sent."""
+    sock, peer = bound
+    queued(peer, 5, range(1, 3))
+    pairs = sock.recvfrom_many()
+    peer.close()
+    with pytest.raises(KernelError) as exc:
+        sock.sendto_many([(datagram(9), pairs[0][1]), "no pair"])  # changed bytes: a verdict flush() sends
+    assert isinstance(exc.value.__context__, TypeError) and not exc.value.__suppress_context__
+    shown = "".join(traceback.format_exception(exc.value))
+    assert "TypeError: sendto_many takes (data, address) pairs" in shown and sock.counters.modified == 1

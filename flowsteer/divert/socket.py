@@ -199,8 +199,10 @@ class DivertSocket(_nfqueue.SocketCore):
         """Returns the packets waiting now with their addresses, as :meth:`recvfrom` returns them one at a
         time: at least one (waits for the first as :meth:`recvfrom` does), then those that need no wait, at
         most ``limit`` in all (default ``batch``). With :meth:`sendto_many` a loop answers a batch without
-        a line of Python per packet. Raises as :meth:`recvfrom` (packets read before the failure stay
-        held until their hold time passes), InvalidInput for a limit below 1.
+        a line of Python per packet, only per call (at a low rate, one packet a call, the compiled
+        :meth:`recvfrom` and :meth:`sendto` are quicker). Expires what is due before it reads, never a
+        packet it returns. Raises as :meth:`recvfrom` (packets read before the failure stay held until
+        their hold time passes), InvalidInput for a limit below 1.
         """
         limit = self.batch if limit is None else limit
         if limit < 1:

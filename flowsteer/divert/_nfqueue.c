@@ -50,7 +50,7 @@
 static PyTypeObject *DeliveryType, *CountersType, *QueueCoreType, *SocketCoreType;
 /* Made once: the unspecified hosts, an empty bytes, the names this file calls or counts by */
 static PyObject *unspecified4, *unspecified6, *empty_bytes, *empty_str, *name_extend, *name_interface, *name_fill,
-    *name_sendto, *name_popleft, *name_flush, *name_fill_now;
+    *name_sendto, *name_popleft, *name_flush, *name_fill_now, *name_appendleft, *name_drop;
 
 static uint16_t native16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static uint32_t native32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -1119,7 +1119,31 @@ PyDoc_STRVAR(recvfrom_many_doc,
 "_recvfrom_many(limit) -> list[(bytes, (host, tag))]\n\n"
 "What DivertSocket.recvfrom_many returns for a ``limit`` of 1 or more: the packets waiting now with their\n"
 "addresses, as recvfrom() returns them one at a time, at least one (waited for as recvfrom waits) and at\n"
-"most ``limit``. Raises as recvfrom (the packets read before the failure stay held).");
+"most ``limit``. Raises as recvfrom; the packets it had read go back to be read again (the next read\n"
+"returns them first).");
+
+/* Puts the packets of ``pairs`` (what reads just returned, none answered since) back at the front of the
+ * ready list in their order, out of the held table, so that the next read returns them again; leaves the
+ * exception set now as it is. A packet that cannot be put back stays held. */
+static void unread(SocketCore *s, PyObject *pairs) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    for (Py_ssize_t i = PyList_Size(pairs) - 1; i >= 0 && s->ready != NULL && s->held != NULL; i--) {
+        PyObject *address = PyTuple_GetItem(PyList_GetItem(pairs, i), 1); /* a pair hold_and_read made */
+        PyObject *tag = address == NULL ? NULL : PyTuple_GetItem(address, 1);
+        PyObject *d = tag == NULL ? NULL : PyDict_GetItemWithError(s->held, tag);
+        if (d == NULL)
+            continue;
+        Py_INCREF(d);
+        PyObject *put = PyObject_CallMethodObjArgs(s->ready, name_appendleft, d, NULL);
+        if (put != NULL) /* (left held too when this fails, the read that takes it again holds it anew) */
+            PyDict_DelItem(s->held, tag);
+        Py_XDECREF(put);
+        Py_DECREF(d);
+    }
+    PyErr_Clear();
+    PyErr_Restore(type, value, traceback);
+}
 
 static PyObject *socket_recvfrom_many(PyObject *self, PyObject *arg) {
     SocketCore *s = (SocketCore *)self;
@@ -1148,7 +1172,8 @@ static PyObject *socket_recvfrom_many(PyObject *self, PyObject *arg) {
         if (failed)
             break;
     }
-    if (PyErr_Occurred()) { /* the packets read are held: they wait for a write, or their hold time */
+    if (PyErr_Occurred()) {
+        unread(s, out);
         Py_DECREF(out);
         return NULL;
     }
@@ -1178,9 +1203,10 @@ static void add_context(PyObject *type, PyObject *value, PyObject *traceback) {
 
 PyDoc_STRVAR(sendto_many_doc,
 "sendto_many(packets) -> int\n\n"
-"Writes each ``(data, address)`` of the iterable ``packets`` as sendto() does, the verdicts leaving together\n"
-"(one send at the end, or one every ``batch`` verdicts); returns how many were written. Raises as sendto\n"
-"at the first pair it refuses (TypeError for an item that is no pair): those before it are written and\n"
+"Writes each ``(data, address)`` of the iterable ``packets`` as sendto() does, or drops the packet when\n"
+"``data`` is None (as drop() does), the verdicts leaving together (one send at the end, or one every\n"
+"``batch`` verdicts); returns how many were written (the dropped not counted). Raises as sendto (or drop)\n"
+"at the first pair it refuses (TypeError for an item that is no pair): those before it are answered and\n"
 "their verdicts sent, the rest stay held.");
 
 static PyObject *socket_sendto_many(PyObject *self, PyObject *packets) {
@@ -1189,6 +1215,7 @@ static PyObject *socket_sendto_many(PyObject *self, PyObject *packets) {
     if (iterator == NULL)
         return NULL;
     Py_ssize_t written = 0;
+    char outer = s->defer; /* (set when a pair's iterable writes too: its call keeps collecting) */
     s->defer = 1; /* the accepts collect: none leaves alone, and a flush waits for ``batch`` of them */
     while ((item = PyIter_Next(iterator)) != NULL) {
         PyObject *sent = NULL;
@@ -1196,16 +1223,17 @@ static PyObject *socket_sendto_many(PyObject *self, PyObject *packets) {
             PyErr_SetString(PyExc_TypeError, "sendto_many takes (data, address) pairs");
         else {
             PyObject *pair[2] = {PyTuple_GetItem(item, 0), PyTuple_GetItem(item, 1)}; /* borrowed from item */
-            sent = socket_sendto(self, pair, 2);
+            sent = pair[0] == Py_None ? PyObject_CallMethodObjArgs(self, name_drop, pair[1], NULL)
+                                      : socket_sendto(self, pair, 2);
+            written += sent != NULL && pair[0] != Py_None;
         }
         Py_DECREF(item);
         if (sent == NULL)
             break;
         Py_DECREF(sent);
-        written++;
     }
     Py_DECREF(iterator);
-    s->defer = 0;
+    s->defer = outer;
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback); /* the written go now, whatever stopped the rest */
     Py_ssize_t verdicts = s->verdicts == NULL ? 1 : PyObject_Size(s->verdicts); /* missing: flush() names it */
@@ -1316,6 +1344,7 @@ PyMODINIT_FUNC PyInit__nfqueue(void) {
         {&empty_str, ""}, {&unspecified4, "0.0.0.0"}, {&unspecified6, "::"}, {&name_extend, "extend"},
         {&name_interface, "_interface"}, {&name_fill, "_fill"}, {&name_sendto, "_sendto"},
         {&name_popleft, "popleft"}, {&name_flush, "flush"}, {&name_fill_now, "_fill_now"},
+        {&name_appendleft, "appendleft"}, {&name_drop, "drop"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if ((*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)

@@ -201,8 +201,8 @@ class DivertSocket(_nfqueue.SocketCore):
         most ``limit`` in all (default ``batch``). With :meth:`sendto_many` a loop answers a batch without
         a line of Python per packet, only per call (at a low rate, one packet a call, the compiled
         :meth:`recvfrom` and :meth:`sendto` are quicker). Expires what is due before it reads, never a
-        packet it returns. Raises as :meth:`recvfrom` (packets read before the failure stay held until
-        their hold time passes), InvalidInput for a limit below 1.
+        packet it returns. Raises as :meth:`recvfrom` (the packets read before the failure are not lost:
+        the next read returns them first), InvalidInput for a limit below 1.
         """
         limit = self.batch if limit is None else limit
         if limit < 1:
@@ -234,29 +234,19 @@ class DivertSocket(_nfqueue.SocketCore):
 
     def send_batch(self, results: Sequence[Packet | bytes | bytearray | None], packets: Sequence[Packet]) -> int:
         """Answers a batch: ``results[i]`` is written back for ``packets[i]`` (a Packet or bytes), or the
-        packet is dropped when it is None; the verdicts leave in one send. Returns how many were written.
+        packet is dropped when it is None; the verdicts leave together (:meth:`sendto_many`). Returns how
+        many were written.
 
-        Raises InvalidInput when the lengths differ or a result is not a valid IP packet; the packets
-        answered before it are answered, the rest stay held.
+        Raises InvalidInput before answering any when the lengths differ or a packet was not read from a
+        divert socket; raises as :meth:`sendto_many` at a result it refuses (one that is not a valid IP
+        packet): the packets answered before it are answered, the rest stay held.
         """
         if len(results) != len(packets):
             raise InvalidInput(f"{len(results)} results for {len(packets)} packets")
-        written = 0
-        self._defer = True  # one send for the whole batch (or every ``batch`` verdicts)
-        try:
-            for result, packet in zip(results, packets, strict=True):
-                address = packet.address
-                if address is None:
-                    raise InvalidInput("a packet of the batch was not read from a divert socket")
-                if result is None:
-                    self.drop(address)
-                else:
-                    self.sendto(result, address)
-                    written += 1
-        finally:
-            self._defer = False
-            self.flush()
-        return written
+        addresses = [packet.address for packet in packets]
+        if any(address is None for address in addresses):
+            raise InvalidInput("a packet of the batch was not read from a divert socket")
+        return self.sendto_many(zip(results, addresses, strict=True))
 
     def pending(self) -> int:
         """Returns how many packets were fetched from the kernel and not yet returned by a read."""
@@ -318,20 +308,18 @@ class DivertSocket(_nfqueue.SocketCore):
             held = self._lookup(tag)
         if host != held.host:
             return self._redirect(tag, held, raw, host)
-        if mark is not None:
-            payload = None if raw == held.payload else self._changed(raw, held)
+        if mark is None and (raw is held.payload or raw == held.payload):
+            del self._held[tag]
+            self._accepts.append(held)
+        else:  # changed bytes, or a new mark
+            same = mark is not None and raw == held.payload
+            payload = None if same else self._changed(raw, held)
+            if self._accepts:  # written before it, they leave first: flush() sends accepts after verdicts
+                self._send_accepts()
             del self._held[tag]
             self._verdicts.append(Verdict(held.queue, held.packet_id, NF_ACCEPT, payload, mark))
             self.counters.modified += payload is not None
             self.counters.accepted += payload is None
-        elif raw is held.payload or raw == held.payload:
-            del self._held[tag]
-            self._accepts.append(held)
-        else:
-            payload = self._changed(raw, held)
-            del self._held[tag]
-            self._verdicts.append(Verdict(held.queue, held.packet_id, NF_ACCEPT, payload))
-            self.counters.modified += 1
         self._flush_if_due()
         return len(raw)
 
@@ -348,12 +336,14 @@ class DivertSocket(_nfqueue.SocketCore):
     def _write_new(self, packet: bytes, host: str) -> int:
         """Writes a new packet: outgoing (routed) for an unspecified ``host``, else as incoming on the
         interface with address ``host``. Raises InvalidInput when no interface has that address."""
-        if host in _UNSPECIFIED_HOSTS:
+        ifname = None
+        if host not in _UNSPECIFIED_HOSTS:
+            with self._home():
+                ifname = self._address_interface(host)
+        self.flush()  # the packets written before it leave first: it goes out at once, their verdicts may wait
+        if ifname is None or ifname == "lo":  # routed; a local packet, routed to a local address, arrives on lo
             return self._inject(packet)
         with self._home():
-            ifname = self._address_interface(host)
-            if ifname == "lo":  # a local packet: routed to a local address, it arrives on lo
-                return self._inject(packet)
             try:
                 inject_incoming(packet, ifname, socket.if_nametoindex(ifname))
             except OSError as exc:

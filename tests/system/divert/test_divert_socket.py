@@ -255,6 +255,28 @@ def test_many_at_a_time_carry_a_burst_and_a_lone_packet_in_order(peer: Peer) -> 
         assert (sock.counters.received, sock.counters.accepted) == (count + 1, count + 1) and not sock._held
 
 
+def test_a_batch_reaches_the_receiver_in_the_order_it_was_written(peer: Peer) -> None:
+    """divert(4) reinjects packets in the order they are written. A batch written back with unchanged,
+    changed and new packets among each other arrives in that order, although the accepts of a batch leave
+    together after its other verdicts and a new packet goes out at once."""
+    add("in proto udp to any port 9 divert-packet port 7")
+    with DivertSocket(hold_time=10) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind((peer.b4, 9))
+        rx.settimeout(5)
+        sock.bind(7)
+        for i in range(4):
+            tx.sendto(b"pkt%d" % i, (peer.b4, 9))
+        wait_queued(4)
+        (d0, a0), (d1, a1), (d2, a2), (d3, a3) = sock.recvfrom_many(4)
+        assert [d0[-4:], d1[-4:], d2[-4:], d3[-4:]] == [b"pkt0", b"pkt1", b"pkt2", b"pkt3"]
+        new = d0[:-4] + b"new!"  # incoming on the interface of the address it is written to
+        written = [(d0, a0), (d1[:-4] + b"PKT1", a1), (d2, a2), (new, a0[0]), (d3, a3)]
+        assert sock.sendto_many(written) == 5
+        assert [rx.recv(64) for _ in written] == [b"pkt0", b"PKT1", b"pkt2", b"new!", b"pkt3"]
+        assert (sock.counters.accepted, sock.counters.modified, sock.counters.injected) == (3, 1, 1)
+
+
 def test_packets_dropped_or_expired_do_not_leave_with_a_later_batch_accept(peer: Peer) -> None:
     """The accepts of a flush go out as one batch accept (every packet of the queue up to the newest
     accepted): the packets dropped or expired before them, whose verdicts leave in the same flush, must not

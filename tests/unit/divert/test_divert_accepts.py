@@ -292,8 +292,64 @@ def test_sendto_many_sends_the_verdicts_of_its_pairs_together(bound: tuple[Diver
     changed = datagram(9)
     assert sock.sendto_many([pairs[0], pairs[1], (changed, pairs[2][1]), pairs[3]]) == 4
     modified = verdict_bytes(MSG_VERDICT, 5, 1, 3, finalize(changed))
-    assert sent(peer) == [modified, batch(5, 4)]  # 3 was answered first: the batch accept cannot take it
+    # in write order (divert(4) reinjects so): 1 and 2 leave before 3, 4 after it; 3 was answered before 4's
+    # accept left, which therefore cannot take it
+    assert sent(peer) == [batch(5, 2), modified, plain(5, 4)]
     assert (sock.counters.accepted, sock.counters.modified) == (3, 1) and not sock._held and not sock._defer
+
+
+def test_sendto_many_drops_a_packet_whose_data_is_none(bound: tuple[DivertSocket, socket.socket]) -> None:
+    sock, peer = bound
+    queued(peer, 5, range(1, 4))
+    pairs = sock.recvfrom_many()
+    assert sock.sendto_many([pairs[0], (None, pairs[1][1]), pairs[2]]) == 2  # the dropped are not written
+    assert sent(peer) == [verdict_bytes(MSG_VERDICT, 5, NF_DROP, 2), batch(5, 3)]
+    assert (sock.counters.accepted, sock.counters.dropped) == (2, 1) and not sock._held
+
+
+def test_a_batch_written_while_another_is_written_keeps_collecting(bound: tuple[DivertSocket, socket.socket]) -> None:
+    """A pair iterable that writes too (sendto_many inside sendto_many) leaves the outer call collecting: the
+    inner one's end does not end the outer's batch."""
+    sock, peer = bound
+    queued(peer, 5, range(1, 4))
+    pairs = sock.recvfrom_many()
+    collecting = []
+
+    def writing() -> Iterator[tuple[bytes, tuple[str, int]]]:
+        yield pairs[0]
+        sock.sendto_many([pairs[1]])
+        collecting.append(sock._defer)
+        yield pairs[2]
+
+    assert sock.sendto_many(writing()) == 2
+    assert collecting == [True] and not sock._defer and sock.counters.accepted == 3 and not sock._held
+
+
+def test_a_failed_look_for_more_gives_back_the_packets_recvfrom_many_read(
+        bound: tuple[DivertSocket, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The look for more packets after the fetched ones may fail (say ENOBUFS: the kernel dropped messages);
+    the packets read before it are not lost to their hold time: the next read returns them."""
+    sock, peer = bound
+    queued(peer, 5, range(1, 3))
+    first = sock._recvfrom_many(1)  # fetches both, returns one
+    assert first == [(datagram(1), ("0.0.0.0", 5 << 32 | 1))]
+    receive = sock._nfq.receive
+    calls = []
+
+    def failing(limit: int, wait: float | None = 0.0) -> list[Delivery]:
+        calls.append(limit)
+        if len(calls) == 1:
+            raise KernelError("receiving diverted packets", errno.ENOBUFS)
+        return receive(limit, wait)
+
+    monkeypatch.setattr(sock._nfq, "receive", failing)
+    queued(peer, 5, range(3, 4))
+    with pytest.raises(KernelError) as exc:
+        sock.recvfrom_many()
+    assert exc.value.errno == errno.ENOBUFS and list(sock._held) == [5 << 32 | 1] and sock.pending() == 1
+    again = sock.recvfrom_many()
+    assert again == [(datagram(i), ("0.0.0.0", 5 << 32 | i)) for i in (2, 3)]
+    assert sock.sendto_many(first + again) == 3 and not sock._held
 
 
 def test_sendto_many_of_unchanged_packets_is_one_batch_accept(bound: tuple[DivertSocket, socket.socket]) -> None:

@@ -19,6 +19,7 @@ from flowsteer.divert.packet import Packet
 from flowsteer.divert.rules import Rule
 from flowsteer.divert.socket import SO_REUSEPORT_LB, DivertSocket
 from flowsteer.errors import FlowsteerError, InvalidInput, PermissionDenied
+from flowsteer.kernel import features
 from flowsteer.kernel.netns import NamedNetns
 
 
@@ -255,10 +256,15 @@ def test_many_at_a_time_carry_a_burst_and_a_lone_packet_in_order(peer: Peer) -> 
         assert (sock.counters.received, sock.counters.accepted) == (count + 1, count + 1) and not sock._held
 
 
-def test_a_batch_reaches_the_receiver_in_the_order_it_was_written(peer: Peer) -> None:
+@pytest.mark.parametrize("incoming", [
+    pytest.param(False, id="new-routed"),
+    pytest.param(True, id="new-incoming", marks=pytest.mark.kernel_feature(features.XDP_LIVE_FRAMES)),
+])
+def test_a_batch_reaches_the_receiver_in_the_order_it_was_written(peer: Peer, incoming: bool) -> None:
     """divert(4) reinjects packets in the order they are written. A batch written back with unchanged,
     changed and new packets among each other arrives in that order, although the accepts of a batch leave
-    together after its other verdicts and a new packet goes out at once."""
+    together after its other verdicts and a new packet goes out at once (routed, or incoming on the
+    interface of the address it is written to)."""
     add("in proto udp to any port 9 divert-packet port 7")
     with DivertSocket(hold_time=10) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
@@ -270,8 +276,8 @@ def test_a_batch_reaches_the_receiver_in_the_order_it_was_written(peer: Peer) ->
         wait_queued(4)
         (d0, a0), (d1, a1), (d2, a2), (d3, a3) = sock.recvfrom_many(4)
         assert [d0[-4:], d1[-4:], d2[-4:], d3[-4:]] == [b"pkt0", b"pkt1", b"pkt2", b"pkt3"]
-        new = d0[:-4] + b"new!"  # incoming on the interface of the address it is written to
-        written = [(d0, a0), (d1[:-4] + b"PKT1", a1), (d2, a2), (new, a0[0]), (d3, a3)]
+        new = d0[:-4] + b"new!"
+        written = [(d0, a0), (d1[:-4] + b"PKT1", a1), (d2, a2), (new, a0[0] if incoming else "0.0.0.0"), (d3, a3)]
         assert sock.sendto_many(written) == 5
         assert [rx.recv(64) for _ in written] == [b"pkt0", b"PKT1", b"pkt2", b"new!", b"pkt3"]
         assert (sock.counters.accepted, sock.counters.modified, sock.counters.injected) == (3, 1, 1)

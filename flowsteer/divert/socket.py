@@ -314,8 +314,8 @@ class DivertSocket(_nfqueue.SocketCore):
         else:  # changed bytes, or a new mark
             same = mark is not None and raw == held.payload
             payload = None if same else self._changed(raw, held)
-            if self._accepts:  # written before it, they leave first: flush() sends accepts after verdicts
-                self._send_accepts()
+            if self._accepts:  # written before it, they leave first, after the verdicts written before them:
+                self.flush()  # alone, a batch accept could take a packet whose changed verdict still waits
             del self._held[tag]
             self._verdicts.append(Verdict(held.queue, held.packet_id, NF_ACCEPT, payload, mark))
             self.counters.modified += payload is not None

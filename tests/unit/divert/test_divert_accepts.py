@@ -452,3 +452,17 @@ def test_a_failed_send_of_other_verdicts_shows_the_refusal_too(bound: tuple[Dive
     assert isinstance(exc.value.__context__, TypeError) and not exc.value.__suppress_context__
     shown = "".join(traceback.format_exception(exc.value))
     assert "TypeError: sendto_many takes (data, address) pairs" in shown and sock.counters.modified == 1
+
+
+def test_accepts_waiting_for_a_change_leave_after_the_changes_written_before_them(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    """Changed, unchanged, unchanged, changed: the accepts of 2 and 3 leave before 4's verdict but after 1's
+    (write order); sent before it, their batch accept up to 3 would take 1 unchanged, and its changed
+    verdict would then name a packet the kernel no longer holds."""
+    sock, peer = bound
+    queued(peer, 5, range(1, 5))
+    pairs = sock.recvfrom_many()
+    assert sock.sendto_many([(datagram(11), pairs[0][1]), pairs[1], pairs[2], (datagram(14), pairs[3][1])]) == 4
+    assert sent(peer) == [verdict_bytes(MSG_VERDICT, 5, 1, 1, finalize(datagram(11))), batch(5, 3),
+                          verdict_bytes(MSG_VERDICT, 5, 1, 4, finalize(datagram(14)))]
+    assert (sock.counters.accepted, sock.counters.modified) == (2, 2) and not sock._held

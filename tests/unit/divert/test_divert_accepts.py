@@ -466,3 +466,28 @@ def test_accepts_waiting_for_a_change_leave_after_the_changes_written_before_the
     assert sent(peer) == [verdict_bytes(MSG_VERDICT, 5, 1, 1, finalize(datagram(11))), batch(5, 3),
                           verdict_bytes(MSG_VERDICT, 5, 1, 4, finalize(datagram(14)))]
     assert (sock.counters.accepted, sock.counters.modified) == (2, 2) and not sock._held
+
+
+def test_packets_fetched_before_a_failed_receive_are_returned_by_the_next(
+        bound: tuple[DivertSocket, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look at what is waiting may fail after fetching some packets (ENOBUFS: the kernel dropped messages
+    meanwhile); those it fetched are not lost (never read, never answered, they would stay queued in the
+    kernel): the next read returns them first."""
+    sock, peer = bound
+    queued(peer, 5, range(1, 5))
+    queue = sock._nfq
+    real = queue._read_waiting
+
+    def fails_after_two(out: list[Delivery], limit: int) -> None:
+        monkeypatch.undo()
+        real(out, 2)
+        raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+
+    monkeypatch.setattr(queue, "_read_waiting", fails_after_two)
+    sock.setblocking(False)
+    with pytest.raises(KernelError) as exc:
+        sock.recvfrom_many()
+    assert exc.value.errno == errno.ENOBUFS
+    pairs = sock.recvfrom_many()
+    assert pairs == [(datagram(i), ("0.0.0.0", 5 << 32 | i)) for i in range(1, 5)]
+    assert sock.sendto_many(pairs) == 4 and sent(peer) == [batch(5, 4)] and sock.counters.received == 4

@@ -77,15 +77,21 @@ def batch(queue: int, packet_id: int) -> bytes:
 # > 0). So a batch must go up to the newest id in that order, and may not pass a packet still held.
 @pytest.mark.parametrize("accepts, held, wire", [
     pytest.param([d(5, 7)], {}, [plain(5, 7)], id="a single accept is a plain verdict"),
-    pytest.param([d(5, 5), d(2, 3), d(5, 9), d(65535, 0xFFFFFFFE), d(5, 6), d(65535, 0xFFFFFFFF)], {},
+    pytest.param([d(5, 5), d(5, 6), d(5, 9), d(2, 3), d(65535, 0xFFFFFFFE), d(65535, 0xFFFFFFFF)], {},
                  [batch(5, 9), plain(2, 3), batch(65535, 0xFFFFFFFF)],
-                 id="one batch per queue up to its newest, in one send, queues as first met"),
-    pytest.param([d(5, 0xFFFFFFFE), d(5, 0xFFFFFFFF), d(5, 0), d(5, 1), d(6, 0), d(6, 0xFFFFFFFF)], {},
+                 id="one batch per run of a queue up to its newest, in one send, in write order"),
+    pytest.param([d(5, 0xFFFFFFFE), d(5, 0xFFFFFFFF), d(5, 0), d(5, 1), d(6, 0xFFFFFFFF), d(6, 0)], {},
                  [batch(5, 1), batch(6, 0)],  # a batch up to 0xffffffff would leave 0 and 1 queued
                  id="the newest id across the wrap of ids"),
-    pytest.param([d(5, 6), d(2, 7), d(5, 5), d(2, 8)], {1: d(5, 4), 2: d(2, 10), 3: d(9, 1), 4: d(5, 2)},
-                 [plain(5, 6), plain(5, 5), batch(2, 8)],  # a batch up to 6 would take held 4; held 10 is newer
-                 id="a queue with an older packet held gets an accept per packet, before the batches"),
+    pytest.param([d(5, 5), d(5, 6), d(2, 7), d(2, 8)], {1: d(5, 4), 2: d(2, 10), 3: d(9, 1), 4: d(5, 2)},
+                 [plain(5, 5), plain(5, 6), batch(2, 8)],  # a batch up to 6 would take held 4; held 10 is newer
+                 id="a queue with an older packet held gets an accept per packet"),
+    pytest.param([d(5, 1), d(6, 1), d(5, 2), d(5, 3)], {},
+                 [plain(5, 1), plain(6, 1), batch(5, 3)],  # a batch up to 2 at first would pass 6's 1
+                 id="runs of queues written among each other leave in write order"),
+    pytest.param([d(5, 2), d(5, 1), d(6, 1), d(6, 2)], {},
+                 [plain(5, 2), plain(5, 1), batch(6, 2)],  # a batch up to 2 would let 1 leave first
+                 id="a queue whose packets were written out of their order gets an accept per packet"),
     pytest.param([d(5, 0), d(5, 1), d(6, 0xFFFFFFFF), d(6, 0)], {1: d(5, 0xFFFFFFFE), 2: d(6, 2)},
                  [plain(5, 0), plain(5, 1), batch(6, 0)],  # held 0xfffffffe came before 0 and 1; held 2 after 0
                  id="a packet held from before the wrap is older than the accepts after it"),

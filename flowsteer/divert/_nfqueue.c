@@ -904,7 +904,8 @@ static Delivery *held_unchanged(SocketCore *s, PyObject *data, PyObject *address
 /* The accepts of one queue in a flush */
 typedef struct {
     unsigned queue, newest, count;
-    char held;           /* an older packet of the queue may still be held (read, not yet answered)... */
+    char unordered;       /* written out of their id order: a batch accept would take them in id order */
+    char held;            /* an older packet of the queue may still be held (read, not yet answered)... */
     unsigned oldest_held; /* ...this one, the oldest: a batch accept up to ``newest`` must not take it */
 } QueueAccepts;
 
@@ -926,13 +927,16 @@ static QueueAccepts *queue_accepts(QueueAccepts *queues, size_t *n, unsigned que
  * here too, never as plain numbers. */
 static int id_after(unsigned a, unsigned b) { return (int32_t)(uint32_t)(a - b) > 0; }
 
-static int batchable(const QueueAccepts *a) { return !a->held || id_after(a->oldest_held, a->newest); }
+static int batchable(const QueueAccepts *a) {
+    return !a->unordered && (!a->held || id_after(a->oldest_held, a->newest));
+}
 
 PyDoc_STRVAR(send_accepts_doc,
 "_send_accepts() -> None\n\n"
 "Sends the accepts of ``_accepts`` (held packets written back unchanged) in one send (cut at a mebibyte)\n"
-"and empties it: for each queue one batch accept of every packet up to the newest accepted (a plain accept\n"
-"for a single packet), or, when an older packet of the queue is still held, an accept per packet; ids are\n"
+"and empties it, in the order they were written: one batch accept for each run of accepts of a queue, of\n"
+"every packet up to the run's last (a plain accept for a run of one), or an accept per packet when an older\n"
+"packet of the queue is still held or the queue's packets were written out of their order; ids are\n"
 "compared as the kernel does, across their wrap at 2**32. They count as accepted before the send. Does\n"
 "nothing on an unbound or closed socket. Raises KernelError when the kernel refuses the send (those accepts\n"
 "are lost); TypeError when ``_accepts`` or ``_held`` holds something else than Deliveries or ``counters``\n"
@@ -974,6 +978,8 @@ static int send_accepts(SocketCore *s) {
         QueueAccepts *a = queue_accepts(queues, &queue_count, d->queue, 1);
         if (a->count++ == 0 || id_after(d->packet_id, a->newest))
             a->newest = d->packet_id;
+        else
+            a->unordered = 1;
     }
     Py_ssize_t position = 0;
     PyObject *key, *value;
@@ -988,15 +994,16 @@ static int send_accepts(SocketCore *s) {
             a->oldest_held = ((Delivery *)value)->packet_id;
         }
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
+    /* in write order (the kernel takes a send's messages in turn): a batch accept for each run of a queue's
+     * accepts up to its last, the newest (what a run's batch passes over was answered by an earlier message) */
+    for (Py_ssize_t i = 0, end; i < n; i = end) {
         Delivery *d = (Delivery *)PyList_GetItem(s->accepts, i);
-        if (!batchable(queue_accepts(queues, &queue_count, d->queue, 0)))
-            messages[message_count++] = accept_message(MSG_VERDICT, d->queue, d->packet_id);
+        for (end = i + 1; end < n && batchable(queue_accepts(queues, &queue_count, d->queue, 0))
+                          && ((Delivery *)PyList_GetItem(s->accepts, end))->queue == d->queue; end++)
+            ;
+        messages[message_count++] = accept_message(end - i == 1 ? MSG_VERDICT : MSG_VERDICT_BATCH, d->queue,
+                                                   ((Delivery *)PyList_GetItem(s->accepts, end - 1))->packet_id);
     }
-    for (size_t i = 0; i < queue_count; i++)
-        if (batchable(&queues[i]))
-            messages[message_count++] = accept_message(queues[i].count == 1 ? MSG_VERDICT : MSG_VERDICT_BATCH,
-                                                       queues[i].queue, queues[i].newest);
     /* counted first (which checks the counters): accepts removed and then not sent would be lost. Freeing
      * the removed Deliveries may run Python code (a field of a user's type), which may close the queue: it
      * is held meanwhile and its descriptor read after (-1 once closed, so the send fails, never reaching a

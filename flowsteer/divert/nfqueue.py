@@ -152,7 +152,8 @@ class NfQueue(_nfqueue.QueueCore):
         blocking ``recv``: ``_slept``) until :data:`DIRECT_WAITS` of them found their packet already
         there: at a low rate each packet then costs two system calls (the one that finds nothing is made
         before the packet comes) for as long as the rate stays low, and when load comes back the look
-        after them returns to batches. Raises KernelError when the socket fails.
+        after them returns to batches. Raises KernelError when the socket fails (the packets fetched
+        before the failure are kept: the next call returns them first).
         """
         if self._backlog:
             out, self._backlog = self._backlog[:limit], self._backlog[limit:]
@@ -164,6 +165,7 @@ class NfQueue(_nfqueue.QueueCore):
             try:
                 self._read_waiting(out, limit)
             except OSError as exc:
+                self._backlog[:0] = out  # fetched before the failure: the next receive returns them first
                 raise kernel_error("receiving diverted packets", exc.errno or errno.EIO) from None
             if len(out) > from_backlog:
                 self._direct_waits = 0

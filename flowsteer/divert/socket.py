@@ -314,8 +314,8 @@ class DivertSocket(_nfqueue.SocketCore):
         else:  # changed bytes, or a new mark
             same = mark is not None and raw == held.payload
             payload = None if same else self._changed(raw, held)
-            if self._accepts:  # written before it, they leave first: flush() sends accepts after verdicts
-                self._send_accepts()
+            if self._accepts:  # written before it, they leave first, after the verdicts written before them:
+                self.flush()  # alone, a batch accept could take a packet whose changed verdict still waits
             del self._held[tag]
             self._verdicts.append(Verdict(held.queue, held.packet_id, NF_ACCEPT, payload, mark))
             self.counters.modified += payload is not None
@@ -386,11 +386,11 @@ class DivertSocket(_nfqueue.SocketCore):
         self._flush_if_due()
 
     def flush(self) -> None:
-        """Sends every waiting verdict now: the accepts last (compiled, ``_send_accepts``: one batch accept
-        per queue), so that a batch accept does not take a packet that an earlier verdict drops. Raises
-        KernelError when the kernel refuses them; when it refuses the other verdicts, they and the accepts
-        stay waiting, the others to go first again (a batch accept sent without them would take the packets
-        they drop)."""
+        """Sends every waiting verdict now: the accepts last (compiled, ``_send_accepts``: in write order, one
+        batch accept per run of a queue's accepts written in its order), so that a batch accept does not
+        take a packet that an earlier verdict drops. Raises KernelError when the kernel refuses them; when
+        it refuses the other verdicts, they and the accepts stay waiting, the others to go first again (a
+        batch accept sent without them would take the packets they drop)."""
         if self._nfq is None:
             return
         if self._verdicts:

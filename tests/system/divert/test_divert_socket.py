@@ -283,6 +283,47 @@ def test_a_batch_reaches_the_receiver_in_the_order_it_was_written(peer: Peer, in
         assert (sock.counters.accepted, sock.counters.modified, sock.counters.injected) == (3, 1, 1)
 
 
+def test_a_change_written_before_unchanged_packets_is_not_taken_by_their_batch_accept(peer: Peer) -> None:
+    """Changed, unchanged, unchanged, changed: when the second change is written, the accepts waiting leave
+    after the first change's verdict, so their batch accept does not take its packet unchanged."""
+    add("in proto udp to any port 9 divert-packet port 7")
+    with DivertSocket(hold_time=10) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind((peer.b4, 9))
+        rx.settimeout(5)
+        sock.bind(7)
+        for i in range(4):
+            tx.sendto(b"pkt%d" % i, (peer.b4, 9))
+        wait_queued(4)
+        (d0, a0), (d1, a1), (d2, a2), (d3, a3) = sock.recvfrom_many(4)
+        assert sock.sendto_many([(d0[:-4] + b"PKT0", a0), (d1, a1), (d2, a2), (d3[:-4] + b"PKT3", a3)]) == 4
+        assert [rx.recv(64) for _ in range(4)] == [b"PKT0", b"pkt1", b"pkt2", b"PKT3"]
+        assert sock._nfq.verdict_errors == 0
+
+
+def test_unchanged_packets_written_back_out_of_their_order_arrive_in_write_order(peer: Peer) -> None:
+    """divert(4) reinjects in write order, reordered or not: unchanged packets written back last first (one
+    by one, or in a batch) arrive last first, although their accepts leave together."""
+    add("in proto udp to any port 9 divert-packet port 7")
+    with DivertSocket(hold_time=10) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind((peer.b4, 9))
+        rx.settimeout(5)
+        sock.bind(7)
+        for batched in (False, True):
+            for i in range(3):
+                tx.sendto(b"pkt%d" % i, (peer.b4, 9))
+            wait_queued(3)
+            pairs = sock.recvfrom_many(3)
+            if batched:
+                assert sock.sendto_many(reversed(pairs)) == 3
+            else:
+                for pair in reversed(pairs):
+                    sock.sendto(*pair)
+            assert [rx.recv(64) for _ in pairs] == [b"pkt2", b"pkt1", b"pkt0"]
+        assert sock.counters.accepted == 6 and sock._nfq.verdict_errors == 0
+
+
 def test_packets_dropped_or_expired_do_not_leave_with_a_later_batch_accept(peer: Peer) -> None:
     """The accepts of a flush go out as one batch accept (every packet of the queue up to the newest
     accepted): the packets dropped or expired before them, whose verdicts leave in the same flush, must not

@@ -77,15 +77,21 @@ def batch(queue: int, packet_id: int) -> bytes:
 # > 0). So a batch must go up to the newest id in that order, and may not pass a packet still held.
 @pytest.mark.parametrize("accepts, held, wire", [
     pytest.param([d(5, 7)], {}, [plain(5, 7)], id="a single accept is a plain verdict"),
-    pytest.param([d(5, 5), d(2, 3), d(5, 9), d(65535, 0xFFFFFFFE), d(5, 6), d(65535, 0xFFFFFFFF)], {},
+    pytest.param([d(5, 5), d(5, 6), d(5, 9), d(2, 3), d(65535, 0xFFFFFFFE), d(65535, 0xFFFFFFFF)], {},
                  [batch(5, 9), plain(2, 3), batch(65535, 0xFFFFFFFF)],
-                 id="one batch per queue up to its newest, in one send, queues as first met"),
-    pytest.param([d(5, 0xFFFFFFFE), d(5, 0xFFFFFFFF), d(5, 0), d(5, 1), d(6, 0), d(6, 0xFFFFFFFF)], {},
+                 id="one batch per run of a queue up to its newest, in one send, in write order"),
+    pytest.param([d(5, 0xFFFFFFFE), d(5, 0xFFFFFFFF), d(5, 0), d(5, 1), d(6, 0xFFFFFFFF), d(6, 0)], {},
                  [batch(5, 1), batch(6, 0)],  # a batch up to 0xffffffff would leave 0 and 1 queued
                  id="the newest id across the wrap of ids"),
-    pytest.param([d(5, 6), d(2, 7), d(5, 5), d(2, 8)], {1: d(5, 4), 2: d(2, 10), 3: d(9, 1), 4: d(5, 2)},
-                 [plain(5, 6), plain(5, 5), batch(2, 8)],  # a batch up to 6 would take held 4; held 10 is newer
-                 id="a queue with an older packet held gets an accept per packet, before the batches"),
+    pytest.param([d(5, 5), d(5, 6), d(2, 7), d(2, 8)], {1: d(5, 4), 2: d(2, 10), 3: d(9, 1), 4: d(5, 2)},
+                 [plain(5, 5), plain(5, 6), batch(2, 8)],  # a batch up to 6 would take held 4; held 10 is newer
+                 id="a queue with an older packet held gets an accept per packet"),
+    pytest.param([d(5, 1), d(6, 1), d(5, 2), d(5, 3)], {},
+                 [plain(5, 1), plain(6, 1), batch(5, 3)],  # a batch up to 2 at first would pass 6's 1
+                 id="runs of queues written among each other leave in write order"),
+    pytest.param([d(5, 2), d(5, 1), d(6, 1), d(6, 2)], {},
+                 [plain(5, 2), plain(5, 1), batch(6, 2)],  # a batch up to 2 would let 1 leave first
+                 id="a queue whose packets were written out of their order gets an accept per packet"),
     pytest.param([d(5, 0), d(5, 1), d(6, 0xFFFFFFFF), d(6, 0)], {1: d(5, 0xFFFFFFFE), 2: d(6, 2)},
                  [plain(5, 0), plain(5, 1), batch(6, 0)],  # held 0xfffffffe came before 0 and 1; held 2 after 0
                  id="a packet held from before the wrap is older than the accepts after it"),
@@ -452,3 +458,42 @@ def test_a_failed_send_of_other_verdicts_shows_the_refusal_too(bound: tuple[Dive
     assert isinstance(exc.value.__context__, TypeError) and not exc.value.__suppress_context__
     shown = "".join(traceback.format_exception(exc.value))
     assert "TypeError: sendto_many takes (data, address) pairs" in shown and sock.counters.modified == 1
+
+
+def test_accepts_waiting_for_a_change_leave_after_the_changes_written_before_them(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    """Changed, unchanged, unchanged, changed: the accepts of 2 and 3 leave before 4's verdict but after 1's
+    (write order); sent before it, their batch accept up to 3 would take 1 unchanged, and its changed
+    verdict would then name a packet the kernel no longer holds."""
+    sock, peer = bound
+    queued(peer, 5, range(1, 5))
+    pairs = sock.recvfrom_many()
+    assert sock.sendto_many([(datagram(11), pairs[0][1]), pairs[1], pairs[2], (datagram(14), pairs[3][1])]) == 4
+    assert sent(peer) == [verdict_bytes(MSG_VERDICT, 5, 1, 1, finalize(datagram(11))), batch(5, 3),
+                          verdict_bytes(MSG_VERDICT, 5, 1, 4, finalize(datagram(14)))]
+    assert (sock.counters.accepted, sock.counters.modified) == (2, 2) and not sock._held
+
+
+def test_packets_fetched_before_a_failed_receive_are_returned_by_the_next(
+        bound: tuple[DivertSocket, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look at what is waiting may fail after fetching some packets (ENOBUFS: the kernel dropped messages
+    meanwhile); those it fetched are not lost (never read, never answered, they would stay queued in the
+    kernel): the next read returns them first."""
+    sock, peer = bound
+    queued(peer, 5, range(1, 5))
+    queue = sock._nfq
+    real = queue._read_waiting
+
+    def fails_after_two(out: list[Delivery], limit: int) -> None:
+        monkeypatch.undo()
+        real(out, 2)
+        raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+
+    monkeypatch.setattr(queue, "_read_waiting", fails_after_two)
+    sock.setblocking(False)
+    with pytest.raises(KernelError) as exc:
+        sock.recvfrom_many()
+    assert exc.value.errno == errno.ENOBUFS
+    pairs = sock.recvfrom_many()
+    assert pairs == [(datagram(i), ("0.0.0.0", 5 << 32 | i)) for i in range(1, 5)]
+    assert sock.sendto_many(pairs) == 4 and sent(peer) == [batch(5, 4)] and sock.counters.received == 4

@@ -304,9 +304,11 @@ class DivertSocket(_nfqueue.SocketCore):
         if held is None:
             self._check_open()
             if tag == 0:
+                _refuse_new_mark(mark, "a new packet")
                 return self._write_new(finalize(raw), host)
             held = self._lookup(tag)
         if host != held.host:
+            _refuse_new_mark(mark, "a packet written to another address than it came with")
             return self._redirect(tag, held, raw, host)
         if mark is None and (raw is held.payload or raw == held.payload):
             del self._held[tag]
@@ -567,6 +569,14 @@ class DivertSocket(_nfqueue.SocketCore):
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _refuse_new_mark(mark: int | None, what: str) -> None:
+    """Raises InvalidInput when ``mark`` (a Packet's ``set_mark``) is set: ``what`` leaves as a packet
+    flowsteer writes itself, with the mark that lets it pass the divert rules, so it cannot carry another."""
+    if mark is not None:
+        raise InvalidInput(f"{what} cannot carry a mark of its own (set_mark): it leaves with flowsteer's mark, "
+                           "which lets it pass the divert rules; set marks on packets written back to their address")
 
 
 def _tag(address: object) -> int:

@@ -497,3 +497,20 @@ def test_packets_fetched_before_a_failed_receive_are_returned_by_the_next(
     pairs = sock.recvfrom_many()
     assert pairs == [(datagram(i), ("0.0.0.0", 5 << 32 | i)) for i in range(1, 5)]
     assert sock.sendto_many(pairs) == 4 and sent(peer) == [batch(5, 4)] and sock.counters.received == 4
+
+
+def test_a_new_mark_on_a_new_or_redirected_packet_is_refused_and_the_packet_stays_held(
+        bound: tuple[DivertSocket, socket.socket]) -> None:
+    """A packet flowsteer writes itself (new, or redirected to another address) leaves with the mark that
+    lets it pass the rules; a mark set on it was lost without a word before."""
+    sock, peer = bound
+    queued(peer, 5, range(1, 2))
+    packet = sock.recv_packet()
+    packet.set_mark(7)
+    with pytest.raises(InvalidInput, match="a new packet cannot carry a mark"):
+        sock.sendto(packet, "0.0.0.0")
+    with pytest.raises(InvalidInput, match="another address than it came with cannot carry a mark"):
+        sock.sendto(packet, ("192.0.2.9", 5 << 32 | 1))
+    assert sent(peer) == [] and list(sock._held) == [5 << 32 | 1] and sock.counters.injected == 0
+    assert sock.sendto(packet, packet.address) == len(packet.data)  # type: ignore[arg-type]
+    assert len(sent(peer)) == 1 and not sock._held and sock.counters.accepted == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 import struct
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from divert_net import Peer, Pump, bound, ping_here, veth, wait_queued
@@ -231,13 +233,8 @@ def test_a_deep_queue_holds_as_many_full_size_packets_as_its_length(peer: Peer) 
 def test_many_at_a_time_carry_a_burst_and_a_lone_packet_in_order(peer: Peer) -> None:
     """recvfrom_many takes the queued burst in batches without waiting for more, sendto_many writes each
     batch back with its verdicts together; a lone packet later comes alone."""
-    add("in proto udp to any port 9 divert-packet port 7")
     count = 300
-    with DivertSocket(queue_maxlen=count, hold_time=10) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
-        rx.bind((peer.b4, 9))
-        rx.settimeout(5)
-        sock.bind(7)
+    with diverted_to_port_9(peer, queue_maxlen=count) as (sock, tx, rx):
         for i in range(count):
             tx.sendto(b"burst%04d" % i, (peer.b4, 9))
         wait_queued(count)
@@ -256,6 +253,29 @@ def test_many_at_a_time_carry_a_burst_and_a_lone_packet_in_order(peer: Peer) -> 
         assert (sock.counters.received, sock.counters.accepted) == (count + 1, count + 1) and not sock._held
 
 
+@contextlib.contextmanager
+def diverted_to_port_9(peer: Peer, hold_time: float = 10, timeout: float = 5,
+                       **options: int) -> Iterator[tuple[DivertSocket, socket.socket, socket.socket]]:
+    """Yields a divert socket (``hold_time``, ``options``) bound to port 7 behind a rule for UDP to port 9, a
+    UDP socket in the peer's namespace to send with and one bound to port 9 here (``timeout``) to receive."""
+    add("in proto udp to any port 9 divert-packet port 7")
+    with DivertSocket(hold_time=hold_time, **options) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind((peer.b4, 9))
+        rx.settimeout(timeout)
+        sock.bind(7)
+        yield sock, tx, rx
+
+
+def burst(peer: Peer, sock: DivertSocket, tx: socket.socket, count: int) -> list[tuple[bytes, tuple[str, int]]]:
+    """Sends datagrams ``pkt0``, ``pkt1``, ... to port 9, waits until all ``count`` are queued and returns
+    them as one ``recvfrom_many`` reads them."""
+    for i in range(count):
+        tx.sendto(b"pkt%d" % i, (peer.b4, 9))
+    wait_queued(count)
+    return sock.recvfrom_many(count)
+
+
 @pytest.mark.parametrize("incoming", [
     pytest.param(False, id="new-routed"),
     pytest.param(True, id="new-incoming", marks=pytest.mark.kernel_feature(features.XDP_LIVE_FRAMES)),
@@ -265,16 +285,8 @@ def test_a_batch_reaches_the_receiver_in_the_order_it_was_written(peer: Peer, in
     changed and new packets among each other arrives in that order, although the accepts of a batch leave
     together after its other verdicts and a new packet goes out at once (routed, or incoming on the
     interface of the address it is written to)."""
-    add("in proto udp to any port 9 divert-packet port 7")
-    with DivertSocket(hold_time=10) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
-        rx.bind((peer.b4, 9))
-        rx.settimeout(5)
-        sock.bind(7)
-        for i in range(4):
-            tx.sendto(b"pkt%d" % i, (peer.b4, 9))
-        wait_queued(4)
-        (d0, a0), (d1, a1), (d2, a2), (d3, a3) = sock.recvfrom_many(4)
+    with diverted_to_port_9(peer) as (sock, tx, rx):
+        (d0, a0), (d1, a1), (d2, a2), (d3, a3) = burst(peer, sock, tx, 4)
         assert [d0[-4:], d1[-4:], d2[-4:], d3[-4:]] == [b"pkt0", b"pkt1", b"pkt2", b"pkt3"]
         new = d0[:-4] + b"new!"
         written = [(d0, a0), (d1[:-4] + b"PKT1", a1), (d2, a2), (new, a0[0] if incoming else "0.0.0.0"), (d3, a3)]
@@ -286,16 +298,8 @@ def test_a_batch_reaches_the_receiver_in_the_order_it_was_written(peer: Peer, in
 def test_a_change_written_before_unchanged_packets_is_not_taken_by_their_batch_accept(peer: Peer) -> None:
     """Changed, unchanged, unchanged, changed: when the second change is written, the accepts waiting leave
     after the first change's verdict, so their batch accept does not take its packet unchanged."""
-    add("in proto udp to any port 9 divert-packet port 7")
-    with DivertSocket(hold_time=10) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
-        rx.bind((peer.b4, 9))
-        rx.settimeout(5)
-        sock.bind(7)
-        for i in range(4):
-            tx.sendto(b"pkt%d" % i, (peer.b4, 9))
-        wait_queued(4)
-        (d0, a0), (d1, a1), (d2, a2), (d3, a3) = sock.recvfrom_many(4)
+    with diverted_to_port_9(peer) as (sock, tx, rx):
+        (d0, a0), (d1, a1), (d2, a2), (d3, a3) = burst(peer, sock, tx, 4)
         assert sock.sendto_many([(d0[:-4] + b"PKT0", a0), (d1, a1), (d2, a2), (d3[:-4] + b"PKT3", a3)]) == 4
         assert [rx.recv(64) for _ in range(4)] == [b"PKT0", b"pkt1", b"pkt2", b"PKT3"]
         assert sock._nfq.verdict_errors == 0
@@ -304,17 +308,9 @@ def test_a_change_written_before_unchanged_packets_is_not_taken_by_their_batch_a
 def test_unchanged_packets_written_back_out_of_their_order_arrive_in_write_order(peer: Peer) -> None:
     """divert(4) reinjects in write order, reordered or not: unchanged packets written back last first (one
     by one, or in a batch) arrive last first, although their accepts leave together."""
-    add("in proto udp to any port 9 divert-packet port 7")
-    with DivertSocket(hold_time=10) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
-        rx.bind((peer.b4, 9))
-        rx.settimeout(5)
-        sock.bind(7)
+    with diverted_to_port_9(peer) as (sock, tx, rx):
         for batched in (False, True):
-            for i in range(3):
-                tx.sendto(b"pkt%d" % i, (peer.b4, 9))
-            wait_queued(3)
-            pairs = sock.recvfrom_many(3)
+            pairs = burst(peer, sock, tx, 3)
             if batched:
                 assert sock.sendto_many(reversed(pairs)) == 3
             else:
@@ -328,12 +324,7 @@ def test_packets_dropped_or_expired_do_not_leave_with_a_later_batch_accept(peer:
     """The accepts of a flush go out as one batch accept (every packet of the queue up to the newest
     accepted): the packets dropped or expired before them, whose verdicts leave in the same flush, must not
     be taken with it."""
-    add("in proto udp to any port 9 divert-packet port 7")
-    with DivertSocket(hold_time=0.05) as sock, peer.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
-        rx.bind((peer.b4, 9))
-        rx.settimeout(0.5)
-        sock.bind(7)
+    with diverted_to_port_9(peer, hold_time=0.05, timeout=0.5) as (sock, tx, rx):
 
         def send(*payloads: bytes) -> None:
             for payload in payloads:

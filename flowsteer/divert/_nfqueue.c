@@ -998,8 +998,8 @@ static int send_accepts(SocketCore *s) {
      * accepts up to its last, the newest (what a run's batch passes over was answered by an earlier message) */
     for (Py_ssize_t i = 0, end; i < n; i = end) {
         Delivery *d = (Delivery *)PyList_GetItem(s->accepts, i);
-        for (end = i + 1; end < n && batchable(queue_accepts(queues, &queue_count, d->queue, 0))
-                          && ((Delivery *)PyList_GetItem(s->accepts, end))->queue == d->queue; end++)
+        int batch = batchable(queue_accepts(queues, &queue_count, d->queue, 0));
+        for (end = i + 1; batch && end < n && ((Delivery *)PyList_GetItem(s->accepts, end))->queue == d->queue; end++)
             ;
         messages[message_count++] = accept_message(end - i == 1 ? MSG_VERDICT : MSG_VERDICT_BATCH, d->queue,
                                                    ((Delivery *)PyList_GetItem(s->accepts, end - 1))->packet_id);
